@@ -1,0 +1,146 @@
+"""Engines, sessions, SQLite pragmas, write transactions and the database's clock."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Interval, event, func, literal
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+from sqlalchemy.sql.elements import ColumnElement
+
+from app.models.types import UTCDateTime, utcnow
+
+SQLITE_BUSY_TIMEOUT_MS = 5_000
+PG_CONNECT_TIMEOUT_SECONDS = 5.0
+PG_COMMAND_TIMEOUT_SECONDS = 30.0
+_BEGIN_OPTION = "async_processor_begin"
+
+
+def is_sqlite_url(url: str | URL) -> bool:
+    """True for any SQLite URL."""
+    return make_url(url).get_backend_name() == "sqlite"
+
+
+def sqlite_path(url: str | URL) -> Path | None:
+    """The file behind a SQLite URL, or None for in-memory databases and other engines."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database)
+
+
+def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
+    # Take BEGIN away from the driver so that we can emit BEGIN IMMEDIATE ourselves.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    for pragma in (
+        "PRAGMA journal_mode=WAL",
+        "PRAGMA synchronous=NORMAL",
+        f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}",
+        "PRAGMA foreign_keys=ON",
+    ):
+        cursor.execute(pragma)
+    cursor.close()
+
+
+def _on_sqlite_begin(conn: Any) -> None:
+    # A deferred transaction that later writes fails at once with "database is locked",
+    # whatever busy_timeout says; write transactions therefore take the lock up front.
+    mode = conn.get_execution_options().get(_BEGIN_OPTION, "DEFERRED")
+    conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+def make_engine(url: str, *, pool_size: int = 5, echo: bool = False) -> AsyncEngine:
+    """An async engine for sqlite+aiosqlite or postgresql+asyncpg, configured for the queue."""
+    if is_sqlite_url(url):
+        path = sqlite_path(url)
+        if path is not None:
+            path.expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = create_async_engine(
+            url, echo=echo, pool_size=pool_size, connect_args={"timeout": 30}
+        )
+        event.listen(engine.sync_engine, "connect", _on_sqlite_connect)
+        event.listen(engine.sync_engine, "begin", _on_sqlite_begin)
+        return engine
+    return create_async_engine(
+        url,
+        echo=echo,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,
+        pool_timeout=PG_CONNECT_TIMEOUT_SECONDS,
+        connect_args={
+            "timeout": PG_CONNECT_TIMEOUT_SECONDS,
+            "command_timeout": PG_COMMAND_TIMEOUT_SECONDS,
+            "server_settings": {"application_name": "async-processor"},
+        },
+    )
+
+
+class Database:
+    """An engine plus its session factories: reads, and writes that lock up front."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.dialect = engine.dialect.name
+        self.sessionmaker = async_sessionmaker(engine, expire_on_commit=False)
+        self.write_sessionmaker = async_sessionmaker(
+            engine.execution_options(**{_BEGIN_OPTION: "IMMEDIATE"}), expire_on_commit=False
+        )
+
+    @classmethod
+    def from_url(cls, url: str, *, pool_size: int = 5) -> Database:
+        """Build the engine for ``url`` and wrap it."""
+        return cls(make_engine(url, pool_size=pool_size))
+
+    @asynccontextmanager
+    async def write_transaction(self) -> AsyncIterator[AsyncSession]:
+        """A session in a write transaction (BEGIN IMMEDIATE on SQLite); commits on exit."""
+        async with self.write_sessionmaker() as session, session.begin():
+            yield session
+
+    @asynccontextmanager
+    async def read_transaction(self) -> AsyncIterator[AsyncSession]:
+        """A session in a read transaction; rolled back on exit."""
+        async with self.sessionmaker() as session:
+            yield session
+
+    async def dispose(self) -> None:
+        """Close every pooled connection."""
+        await self.engine.dispose()
+
+
+def dialect_of(session: AsyncSession) -> str:
+    """The dialect name ("sqlite" or "postgresql") of a session's bind."""
+    return session.get_bind().dialect.name
+
+
+def now_sql(dialect: str, now: datetime | None = None) -> ColumnElement[datetime]:
+    """The database's clock as a SQL expression (``now`` pins it, for tests).
+
+    PostgreSQL: ``now()``, so daemons on hosts with different clocks agree. SQLite is
+    embedded: the database's clock is this host's clock, bound as a parameter.
+    """
+    if now is not None:
+        return literal(now, UTCDateTime())
+    if dialect == "postgresql":
+        return func.now()
+    return literal(utcnow(), UTCDateTime())
+
+
+def later_sql(dialect: str, seconds: float, now: datetime | None = None) -> ColumnElement[datetime]:
+    """The database's clock plus ``seconds``, as a SQL expression."""
+    delta = timedelta(seconds=seconds)
+    if now is None and dialect == "postgresql":
+        return func.now() + literal(delta, Interval())
+    return literal((now or utcnow()) + delta, UTCDateTime())

@@ -1,0 +1,182 @@
+"""Notification rows: built and inserted inside the queue's transactions; read by the API."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.db import dialect_of, now_sql
+from app.models import AnalysisNotification, NotificationType
+
+N = AnalysisNotification
+MAX_ERROR_CHARS = 1_000
+PROGRESS_MIN_INTERVAL_SECONDS = 1.0
+PROGRESS_MIN_STEP_PERCENT = 10.0
+
+_TITLES = {
+    NotificationType.STARTED: "Analysis started",
+    NotificationType.PROGRESS: "Analysis in progress",
+    NotificationType.RETRYING: "Analysis will be retried",
+    NotificationType.COMPLETED: "Analysis completed",
+    NotificationType.FAILED: "Analysis failed",
+    NotificationType.CANCELLED: "Analysis cancelled",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRef:
+    """What a notification needs to know about its task."""
+
+    id: int
+    kind: str
+    user_id: str | None
+    project_id: str | None
+    chapter_id: str | None
+    attempts: int
+
+    @classmethod
+    def from_row(cls, row: Any) -> TaskRef:
+        """Build from a row holding the columns of ``queue.REF_COLUMNS``."""
+        return cls(row.id, row.kind, row.user_id, row.project_id, row.chapter_id, row.attempts)
+
+
+def percent(current: int | None, total: int | None) -> float | None:
+    """Progress as a percentage in [0, 100], or None when unknown."""
+    if current is None or not total:
+        return None
+    return round(max(0.0, min(100.0, 100.0 * current / total)), 1)
+
+
+def build(kind: NotificationType, task: TaskRef, message: str, **data: Any) -> dict[str, Any]:
+    """One notification row (as insert parameters) about ``task``."""
+    return {
+        "user_id": task.user_id,
+        "project_id": task.project_id,
+        "chapter_id": task.chapter_id,
+        "task_id": task.id,
+        "type": kind.value,
+        "title": _TITLES[kind],
+        "message": message,
+        "data": {"task_id": task.id, "kind": task.kind, "attempt": task.attempts, **data},
+    }
+
+
+def truncate_error(error: str) -> str:
+    """Errors are kept whole on the task; notifications carry the first part."""
+    return error if len(error) <= MAX_ERROR_CHARS else error[: MAX_ERROR_CHARS - 1] + "…"
+
+
+async def add(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> None:
+    """Insert notification rows in the caller's transaction (one statement)."""
+    if not rows:
+        return
+    current = now_sql(dialect_of(session))
+    await session.execute(insert(N).values(created_at=current), list(rows))
+
+
+class ProgressThrottle:
+    """Decides when a progress update also deserves a notification.
+
+    The task row always gets the latest progress; notifications go out at most once per
+    ``interval`` seconds unless progress moved by ``step`` percent or reached the end.
+    """
+
+    def __init__(
+        self,
+        *,
+        interval: float = PROGRESS_MIN_INTERVAL_SECONDS,
+        step: float = PROGRESS_MIN_STEP_PERCENT,
+    ) -> None:
+        self._interval = interval
+        self._step = step
+        self._last_at: float | None = None
+        self._last_percent = -100.0
+
+    def should_notify(self, current_percent: float | None, *, clock: float | None = None) -> bool:
+        """True when this update should write a notification; records it if so."""
+        at = time.monotonic() if clock is None else clock
+        value = -1.0 if current_percent is None else current_percent
+        due = (
+            self._last_at is None
+            or at - self._last_at >= self._interval
+            or abs(value - self._last_percent) >= self._step
+            or value >= 100.0
+        )
+        if due:
+            self._last_at, self._last_percent = at, value
+        return due
+
+
+async def list_for_user(
+    session: AsyncSession,
+    *,
+    user_id: str | None,
+    after_id: int | None = None,
+    unread_only: bool = False,
+    limit: int = 50,
+    max_id: int | None = None,
+) -> list[AnalysisNotification]:
+    """Newest first; with ``after_id``, the ones after it oldest first (paging forward).
+
+    ``user_id`` None means every user's (admin). ``max_id`` caps the ids served (the
+    feed's commit horizon on PostgreSQL).
+    """
+    stmt = select(N)
+    if user_id is not None:
+        stmt = stmt.where(N.user_id == user_id)
+    if unread_only:
+        stmt = stmt.where(N.is_read.is_(False))
+    if max_id is not None:
+        stmt = stmt.where(N.id <= max_id)
+    if after_id is not None:
+        stmt = stmt.where(N.id > after_id).order_by(N.id)
+    else:
+        stmt = stmt.order_by(N.id.desc())
+    return list((await session.scalars(stmt.limit(limit))).all())
+
+
+async def unread_count(session: AsyncSession, *, user_id: str | None) -> int:
+    """How many unread notifications the user has."""
+    stmt = select(func.count()).select_from(N).where(N.is_read.is_(False))
+    if user_id is not None:
+        stmt = stmt.where(N.user_id == user_id)
+    return int((await session.execute(stmt)).scalar_one())
+
+
+async def mark_read(session: AsyncSession, notification_id: int, *, user_id: str | None) -> bool:
+    """Mark one notification read; False when it does not exist (for this user)."""
+    stmt = update(N).where(N.id == notification_id)
+    if user_id is not None:
+        stmt = stmt.where(N.user_id == user_id)
+    current = now_sql(dialect_of(session))
+    result = await session.execute(
+        stmt.values(is_read=True, read_at=func.coalesce(N.read_at, current)).returning(N.id)
+    )
+    return result.first() is not None
+
+
+async def mark_all_read(session: AsyncSession, *, user_id: str | None) -> int:
+    """Mark every unread notification of the user read; returns how many."""
+    stmt = update(N).where(N.is_read.is_(False))
+    if user_id is not None:
+        stmt = stmt.where(N.user_id == user_id)
+    current = now_sql(dialect_of(session))
+    result = await session.execute(stmt.values(is_read=True, read_at=current).returning(N.id))
+    return len(result.all())
+
+
+async def prune_read(
+    session: AsyncSession, *, read_before: datetime, batch_size: int = 1_000
+) -> int:
+    """Delete up to ``batch_size`` notifications read before ``read_before``."""
+    doomed = select(N.id).where(N.is_read.is_(True), N.read_at < read_before).limit(batch_size)
+    result = await session.execute(
+        delete(N).where(N.id.in_(doomed.scalar_subquery())).returning(N.id)
+    )
+    return len(result.all())

@@ -1,0 +1,91 @@
+"""Alembic environment: async engine, URL from Settings, batch mode on SQLite."""
+
+from __future__ import annotations
+
+import asyncio
+from logging.config import fileConfig
+
+from alembic import context
+from sqlalchemy.engine import Connection
+
+from app.config import load_settings
+from app.db import make_engine
+from app.models import Base
+
+config = context.config
+if config.config_file_name is not None and config.attributes.get("configure_logging", True):
+    fileConfig(config.config_file_name, disable_existing_loggers=False)
+
+target_metadata = Base.metadata
+
+
+def _database_url() -> str:
+    url = config.attributes.get("database_url")
+    return str(url) if url else load_settings().database_url
+
+
+# SQLite cannot reflect indexes with a DESC column, so autogenerate cannot compare them
+# there; PostgreSQL compares them, and the claim query-plan test proves they exist on both.
+SQLITE_UNREFLECTABLE_INDEXES = frozenset(
+    {"ix_pending_analysis_claim", "ix_pending_analysis_claim_any", "ix_analysis_notifications_feed"}
+)
+
+
+def include_object(
+    obj: object, name: str | None, type_: str, reflected: bool, compare_to: object
+) -> bool:
+    """Leave out of comparisons what one dialect cannot reflect."""
+    dialect = context.get_context().dialect.name
+    return not (type_ == "index" and dialect == "sqlite" and name in SQLITE_UNREFLECTABLE_INDEXES)
+
+
+def _configure(connection: Connection) -> None:
+    context.configure(
+        connection=connection,
+        target_metadata=target_metadata,
+        render_as_batch=connection.dialect.name == "sqlite",
+        compare_type=True,
+        include_object=include_object,
+    )
+
+
+def _run_sync(connection: Connection) -> None:
+    _configure(connection)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+async def _run_async() -> None:
+    engine = make_engine(_database_url(), pool_size=1)
+    try:
+        async with engine.connect() as connection:
+            await connection.run_sync(_run_sync)
+    finally:
+        await engine.dispose()
+
+
+def run_migrations_offline() -> None:
+    """Emit SQL to stdout instead of running it."""
+    context.configure(
+        url=_database_url(),
+        target_metadata=target_metadata,
+        literal_binds=True,
+        dialect_opts={"paramstyle": "named"},
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def run_migrations_online() -> None:
+    """Run against the database; an existing connection (tests) is used as it is."""
+    connection = config.attributes.get("connection")
+    if connection is not None:
+        _run_sync(connection)
+    else:
+        asyncio.run(_run_async())
+
+
+if context.is_offline_mode():
+    run_migrations_offline()
+else:
+    run_migrations_online()

@@ -1,0 +1,494 @@
+"""The conformance suite: every queue statement, on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select, update
+
+from app.db import Database
+from app.models import AnalysisNotification, PendingAnalysis, Processor
+from app.models.types import utcnow
+from app.services import notifications, queue
+from app.services.queue import CancelOutcome, FailOutcome, RetryOutcome, TaskSpec
+from tests.helpers import notes_of, task_row
+
+PID = "proc-a"
+OTHER = "proc-b"
+
+
+async def enqueue(db: Database, **spec: object) -> int:
+    spec.setdefault("kind", "chapter_analysis")
+    spec.setdefault("user_id", "alice")
+    async with db.write_transaction() as s:
+        return (await queue.enqueue_task(s, **spec)).id
+
+
+async def claim(
+    db: Database, limit: int = 10, pid: str = PID, **kw: object
+) -> list[queue.ClaimedTask]:
+    async with db.write_transaction() as s:
+        return await queue.claim_tasks(s, processor_id=pid, limit=limit, lease_seconds=30, **kw)
+
+
+# --- enqueue -------------------------------------------------------------------------------
+
+
+async def test_enqueue_task_inserts_a_pending_row(db: Database) -> None:
+    task_id = await enqueue(db, payload={"text": "hi"}, priority=7, project_id="p", chapter_id="c")
+    row = await task_row(db, task_id)
+    assert (row.status, row.kind, row.priority, row.queue) == (
+        "pending",
+        "chapter_analysis",
+        7,
+        "default",
+    )
+    assert row.payload == {"text": "hi"}
+    assert (row.retry_count, row.attempts, row.max_retries, row.timeout_seconds) == (0, 0, 3, 600)
+    assert (row.user_id, row.project_id, row.chapter_id) == ("alice", "p", "c")
+    assert row.scheduled_at.tzinfo is not None and row.locked_by is None
+    assert abs((row.scheduled_at - utcnow()).total_seconds()) < 5
+    assert await notes_of(db, task_id) == []
+
+
+async def test_enqueue_is_part_of_the_callers_transaction(db: Database) -> None:
+    async with db.write_sessionmaker() as s:
+        await s.begin()
+        await queue.enqueue_task(s, kind="k")
+        await s.rollback()
+    async with db.read_transaction() as s:
+        assert (await s.execute(select(PendingAnalysis.id))).all() == []
+
+
+async def test_idempotency_key_returns_the_existing_task(db: Database) -> None:
+    async with db.write_transaction() as s:
+        first = await queue.enqueue_task(s, kind="k", idempotency_key="key-1")
+    async with db.write_transaction() as s:
+        again = await queue.enqueue_task(s, kind="k", idempotency_key="key-1", priority=9)
+    assert first.created and not again.created and first.id == again.id
+    assert (await task_row(db, first.id)).priority == 5
+
+
+async def test_enqueue_tasks_keeps_input_order_and_mixes_keys(db: Database) -> None:
+    async with db.write_transaction() as s:
+        existing = await queue.enqueue_task(s, kind="k", idempotency_key="dup")
+    specs = [
+        TaskSpec(kind="k", payload={"n": 0}),
+        {"kind": "k", "payload": {"n": 1}, "idempotency_key": "dup"},
+        TaskSpec(kind="k", payload={"n": 2}, idempotency_key="new"),
+        TaskSpec(kind="k", payload={"n": 3}),
+    ]
+    async with db.write_transaction() as s:
+        results = await queue.enqueue_tasks(s, specs)
+    assert [r.created for r in results] == [True, False, True, True]
+    assert results[1].id == existing.id
+    payloads = [(await task_row(db, r.id)).payload for r in results]
+    assert payloads == [{"n": 0}, {}, {"n": 2}, {"n": 3}]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"priority": 0},
+        {"priority": 11},
+        {"timeout_seconds": 0},
+        {"max_retries": -1},
+        {"kind": ""},
+        {"queue": ""},
+        {"payload": [1, 2]},
+        {"payload": {"x": float("nan")}},
+        {"user_id": "u" * 256},
+    ],
+)
+def test_invalid_specs_are_rejected(bad: dict[str, object]) -> None:
+    spec: dict[str, object] = {"kind": "k", **bad}
+    with pytest.raises(queue.InvalidTaskError):
+        TaskSpec(**spec)  # type: ignore[arg-type]
+
+
+# --- claim -----------------------------------------------------------------------------------
+
+
+async def test_claim_orders_by_priority_then_schedule_then_id(db: Database) -> None:
+    now = utcnow()
+    low = await enqueue(db, priority=2, scheduled_at=now - timedelta(seconds=30))
+    high_late = await enqueue(db, priority=9, scheduled_at=now - timedelta(seconds=1))
+    high_early = await enqueue(db, priority=9, scheduled_at=now - timedelta(seconds=10))
+    mid_a = await enqueue(db, priority=5, scheduled_at=now - timedelta(seconds=5))
+    mid_b = await enqueue(db, priority=5, scheduled_at=now - timedelta(seconds=5))
+    claimed = await claim(db, limit=3)
+    assert [t.id for t in claimed] == [high_early, high_late, mid_a]
+    rest = await claim(db, limit=5)
+    assert [t.id for t in rest] == [mid_b, low]
+
+
+async def test_claim_sets_the_lease_and_writes_started(db: Database) -> None:
+    task_id = await enqueue(db, payload={"a": 1})
+    [task] = await claim(db)
+    assert (task.id, task.attempt, task.payload, task.user_id) == (task_id, 1, {"a": 1}, "alice")
+    row = await task_row(db, task_id)
+    assert (row.status, row.locked_by, row.attempts) == ("processing", PID, 1)
+    assert row.lease_expires_at is not None and row.started_at is not None
+    assert 25 < (row.lease_expires_at - utcnow()).total_seconds() <= 31
+    assert await notes_of(db, task_id) == [("started", "alice")]
+
+
+async def test_claim_respects_limit_schedule_and_queues(db: Database) -> None:
+    future = await enqueue(db, scheduled_at=utcnow() + timedelta(hours=1))
+    other_q = await enqueue(db, queue="ingest")
+    default_q = await enqueue(db)
+    assert await claim(db, limit=0) == []
+    assert [t.id for t in await claim(db, queues=["ingest"])] == [other_q]
+    assert [t.id for t in await claim(db, queues=["default"])] == [default_q]
+    assert await claim(db) == []
+    later = await claim(db, now=utcnow() + timedelta(hours=2))
+    assert [t.id for t in later] == [future]
+
+
+async def test_claim_never_hands_a_task_to_two_daemons(db: Database) -> None:
+    ids = {await enqueue(db) for _ in range(6)}
+    a = await claim(db, limit=4, pid=PID)
+    b = await claim(db, limit=4, pid=OTHER)
+    assert len(a) == 4 and len(b) == 2
+    assert {t.id for t in a} | {t.id for t in b} == ids
+    assert not {t.id for t in a} & {t.id for t in b}
+
+
+# --- leases -----------------------------------------------------------------------------------
+
+
+async def test_renew_leases_extends_only_held_pairs_and_reports_cancels(db: Database) -> None:
+    ids = [await enqueue(db) for _ in range(3)]
+    held = await claim(db)
+    async with db.write_transaction() as s:
+        assert await queue.request_cancel(s, ids[1]) is CancelOutcome.REQUESTED
+    later = utcnow() + timedelta(seconds=100)
+    pairs = [(t.id, t.attempt) for t in held] + [(ids[2], 99)]
+    async with db.write_transaction() as s:
+        renewal = await queue.renew_leases(
+            s, processor_id=PID, tasks=pairs, lease_seconds=30, now=later
+        )
+    assert renewal.renewed == frozenset(ids)
+    assert renewal.cancel_requested == frozenset({ids[1]})
+    row = await task_row(db, ids[0])
+    assert row.lease_expires_at == later + timedelta(seconds=30)
+    async with db.write_transaction() as s:
+        stale = await queue.renew_leases(s, processor_id=OTHER, tasks=pairs, lease_seconds=30)
+    assert stale.renewed == frozenset()
+
+
+async def test_release_returns_tasks_without_charging(db: Database) -> None:
+    a, b = await enqueue(db), await enqueue(db)
+    held = await claim(db)
+    async with db.write_transaction() as s:
+        await queue.request_cancel(s, b)
+    async with db.write_transaction() as s:
+        n = await queue.release_tasks(s, processor_id=PID, tasks=[(t.id, t.attempt) for t in held])
+    assert n == 2
+    row_a, row_b = await task_row(db, a), await task_row(db, b)
+    assert (row_a.status, row_a.attempts, row_a.retry_count, row_a.locked_by) == (
+        "pending",
+        0,
+        0,
+        None,
+    )
+    assert row_b.status == "cancelled" and row_b.completed_at is not None
+    assert await notes_of(db, b) == [("started", "alice"), ("cancelled", "alice")]
+    assert [t.id for t in await claim(db)] == [a]
+
+
+# --- outcomes ---------------------------------------------------------------------------------
+
+
+async def test_complete_task_writes_result_and_notification(db: Database) -> None:
+    task_id = await enqueue(db)
+    [t] = await claim(db)
+    async with db.write_transaction() as s:
+        ok = await queue.complete_task(
+            s,
+            task_id=t.id,
+            processor_id=PID,
+            attempt=t.attempt,
+            result={"words": 3},
+            duration_seconds=0.5,
+            token_usage=42,
+        )
+    assert ok
+    row = await task_row(db, task_id)
+    assert (row.status, row.result, row.locked_by, row.lease_expires_at) == (
+        "completed",
+        {"words": 3},
+        None,
+        None,
+    )
+    assert (row.duration_seconds, row.token_usage) == (0.5, 42)
+    assert row.completed_at is not None
+    assert await notes_of(db, task_id) == [("started", "alice"), ("completed", "alice")]
+
+
+async def test_stale_holder_cannot_write(db: Database) -> None:
+    task_id = await enqueue(db)
+    [t] = await claim(db)
+    async with db.write_transaction() as s:
+        rescued = await queue.rescue_expired(s, now=utcnow() + timedelta(seconds=60))
+    assert rescued.rescued == (task_id,)
+    [again] = await claim(db, pid=OTHER)
+    assert again.attempt == 2
+    async with db.write_transaction() as s:
+        assert not await queue.complete_task(
+            s, task_id=t.id, processor_id=PID, attempt=t.attempt, result="stale"
+        )
+        assert (
+            await queue.fail_task(
+                s, task_id=t.id, processor_id=PID, attempt=t.attempt, error="x", retry_delay=1
+            )
+            is None
+        )
+        assert not await queue.cancel_task(s, task_id=t.id, processor_id=PID, attempt=t.attempt)
+        assert not await queue.update_progress(
+            s, task_id=t.id, processor_id=PID, attempt=t.attempt, current=1, total=2
+        )
+        # the same daemon id with the old attempt is fenced too
+        assert not await queue.complete_task(
+            s, task_id=t.id, processor_id=OTHER, attempt=t.attempt, result="stale"
+        )
+    row = await task_row(db, task_id)
+    assert (row.status, row.locked_by, row.attempts, row.result) == ("processing", OTHER, 2, None)
+
+
+async def test_fail_task_retries_with_backoff_then_fails(db: Database) -> None:
+    task_id = await enqueue(db, max_retries=1)
+    [t] = await claim(db)
+    now = utcnow()
+    async with db.write_transaction() as s:
+        outcome = await queue.fail_task(
+            s, task_id=t.id, processor_id=PID, attempt=1, error="boom", retry_delay=20, now=now
+        )
+    assert outcome is FailOutcome.RETRYING
+    row = await task_row(db, task_id)
+    assert (row.status, row.retry_count, row.error, row.locked_by) == ("pending", 1, "boom", None)
+    assert row.scheduled_at == now + timedelta(seconds=20)
+    assert await claim(db) == []
+    [t2] = await claim(db, now=now + timedelta(seconds=21))
+    async with db.write_transaction() as s:
+        outcome = await queue.fail_task(
+            s, task_id=t2.id, processor_id=PID, attempt=2, error="boom again", retry_delay=20
+        )
+    assert outcome is FailOutcome.FAILED
+    row = await task_row(db, task_id)
+    assert (row.status, row.retry_count, row.attempts, row.error) == ("failed", 1, 2, "boom again")
+    assert row.completed_at is not None
+    assert [n for n, _ in await notes_of(db, task_id)] == [
+        "started",
+        "retrying",
+        "started",
+        "failed",
+    ]
+
+
+async def test_permanent_failure_skips_retries(db: Database) -> None:
+    task_id = await enqueue(db, max_retries=5)
+    [t] = await claim(db)
+    async with db.write_transaction() as s:
+        outcome = await queue.fail_task(
+            s,
+            task_id=t.id,
+            processor_id=PID,
+            attempt=1,
+            error="bad input",
+            retry_delay=1,
+            permanent=True,
+        )
+    assert outcome is FailOutcome.FAILED
+    assert (await task_row(db, task_id)).retry_count == 0
+
+
+async def test_cancel_task_by_its_daemon(db: Database) -> None:
+    task_id = await enqueue(db)
+    [t] = await claim(db)
+    async with db.write_transaction() as s:
+        assert await queue.cancel_task(s, task_id=t.id, processor_id=PID, attempt=1)
+    assert (await task_row(db, task_id)).status == "cancelled"
+    assert [n for n, _ in await notes_of(db, task_id)] == ["started", "cancelled"]
+
+
+async def test_update_progress_and_notify(db: Database) -> None:
+    task_id = await enqueue(db)
+    [t] = await claim(db)
+    async with db.write_transaction() as s:
+        assert await queue.update_progress(
+            s, task_id=t.id, processor_id=PID, attempt=1, current=1, total=4, message="tokenizing"
+        )
+        assert await queue.update_progress(
+            s, task_id=t.id, processor_id=PID, attempt=1, current=2, total=4, notify=True
+        )
+    row = await task_row(db, task_id)
+    assert (row.progress_current, row.progress_total, row.progress_message) == (2, 4, None)
+    async with db.read_transaction() as s:
+        note = (
+            await s.scalars(
+                select(AnalysisNotification).where(AnalysisNotification.type == "progress")
+            )
+        ).one()
+    assert note.data is not None and note.data["percent"] == 50.0 and note.message == "50 %"
+
+
+# --- user requests ----------------------------------------------------------------------------
+
+
+async def test_request_cancel_each_state(db: Database) -> None:
+    pending = await enqueue(db)
+    running = await enqueue(db, priority=9)
+    [t] = await claim(db, limit=1)
+    assert t.id == running
+    async with db.write_transaction() as s:
+        assert await queue.request_cancel(s, pending) is CancelOutcome.CANCELLED
+        assert await queue.request_cancel(s, running) is CancelOutcome.REQUESTED
+        assert await queue.request_cancel(s, pending) is CancelOutcome.FINISHED
+        assert await queue.request_cancel(s, 10_000) is CancelOutcome.NOT_FOUND
+    assert (await task_row(db, pending)).status == "cancelled"
+    row = await task_row(db, running)
+    assert (row.status, row.cancel_requested) == ("processing", True)
+    assert [n for n, _ in await notes_of(db, pending)] == ["cancelled"]
+
+
+async def test_retry_task_only_from_failed_or_cancelled(db: Database) -> None:
+    task_id = await enqueue(db, max_retries=0)
+    async with db.write_transaction() as s:
+        assert await queue.retry_task(s, task_id) is RetryOutcome.NOT_RETRYABLE
+        assert await queue.retry_task(s, 10_000) is RetryOutcome.NOT_FOUND
+    [t] = await claim(db)
+    async with db.write_transaction() as s:
+        await queue.fail_task(
+            s, task_id=t.id, processor_id=PID, attempt=1, error="e", retry_delay=1
+        )
+    async with db.write_transaction() as s:
+        assert await queue.retry_task(s, task_id) is RetryOutcome.RETRIED
+    row = await task_row(db, task_id)
+    assert (row.status, row.retry_count, row.attempts, row.error, row.completed_at) == (
+        "pending",
+        0,
+        0,
+        None,
+        None,
+    )
+    assert [t.id for t in await claim(db)] == [task_id]
+
+
+# --- maintenance ------------------------------------------------------------------------------
+
+
+async def test_rescue_expired_requeues_or_fails(db: Database) -> None:
+    live = await enqueue(db)
+    dead = await enqueue(db, max_retries=2)
+    poison = await enqueue(db, max_retries=0)
+    await claim(db)
+    async with db.write_transaction() as s:
+        await s.execute(
+            update(PendingAnalysis)
+            .where(PendingAnalysis.id != live)
+            .values(lease_expires_at=utcnow() - timedelta(seconds=1))
+        )
+    async with db.write_transaction() as s:
+        result = await queue.rescue_expired(s)
+    assert (result.rescued, result.failed) == ((dead,), (poison,))
+    row = await task_row(db, dead)
+    assert (row.status, row.retry_count, row.locked_by) == ("pending", 1, None)
+    assert row.error is not None and "lease expired" in row.error
+    row = await task_row(db, poison)
+    assert row.status == "failed" and row.error is not None and "lease expired" in row.error
+    assert (await task_row(db, live)).status == "processing"
+    assert [n for n, _ in await notes_of(db, dead)] == ["started", "retrying"]
+    assert [n for n, _ in await notes_of(db, poison)] == ["started", "failed"]
+
+
+async def test_prune_finished_in_batches(db: Database) -> None:
+    ids = [await enqueue(db, max_retries=0) for _ in range(5)]
+    held = await claim(db)
+    async with db.write_transaction() as s:
+        for t in held[:3]:
+            await queue.complete_task(s, task_id=t.id, processor_id=PID, attempt=1, result=None)
+        await queue.fail_task(
+            s, task_id=held[3].id, processor_id=PID, attempt=1, error="e", retry_delay=1
+        )
+    later = utcnow() + timedelta(days=1)
+    async with db.write_transaction() as s:
+        assert (
+            await queue.prune_finished(
+                s, completed_before=later, failed_before=utcnow() - timedelta(days=1), batch_size=2
+            )
+            == 2
+        )
+    async with db.write_transaction() as s:
+        assert (
+            await queue.prune_finished(
+                s, completed_before=later, failed_before=utcnow() - timedelta(days=1), batch_size=2
+            )
+            == 1
+        )
+        assert (
+            await queue.prune_finished(
+                s, completed_before=later, failed_before=utcnow() - timedelta(days=1)
+            )
+            == 0
+        )
+    async with db.read_transaction() as s:
+        left = set((await s.scalars(select(PendingAnalysis.id))).all())
+        notes = set((await s.scalars(select(AnalysisNotification.task_id))).all())
+    assert left == {held[3].id, held[4].id} and left == set(ids) - {t.id for t in held[:3]}
+    assert notes <= left
+
+
+async def test_notifications_feed_read_and_prune(db: Database) -> None:
+    a = await enqueue(db, user_id="alice")
+    await enqueue(db, user_id="bob")
+    await claim(db)
+    async with db.read_transaction() as s:
+        mine = await notifications.list_for_user(s, user_id="alice")
+        assert [n.task_id for n in mine] == [a]
+        assert await notifications.unread_count(s, user_id="alice") == 1
+        assert await notifications.unread_count(s, user_id=None) == 2
+        everyone = await notifications.list_for_user(s, user_id=None, after_id=0)
+    assert [n.id for n in everyone] == sorted(n.id for n in everyone)
+    async with db.write_transaction() as s:
+        assert not await notifications.mark_read(s, mine[0].id, user_id="bob")
+        assert await notifications.mark_read(s, mine[0].id, user_id="alice")
+        assert await notifications.mark_all_read(s, user_id="bob") == 1
+    async with db.write_transaction() as s:
+        assert await notifications.prune_read(s, read_before=utcnow() + timedelta(seconds=5)) == 2
+
+
+async def test_processor_rows(db: Database) -> None:
+    async with db.write_transaction() as s:
+        await queue.register_processor(
+            s, processor_id=PID, hostname="h", pid=1, version="v", concurrency=3
+        )
+        assert await queue.touch_processor(s, processor_id=PID, in_flight=2, processed=5, failed=1)
+        assert not await queue.touch_processor(
+            s, processor_id="ghost", in_flight=0, processed=0, failed=0
+        )
+    async with db.write_transaction() as s:
+        assert await queue.reap_processors(s, stale_before=utcnow() - timedelta(seconds=60)) == 0
+        assert await queue.reap_processors(s, stale_before=utcnow() + timedelta(seconds=1)) == 1
+    async with db.read_transaction() as s:
+        p = (await s.scalars(select(Processor))).one()
+    assert (p.state, p.in_flight, p.processed, p.failed) == ("stopped", 0, 5, 1)
+
+
+async def test_reads(db: Database) -> None:
+    a = await enqueue(db, user_id="alice", chapter_id="c1")
+    b = await enqueue(db, user_id="alice", chapter_id="c1", kind="other")
+    c = await enqueue(db, user_id="bob", chapter_id="c1")
+    async with db.read_transaction() as s:
+        assert (await queue.get_task(s, a, user_id="bob")) is None
+        assert (await queue.get_task(s, a, user_id="alice")) is not None
+        page = await queue.list_tasks(s, user_id="alice", limit=1)
+        assert [t.id for t in page] == [b]
+        page2 = await queue.list_tasks(s, user_id="alice", before_id=page[-1].id)
+        assert [t.id for t in page2] == [a]
+        assert [t.id for t in await queue.list_tasks(s, kind="other")] == [b]
+        latest = await queue.latest_for_chapter(s, "c1")
+        assert latest is not None and latest.id == c
+        mine = await queue.latest_for_chapter(s, "c1", user_id="alice")
+        assert mine is not None and mine.id == b
