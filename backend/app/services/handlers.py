@@ -1,0 +1,190 @@
+"""The handler registry, the context a handler runs with, and the errors it may raise.
+
+```python
+from app.services.handlers import handler, JobContext, PermanentError
+
+@handler("chapter_analysis")
+async def chapter_analysis(ctx: JobContext) -> dict:
+    await ctx.progress(1, 3, "tokenizing")
+    ctx.add_token_usage(120)
+    return {"summary": "..."}
+```
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+ProgressSink = Callable[[int, int | None, str | None], Awaitable[None]]
+HandlerFunc = Callable[["JobContext"], Any]
+
+
+class PermanentError(Exception):
+    """Raise from a handler to fail the job at once, without retries."""
+
+
+class Snooze(Exception):  # noqa: N818 - the contract's name
+    """Raise from a handler to run the job again after ``seconds``, without charging a retry."""
+
+    def __init__(self, seconds: float) -> None:
+        if seconds < 0:
+            raise ValueError(f"snooze seconds must be >= 0, got {seconds}")
+        super().__init__(f"snoozed for {seconds} s")
+        self.seconds = seconds
+
+
+class HandlerImportError(RuntimeError):
+    """A module named in HANDLER_MODULES could not be imported."""
+
+
+async def _discard_progress(current: int, total: int | None, message: str | None) -> None:
+    return None
+
+
+class JobContext:
+    """What a handler knows about its job, and how it reports back.
+
+    Attributes:
+        task_id, kind, payload, attempt, queue, user_id, project_id, chapter_id: the job.
+    """
+
+    def __init__(
+        self,
+        *,
+        task_id: int,
+        kind: str,
+        payload: dict[str, Any],
+        attempt: int = 1,
+        queue: str = "default",
+        user_id: str | None = None,
+        project_id: str | None = None,
+        chapter_id: str | None = None,
+        progress_sink: ProgressSink = _discard_progress,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self.task_id = task_id
+        self.kind = kind
+        self.payload = payload
+        self.attempt = attempt
+        self.queue = queue
+        self.user_id = user_id
+        self.project_id = project_id
+        self.chapter_id = chapter_id
+        self._sink = progress_sink
+        self._loop = loop
+        self._token_usage = 0
+
+    @property
+    def token_usage(self) -> int:
+        """Tokens recorded so far by ``add_token_usage``."""
+        return self._token_usage
+
+    def add_token_usage(self, tokens: int) -> None:
+        """Add ``tokens`` to the job's token usage (stored when the job ends)."""
+        if tokens < 0:
+            raise ValueError(f"tokens must be >= 0, got {tokens}")
+        self._token_usage += tokens
+
+    async def progress(
+        self, current: int, total: int | None = None, message: str | None = None
+    ) -> None:
+        """Record progress on the job row (a notification goes out, throttled).
+
+        Args:
+            current: steps done.
+            total: steps in all, when known.
+            message: what is happening now, shown to the user.
+        """
+        if current < 0 or (total is not None and total < 0):
+            raise ValueError(f"progress must be non-negative, got {current}/{total}")
+        await self._sink(current, total, message)
+
+    def progress_threadsafe(
+        self, current: int, total: int | None = None, message: str | None = None
+    ) -> None:
+        """``progress`` for plain ``def`` handlers, which run in a thread; waits for it."""
+        if self._loop is None:
+            raise RuntimeError("this context has no event loop to report progress to")
+        future = asyncio.run_coroutine_threadsafe(
+            self.progress(current, total, message), self._loop
+        )
+        future.result()
+
+
+@dataclass(frozen=True, slots=True)
+class Handler:
+    """A registered handler: its kind, its function, and whether it is a coroutine."""
+
+    kind: str
+    func: HandlerFunc
+    is_async: bool
+
+
+class HandlerRegistry:
+    """Kind → handler. One registry per process by default (``REGISTRY``)."""
+
+    def __init__(self) -> None:
+        self._handlers: dict[str, Handler] = {}
+
+    def register(self, kind: str, func: HandlerFunc) -> Handler:
+        """Register ``func`` for ``kind``; registering a different function twice is an error."""
+        if not kind or len(kind) > 100:
+            raise ValueError(f"handler kind must be 1..100 characters, got {kind!r}")
+        existing = self._handlers.get(kind)
+        if existing is not None and existing.func is not func:
+            raise ValueError(f"a handler for kind {kind!r} is already registered ({existing.func})")
+        entry = Handler(kind, func, inspect.iscoroutinefunction(func))
+        self._handlers[kind] = entry
+        return entry
+
+    def get(self, kind: str) -> Handler | None:
+        """The handler for ``kind``, or None."""
+        return self._handlers.get(kind)
+
+    def kinds(self) -> list[str]:
+        """Every registered kind, sorted."""
+        return sorted(self._handlers)
+
+    def __contains__(self, kind: object) -> bool:
+        return kind in self._handlers
+
+    def __iter__(self) -> Iterator[Handler]:
+        return iter(list(self._handlers.values()))
+
+
+REGISTRY = HandlerRegistry()
+
+
+def handler(
+    kind: str, *, registry: HandlerRegistry | None = None
+) -> Callable[[HandlerFunc], HandlerFunc]:
+    """Decorator: register the function as the handler of ``kind``.
+
+    Args:
+        kind: the task kind this function handles.
+        registry: where to register (the process-wide ``REGISTRY`` by default).
+    """
+
+    def decorate(func: HandlerFunc) -> HandlerFunc:
+        (registry or REGISTRY).register(kind, func)
+        return func
+
+    return decorate
+
+
+def import_handler_modules(modules: Iterable[str]) -> None:
+    """Import each module so its ``@handler`` decorators run; raise HandlerImportError naming
+    the module and the cause when one fails."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:
+            raise HandlerImportError(
+                f"cannot import handler module {name!r} (from HANDLER_MODULES): "
+                f"{exc.__class__.__name__}: {exc}"
+            ) from exc
