@@ -28,7 +28,7 @@ class PermanentError(Exception):
     """Raise from a handler to fail the job at once, without retries."""
 
 
-class Snooze(Exception):  # noqa: N818 - the contract's name
+class Snooze(Exception):
     """Raise from a handler to run the job again after ``seconds``, without charging a retry."""
 
     def __init__(self, seconds: float) -> None:
