@@ -876,3 +876,30 @@ async def latest_for_chapter(
 def is_finished(status: str) -> bool:
     """True for completed, failed and cancelled."""
     return status in FINISHED_STATUSES
+
+
+async def snooze_task(
+    session: AsyncSession,
+    *,
+    task_id: int,
+    processor_id: str,
+    attempt: int,
+    seconds: float,
+    now: datetime | None = None,
+) -> bool:
+    """processing → pending after ``seconds``, without charging the attempt or a retry."""
+    dialect = dialect_of(session)
+    stmt = (
+        update(T)
+        .where(_fenced(task_id, processor_id, attempt))
+        .values(
+            status=TaskStatus.PENDING,
+            scheduled_at=later_sql(dialect, seconds, now),
+            attempts=T.attempts - 1,
+            updated_at=now_sql(dialect, now),
+            locked_by=None,
+            lease_expires_at=None,
+        )
+        .returning(T.id)
+    )
+    return (await session.execute(stmt)).first() is not None

@@ -1,0 +1,154 @@
+"""The daemon: ``python -m app.background_processor`` (or ``async-processor processor``).
+
+Composition root: settings → engine → handlers → schema check → signals → sd_notify → run.
+Exit codes: 0 after a graceful stop, 1 on a fatal error or an unmigrated database,
+2 on a bad setting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+
+from app.config import Settings, SettingsError, load_settings
+from app.db import Database
+from app.logs import setup_logging
+from app.schema import SchemaError, check_migrated
+from app.services.async_analysis_processor import EngineConfig, ProcessorEngine
+from app.services.handlers import REGISTRY, HandlerImportError, import_handler_modules
+from app.services.processor.looper import ErrorBackoff, is_transient
+
+logger = logging.getLogger("app.processor")
+
+
+def sd_notify(message: str) -> bool:
+    """Send a message to systemd's notify socket, when there is one."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.connect(address)
+        sock.sendall(message.encode())
+        return True
+    return False
+
+
+def watchdog_interval() -> float | None:
+    """Half of systemd's WatchdogSec, when the unit sets it for this process."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return None
+    return int(usec) / 1_000_000 / 2
+
+
+async def _watchdog(interval: float) -> None:
+    while True:
+        sd_notify("WATCHDOG=1")
+        await asyncio.sleep(interval)
+
+
+async def _wait_for_schema(db: Database) -> None:
+    """Check the schema; retry while the database is unreachable, fail when unmigrated."""
+    backoff = ErrorBackoff("startup")
+    while True:
+        try:
+            await check_migrated(db.engine)
+            return
+        except SchemaError as exc:
+            cause = exc.__cause__
+            if cause is None or not is_transient(cause):
+                raise
+            await asyncio.sleep(backoff.failed(cause))
+
+
+def engine_config(
+    settings: Settings,
+    *,
+    concurrency: int | None = None,
+    poll_interval: float | None = None,
+    queues: Sequence[str] | None = None,
+) -> EngineConfig:
+    """Settings (and CLI overrides) → the engine's plain configuration."""
+    return EngineConfig(
+        database_url=settings.database_url,
+        concurrency=concurrency or settings.max_concurrent,
+        queues=tuple(queues) if queues else None,
+        poll_interval=poll_interval or settings.poll_interval,
+        lease_seconds=settings.lease_seconds,
+        shutdown_grace=settings.shutdown_grace,
+        backoff_base=settings.retry_backoff_base,
+        backoff_max=settings.retry_backoff_max,
+        retention_days=settings.retention_days,
+    )
+
+
+async def serve(settings: Settings, config: EngineConfig) -> int:
+    """Run the daemon until a signal stops it; returns the exit code."""
+    try:
+        import_handler_modules(settings.handler_modules)
+    except HandlerImportError as exc:
+        logger.critical("%s", exc)
+        return 1
+    db = Database.from_url(settings.database_url, pool_size=5)
+    try:
+        try:
+            await _wait_for_schema(db)
+        except SchemaError as exc:
+            logger.critical("cannot start: %s", exc)
+            return 1
+        engine = ProcessorEngine(db, REGISTRY, config)
+        await engine.start()
+        loop = asyncio.get_running_loop()
+
+        def on_signal() -> None:
+            sd_notify("STOPPING=1")
+            engine.request_stop()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal)
+        sd_notify("READY=1")
+        interval = watchdog_interval()
+        dog = asyncio.create_task(_watchdog(interval), name="watchdog") if interval else None
+        await engine.run_until_stopped()
+        if dog is not None:
+            dog.cancel()
+        return 1 if engine.fatal is not None else 0
+    finally:
+        await db.dispose()
+
+
+def run(
+    *,
+    concurrency: int | None = None,
+    poll_interval: float | None = None,
+    queues: Sequence[str] | None = None,
+) -> int:
+    """Load settings, configure logging, run the daemon; returns the exit code."""
+    try:
+        settings = load_settings()
+        config = engine_config(
+            settings, concurrency=concurrency, poll_interval=poll_interval, queues=queues
+        )
+    except (SettingsError, ValueError) as exc:
+        print(f"async-processor: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_level, settings.log_format)
+    return asyncio.run(serve(settings, config))
+
+
+def main() -> None:
+    """Entry point of ``python -m app.background_processor``."""
+    sys.exit(run())
+
+
+if __name__ == "__main__":
+    main()

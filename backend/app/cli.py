@@ -1,0 +1,339 @@
+"""The ``async-processor`` command. Exit codes: 0 success, 1 error, 2 usage or bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy.exc import SQLAlchemyError
+
+from app import schema
+from app.config import Settings, SettingsError, load_settings
+from app.db import Database
+from app.models import PendingAnalysis
+from app.services import queue
+from app.services.handlers import REGISTRY, HandlerImportError, import_handler_modules
+
+R = TypeVar("R")
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+cli = typer.Typer(
+    name="async-processor",
+    help="A background job processor that needs no broker.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+tasks_cli = typer.Typer(help="Inspect and repair tasks.", no_args_is_help=True)
+cli.add_typer(tasks_cli, name="tasks")
+out = Console()
+err = Console(stderr=True, soft_wrap=True)
+
+
+def fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
+    """Print ``message`` to stderr and exit with ``code``."""
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def settings() -> Settings:
+    """The settings, or exit 2 naming the bad variable."""
+    try:
+        return load_settings()
+    except SettingsError as exc:
+        fail(str(exc), EXIT_USAGE)
+
+
+def with_db(work: Callable[[Database], Awaitable[R]], *, check_schema: bool = True) -> R:
+    """Run ``work`` against the configured database; database errors exit 1 with a message."""
+
+    async def main() -> R:
+        db = Database.from_url(settings().database_url)
+        try:
+            if check_schema:
+                await schema.check_migrated(db.engine)
+            return await work(db)
+        finally:
+            await db.dispose()
+
+    try:
+        return asyncio.run(main())
+    except schema.SchemaError as exc:
+        fail(str(exc))
+    except SQLAlchemyError as exc:
+        fail(f"database error: {exc.__class__.__name__}: {str(exc).splitlines()[0]}")
+    except OSError as exc:
+        fail(f"cannot reach the database: {exc}")
+
+
+def load_handlers(conf: Settings) -> None:
+    """Import HANDLER_MODULES so every registered kind is known."""
+    try:
+        import_handler_modules(conf.handler_modules)
+    except HandlerImportError as exc:
+        fail(str(exc))
+
+
+def parse_queues(spec: str | None) -> list[str] | None:
+    """``Q1,Q2=4`` → queue names (per-queue limits are parsed and checked)."""
+    if not spec:
+        return None
+    names = []
+    for part in (p.strip() for p in spec.split(",")):
+        name, _, limit = part.partition("=")
+        if not name or (limit and not (limit.isdigit() and int(limit) > 0)):
+            fail(f"--queues: {part!r} is not QUEUE or QUEUE=N with N >= 1", EXIT_USAGE)
+        names.append(name)
+    return names
+
+
+@cli.command()
+def migrate() -> None:
+    """Create the database or upgrade it to the newest schema."""
+    url = settings().database_url
+    try:
+        schema.upgrade(url)
+    except (SQLAlchemyError, OSError) as exc:
+        fail(f"migration failed: {exc.__class__.__name__}: {str(exc).splitlines()[0]}")
+    out.print(f"database at revision {schema.head_revision()}: {_safe_url(url)}")
+
+
+@cli.command()
+def processor(
+    concurrency: Annotated[int | None, typer.Option(min=1, help="Jobs run at once.")] = None,
+    poll_interval: Annotated[
+        float | None, typer.Option(min=0.001, help="Seconds between fallback polls.")
+    ] = None,
+    queues: Annotated[str | None, typer.Option(help="Q1,Q2=4: queues to serve.")] = None,
+) -> None:
+    """Run the daemon (same as python -m app.background_processor)."""
+    from app import background_processor
+
+    names = parse_queues(queues)
+    raise typer.Exit(
+        background_processor.run(concurrency=concurrency, poll_interval=poll_interval, queues=names)
+    )
+
+
+@cli.command()
+def enqueue(
+    kind: Annotated[str, typer.Argument(help="The handler kind.")],
+    payload: Annotated[str, typer.Option(help="The payload, a JSON object.")] = "{}",
+    priority: Annotated[int, typer.Option(min=1, max=10)] = queue.DEFAULT_PRIORITY,
+    user: Annotated[str | None, typer.Option(help="user_id")] = None,
+    project: Annotated[str | None, typer.Option(help="project_id")] = None,
+    chapter: Annotated[str | None, typer.Option(help="chapter_id")] = None,
+    queue_name: Annotated[str, typer.Option("--queue")] = queue.DEFAULT_QUEUE,
+    max_retries: Annotated[int | None, typer.Option(min=0)] = None,
+    timeout: Annotated[int | None, typer.Option(min=1, help="Seconds.")] = None,
+    idempotency_key: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """Enqueue one task and print its id."""
+    conf = settings()
+    load_handlers(conf)
+    if kind not in REGISTRY:
+        known = ", ".join(REGISTRY.kinds()) or "none"
+        fail(f"unknown kind {kind!r}; registered kinds: {known}", EXIT_USAGE)
+    try:
+        data = json.loads(payload)
+    except json.JSONDecodeError as exc:
+        fail(f"--payload is not valid JSON: {exc}", EXIT_USAGE)
+    try:
+        spec = queue.TaskSpec(
+            kind=kind,
+            payload=data,
+            priority=priority,
+            queue=queue_name,
+            max_retries=conf.max_retries if max_retries is None else max_retries,
+            timeout_seconds=timeout or conf.processing_timeout,
+            user_id=user,
+            project_id=project,
+            chapter_id=chapter,
+            idempotency_key=idempotency_key,
+        )
+    except queue.InvalidTaskError as exc:
+        fail(str(exc), EXIT_USAGE)
+
+    async def work(db: Database) -> int:
+        async with db.write_transaction() as session:
+            [result] = await queue.enqueue_tasks(session, [spec])
+        return result.id
+
+    print(with_db(work))
+
+
+def _task_dict(task: PendingAnalysis) -> dict[str, Any]:
+    values = {column.key: getattr(task, column.key) for column in PendingAnalysis.__table__.columns}
+    return {k: v.isoformat() if hasattr(v, "isoformat") else v for k, v in values.items()}
+
+
+@tasks_cli.command("show")
+def tasks_show(task_id: int, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Everything about one task."""
+
+    async def work(db: Database) -> PendingAnalysis | None:
+        async with db.read_transaction() as session:
+            return await queue.get_task(session, task_id)
+
+    task = with_db(work)
+    if task is None:
+        fail(f"task {task_id} not found")
+    data = _task_dict(task)
+    if as_json:
+        print(json.dumps(data, default=str))
+        return
+    table = Table(show_header=False)
+    for key, value in data.items():
+        table.add_row(
+            key,
+            ""
+            if value is None
+            else json.dumps(value, default=str)
+            if isinstance(value, dict | list)
+            else str(value),
+        )
+    out.print(table)
+
+
+@tasks_cli.command("list")
+def tasks_list(
+    status: Annotated[str | None, typer.Option()] = None,
+    kind: Annotated[str | None, typer.Option()] = None,
+    user: Annotated[str | None, typer.Option()] = None,
+    chapter: Annotated[str | None, typer.Option()] = None,
+    limit: Annotated[int, typer.Option(min=1, max=10_000)] = 50,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Newest tasks first."""
+
+    async def work(db: Database) -> list[PendingAnalysis]:
+        async with db.read_transaction() as session:
+            return await queue.list_tasks(
+                session, status=status, kind=kind, user_id=user, chapter_id=chapter, limit=limit
+            )
+
+    rows = with_db(work)
+    if as_json:
+        print(json.dumps([_task_dict(t) for t in rows], default=str))
+        return
+    table = Table("id", "kind", "queue", "status", "pri", "attempts", "user", "created")
+    for t in rows:
+        table.add_row(
+            str(t.id),
+            t.kind,
+            t.queue,
+            t.status,
+            str(t.priority),
+            str(t.attempts),
+            t.user_id or "",
+            t.created_at.isoformat(timespec="seconds"),
+        )
+    out.print(table)
+
+
+@tasks_cli.command("retry")
+def tasks_retry(task_ids: list[int]) -> None:
+    """Put failed or cancelled tasks back to pending."""
+
+    async def work(db: Database) -> list[queue.RetryOutcome]:
+        async with db.write_transaction() as session:
+            return [await queue.retry_task(session, i) for i in task_ids]
+
+    _report(task_ids, with_db(work), ok=queue.RetryOutcome.RETRIED)
+
+
+@tasks_cli.command("cancel")
+def tasks_cancel(task_ids: list[int]) -> None:
+    """Cancel pending tasks at once; ask daemons to cancel running ones."""
+
+    async def work(db: Database) -> list[queue.CancelOutcome]:
+        async with db.write_transaction() as session:
+            return [await queue.request_cancel(session, i) for i in task_ids]
+
+    ok = (queue.CancelOutcome.CANCELLED, queue.CancelOutcome.REQUESTED)
+    _report(task_ids, with_db(work), ok=ok)
+
+
+def _report(ids: list[int], outcomes: list[Any], *, ok: object) -> None:
+    accepted = ok if isinstance(ok, tuple) else (ok,)
+    bad = 0
+    for task_id, outcome in zip(ids, outcomes, strict=True):
+        print(f"{task_id}: {outcome.value}")
+        bad += outcome not in accepted
+    if bad:
+        raise typer.Exit(EXIT_ERROR)
+
+
+@cli.command()
+def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Counts per status and queue, and the daemons."""
+    from app.services import stats
+
+    summary = with_db(stats.summary)
+    if as_json:
+        print(json.dumps(summary, default=str))
+        return
+    table = Table("queue", *stats.STATUS_ORDER, title="tasks")
+    for name, counts in summary["queues"].items():
+        table.add_row(name, *(str(counts.get(s, 0)) for s in stats.STATUS_ORDER))
+    out.print(table)
+    age = summary["oldest_pending_age_seconds"]
+    out.print(f"oldest pending: {'-' if age is None else f'{age:.1f} s'}")
+    procs = Table(
+        "processor",
+        "state",
+        "in flight",
+        "concurrency",
+        "processed",
+        "failed",
+        "last seen",
+        title="processors",
+    )
+    for p in summary["processors"]:
+        procs.add_row(
+            p["id"],
+            p["state"],
+            str(p["in_flight"]),
+            str(p["concurrency"]),
+            str(p["processed"]),
+            str(p["failed"]),
+            str(p["last_seen_at"]),
+        )
+    out.print(procs)
+
+
+@cli.command()
+def prune(dry_run: Annotated[bool, typer.Option("--dry-run")] = False) -> None:
+    """Delete finished tasks and read notifications past RETENTION_DAYS."""
+    from app.services.processor.pruner import Pruner
+
+    if dry_run:
+        fail("--dry-run is not available yet", EXIT_USAGE)
+    conf = settings()
+
+    async def work(db: Database) -> Any:
+        return await Pruner(db, retention_days=conf.retention_days).run_once()
+
+    result = with_db(work)
+    print(f"pruned {result.tasks} tasks and {result.notifications} notifications")
+
+
+def _safe_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        cli(standalone_mode=True)
+    except KeyboardInterrupt:
+        sys.exit(130)

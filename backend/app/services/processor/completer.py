@@ -1,0 +1,202 @@
+"""Write outcomes: batched, one transaction per batch, retried until written, never dropped."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.db import Database
+from app.services import queue
+from app.services.backoff import next_retry_delay
+from app.services.processor.executor import Outcome, OutcomeKind
+from app.services.processor.looper import ErrorBackoff, is_transient
+
+logger = logging.getLogger("app.processor")
+MAX_BATCH = 500
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Backoff settings for failed jobs."""
+
+    base: float
+    cap: float
+    rng: random.Random | None = None
+
+    def delay(self, retry_number: int) -> float:
+        """Seconds before retry number ``retry_number``."""
+        return next_retry_delay(retry_number, base=self.base, cap=self.cap, rng=self.rng)
+
+
+async def write_outcome(
+    session: AsyncSession, outcome: Outcome, *, processor_id: str, policy: RetryPolicy
+) -> bool:
+    """Write one outcome in the caller's transaction; False when the fence rejected it."""
+    t = outcome.task
+    fence: dict[str, Any] = {"task_id": t.id, "processor_id": processor_id, "attempt": t.attempt}
+    match outcome.kind:
+        case OutcomeKind.COMPLETED:
+            return await queue.complete_task(
+                session,
+                **fence,
+                result=outcome.result,
+                duration_seconds=outcome.duration,
+                token_usage=outcome.token_usage,
+            )
+        case OutcomeKind.FAILED:
+            applied = await queue.fail_task(
+                session,
+                **fence,
+                error=outcome.error or "failed",
+                retry_delay=policy.delay(t.retry_count + 1),
+                permanent=outcome.permanent,
+                duration_seconds=outcome.duration,
+                token_usage=outcome.token_usage,
+            )
+            return applied is not None
+        case OutcomeKind.CANCELLED:
+            return await queue.cancel_task(session, **fence, duration_seconds=outcome.duration)
+        case OutcomeKind.SNOOZED:
+            return await queue.snooze_task(session, **fence, seconds=outcome.snooze_seconds)
+        case OutcomeKind.RELEASED:
+            released = await queue.release_tasks(
+                session, processor_id=processor_id, tasks=[(t.id, t.attempt)]
+            )
+            return released == 1
+        case OutcomeKind.LOST:
+            return False
+
+
+class Completer:
+    """Collects outcomes and writes them in batches. ``on_written`` is told each outcome and
+    whether it applied, once it is durably decided."""
+
+    def __init__(
+        self,
+        db: Database,
+        *,
+        processor_id: str,
+        policy: RetryPolicy,
+        on_written: Callable[[Outcome, bool], None],
+    ) -> None:
+        self._db = db
+        self._processor_id = processor_id
+        self._policy = policy
+        self._on_written = on_written
+        self._pending: list[Outcome] = []
+        self._ready = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._backoff = ErrorBackoff("completer")
+        self._batch_limit = MAX_BATCH
+
+    @property
+    def backlog(self) -> int:
+        """Outcomes not yet written."""
+        return len(self._pending)
+
+    def submit(self, outcome: Outcome) -> None:
+        """Queue an outcome for writing (never blocks)."""
+        if outcome.kind is OutcomeKind.LOST:
+            self._on_written(outcome, False)
+            return
+        self._pending.append(outcome)
+        self._idle.clear()
+        self._ready.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Write batches until ``stop`` is set and nothing is left."""
+        while True:
+            if not self._pending:
+                self._idle.set()
+                if stop.is_set():
+                    return
+                self._ready.clear()
+                waiter = asyncio.ensure_future(self._ready.wait())
+                stopper = asyncio.ensure_future(stop.wait())
+                await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+                stopper.cancel()
+                continue
+            await self.run_once()
+
+    async def run_once(self) -> int:
+        """Write one batch (retrying after a pause on database errors); returns its size."""
+        batch = self._pending[: self._batch_limit]
+        try:
+            applied = await self._write(batch)
+        except Exception as exc:
+            await self._handle_error(batch, exc)
+            return 0
+        self._backoff.succeeded()
+        del self._pending[: len(batch)]
+        if not self._pending:
+            self._batch_limit = MAX_BATCH
+        for outcome, ok in zip(batch, applied, strict=True):
+            self._report(outcome, ok)
+        return len(batch)
+
+    async def flush(self) -> None:
+        """Wait until every submitted outcome is written (bound it with asyncio.timeout)."""
+        await self._idle.wait()
+
+    async def _write(self, batch: Sequence[Outcome]) -> list[bool]:
+        async with self._db.write_transaction() as session:
+            return [
+                await write_outcome(
+                    session, o, processor_id=self._processor_id, policy=self._policy
+                )
+                for o in batch
+            ]
+
+    async def _handle_error(self, batch: list[Outcome], exc: Exception) -> None:
+        if is_transient(exc):
+            await asyncio.sleep(self._backoff.failed(exc))
+            return
+        if len(batch) > 1:
+            self._batch_limit = 1  # find the one outcome that cannot be written
+            return
+        outcome = batch[0]
+        logger.error(
+            "task %s: outcome could not be written (%s: %s)",
+            outcome.task.id,
+            exc.__class__.__name__,
+            exc,
+            extra={"action": "outcome_unwritable", "task_id": outcome.task.id},
+        )
+        if outcome.error is not None and outcome.error.startswith(_UNSTORABLE):
+            self._pending.pop(0)  # even the failure cannot be stored: the rescuer will act
+            self._on_written(outcome, False)
+        else:
+            self._pending[0] = _as_failure(outcome, exc)
+
+    def _report(self, outcome: Outcome, applied: bool) -> None:
+        if not applied:
+            logger.warning(
+                "task %s: outcome %s not written: this daemon no longer holds the job "
+                "(its lease expired and it was rescued)",
+                outcome.task.id,
+                outcome.kind.value,
+                extra={"action": "fenced", "task_id": outcome.task.id, "kind": outcome.task.kind},
+            )
+        self._on_written(outcome, applied)
+
+
+_UNSTORABLE = "the job's outcome could not be stored"
+
+
+def _as_failure(outcome: Outcome, exc: Exception) -> Outcome:
+    return Outcome(
+        outcome.task,
+        OutcomeKind.FAILED,
+        outcome.duration,
+        error=f"{_UNSTORABLE}: {exc.__class__.__name__}: {exc}"[:2000],
+        permanent=True,
+        token_usage=outcome.token_usage,
+    )

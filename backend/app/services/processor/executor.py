@@ -1,0 +1,196 @@
+"""Run one handler under its timeout and turn whatever happens into an Outcome."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from app.services.handlers import (
+    HandlerRegistry,
+    JobContext,
+    PermanentError,
+    ProgressSink,
+    Snooze,
+)
+from app.services.queue import ClaimedTask
+
+logger = logging.getLogger("app.processor")
+MAX_TRACEBACK_CHARS = 8_000
+
+
+class OutcomeKind(StrEnum):
+    """How a run ended."""
+
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"  # a user asked
+    RELEASED = "released"  # shutdown: back to pending, not charged
+    SNOOZED = "snoozed"  # the handler asked to run later, not charged
+    LOST = "lost"  # the lease is gone: write nothing, the rescuer owns it now
+
+
+class StopReason(StrEnum):
+    """Why the engine cancelled a running job."""
+
+    CANCEL_REQUESTED = "cancel_requested"
+    SHUTDOWN = "shutdown"
+    LEASE_LOST = "lease_lost"
+
+
+_REASON_TO_OUTCOME = {
+    StopReason.CANCEL_REQUESTED: OutcomeKind.CANCELLED,
+    StopReason.SHUTDOWN: OutcomeKind.RELEASED,
+    StopReason.LEASE_LOST: OutcomeKind.LOST,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The result of one run, for the completer to write."""
+
+    task: ClaimedTask
+    kind: OutcomeKind
+    duration: float
+    result: Any = None
+    error: str | None = None
+    permanent: bool = False
+    token_usage: int = 0
+    snooze_seconds: float = 0.0
+
+
+class Executor:
+    """Runs handlers: async ones on the loop, plain ``def`` ones in their own thread."""
+
+    def __init__(self, registry: HandlerRegistry) -> None:
+        self._registry = registry
+        self._abandoned = 0
+        self._lock = threading.Lock()
+
+    @property
+    def abandoned_threads(self) -> int:
+        """Sync handler threads still running after their job timed out or was stopped."""
+        return self._abandoned
+
+    async def run(
+        self,
+        task: ClaimedTask,
+        *,
+        progress_sink: ProgressSink,
+        stop_reason: Callable[[], StopReason | None],
+    ) -> Outcome:
+        """Run ``task``'s handler and return its Outcome; never raises (except when the
+        engine itself is being torn down)."""
+        start = time.monotonic()
+        ctx = JobContext(
+            task_id=task.id,
+            kind=task.kind,
+            payload=task.payload,
+            attempt=task.attempt,
+            queue=task.queue,
+            user_id=task.user_id,
+            project_id=task.project_id,
+            chapter_id=task.chapter_id,
+            progress_sink=progress_sink,
+            loop=asyncio.get_running_loop(),
+        )
+
+        def outcome(kind: OutcomeKind, **kw: Any) -> Outcome:
+            return Outcome(task, kind, time.monotonic() - start, token_usage=ctx.token_usage, **kw)
+
+        entry = self._registry.get(task.kind)
+        if entry is None:
+            known = ", ".join(self._registry.kinds()) or "none"
+            error = f"no handler registered for kind {task.kind!r} (known kinds: {known})"
+            return outcome(OutcomeKind.FAILED, error=error, permanent=True)
+        try:
+            async with asyncio.timeout(task.timeout_seconds):
+                if entry.is_async:
+                    value = await entry.func(ctx)
+                else:
+                    value = await self._in_thread(entry.func, ctx)
+            return outcome(OutcomeKind.COMPLETED, result=_jsonable(value))
+        except TimeoutError:
+            error = f"timed out after {task.timeout_seconds} s"
+            return outcome(OutcomeKind.FAILED, error=error)
+        except asyncio.CancelledError:
+            reason = stop_reason()
+            if reason is None:
+                raise
+            current = asyncio.current_task()
+            if current is not None:
+                current.uncancel()
+            return outcome(_REASON_TO_OUTCOME[reason], error=f"stopped: {reason.value}")
+        except Snooze as snooze:
+            return outcome(OutcomeKind.SNOOZED, snooze_seconds=snooze.seconds)
+        except PermanentError as exc:
+            return outcome(OutcomeKind.FAILED, error=_describe(exc), permanent=True)
+        except _NotJSONError as exc:
+            return outcome(OutcomeKind.FAILED, error=str(exc), permanent=True)
+        except Exception as exc:
+            return outcome(OutcomeKind.FAILED, error=_describe(exc, with_traceback=True))
+
+    async def _in_thread(self, func: Callable[[JobContext], Any], ctx: JobContext) -> Any:
+        # A fresh daemon thread per job: a hung handler can never starve a shared pool,
+        # and cannot keep the process alive at exit.
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        state = {"abandoned": False}
+
+        def deliver(setter: Callable[[Any], None], value: Any) -> None:
+            if not future.done():
+                setter(value)
+
+        def target() -> None:
+            try:
+                value = func(ctx)
+            except BaseException as exc:
+                loop.call_soon_threadsafe(deliver, future.set_exception, exc)
+            else:
+                loop.call_soon_threadsafe(deliver, future.set_result, value)
+            finally:
+                with self._lock:
+                    if state["abandoned"]:
+                        self._abandoned -= 1
+
+        threading.Thread(target=target, name=f"task-{ctx.task_id}", daemon=True).start()
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            with self._lock:
+                state["abandoned"] = True
+                self._abandoned += 1
+            logger.warning(
+                "task %s: sync handler thread abandoned (still running; it can no longer "
+                "write anything)",
+                ctx.task_id,
+                extra={"action": "thread_abandoned", "task_id": ctx.task_id, "kind": ctx.kind},
+            )
+            raise
+
+
+class _NotJSONError(Exception):
+    pass
+
+
+def _jsonable(value: Any) -> Any:
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise _NotJSONError(f"handler returned a value that is not JSON: {exc}") from None
+    return value
+
+
+def _describe(exc: BaseException, *, with_traceback: bool = False) -> str:
+    head = f"{exc.__class__.__name__}: {exc}" if str(exc) else exc.__class__.__name__
+    if not with_traceback:
+        return head
+    tb = "".join(traceback.format_exception(exc))
+    return f"{head}\n\n{tb[-MAX_TRACEBACK_CHARS:]}"

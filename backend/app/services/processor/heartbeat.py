@@ -1,0 +1,80 @@
+"""Renew the leases of held jobs, keep the processors row fresh, pick up cancel requests."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from app.db import Database
+from app.models import ProcessorState
+from app.services import queue
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessorStats:
+    """What the processors row shows about this daemon."""
+
+    in_flight: int
+    processed: int
+    failed: int
+    state: ProcessorState
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatResult:
+    """One beat: renewed jobs, jobs no longer ours, and jobs whose cancel was requested."""
+
+    renewed: frozenset[int]
+    lost: frozenset[int]
+    cancel_requested: frozenset[int]
+
+
+class Heartbeat:
+    """Every ``lease_seconds / 3``: one statement renews all held leases."""
+
+    def __init__(
+        self,
+        db: Database,
+        *,
+        processor_id: str,
+        lease_seconds: float,
+        held: Callable[[], Sequence[tuple[int, int]]],
+        stats: Callable[[], ProcessorStats],
+    ) -> None:
+        if lease_seconds <= 0:
+            raise ValueError(f"lease_seconds must be positive, got {lease_seconds}")
+        self._db = db
+        self._processor_id = processor_id
+        self.lease_seconds = lease_seconds
+        self.interval = lease_seconds / 3
+        self._held = held
+        self._stats = stats
+        self.last_success = time.monotonic()
+
+    async def run_once(self) -> HeartbeatResult:
+        """Renew, touch the processors row; raises on database errors (the loop retries)."""
+        held = list(self._held())
+        stats = self._stats()
+        async with self._db.write_transaction() as session:
+            renewal = await queue.renew_leases(
+                session,
+                processor_id=self._processor_id,
+                tasks=held,
+                lease_seconds=self.lease_seconds,
+            )
+            await queue.touch_processor(
+                session,
+                processor_id=self._processor_id,
+                in_flight=stats.in_flight,
+                processed=stats.processed,
+                failed=stats.failed,
+                state=stats.state,
+            )
+        self.last_success = time.monotonic()
+        lost = frozenset(task_id for task_id, _ in held) - renewal.renewed
+        return HeartbeatResult(renewal.renewed, lost, renewal.cancel_requested)
+
+    def lease_at_risk(self) -> bool:
+        """True when no renewal succeeded for a whole lease: held jobs may be rescued."""
+        return time.monotonic() - self.last_success >= self.lease_seconds

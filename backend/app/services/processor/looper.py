@@ -1,0 +1,112 @@
+"""The shared shape of the daemon's periodic loops: run_once on an interval, never die."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+logger = logging.getLogger("app.processor")
+
+ERROR_BACKOFF_FIRST_SECONDS = 0.1
+ERROR_BACKOFF_MAX_SECONDS = 5.0
+_RNG = random.Random()  # noqa: S311 - jitter
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for database errors worth retrying: locked, unreachable, restarting."""
+    if isinstance(exc, OperationalError | OSError | TimeoutError | ConnectionError):
+        return True
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    text = str(exc).lower()
+    return any(
+        marker in text
+        for marker in ("database is locked", "connection", "closed", "terminat", "shutdown")
+    )
+
+
+class ErrorBackoff:
+    """Delays after consecutive errors: doubling from 0.1 s up to 5 s; logs once per step."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        first: float = ERROR_BACKOFF_FIRST_SECONDS,
+        cap: float = ERROR_BACKOFF_MAX_SECONDS,
+    ) -> None:
+        self.name = name
+        self._first = first
+        self._cap = cap
+        self._delay = 0.0
+        self.failures = 0
+
+    def failed(self, exc: BaseException) -> float:
+        """Record a failure; log it (once per backoff step) and return the delay to wait."""
+        self.failures += 1
+        self._delay = min(self._cap, self._delay * 2 if self._delay else self._first)
+        if self._delay < self._cap or self.failures % 10 == 1:
+            logger.warning(
+                "%s: database error (%s: %s); retrying in %.1f s",
+                self.name,
+                exc.__class__.__name__,
+                str(exc).splitlines()[0][:200] if str(exc) else "",
+                self._delay,
+                extra={"action": f"{self.name}_error"},
+            )
+        return self._delay
+
+    def succeeded(self) -> None:
+        """Reset after a success (and say so when it follows failures)."""
+        if self.failures:
+            logger.info(
+                "%s: database reachable again after %d failed tries",
+                self.name,
+                self.failures,
+                extra={"action": f"{self.name}_recovered"},
+            )
+        self.failures = 0
+        self._delay = 0.0
+
+
+def jittered(interval: float, spread: float = 0.1) -> float:
+    """``interval`` ± ``spread`` (a fraction), so daemons do not fire together."""
+    return max(0.0, interval * (1 + _RNG.uniform(-spread, spread)))
+
+
+async def sleep_or_stop(stop: asyncio.Event, seconds: float) -> bool:
+    """Sleep up to ``seconds``; True when ``stop`` was set meanwhile."""
+    try:
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
+    except TimeoutError:
+        return stop.is_set()
+    return True
+
+
+async def guarded_loop(
+    name: str,
+    run_once: Callable[[], Awaitable[Any]],
+    *,
+    interval: float,
+    stop: asyncio.Event,
+    run_first: bool = False,
+) -> None:
+    """Call ``run_once`` every ``interval`` (jittered) until ``stop``; errors are logged and
+    backed off, never fatal. Only cancellation or ``stop`` ends the loop."""
+    backoff = ErrorBackoff(name)
+    delay = 0.0 if run_first else jittered(interval)
+    while not await sleep_or_stop(stop, delay):
+        try:
+            await run_once()
+        except Exception as exc:
+            if not is_transient(exc):
+                logger.exception("%s: unexpected error", name, extra={"action": f"{name}_error"})
+            delay = backoff.failed(exc)
+            continue
+        backoff.succeeded()
+        delay = jittered(interval)

@@ -1,0 +1,55 @@
+"""Read-only aggregates for the CLI status, /status and /metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import func, select
+
+from app.db import Database, now_sql
+from app.models import PendingAnalysis, Processor, ProcessorState, TaskStatus
+
+T = PendingAnalysis
+STATUS_ORDER = tuple(s.value for s in TaskStatus)
+
+
+async def summary(db: Database, *, user_id: str | None = None) -> dict[str, Any]:
+    """Counts per queue and status, the oldest pending task's age, and the live daemons."""
+    async with db.read_transaction() as session:
+        counts = select(T.queue, T.status, func.count()).group_by(T.queue, T.status)
+        oldest = select(func.min(T.scheduled_at)).where(
+            T.status == TaskStatus.PENDING, T.scheduled_at <= now_sql(db.dialect)
+        )
+        if user_id is not None:
+            counts = counts.where(T.user_id == user_id)
+            oldest = oldest.where(T.user_id == user_id)
+        queues: dict[str, dict[str, int]] = {}
+        for name, status, n in (await session.execute(counts)).all():
+            queues.setdefault(name, {})[status] = n
+        first = (await session.execute(oldest)).scalar_one_or_none()
+        now = (await session.execute(select(now_sql(db.dialect)))).scalar_one()
+        procs = (
+            await session.scalars(
+                select(Processor).where(Processor.state != ProcessorState.STOPPED)
+            )
+        ).all()
+    totals = {s: sum(q.get(s, 0) for q in queues.values()) for s in STATUS_ORDER}
+    return {
+        "counts": totals,
+        "queues": queues,
+        "oldest_pending_age_seconds": (now - first).total_seconds() if first else None,
+        "processors": [
+            {
+                "id": p.id,
+                "hostname": p.hostname,
+                "pid": p.pid,
+                "state": p.state,
+                "concurrency": p.concurrency,
+                "in_flight": p.in_flight,
+                "processed": p.processed,
+                "failed": p.failed,
+                "last_seen_at": p.last_seen_at.isoformat(),
+            }
+            for p in procs
+        ],
+    }

@@ -1,0 +1,85 @@
+"""Start and stop real daemon processes for tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+FAST_ENV = {
+    "ASYNC_PROCESSOR_LEASE_SECONDS": "2",
+    "ASYNC_PROCESSOR_SHUTDOWN_GRACE": "3",
+    "ASYNC_PROCESSOR_POLL_INTERVAL": "1",
+    "ASYNC_PROCESSOR_RETRY_BACKOFF_BASE": "0.05",
+    "ASYNC_PROCESSOR_RETRY_BACKOFF_MAX": "0.2",
+    "ASYNC_PROCESSOR_HANDLER_MODULES": "tests.e2e.job_handlers",
+    "ASYNC_PROCESSOR_LOG_LEVEL": "INFO",
+}
+
+
+class Daemon:
+    """One `python -m app.background_processor` process, logging to a file."""
+
+    def __init__(self, database_url: str, log_dir: Path, name: str = "daemon", **env: str) -> None:
+        self.log_path = log_dir / f"{name}.log"
+        self._env = {
+            **os.environ,
+            **FAST_ENV,
+            "ASYNC_PROCESSOR_DATABASE_URL": database_url,
+            "PYTHONPATH": str(REPO),
+            **{f"ASYNC_PROCESSOR_{k.upper()}": str(v) for k, v in env.items()},
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Daemon:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "app.background_processor"],
+            cwd=REPO,
+            env=self._env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 30) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout=timeout)
+
+    def stop(self, timeout: float = 30) -> int:
+        """SIGTERM and wait."""
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.signal(signal.SIGTERM)
+        return self.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def wait_for_log(self, text: str, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.log():
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited ({self.proc.returncode}):\n{self.log()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{text!r} not logged within {timeout} s:\n{self.log()}")
+            time.sleep(0.05)

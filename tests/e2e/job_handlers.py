@@ -1,0 +1,62 @@
+"""Handlers for tests that start real daemons (HANDLER_MODULES=tests.e2e.job_handlers)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from typing import Any
+
+from app.services.handlers import JobContext, PermanentError, handler
+
+
+def _ledger(ctx: JobContext, event: str) -> None:
+    path = ctx.payload.get("ledger")
+    if not path:
+        return
+    line = json.dumps(
+        {"task_id": ctx.task_id, "attempt": ctx.attempt, "pid": os.getpid(), "event": event}
+    )
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (line + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+@handler("noop")
+async def noop(ctx: JobContext) -> dict[str, Any]:
+    return {"n": ctx.payload.get("n")}
+
+
+@handler("sleep")
+async def sleep(ctx: JobContext) -> dict[str, Any]:
+    _ledger(ctx, "start")
+    await ctx.progress(0, 2, "sleeping")
+    await asyncio.sleep(float(ctx.payload.get("seconds", 0.1)))
+    await ctx.progress(2, 2, "done")
+    _ledger(ctx, "end")
+    return {"slept": ctx.payload.get("seconds"), "pid": os.getpid()}
+
+
+@handler("sync_sleep")
+def sync_sleep(ctx: JobContext) -> dict[str, Any]:
+    _ledger(ctx, "start")
+    time.sleep(float(ctx.payload.get("seconds", 0.1)))
+    _ledger(ctx, "end")
+    return {"slept": ctx.payload.get("seconds"), "pid": os.getpid()}
+
+
+@handler("fail")
+async def fail(ctx: JobContext) -> None:
+    if ctx.payload.get("permanent"):
+        raise PermanentError("bad input")
+    raise RuntimeError(f"boom on attempt {ctx.attempt}")
+
+
+@handler("suicide")
+async def suicide(ctx: JobContext) -> None:
+    _ledger(ctx, "start")
+    os.kill(os.getpid(), signal.SIGKILL)
