@@ -20,12 +20,13 @@ from typing import Any
 from app import __version__
 from app.db import Database
 from app.models import ProcessorState
-from app.services import notifications, queue
-from app.services.handlers import HandlerRegistry, ProgressSink
+from app.services import queue
+from app.services.handlers import HandlerRegistry
 from app.services.processor.completer import Completer, RetryPolicy
 from app.services.processor.executor import Executor, Outcome, OutcomeKind, StopReason
 from app.services.processor.heartbeat import Heartbeat, HeartbeatResult, ProcessorStats
 from app.services.processor.looper import ErrorBackoff, guarded_loop, is_transient
+from app.services.processor.progress import progress_sink
 from app.services.processor.pruner import Pruner
 from app.services.processor.rescuer import Rescuer
 from app.services.processor.waker import make_waker
@@ -289,7 +290,7 @@ class ProcessorEngine:
     async def _run_job(self, task: ClaimedTask) -> None:
         outcome = await self.executor.run(
             task,
-            progress_sink=self._progress_sink(task),
+            progress_sink=progress_sink(self.db, task, self.processor_id),
             stop_reason=lambda: self._stop_reasons.get(task.id),
         )
         self.completer.submit(outcome)
@@ -311,28 +312,6 @@ class ProcessorEngine:
             extra={"action": "job_stopping", "task_id": task_id},
         )
         job.cancel()
-
-    def _progress_sink(self, task: ClaimedTask) -> ProgressSink:
-        throttle = notifications.ProgressThrottle()
-
-        async def sink(current: int, total: int | None, message: str | None) -> None:
-            notify = throttle.should_notify(notifications.percent(current, total))
-            try:
-                async with self.db.write_transaction() as session:
-                    await queue.update_progress(
-                        session,
-                        task_id=task.id,
-                        processor_id=self.processor_id,
-                        attempt=task.attempt,
-                        current=current,
-                        total=total,
-                        message=message,
-                        notify=notify,
-                    )
-            except Exception as exc:  # progress is best effort; the job goes on
-                logger.warning("task %s: progress not recorded (%s)", task.id, exc)
-
-        return sink
 
     def _on_written(self, outcome: Outcome, applied: bool) -> None:
         self._held.pop(outcome.task.id, None)

@@ -305,10 +305,12 @@ async def claim_tasks(
     limit: int,
     lease_seconds: float,
     queues: Sequence[str] | None = None,
+    only_ids: Sequence[int] | None = None,
     now: datetime | None = None,
 ) -> list[ClaimedTask]:
     """pending → processing for up to ``limit`` due tasks, in one statement; writes their
-    ``started`` notifications. Highest priority first, then oldest schedule, then id."""
+    ``started`` notifications. Highest priority first, then oldest schedule, then id.
+    ``only_ids`` restricts the claim to those tasks (inline mode)."""
     if limit <= 0:
         return []
     dialect = dialect_of(session)
@@ -318,6 +320,8 @@ async def claim_tasks(
     pick = select(T.id).where(T.status == TaskStatus.PENDING, T.scheduled_at <= current)
     if queues:
         pick = pick.where(T.queue.in_(list(queues)))
+    if only_ids is not None:
+        pick = pick.where(T.id.in_(list(only_ids)))
     pick = (
         pick.order_by(T.priority.desc(), T.scheduled_at, T.id)
         .limit(limit)

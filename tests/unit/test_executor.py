@@ -1,0 +1,160 @@
+"""The executor without a database: every way a handler can end."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from app.services.handlers import HandlerRegistry, JobContext, PermanentError, Snooze
+from app.services.processor.executor import Executor, OutcomeKind, StopReason
+from app.services.queue import ClaimedTask
+
+release = threading.Event()
+
+
+def make_task(kind: str, timeout: int = 5) -> ClaimedTask:
+    now = datetime.now(UTC)
+    return ClaimedTask(1, kind, "default", {"x": 1}, 5, 1, 0, 3, timeout, "u", None, None, now, now)
+
+
+@pytest.fixture
+def registry() -> HandlerRegistry:
+    reg = HandlerRegistry()
+
+    async def ok(ctx: JobContext) -> dict[str, Any]:
+        ctx.add_token_usage(7)
+        await ctx.progress(1, 1)
+        return {"payload": ctx.payload}
+
+    def sync_ok(ctx: JobContext) -> str:
+        ctx.progress_threadsafe(1, 2, "half")
+        return threading.current_thread().name
+
+    async def hang(ctx: JobContext) -> None:
+        await asyncio.sleep(3600)
+
+    def sync_hang(ctx: JobContext) -> None:
+        release.wait(10)
+
+    async def perm(ctx: JobContext) -> None:
+        raise PermanentError("no text")
+
+    async def boom(ctx: JobContext) -> None:
+        raise ValueError("bad")
+
+    async def snooze(ctx: JobContext) -> None:
+        raise Snooze(30)
+
+    async def not_json(ctx: JobContext) -> object:
+        return {1, 2}
+
+    for name, func in list(locals().items()):
+        if callable(func) and name != "reg":
+            reg.register(name, func)
+    return reg
+
+
+async def run(
+    registry: HandlerRegistry, task: ClaimedTask, reason: StopReason | None = None
+) -> Any:
+    calls: list[tuple[int, int | None, str | None]] = []
+
+    async def sink(current: int, total: int | None, message: str | None) -> None:
+        calls.append((current, total, message))
+
+    outcome = await Executor(registry).run(task, progress_sink=sink, stop_reason=lambda: reason)
+    return outcome, calls
+
+
+async def test_async_handler_completes(registry: HandlerRegistry) -> None:
+    outcome, calls = await run(registry, make_task("ok"))
+    assert (outcome.kind, outcome.result, outcome.token_usage) == (
+        OutcomeKind.COMPLETED,
+        {"payload": {"x": 1}},
+        7,
+    )
+    assert calls == [(1, 1, None)]
+
+
+async def test_sync_handler_runs_in_its_own_thread(registry: HandlerRegistry) -> None:
+    outcome, calls = await run(registry, make_task("sync_ok"))
+    assert outcome.kind is OutcomeKind.COMPLETED and outcome.result == "task-1"
+    assert calls == [(1, 2, "half")]
+
+
+async def test_timeouts_of_async_and_sync_handlers(registry: HandlerRegistry) -> None:
+    executor = Executor(registry)
+    for kind in ("hang", "sync_hang"):
+        started = time.monotonic()
+        outcome = await executor.run(
+            make_task(kind, timeout=1), progress_sink=_noop, stop_reason=lambda: None
+        )
+        assert (outcome.kind, outcome.error, outcome.permanent) == (
+            OutcomeKind.FAILED,
+            "timed out after 1 s",
+            False,
+        )
+        assert time.monotonic() - started < 3
+    assert executor.abandoned_threads == 1
+    release.set()
+    for _ in range(100):
+        if executor.abandoned_threads == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert executor.abandoned_threads == 0
+
+
+async def _noop(current: int, total: int | None, message: str | None) -> None:
+    return None
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected", "error", "permanent"),
+    [
+        ("perm", OutcomeKind.FAILED, "PermanentError: no text", True),
+        ("not_json", OutcomeKind.FAILED, "handler returned a value that is not JSON", True),
+        ("missing", OutcomeKind.FAILED, "no handler registered for kind 'missing'", True),
+        ("snooze", OutcomeKind.SNOOZED, None, False),
+    ],
+)
+async def test_failures_and_snooze(
+    registry: HandlerRegistry, kind: str, expected: OutcomeKind, error: str | None, permanent: bool
+) -> None:
+    outcome, _ = await run(registry, make_task(kind))
+    assert outcome.kind is expected and outcome.permanent is permanent
+    if error is None:
+        assert outcome.snooze_seconds == 30
+    else:
+        assert outcome.error is not None and outcome.error.startswith(error)
+
+
+async def test_exception_keeps_type_message_and_traceback(registry: HandlerRegistry) -> None:
+    outcome, _ = await run(registry, make_task("boom"))
+    assert outcome.kind is OutcomeKind.FAILED and not outcome.permanent
+    assert outcome.error.startswith("ValueError: bad") and "Traceback" in outcome.error
+
+
+@pytest.mark.parametrize(
+    ("reason", "expected"),
+    [
+        (StopReason.CANCEL_REQUESTED, OutcomeKind.CANCELLED),
+        (StopReason.SHUTDOWN, OutcomeKind.RELEASED),
+        (StopReason.LEASE_LOST, OutcomeKind.LOST),
+    ],
+)
+async def test_engine_stops_map_to_outcomes(
+    registry: HandlerRegistry, reason: StopReason, expected: OutcomeKind
+) -> None:
+    executor = Executor(registry)
+    job = asyncio.create_task(
+        executor.run(make_task("hang"), progress_sink=_noop, stop_reason=lambda: reason)
+    )
+    await asyncio.sleep(0.05)
+    job.cancel()
+    outcome = await job
+    assert outcome.kind is expected
