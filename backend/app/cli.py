@@ -337,3 +337,14 @@ def main() -> None:
         cli(standalone_mode=True)
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+@cli.command()
+def dev(
+    host: Annotated[str, typer.Option(help="API host.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="API port.")] = 8000,
+) -> None:
+    """Migrate, then run the API and the daemon together until Ctrl-C (`make run`)."""
+    from app import devserver
+
+    raise typer.Exit(devserver.run(host=host, port=port))
