@@ -103,6 +103,7 @@ class ProcessorEngine:
         self._side_tasks: list[asyncio.Task[None]] = []
         self._claim_task: asyncio.Task[None] | None = None
         self.fatal: BaseException | None = None
+        self._waker = make_waker(config.database_url, self.wake)
 
     # --- public surface --------------------------------------------------------------------
 
@@ -154,9 +155,8 @@ class ProcessorEngine:
             "pruner",
             guarded_loop("pruner", self.pruner.run_once, interval=self.pruner.interval, stop=stop),
         )
-        waker = make_waker(self.config.database_url, self.wake)
-        if waker is not None:
-            self._spawn("waker", waker.run(stop))
+        if self._waker is not None:
+            self._spawn("waker", self._waker.run(stop))
         self._claim_task = asyncio.create_task(self._claim_loop(), name="claimer")
         self._claim_task.add_done_callback(self._side_task_done)
         logger.info(
@@ -248,6 +248,8 @@ class ProcessorEngine:
                     await self._wait_for_wake(backoff.failed(exc), wakeable=False)
                     continue
                 backoff.succeeded()
+                if claimed and self._waker is not None:
+                    self._waker.heat()
                 for task in claimed:
                     self._start_job(task)
                 if len(claimed) == free:

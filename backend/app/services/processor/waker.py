@@ -27,7 +27,7 @@ from app.services.queue import NOTIFY_CHANNEL
 logger = logging.getLogger("app.processor")
 # Poll fast while work is arriving, slower when idle. On a 2-core VM a thread wake-up
 # costs ~50 us whatever it does (the PRAGMA itself ~3.5 us): every 20 ms is ~0.4 % of a
-# core, every 2 ms ~3 %. So: 2 ms for a second after any change, 20 ms otherwise — the
+# core, every 2 ms ~3 %. So: 2 ms for a second after a claim found work, 20 ms otherwise — the
 # first job after an idle spell waits ≤ 20 ms, the ones that follow ≤ 2 ms.
 DATA_VERSION_HOT_INTERVAL_SECONDS = 0.002
 DATA_VERSION_IDLE_INTERVAL_SECONDS = 0.02
@@ -58,12 +58,15 @@ class SQLiteWaker:
         moved = self._version is not None and version != self._version
         self._version = version
         if moved:
-            self._last_change = time.monotonic()
             self._wake()
         return moved
 
+    def heat(self) -> None:
+        """Work was found: poll fast for a while (the daemon's own commits do not count)."""
+        self._last_change = time.monotonic()
+
     def interval(self) -> float:
-        """Seconds until the next read: short right after a change, longer when idle."""
+        """Seconds until the next read: short right after work was found, longer when idle."""
         hot = time.monotonic() - self._last_change < DATA_VERSION_HOT_WINDOW_SECONDS
         return DATA_VERSION_HOT_INTERVAL_SECONDS if hot else DATA_VERSION_IDLE_INTERVAL_SECONDS
 
@@ -109,6 +112,9 @@ class PostgresWaker:
         self._wake = wake
         self._conn: Any = None
         self._backoff = ErrorBackoff("listener")
+
+    def heat(self) -> None:
+        """Nothing to tune: notifications arrive as they happen."""
 
     def _on_notify(self, *_args: object) -> None:
         self._wake()
