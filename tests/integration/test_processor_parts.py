@@ -1,0 +1,157 @@
+"""The daemon's parts through run_once(), and the engine in-process, on both engines."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+from sqlalchemy import update
+
+from app.db import Database
+from app.models import PendingAnalysis, ProcessorState
+from app.models.types import utcnow
+from app.services import queue
+from app.services.async_analysis_processor import EngineConfig, ProcessorEngine
+from app.services.handlers import REGISTRY, import_handler_modules
+from app.services.processor.completer import Completer, RetryPolicy
+from app.services.processor.executor import Outcome, OutcomeKind
+from app.services.processor.heartbeat import Heartbeat, ProcessorStats
+from app.services.processor.pruner import Pruner
+from app.services.processor.rescuer import Rescuer
+from app.services.processor.waker import make_waker
+from tests.helpers import eventually, notes_of, task_row
+
+import_handler_modules(["tests.e2e.job_handlers"])
+PID = "proc-a"
+
+
+async def claimed(db: Database, n: int = 1, **spec: object) -> list[queue.ClaimedTask]:
+    async with db.write_transaction() as s:
+        await queue.enqueue_tasks(s, [{"kind": "noop", "user_id": "u", **spec} for _ in range(n)])
+        await queue.register_processor(
+            s, processor_id=PID, hostname="h", pid=1, version="v", concurrency=3
+        )
+    async with db.write_transaction() as s:
+        return await queue.claim_tasks(s, processor_id=PID, limit=n, lease_seconds=5)
+
+
+async def test_heartbeat_renews_and_reports_lost_and_cancelled(db: Database) -> None:
+    a, b, c = await claimed(db, 3)
+    async with db.write_transaction() as s:
+        await queue.request_cancel(s, b.id)
+        await queue.rescue_expired(s, now=utcnow() + timedelta(seconds=60))  # all three expire
+        await queue.claim_tasks(s, processor_id=PID, limit=1, lease_seconds=5)  # a again, attempt 2
+    held = [(a.id, 2), (b.id, b.attempt), (c.id, c.attempt)]
+    beat = Heartbeat(
+        db,
+        processor_id=PID,
+        lease_seconds=6,
+        held=lambda: held,
+        stats=lambda: ProcessorStats(3, 1, 0, ProcessorState.RUNNING),
+    )
+    result = await beat.run_once()
+    assert result.renewed == {a.id} and result.lost == {b.id, c.id}
+    assert not beat.lease_at_risk()
+
+
+async def test_rescuer_and_pruner_run_once(db: Database) -> None:
+    [t] = await claimed(db, max_retries=0)
+    async with db.write_transaction() as s:
+        await s.execute(
+            update(PendingAnalysis).values(lease_expires_at=utcnow() - timedelta(seconds=1))
+        )
+    result = await Rescuer(db, lease_seconds=2).run_once()
+    assert result.failed == (t.id,)
+    async with db.write_transaction() as s:
+        await s.execute(update(PendingAnalysis).values(completed_at=utcnow() - timedelta(days=30)))
+    pruned = await Pruner(db, retention_days=14, batch_size=1).run_once()
+    assert (pruned.tasks, pruned.notifications) == (1, 0)
+
+
+async def test_completer_writes_batches_and_reports_fenced(db: Database) -> None:
+    tasks = await claimed(db, 3)
+    written: list[tuple[int, bool]] = []
+    completer = Completer(
+        db,
+        processor_id=PID,
+        policy=RetryPolicy(0.01, 0.01),
+        on_written=lambda o, ok: written.append((o.task.id, ok)),
+    )
+    stale = Outcome(tasks[2], OutcomeKind.COMPLETED, 0.1, result=1)
+    async with db.write_transaction() as s:
+        await s.execute(
+            update(PendingAnalysis)
+            .where(PendingAnalysis.id == tasks[2].id)
+            .values(lease_expires_at=utcnow() - timedelta(seconds=1))
+        )
+        await queue.rescue_expired(s)
+    completer.submit(Outcome(tasks[0], OutcomeKind.COMPLETED, 0.1, result={"a": 1}))
+    completer.submit(Outcome(tasks[1], OutcomeKind.FAILED, 0.1, error="e", permanent=True))
+    completer.submit(stale)
+    assert await completer.run_once() == 3
+    assert written == [(tasks[0].id, True), (tasks[1].id, True), (tasks[2].id, False)]
+    assert [(await task_row(db, t.id)).status for t in tasks] == ["completed", "failed", "pending"]
+    assert completer.backlog == 0
+
+
+async def test_completer_turns_an_unstorable_result_into_a_failure(
+    db: Database, engine_name: str
+) -> None:
+    [t] = await claimed(db)
+    completer = Completer(
+        db, processor_id=PID, policy=RetryPolicy(0.01, 0.01), on_written=lambda o, ok: None
+    )
+    completer.submit(Outcome(t, OutcomeKind.COMPLETED, 0.1, result={"bad": "\x00" * 3}))
+    for _ in range(3):
+        await completer.run_once()
+        if not completer.backlog:
+            break
+    row = await task_row(db, t.id)
+    if engine_name == "postgresql":  # jsonb rejects NUL characters
+        assert row.status == "failed" and (row.error or "").startswith(
+            "the job's outcome could not"
+        )
+    else:
+        assert row.status == "completed"
+
+
+async def test_engine_drains_in_process(db: Database, database_url: str) -> None:
+    async with db.write_transaction() as s:
+        ids = [
+            r.id
+            for r in await queue.enqueue_tasks(
+                s, [{"kind": "noop", "payload": {"n": i}} for i in range(50)]
+            )
+        ]
+    engine = ProcessorEngine(
+        db,
+        REGISTRY,
+        EngineConfig(database_url=database_url, concurrency=5, lease_seconds=3, shutdown_grace=1),
+    )
+    await engine.start()
+    try:
+        await eventually(lambda: _all_done(db, ids), within=30)
+    finally:
+        await engine.stop()
+    assert engine.processed == 50 and engine.in_flight == 0
+    assert [t for t, _ in await notes_of(db, ids[0])] == ["started", "completed"]
+
+
+async def _all_done(db: Database, ids: list[int]) -> bool:
+    rows = [await task_row(db, i) for i in ids]
+    return all(r.status == "completed" for r in rows)
+
+
+async def test_waker_fires_on_another_connections_commit(db: Database, database_url: str) -> None:
+    woke = asyncio.Event()
+    waker = make_waker(database_url, woke.set)
+    assert waker is not None
+    stop = asyncio.Event()
+    runner = asyncio.create_task(waker.run(stop))
+    await asyncio.sleep(0.3)
+    woke.clear()
+    async with db.write_transaction() as s:
+        await queue.enqueue_task(s, kind="noop")
+    await asyncio.wait_for(woke.wait(), timeout=5)
+    stop.set()
+    await runner
