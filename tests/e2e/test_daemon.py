@@ -252,3 +252,25 @@ async def test_unmigrated_database_exits_with_a_hint(tmp_path: Path) -> None:
     daemon = Daemon(f"sqlite+aiosqlite:///{tmp_path}/empty.db", tmp_path).start()
     assert daemon.wait(30) == 1
     assert "async-processor migrate" in daemon.log()
+
+
+async def test_sqlite_locked_for_longer_than_busy_timeout(
+    db: Database, spawn: Spawn, engine_name: str, database_url: str
+) -> None:
+    if engine_name != "sqlite":
+        pytest.skip("a SQLite lock; the PostgreSQL outage test lives in tests/reliability")
+    import sqlite3
+
+    ids = await enqueue_many(db, "sleep", 4, payload={"seconds": 1.0})
+    daemon = spawn(max_concurrent="4", lease_seconds="30")
+    await eventually(lambda: all_in(db, "processing", 4), within=20)
+    locker = sqlite3.connect(database_url.split("///", 1)[1], timeout=10, isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    await asyncio.sleep(8)  # jobs finish meanwhile; their outcomes wait for the lock
+    locker.execute("ROLLBACK")
+    locker.close()
+    await eventually(lambda: all_in(db, "completed", 4), within=30)
+    assert daemon.proc is not None and daemon.proc.poll() is None
+    assert "database is locked" in daemon.log()
+    assert daemon.stop() == 0
+    assert len(ids) == 4
