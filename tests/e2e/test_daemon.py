@@ -254,11 +254,10 @@ async def test_unmigrated_database_exits_with_a_hint(tmp_path: Path) -> None:
     assert "async-processor migrate" in daemon.log()
 
 
+@pytest.mark.parametrize("engine_name", ["sqlite"])
 async def test_sqlite_locked_for_longer_than_busy_timeout(
-    db: Database, spawn: Spawn, engine_name: str, database_url: str
+    db: Database, spawn: Spawn, database_url: str
 ) -> None:
-    if engine_name != "sqlite":
-        pytest.skip("a SQLite lock; the PostgreSQL outage test lives in tests/reliability")
     import sqlite3
 
     ids = await enqueue_many(db, "sleep", 4, payload={"seconds": 1.0})
