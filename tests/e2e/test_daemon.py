@@ -17,6 +17,7 @@ from sqlalchemy import func, select
 from app.db import Database
 from app.models import AnalysisNotification, PendingAnalysis, Processor
 from app.services import queue
+from app.services.analysis import analyze_chapter
 from tests.e2e.daemon import Daemon
 from tests.helpers import eventually, task_row
 
@@ -58,25 +59,50 @@ def ledger_runs(path: Path) -> Counter[int]:
     return Counter(e["task_id"] for e in starts)
 
 
-async def test_drains_200_jobs_with_exact_notifications(db: Database, spawn: Spawn) -> None:
-    ids = await enqueue_many(db, "noop", 200)
+async def test_drains_200_chapter_analyses_with_exact_notifications(
+    db: Database, spawn: Spawn
+) -> None:
+    texts = [
+        f"Chapter {i} begins. It has {i} words maybe.\n\nThe end of part {i}." for i in range(200)
+    ]
+    async with db.write_transaction() as s:
+        ids = [
+            r.id
+            for r in await queue.enqueue_tasks(
+                s,
+                [
+                    {"kind": "chapter_analysis", "user_id": "u1", "payload": {"text": t}}
+                    for t in texts
+                ],
+            )
+        ]
     daemon = spawn(max_concurrent="10")
-    await eventually(lambda: all_in(db, "completed", 200), within=60)
+    await eventually(lambda: all_in(db, "completed", 200), within=90)
     assert daemon.stop() == 0
     async with db.read_transaction() as s:
-        results = dict((await s.execute(select(PendingAnalysis.id, PendingAnalysis.result))).all())
+        rows = (
+            await s.execute(
+                select(PendingAnalysis.id, PendingAnalysis.result, PendingAnalysis.token_usage)
+            )
+        ).all()
         notes = Counter(
-            (
-                await s.execute(
-                    select(AnalysisNotification.type, func.count()).group_by(
-                        AnalysisNotification.type
+            dict(
+                (
+                    await s.execute(
+                        select(AnalysisNotification.type, func.count()).group_by(
+                            AnalysisNotification.type
+                        )
                     )
-                )
-            ).all()
+                ).all()
+            )
         )
         proc = (await s.scalars(select(Processor))).one()
-    assert results == {task_id: {"n": i} for i, task_id in enumerate(ids)}
-    assert dict(notes) == {("started", 200): 1, ("completed", 200): 1}
+    by_id = {r.id: (r.result, r.token_usage) for r in rows}
+    for task_id, text in zip(ids, texts, strict=True):
+        expected = analyze_chapter(text)
+        assert by_id[task_id] == (expected, expected["word_count"])
+    # started, progress at 0 %, 33 %, 67 % and 100 % (each a step of 10 points or more), completed
+    assert notes == Counter({"started": 200, "progress": 800, "completed": 200})
     assert (proc.state, proc.processed, proc.failed, proc.in_flight) == ("stopped", 200, 0, 0)
 
 
