@@ -91,8 +91,16 @@ def _create_tasks() -> None:
         sa.UniqueConstraint("idempotency_key", name=op.f("uq_pending_analysis_idempotency_key")),
         sqlite_autoincrement=True,
     )
-    for column in ("status", "user_id", "project_id", "chapter_id", "completed_at"):
+    for column in ("user_id", "project_id", "chapter_id", "completed_at"):
         op.create_index(f"ix_pending_analysis_{column}", "pending_analysis", [column])
+    not_pending = sa.text("status <> 'pending'")
+    op.create_index(
+        "ix_pending_analysis_status",
+        "pending_analysis",
+        ["status"],
+        postgresql_where=not_pending,
+        sqlite_where=not_pending,
+    )
     op.create_index(
         "ix_pending_analysis_claim",
         "pending_analysis",

@@ -17,6 +17,7 @@ from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
+    String,
     and_,
     bindparam,
     case,
@@ -24,6 +25,7 @@ from sqlalchemy import (
     false,
     func,
     insert,
+    literal_column,
     or_,
     select,
     tuple_,
@@ -60,6 +62,7 @@ LEASE_EXPIRED_ERROR = (
     "(it died, hung or lost the database)"
 )
 
+_PENDING_LITERAL: ColumnElement[str] = literal_column(f"'{TaskStatus.PENDING.value}'", String())
 REF_COLUMNS = (T.id, T.kind, T.user_id, T.project_id, T.chapter_id, T.attempts)
 
 
@@ -317,7 +320,9 @@ async def claim_tasks(
     current = now_sql(dialect, now)
     # The order matches the partial pending index, so the scan stops after `limit` rows;
     # SKIP LOCKED lets daemons claim side by side without waiting on each other.
-    pick = select(T.id).where(T.status == TaskStatus.PENDING, T.scheduled_at <= current)
+    # status as a literal, so the planner can match the partial index's predicate even
+    # in a generic (parameter-blind) plan.
+    pick = select(T.id).where(T.status == _PENDING_LITERAL, T.scheduled_at <= current)
     if queues:
         pick = pick.where(T.queue.in_(list(queues)))
     if only_ids is not None:
