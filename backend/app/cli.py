@@ -33,6 +33,8 @@ cli = typer.Typer(
 )
 tasks_cli = typer.Typer(help="Inspect and repair tasks.", no_args_is_help=True)
 cli.add_typer(tasks_cli, name="tasks")
+token_cli = typer.Typer(help="API tokens (stored as hashes only).", no_args_is_help=True)
+cli.add_typer(token_cli, name="token")
 out = Console()
 err = Console(stderr=True, soft_wrap=True)
 
@@ -337,6 +339,107 @@ def main() -> None:
         cli(standalone_mode=True)
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+@cli.command()
+def api(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+) -> None:
+    """Run the HTTP API (uvicorn)."""
+    import uvicorn
+
+    from app.api.main import create_app
+    from app.logs import setup_logging
+
+    conf = settings()
+    load_handlers(conf)
+
+    async def check() -> None:
+        db = Database.from_url(conf.database_url, pool_size=1)
+        try:
+            await schema.check_migrated(db.engine)
+        finally:
+            await db.dispose()
+
+    try:
+        asyncio.run(check())
+    except schema.SchemaError as exc:
+        if exc.__cause__ is None:
+            fail(f"cannot start: {exc}")
+        err.print(f"warning: {exc}; starting anyway (/readyz answers 503 until it is reachable)")
+    setup_logging(conf.log_level, conf.log_format)
+    uvicorn.run(create_app(conf), host=host, port=port, log_config=None, access_log=False)
+
+
+@token_cli.command("create")
+def token_create(
+    user: Annotated[str, typer.Option(help="The user the token acts as.")],
+    admin: Annotated[
+        bool, typer.Option("--admin", help="Sees and acts on every user's tasks.")
+    ] = False,
+    name: Annotated[str | None, typer.Option(help="A label, e.g. the client's name.")] = None,
+) -> None:
+    """Create a token; the token is printed alone on the last line (shown only once)."""
+    from app.services import auth
+
+    async def work(db: Database) -> tuple[int, str]:
+        async with db.write_transaction() as session:
+            row, plain = await auth.create_token(session, user_id=user, is_admin=admin, name=name)
+            return row.id, plain
+
+    try:
+        token_id, plain = with_db(work)
+    except ValueError as exc:
+        fail(str(exc), EXIT_USAGE)
+    role = " (admin)" if admin else ""
+    print(f"token {token_id} for user {user}{role}; store it now, it is not shown again:")
+    print(plain)
+
+
+@token_cli.command("list")
+def token_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Every token (never the token itself)."""
+    from app.services import auth
+
+    async def work(db: Database) -> list[dict[str, Any]]:
+        async with db.read_transaction() as session:
+            rows = await auth.list_tokens(session)
+        return [
+            {
+                "id": r.id,
+                "user_id": r.user_id,
+                "is_admin": r.is_admin,
+                "name": r.name,
+                "created_at": r.created_at,
+                "last_used_at": r.last_used_at,
+                "revoked_at": r.revoked_at,
+            }
+            for r in rows
+        ]
+
+    rows = with_db(work)
+    if as_json:
+        print(json.dumps(rows, default=str))
+        return
+    table = Table("id", "user", "admin", "name", "created", "last used", "revoked")
+    for r in rows:
+        table.add_row(*("" if v is None else str(v) for v in r.values()))
+    out.print(table)
+
+
+@token_cli.command("revoke")
+def token_revoke(token_id: int) -> None:
+    """Revoke a token by id (see `token list`)."""
+    from app.services import auth
+
+    async def work(db: Database) -> bool:
+        async with db.write_transaction() as session:
+            return await auth.revoke_token(session, token_id)
+
+    if not with_db(work):
+        fail(f"token {token_id} not found or already revoked")
+    print(f"token {token_id} revoked")
 
 
 @cli.command()

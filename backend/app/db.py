@@ -21,7 +21,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from app.models.types import UTCDateTime, utcnow
 
 SQLITE_BUSY_TIMEOUT_MS = 5_000
-PG_CONNECT_TIMEOUT_SECONDS = 5.0
+PG_CONNECT_TIMEOUT_SECONDS = 3.0
 PG_COMMAND_TIMEOUT_SECONDS = 30.0
 _BEGIN_OPTION = "async_processor_begin"
 

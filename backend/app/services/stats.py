@@ -6,23 +6,34 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from app.db import Database, now_sql
+from app.db import Database, later_sql, now_sql
 from app.models import PendingAnalysis, Processor, ProcessorState, TaskStatus
 
 T = PendingAnalysis
 STATUS_ORDER = tuple(s.value for s in TaskStatus)
 
 
-async def summary(db: Database, *, user_id: str | None = None) -> dict[str, Any]:
-    """Counts per queue and status, the oldest pending task's age, and the live daemons."""
+async def summary(
+    db: Database, *, user_id: str | None = None, project_id: str | None = None
+) -> dict[str, Any]:
+    """Counts per queue and status, the oldest pending task's age, durations of the last
+    hour, and the live daemons; scoped to a user and/or a project when given."""
     async with db.read_transaction() as session:
         counts = select(T.queue, T.status, func.count()).group_by(T.queue, T.status)
         oldest = select(func.min(T.scheduled_at)).where(
             T.status == TaskStatus.PENDING, T.scheduled_at <= now_sql(db.dialect)
         )
-        if user_id is not None:
-            counts = counts.where(T.user_id == user_id)
-            oldest = oldest.where(T.user_id == user_id)
+        durations = select(
+            func.count(T.duration_seconds),
+            func.avg(T.duration_seconds),
+            func.max(T.duration_seconds),
+        ).where(T.status == TaskStatus.COMPLETED, T.completed_at >= later_sql(db.dialect, -3600))
+        for column, value in ((T.user_id, user_id), (T.project_id, project_id)):
+            if value is not None:
+                counts = counts.where(column == value)
+                oldest = oldest.where(column == value)
+                durations = durations.where(column == value)
+        n_done, avg_done, max_done = (await session.execute(durations)).one()
         queues: dict[str, dict[str, int]] = {}
         for name, status, n in (await session.execute(counts)).all():
             queues.setdefault(name, {})[status] = n
@@ -38,6 +49,11 @@ async def summary(db: Database, *, user_id: str | None = None) -> dict[str, Any]
         "counts": totals,
         "queues": queues,
         "oldest_pending_age_seconds": (now - first).total_seconds() if first else None,
+        "last_hour": {
+            "completed": n_done,
+            "avg_duration_seconds": float(avg_done) if avg_done is not None else None,
+            "max_duration_seconds": float(max_done) if max_done is not None else None,
+        },
         "processors": [
             {
                 "id": p.id,

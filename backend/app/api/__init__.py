@@ -1,0 +1,3 @@
+"""The HTTP API (FastAPI)."""
+
+from __future__ import annotations

@@ -1,0 +1,58 @@
+"""Dependencies: the database, the settings, and who is calling."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from app.config import Settings
+from app.db import Database
+from app.services import auth
+from app.services.auth import Principal
+
+bearer = HTTPBearer(auto_error=False, description="An API token: `async-processor token create`")
+UNAUTHORIZED_HEADERS = {"WWW-Authenticate": "Bearer"}
+
+
+def get_db(request: Request) -> Database:
+    """The app's Database."""
+    db: Database = request.app.state.db
+    return db
+
+
+def get_settings(request: Request) -> Settings:
+    """The app's Settings."""
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+DbDep = Annotated[Database, Depends(get_db)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+def _unauthorized(detail: str) -> HTTPException:
+    return HTTPException(status.HTTP_401_UNAUTHORIZED, detail, headers=UNAUTHORIZED_HEADERS)
+
+
+async def current_principal(
+    db: DbDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> Principal:
+    """The token's owner; 401 for a missing, malformed, unknown or revoked token."""
+    if credentials is None:
+        raise _unauthorized("missing bearer token (Authorization: Bearer <token>)")
+    if credentials.scheme.lower() != "bearer" or not auth.looks_like_token(credentials.credentials):
+        raise _unauthorized("malformed bearer token")
+    async with db.read_transaction() as session:
+        principal = await auth.authenticate(session, credentials.credentials)
+    if principal is None:
+        raise _unauthorized("unknown or revoked token")
+    if principal.needs_touch:
+        async with db.write_transaction() as session:
+            await auth.touch_token(session, principal.token_id)
+    return principal
+
+
+CallerDep = Annotated[Principal, Depends(current_principal)]

@@ -1,0 +1,44 @@
+"""The FastAPI application factory."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app import __version__
+from app.api import errors
+from app.api.routes import health, notifications, status, tasks
+from app.config import Settings, get_settings
+from app.db import Database
+from app.services.handlers import import_handler_modules
+
+API_PREFIX = "/api/async-analysis"
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the API for ``settings`` (read from the environment when None)."""
+    settings = settings or get_settings()
+    import_handler_modules(settings.handler_modules)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.db = Database.from_url(settings.database_url, pool_size=10)
+        try:
+            yield
+        finally:
+            await app.state.db.dispose()
+
+    app = FastAPI(
+        title="async-processor",
+        version=__version__,
+        description="Enqueue analysis tasks, follow their progress, read notifications.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    errors.install(app)
+    for router in (tasks.router, notifications.router, status.router):
+        app.include_router(router, prefix=API_PREFIX)
+    app.include_router(health.router)
+    return app

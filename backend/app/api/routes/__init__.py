@@ -1,0 +1,3 @@
+"""The API's routers."""
+
+from __future__ import annotations

@@ -1,0 +1,228 @@
+"""Tasks: enqueue (one or many), read, list, retry, cancel."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+from fastapi import APIRouter, HTTPException, Query, Request, Response, status
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from app.api.deps import CallerDep, DbDep, SettingsDep
+from app.api.errors import ERRORS
+from app.api.schemas import BulkCreate, BulkResult, TaskCreate, TaskPage, TaskPublic
+from app.config import Settings
+from app.db import Database
+from app.models import PendingAnalysis
+from app.services import queue
+from app.services.auth import Principal
+from app.services.handlers import REGISTRY
+
+router = APIRouter(prefix="/tasks", tags=["tasks"], responses=ERRORS)
+NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "No such task (or not yours)"}}
+
+
+class BadTask(Exception):
+    """A task that cannot be enqueued: status code and detail."""
+
+    def __init__(self, code: int, detail: str) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+
+
+def to_spec(body: TaskCreate, caller: Principal, settings: Settings) -> queue.TaskSpec:
+    """Validate against the registry and settings, and fill in the owner and defaults."""
+    if body.kind not in REGISTRY:
+        known = ", ".join(REGISTRY.kinds()) or "none"
+        raise BadTask(422, f"unknown kind {body.kind!r}; registered kinds: {known}")
+    size = len(json.dumps(body.payload, separators=(",", ":")).encode())
+    if size > settings.max_payload_bytes:
+        raise BadTask(413, f"payload is {size} bytes; the limit is {settings.max_payload_bytes}")
+    if body.user_id is not None and not caller.is_admin:
+        raise BadTask(422, "user_id may only be set by admin tokens")
+    try:
+        return queue.TaskSpec(
+            kind=body.kind,
+            payload=body.payload,
+            priority=body.priority,
+            queue=body.queue,
+            max_retries=settings.max_retries if body.max_retries is None else body.max_retries,
+            timeout_seconds=body.timeout_seconds or settings.processing_timeout,
+            scheduled_at=body.scheduled_at,
+            user_id=body.user_id or caller.user_id,
+            project_id=body.project_id,
+            chapter_id=body.chapter_id,
+            idempotency_key=body.idempotency_key,
+        )
+    except queue.InvalidTaskError as exc:
+        raise BadTask(422, str(exc)) from None
+
+
+async def _load(db: Database, task_id: int, caller: Principal) -> PendingAnalysis:
+    async with db.read_transaction() as session:
+        task = await queue.get_task(session, task_id, user_id=caller.scope)
+    if task is None:
+        raise HTTPException(404, f"task {task_id} not found")
+    return task
+
+
+def _owned_or_conflict(task: PendingAnalysis | None, spec: queue.TaskSpec) -> PendingAnalysis:
+    if task is None or task.user_id != spec.user_id:
+        raise BadTask(409, "idempotency_key already used")
+    return task
+
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=TaskPublic,
+    responses={
+        200: {"model": TaskPublic, "description": "The task that holds this idempotency_key"},
+        409: {"description": "idempotency_key held by another user's task"},
+        413: {"description": "Payload too large"},
+        422: {"description": "Invalid task"},
+    },
+)
+async def create_task(
+    body: TaskCreate,
+    caller: CallerDep,
+    db: DbDep,
+    settings: SettingsDep,
+    request: Request,
+    response: Response,
+) -> Any:
+    """Enqueue a task: 202 with the task, or 200 with the existing one for a known key."""
+    try:
+        spec = to_spec(body, caller, settings)
+        async with db.write_transaction() as session:
+            [result] = await queue.enqueue_tasks(session, [spec])
+            task = await queue.get_task(session, result.id)
+            if not result.created:
+                task = _owned_or_conflict(task, spec)
+    except BadTask as exc:
+        return JSONResponse({"detail": exc.detail}, status_code=exc.code)
+    if result.created and settings.inline:
+        from app.services.inline import run_inline
+
+        await run_inline(db, REGISTRY, result.id, settings)
+        task = await _load(db, result.id, caller)
+    response.status_code = 202 if result.created else 200
+    response.headers["Location"] = request.app.url_path_for("get_task", task_id=str(result.id))
+    return TaskPublic.of(task)  # type: ignore[arg-type]
+
+
+@router.post(
+    "/bulk",
+    status_code=202,
+    response_model=BulkResult,
+    responses={413: {"description": "A payload too large"}, 422: {"description": "Invalid task"}},
+)
+async def create_tasks(
+    body: BulkCreate, caller: CallerDep, db: DbDep, settings: SettingsDep
+) -> Any:
+    """Enqueue up to 1,000 tasks in one transaction: all or none."""
+    specs = []
+    for index, item in enumerate(body.tasks):
+        try:
+            specs.append(to_spec(TaskCreate.model_validate(item), caller, settings))
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            detail = f"tasks[{index}]: {where}: {first['msg']}"
+            return JSONResponse({"detail": detail}, status_code=422)
+        except BadTask as exc:
+            return JSONResponse({"detail": f"tasks[{index}]: {exc.detail}"}, status_code=exc.code)
+    async with db.write_transaction() as session:
+        results = await queue.enqueue_tasks(session, specs)
+        tasks = [await queue.get_task(session, r.id) for r in results]
+        for spec, result, task in zip(specs, results, tasks, strict=True):
+            if not result.created and (task is None or task.user_id != spec.user_id):
+                await session.rollback()
+                return JSONResponse({"detail": "idempotency_key already used"}, status_code=409)
+    return BulkResult(tasks=[TaskPublic.of(t) for t in tasks if t is not None])
+
+
+@router.get("", response_model=TaskPage)
+async def list_tasks(
+    caller: CallerDep,
+    db: DbDep,
+    status_: Annotated[str | None, Query(alias="status", max_length=16)] = None,
+    kind: Annotated[str | None, Query(max_length=100)] = None,
+    project_id: Annotated[str | None, Query(max_length=255)] = None,
+    chapter_id: Annotated[str | None, Query(max_length=255)] = None,
+    cursor: Annotated[
+        int | None, Query(ge=0, description="The last id of the previous page")
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+) -> TaskPage:
+    """Tasks newest first, filtered; page with ``cursor``."""
+    async with db.read_transaction() as session:
+        rows = await queue.list_tasks(
+            session,
+            user_id=caller.scope,
+            status=status_,
+            kind=kind,
+            project_id=project_id,
+            chapter_id=chapter_id,
+            before_id=cursor,
+            limit=limit,
+        )
+    next_cursor = rows[-1].id if len(rows) == limit else None
+    return TaskPage(items=[TaskPublic.of(t) for t in rows], next_cursor=next_cursor)
+
+
+@router.get("/{task_id}", response_model=TaskPublic, responses=NOT_FOUND)
+async def get_task(task_id: int, caller: CallerDep, db: DbDep) -> TaskPublic:
+    """One task: status, progress, result, error, attempts, timings."""
+    return TaskPublic.of(await _load(db, task_id, caller))
+
+
+@router.post(
+    "/{task_id}/retry",
+    response_model=TaskPublic,
+    responses={**NOT_FOUND, 409: {"description": "Not failed or cancelled"}},
+)
+async def retry_task(task_id: int, caller: CallerDep, db: DbDep) -> TaskPublic:
+    """A failed or cancelled task back to pending, with a fresh retry budget."""
+    await _load(db, task_id, caller)
+    async with db.write_transaction() as session:
+        outcome = await queue.retry_task(session, task_id)
+    if outcome is queue.RetryOutcome.NOT_FOUND:
+        raise HTTPException(404, f"task {task_id} not found")
+    if outcome is queue.RetryOutcome.NOT_RETRYABLE:
+        raise HTTPException(409, "only failed or cancelled tasks can be retried")
+    return TaskPublic.of(await _load(db, task_id, caller))
+
+
+@router.post(
+    "/{task_id}/cancel",
+    response_model=TaskPublic,
+    responses={
+        **NOT_FOUND,
+        202: {"model": TaskPublic, "description": "Running: its daemon cancels it shortly"},
+        409: {"description": "Already finished"},
+    },
+)
+async def cancel_task(task_id: int, caller: CallerDep, db: DbDep, response: Response) -> TaskPublic:
+    """pending → cancelled now (200); processing → cancelled by its daemon (202)."""
+    await _load(db, task_id, caller)
+    async with db.write_transaction() as session:
+        outcome = await queue.request_cancel(session, task_id)
+    if outcome is queue.CancelOutcome.NOT_FOUND:
+        raise HTTPException(404, f"task {task_id} not found")
+    if outcome is queue.CancelOutcome.FINISHED:
+        raise HTTPException(409, "the task has already finished")
+    response.status_code = 202 if outcome is queue.CancelOutcome.REQUESTED else 200
+    return TaskPublic.of(await _load(db, task_id, caller))
+
+
+@router.get("/{chapter_id}/latest", response_model=TaskPublic, responses=NOT_FOUND)
+async def latest_for_chapter(chapter_id: str, caller: CallerDep, db: DbDep) -> TaskPublic:
+    """The newest task of a chapter."""
+    async with db.read_transaction() as session:
+        task = await queue.latest_for_chapter(session, chapter_id, user_id=caller.scope)
+    if task is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no task for chapter {chapter_id!r}")
+    return TaskPublic.of(task)

@@ -1,0 +1,142 @@
+"""Request and response models: Pydantic lives here, at the HTTP edge, and nowhere else."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.models import AnalysisNotification, PendingAnalysis
+from app.services import notifications, queue
+
+
+class TaskCreate(BaseModel):
+    """A task to enqueue."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: str = Field(min_length=1, max_length=100)
+    payload: dict[str, Any] = Field(default_factory=dict)
+    priority: int = Field(default=queue.DEFAULT_PRIORITY, ge=1, le=10)
+    max_retries: int | None = Field(default=None, ge=0, le=1000)
+    timeout_seconds: int | None = Field(default=None, gt=0, le=7 * 24 * 3600)
+    scheduled_at: datetime | None = None
+    queue: str = Field(default=queue.DEFAULT_QUEUE, min_length=1, max_length=100)
+    project_id: str | None = Field(default=None, min_length=1, max_length=255)
+    chapter_id: str | None = Field(default=None, min_length=1, max_length=255)
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=255)
+    user_id: str | None = Field(default=None, min_length=1, max_length=255)
+
+
+class BulkCreate(BaseModel):
+    """Up to 1,000 tasks, all or nothing."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tasks: list[dict[str, Any]] = Field(min_length=1, max_length=1000)
+
+
+class Progress(BaseModel):
+    """Where a running task is."""
+
+    current: int | None
+    total: int | None
+    message: str | None
+    percent: float | None
+
+
+class TaskPublic(BaseModel):
+    """A task as its owner sees it."""
+
+    id: int
+    kind: str
+    queue: str
+    status: str
+    priority: int
+    payload: dict[str, Any]
+    result: Any
+    error: str | None
+    attempts: int
+    retry_count: int
+    max_retries: int
+    timeout_seconds: int
+    user_id: str | None
+    project_id: str | None
+    chapter_id: str | None
+    idempotency_key: str | None
+    cancel_requested: bool
+    progress: Progress
+    created_at: datetime
+    scheduled_at: datetime
+    started_at: datetime | None
+    completed_at: datetime | None
+    updated_at: datetime
+    duration_seconds: float | None
+    token_usage: int
+
+    @classmethod
+    def of(cls, t: PendingAnalysis) -> TaskPublic:
+        """From a row."""
+        progress = Progress(
+            current=t.progress_current,
+            total=t.progress_total,
+            message=t.progress_message,
+            percent=notifications.percent(t.progress_current, t.progress_total),
+        )
+        fields = {name: getattr(t, name) for name in cls.model_fields if name != "progress"}
+        return cls(progress=progress, **fields)
+
+
+class TaskPage(BaseModel):
+    """A page of tasks, newest first; pass next_cursor as cursor for the next page."""
+
+    items: list[TaskPublic]
+    next_cursor: int | None
+
+
+class BulkResult(BaseModel):
+    """The tasks a bulk enqueue created (or found by idempotency key), in input order."""
+
+    tasks: list[TaskPublic]
+
+
+class NotificationPublic(BaseModel):
+    """A notification."""
+
+    id: int
+    task_id: int | None
+    user_id: str | None
+    project_id: str | None
+    chapter_id: str | None
+    type: str
+    title: str
+    message: str
+    data: dict[str, Any] | None
+    is_read: bool
+    created_at: datetime
+    read_at: datetime | None
+
+    @classmethod
+    def of(cls, n: AnalysisNotification) -> NotificationPublic:
+        """From a row."""
+        return cls.model_validate({name: getattr(n, name) for name in cls.model_fields})
+
+
+class NotificationPage(BaseModel):
+    """Notifications and the caller's unread count."""
+
+    items: list[NotificationPublic]
+    unread_count: int
+
+
+class Marked(BaseModel):
+    """How many notifications were marked read."""
+
+    marked: int
+
+
+class Problem(BaseModel):
+    """Every error: a JSON object with a detail."""
+
+    detail: Any

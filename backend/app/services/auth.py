@@ -1,0 +1,105 @@
+"""API tokens: created once and shown once, stored only as SHA-256 hashes."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.db import dialect_of, now_sql
+from app.models import ApiToken
+from app.models.types import utcnow
+
+TOKEN_PREFIX = "ap_"  # noqa: S105 - a prefix, not a secret
+TOKEN_BYTES = 32
+LAST_USED_RESOLUTION = timedelta(minutes=1)
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: a user's token, or an admin's."""
+
+    token_id: int
+    user_id: str
+    is_admin: bool
+    needs_touch: bool = False
+
+    @property
+    def scope(self) -> str | None:
+        """The user whose rows this caller may see; None means every user's (admin)."""
+        return None if self.is_admin else self.user_id
+
+
+def hash_token(token: str) -> str:
+    """The stored form of a token."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def looks_like_token(token: str) -> bool:
+    """A cheap shape check before any database work."""
+    return token.startswith(TOKEN_PREFIX) and 16 <= len(token) <= 128 and token.isascii()
+
+
+async def create_token(
+    session: AsyncSession, *, user_id: str, is_admin: bool = False, name: str | None = None
+) -> tuple[ApiToken, str]:
+    """A new token for ``user_id``; returns the row and the plain token (shown once)."""
+    if not user_id or len(user_id) > 255:
+        raise ValueError(f"user must be 1..255 characters, got {user_id!r}")
+    plain = TOKEN_PREFIX + secrets.token_urlsafe(TOKEN_BYTES)
+    row = ApiToken(token_hash=hash_token(plain), user_id=user_id, is_admin=is_admin, name=name)
+    session.add(row)
+    await session.flush()
+    return row, plain
+
+
+async def authenticate(session: AsyncSession, token: str) -> Principal | None:
+    """The caller behind ``token``, or None when it is unknown or revoked."""
+    if not looks_like_token(token):
+        return None
+    row = (
+        await session.scalars(
+            select(ApiToken).where(
+                ApiToken.token_hash == hash_token(token), ApiToken.revoked_at.is_(None)
+            )
+        )
+    ).first()
+    if row is None:
+        return None
+    return Principal(row.id, row.user_id, row.is_admin, needs_touch(row.last_used_at))
+
+
+def needs_touch(last_used_at: datetime | None) -> bool:
+    """True when last_used_at is older than its resolution (write at most once a minute)."""
+    return last_used_at is None or utcnow() - last_used_at >= LAST_USED_RESOLUTION
+
+
+async def touch_token(session: AsyncSession, token_id: int) -> None:
+    """Record a use, at most once a minute."""
+    cutoff = utcnow() - LAST_USED_RESOLUTION
+    await session.execute(
+        update(ApiToken)
+        .where(ApiToken.id == token_id)
+        .where((ApiToken.last_used_at.is_(None)) | (ApiToken.last_used_at < cutoff))
+        .values(last_used_at=now_sql(dialect_of(session)))
+    )
+
+
+async def list_tokens(session: AsyncSession) -> list[ApiToken]:
+    """Every token row (hashes stay inside)."""
+    return list((await session.scalars(select(ApiToken).order_by(ApiToken.id))).all())
+
+
+async def revoke_token(session: AsyncSession, token_id: int) -> bool:
+    """Revoke a token; False when it does not exist or was already revoked."""
+    result = await session.execute(
+        update(ApiToken)
+        .where(ApiToken.id == token_id, ApiToken.revoked_at.is_(None))
+        .values(revoked_at=now_sql(dialect_of(session)))
+        .returning(ApiToken.id)
+    )
+    return result.first() is not None

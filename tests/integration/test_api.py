@@ -1,0 +1,280 @@
+"""The HTTP API through httpx on both engines: codes, bodies, isolation, idempotency."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import func, select
+
+from app.api.main import API_PREFIX, create_app
+from app.config import load_settings
+from app.db import Database
+from app.models import PendingAnalysis
+from app.services import auth, queue
+
+P = API_PREFIX
+
+
+@dataclass
+class Api:
+    client: httpx.AsyncClient
+    db: Database
+    tokens: dict[str, str]
+
+    def h(self, who: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.tokens[who]}"}
+
+    async def post(self, who: str, path: str, **kw: Any) -> httpx.Response:
+        return await self.client.post(P + path, headers=self.h(who), **kw)
+
+    async def get(self, who: str, path: str, **kw: Any) -> httpx.Response:
+        return await self.client.get(P + path, headers=self.h(who), **kw)
+
+
+@pytest.fixture
+async def api(db: Database, database_url: str) -> AsyncIterator[Api]:
+    settings = load_settings(
+        database_url=database_url,
+        handler_modules=("app.services.analysis", "tests.e2e.job_handlers"),
+        max_payload_bytes=1000,
+    )
+    app = create_app(settings)
+    tokens = {}
+    async with db.write_transaction() as s:
+        for who, admin in (("alice", False), ("bob", False), ("root", True), ("gone", False)):
+            row, tokens[who] = await auth.create_token(s, user_id=who, is_admin=admin)
+            if who == "gone":
+                await s.flush()
+                await auth.revoke_token(s, row.id)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            yield Api(client, db, tokens)
+
+
+async def test_enqueue_and_read_back(api: Api) -> None:
+    r = await api.post(
+        "alice",
+        "/tasks",
+        json={
+            "kind": "chapter_analysis",
+            "payload": {"text": "Hi."},
+            "chapter_id": "c1",
+            "priority": 7,
+        },
+    )
+    assert r.status_code == 202
+    body = r.json()
+    assert r.headers["location"] == f"{P}/tasks/{body['id']}"
+    assert (
+        body["status"],
+        body["user_id"],
+        body["priority"],
+        body["max_retries"],
+        body["timeout_seconds"],
+    ) == ("pending", "alice", 7, 3, 600)
+    assert body["progress"] == {"current": None, "total": None, "message": None, "percent": None}
+    got = await api.get("alice", f"/tasks/{body['id']}")
+    assert got.status_code == 200 and got.json() == body
+    latest = await api.get("alice", "/tasks/c1/latest")
+    assert latest.json()["id"] == body["id"]
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "detail"),
+    [
+        ({"kind": "nope"}, 422, "unknown kind 'nope'"),
+        ({"kind": "noop", "payload": [1]}, 422, None),
+        ({"kind": "noop", "payload": {"x": "y" * 2000}}, 413, "the limit is 1000"),
+        ({"kind": "noop", "priority": 0}, 422, None),
+        ({"kind": "noop", "priority": 11}, 422, None),
+        ({"kind": "noop", "timeout_seconds": 0}, 422, None),
+        ({"kind": "noop", "user_id": "bob"}, 422, "user_id may only be set by admin tokens"),
+        ({"kind": "noop", "surprise": 1}, 422, None),
+    ],
+)
+async def test_enqueue_validation(
+    api: Api, body: dict[str, Any], code: int, detail: str | None
+) -> None:
+    r = await api.post("alice", "/tasks", json=body)
+    assert r.status_code == code
+    assert "detail" in r.json()
+    if detail:
+        assert detail in r.json()["detail"]
+    async with api.db.read_transaction() as s:
+        assert (
+            await s.execute(select(func.count()).select_from(PendingAnalysis))
+        ).scalar_one() == 0
+
+
+async def test_admin_enqueues_for_a_user(api: Api) -> None:
+    r = await api.post("root", "/tasks", json={"kind": "noop", "user_id": "bob"})
+    assert r.status_code == 202 and r.json()["user_id"] == "bob"
+    assert (await api.get("bob", f"/tasks/{r.json()['id']}")).status_code == 200
+
+
+async def test_idempotency_key(api: Api) -> None:
+    first = await api.post("alice", "/tasks", json={"kind": "noop", "idempotency_key": "k1"})
+    again = await api.post("alice", "/tasks", json={"kind": "noop", "idempotency_key": "k1"})
+    other = await api.post("bob", "/tasks", json={"kind": "noop", "idempotency_key": "k1"})
+    assert (first.status_code, again.status_code, other.status_code) == (202, 200, 409)
+    assert again.json()["id"] == first.json()["id"]
+    assert "alice" not in other.text
+
+
+async def test_concurrent_enqueues_with_one_key_create_one_row(api: Api) -> None:
+    responses = await asyncio.gather(
+        *(
+            api.post("alice", "/tasks", json={"kind": "noop", "idempotency_key": "same"})
+            for _ in range(100)
+        )
+    )
+    codes = sorted(r.status_code for r in responses)
+    assert codes == [200] * 99 + [202]
+    assert len({r.json()["id"] for r in responses}) == 1
+    async with api.db.read_transaction() as s:
+        assert (
+            await s.execute(select(func.count()).select_from(PendingAnalysis))
+        ).scalar_one() == 1
+
+
+async def test_bulk_is_all_or_nothing(api: Api) -> None:
+    bad = await api.post(
+        "alice",
+        "/tasks/bulk",
+        json={"tasks": [{"kind": "noop"}, {"kind": "noop"}, {"kind": "nope"}]},
+    )
+    assert bad.status_code == 422 and bad.json()["detail"].startswith("tasks[2]: unknown kind")
+    bad = await api.post("alice", "/tasks/bulk", json={"tasks": [{"kind": "noop", "priority": 99}]})
+    assert bad.status_code == 422 and bad.json()["detail"].startswith("tasks[0]: priority")
+    ok = await api.post(
+        "alice",
+        "/tasks/bulk",
+        json={"tasks": [{"kind": "noop", "payload": {"n": i}} for i in range(5)]},
+    )
+    assert ok.status_code == 202
+    assert [t["payload"]["n"] for t in ok.json()["tasks"]] == [0, 1, 2, 3, 4]
+    too_many = await api.post("alice", "/tasks/bulk", json={"tasks": [{"kind": "noop"}] * 1001})
+    assert too_many.status_code == 422
+
+
+async def test_list_paging_and_filters(api: Api) -> None:
+    ids = [
+        (await api.post("alice", "/tasks", json={"kind": "noop", "project_id": "p"})).json()["id"]
+        for _ in range(5)
+    ]
+    await api.post("bob", "/tasks", json={"kind": "noop", "project_id": "p"})
+    page = (await api.get("alice", "/tasks", params={"limit": 2})).json()
+    assert [t["id"] for t in page["items"]] == ids[::-1][:2] and page["next_cursor"] == ids[3]
+    page2 = (
+        await api.get("alice", "/tasks", params={"limit": 2, "cursor": page["next_cursor"]})
+    ).json()
+    assert [t["id"] for t in page2["items"]] == [ids[2], ids[1]]
+    everything = (await api.get("root", "/tasks", params={"project_id": "p"})).json()
+    assert len(everything["items"]) == 6 and everything["next_cursor"] is None
+    assert (await api.get("alice", "/tasks", params={"status": "completed"})).json()["items"] == []
+
+
+async def test_cancel_and_retry_codes(api: Api) -> None:
+    task_id = (await api.post("alice", "/tasks", json={"kind": "noop", "max_retries": 0})).json()[
+        "id"
+    ]
+    assert (await api.post("alice", f"/tasks/{task_id}/retry")).status_code == 409
+    r = await api.post("alice", f"/tasks/{task_id}/cancel")
+    assert r.status_code == 200 and r.json()["status"] == "cancelled"
+    assert (await api.post("alice", f"/tasks/{task_id}/cancel")).status_code == 409
+    r = await api.post("alice", f"/tasks/{task_id}/retry")
+    assert r.status_code == 200 and r.json()["status"] == "pending"
+    async with api.db.write_transaction() as s:
+        await queue.claim_tasks(s, processor_id="p", limit=1, lease_seconds=30)
+    r = await api.post("alice", f"/tasks/{task_id}/cancel")
+    assert r.status_code == 202 and r.json()["cancel_requested"] is True
+
+
+async def test_notifications_feed(api: Api) -> None:
+    for _ in range(3):
+        await api.post("alice", "/tasks", json={"kind": "noop"})
+    await api.post("bob", "/tasks", json={"kind": "noop"})
+    async with api.db.write_transaction() as s:
+        await queue.claim_tasks(s, processor_id="p", limit=10, lease_seconds=30)
+    feed = (await api.get("alice", "/notifications")).json()
+    ids = [n["id"] for n in feed["items"]]
+    assert len(ids) == 3 and ids == sorted(ids, reverse=True) and feed["unread_count"] == 3
+    assert {n["user_id"] for n in feed["items"]} == {"alice"}
+    after = (await api.get("alice", "/notifications", params={"after_id": ids[-1]})).json()
+    assert [n["id"] for n in after["items"]] == sorted(ids)[1:]
+    bobs = (await api.get("bob", "/notifications")).json()["items"][0]["id"]
+    assert (await api.post("alice", f"/notifications/{bobs}/read")).status_code == 404
+    assert (await api.post("alice", f"/notifications/{ids[0]}/read")).json() == {"marked": 1}
+    assert (await api.post("alice", "/notifications/read-all")).json() == {"marked": 2}
+    assert (await api.get("alice", "/notifications", params={"unread_only": True})).json() == {
+        "items": [],
+        "unread_count": 0,
+    }
+
+
+async def test_status_is_scoped(api: Api) -> None:
+    await api.post("alice", "/tasks", json={"kind": "noop"})
+    await api.post("bob", "/tasks", json={"kind": "noop"})
+    mine = (await api.get("alice", "/status")).json()
+    assert mine["counts"]["pending"] == 1
+    assert (await api.get("root", "/status")).json()["counts"]["pending"] == 2
+
+
+async def test_health_ready_metrics(api: Api) -> None:
+    assert (await api.client.get("/healthz")).json() == {"status": "ok"}
+    assert (await api.client.get("/readyz")).status_code == 200
+    await api.post("alice", "/tasks", json={"kind": "noop", "payload": {"secret": "s3cret"}})
+    text = (await api.client.get("/metrics")).text
+    assert 'async_processor_tasks{queue="default",status="pending"} 1.0' in text
+    assert "s3cret" not in text and "alice" not in text
+
+
+def _routes(app_openapi: dict[str, Any]) -> list[tuple[str, str]]:
+    routes = []
+    for path, methods in app_openapi["paths"].items():
+        if not path.startswith(P):
+            continue
+        for method, spec in methods.items():
+            if spec.get("security") is not None or "401" in spec.get("responses", {}):
+                routes.append((method.upper(), path))
+    return routes
+
+
+async def test_authorization_matrix(api: Api) -> None:
+    """Every protected route (from the OpenAPI document), for every kind of caller."""
+    mine = (await api.post("alice", "/tasks", json={"kind": "noop", "chapter_id": "ch"})).json()[
+        "id"
+    ]
+    async with api.db.write_transaction() as s:
+        await queue.claim_tasks(s, processor_id="p", limit=1, lease_seconds=30)
+    async with api.db.read_transaction() as s:
+        from app.services import notifications
+
+        note = (await notifications.list_for_user(s, user_id="alice"))[0].id
+    routes = _routes(api.client._transport.app.openapi())  # type: ignore[attr-defined]
+    assert len(routes) >= 10
+    values = {"task_id": str(mine), "chapter_id": "ch", "notification_id": str(note)}
+    bodies = {"/tasks": {"kind": "noop"}, "/tasks/bulk": {"tasks": [{"kind": "noop"}]}}
+    for method, path in routes:
+        url = re.sub(r"\{(\w+)\}", lambda m: values[m.group(1)], path)
+        json_body = bodies.get(path.removeprefix(P))
+        for headers, code in (
+            ({}, 401),
+            ({"Authorization": "Bearer nonsense"}, 401),
+            ({"Authorization": "Basic abc"}, 401),
+            (api.h("gone"), 401),
+        ):
+            r = await api.client.request(method, url, headers=headers, json=json_body)
+            assert r.status_code == code, (method, path, headers)
+            assert "detail" in r.json()
+        r = await api.client.request(method, url, headers=api.h("bob"), json=json_body)
+        assert "alice" not in r.text, (method, path)
+        if "{" in path:
+            assert r.status_code == 404, (method, path, r.status_code)
