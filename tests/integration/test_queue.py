@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import select, update
 
 from app.db import Database
-from app.models import AnalysisNotification, PendingAnalysis, Processor
+from app.models import AnalysisNotification, NotificationType, PendingAnalysis, Processor
 from app.models.types import utcnow
 from app.services import notifications, queue
 from app.services.queue import CancelOutcome, FailOutcome, RetryOutcome, TaskSpec
@@ -492,3 +492,42 @@ async def test_reads(db: Database) -> None:
         assert latest is not None and latest.id == c
         mine = await queue.latest_for_chapter(s, "c1", user_id="alice")
         assert mine is not None and mine.id == b
+
+
+@pytest.mark.parametrize("engine_name", ["postgresql"])
+async def test_notification_ids_commit_in_order_on_postgres(db: Database) -> None:
+    """A second writer waits for the first one's commit, so ids never commit out of order."""
+    import asyncio
+
+    first = await enqueue(db)
+    second = await enqueue(db)
+    async with db.write_sessionmaker() as s1:
+        await s1.begin()
+        await notifications.add(
+            s1, [notifications.build(NotificationType.STARTED, _ref(first), "a")]
+        )
+
+        async def writer() -> None:
+            async with db.write_transaction() as s2:
+                await notifications.add(
+                    s2, [notifications.build(NotificationType.STARTED, _ref(second), "b")]
+                )
+
+        blocked = asyncio.create_task(writer())
+        await asyncio.sleep(0.3)
+        assert not blocked.done()
+        await s1.commit()
+        await asyncio.wait_for(blocked, 5)
+    async with db.read_transaction() as s:
+        rows = (
+            await s.execute(
+                select(AnalysisNotification.id, AnalysisNotification.task_id).order_by(
+                    AnalysisNotification.id
+                )
+            )
+        ).all()
+    assert [task for _, task in rows] == [first, second]
+
+
+def _ref(task_id: int) -> notifications.TaskRef:
+    return notifications.TaskRef(task_id, "chapter_analysis", "alice", None, None, 0)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -18,6 +19,7 @@ N = AnalysisNotification
 MAX_ERROR_CHARS = 1_000
 PROGRESS_MIN_INTERVAL_SECONDS = 1.0
 PROGRESS_MIN_STEP_PERCENT = 10.0
+FEED_LOCK_KEY = 0x6170_6E6F_7469_6679  # "apnotify": orders notification ids by commit
 
 _TITLES = {
     NotificationType.STARTED: "Analysis started",
@@ -73,11 +75,40 @@ def truncate_error(error: str) -> str:
 
 
 async def add(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> None:
-    """Insert notification rows in the caller's transaction (one statement)."""
+    """Insert notification rows in the caller's transaction (one statement).
+
+    On PostgreSQL the transaction first takes a transaction-level advisory lock, so ids are
+    drawn and committed in the same order: a client paging with ``after_id`` can never see
+    id n+1 before id n commits and skip it for good.
+    """
     if not rows:
         return
-    current = now_sql(dialect_of(session))
+    deferred = session.info.get(_DEFERRED)
+    if deferred is not None:
+        deferred.extend(rows)
+        return
+    dialect = dialect_of(session)
+    if dialect == "postgresql":
+        await session.execute(select(func.pg_advisory_xact_lock(FEED_LOCK_KEY)))
+    current = now_sql(dialect)
     await session.execute(insert(N).values(created_at=current), list(rows))
+
+
+_DEFERRED = "async_processor_deferred_notifications"
+
+
+@asynccontextmanager
+async def deferred(session: AsyncSession) -> AsyncIterator[None]:
+    """Collect the notifications written inside the block and insert them in one statement
+    at its end. The feed lock is then the last lock the transaction takes, so it never
+    waits on a row while holding it."""
+    session.info[_DEFERRED] = []
+    try:
+        yield
+        rows = session.info[_DEFERRED]
+    finally:
+        session.info.pop(_DEFERRED, None)
+    await add(session, rows)
 
 
 class ProgressThrottle:

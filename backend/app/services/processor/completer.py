@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db import Database
-from app.services import queue
+from app.services import notifications, queue
 from app.services.backoff import next_retry_delay
 from app.services.processor.executor import Outcome, OutcomeKind
 from app.services.processor.looper import ErrorBackoff, is_transient
@@ -148,12 +148,13 @@ class Completer:
 
     async def _write(self, batch: Sequence[Outcome]) -> list[bool]:
         async with self._db.write_transaction() as session:
-            return [
-                await write_outcome(
-                    session, o, processor_id=self._processor_id, policy=self._policy
-                )
-                for o in batch
-            ]
+            async with notifications.deferred(session):
+                return [
+                    await write_outcome(
+                        session, o, processor_id=self._processor_id, policy=self._policy
+                    )
+                    for o in batch
+                ]
 
     async def _handle_error(self, batch: list[Outcome], exc: Exception) -> None:
         if is_transient(exc):
