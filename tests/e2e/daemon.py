@@ -24,7 +24,15 @@ FAST_ENV = {
 class Daemon:
     """One `python -m app.background_processor` process, logging to a file."""
 
-    def __init__(self, database_url: str, log_dir: Path, name: str = "daemon", **env: str) -> None:
+    def __init__(
+        self,
+        database_url: str,
+        log_dir: Path,
+        name: str = "daemon",
+        *,
+        extra_env: dict[str, str] | None = None,
+        **env: str,
+    ) -> None:
         self.log_path = log_dir / f"{name}.log"
         self._env = {
             **os.environ,
@@ -32,6 +40,7 @@ class Daemon:
             "ASYNC_PROCESSOR_DATABASE_URL": database_url,
             "PYTHONPATH": str(REPO),
             **{f"ASYNC_PROCESSOR_{k.upper()}": str(v) for k, v in env.items()},
+            **(extra_env or {}),
         }
         self.proc: subprocess.Popen[bytes] | None = None
 

@@ -299,3 +299,61 @@ async def test_sqlite_locked_for_longer_than_busy_timeout(
     assert "database is locked" in daemon.log()
     assert daemon.stop() == 0
     assert len(ids) == 4
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"])
+async def test_sd_notify_ready_watchdog_stopping(database_url: str, tmp_path: Path) -> None:
+    import socket
+
+    path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(20)
+    daemon = Daemon(
+        database_url,
+        tmp_path,
+        "notify",
+        extra_env={"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "400000"},
+    ).start()
+    try:
+        messages = [sock.recv(64).decode()]
+        assert messages == ["READY=1"]
+        assert sock.recv(64).decode() == "WATCHDOG=1"
+        daemon.signal(signal.SIGTERM)
+        while messages[-1] != "STOPPING=1":
+            messages.append(sock.recv(64).decode())
+        assert daemon.wait(30) == 0
+    finally:
+        daemon.kill()
+        sock.close()
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"])
+async def test_handler_module_that_fails_to_import_stops_the_daemon(
+    database_url: str, tmp_path: Path
+) -> None:
+    daemon = Daemon(database_url, tmp_path, handler_modules="tests.e2e.no_such_module").start()
+    assert daemon.wait(30) == 1
+    assert "cannot import handler module 'tests.e2e.no_such_module'" in daemon.log()
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"])
+async def test_lost_lease_stops_jobs_without_completing_them(
+    db: Database, spawn: Spawn, database_url: str, tmp_path: Path
+) -> None:
+    import sqlite3
+
+    ledger = tmp_path / "ledger.jsonl"
+    [task_id] = await enqueue_many(db, "sleep", 1, payload={"seconds": 4, "ledger": str(ledger)})
+    daemon = spawn(lease_seconds="1.5")
+    await eventually(lambda: _progress_is(db, task_id, "sleeping"), within=20)
+    locker = sqlite3.connect(database_url.split("///", 1)[1], timeout=10, isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")  # no renewal can get through for longer than a lease
+    await asyncio.to_thread(daemon.wait_for_log, "stopping (lease_lost)", 30)
+    locker.execute("ROLLBACK")
+    locker.close()
+    row = await eventually(lambda: _finished(db, task_id), within=40)
+    assert (row.status, row.attempts) == ("completed", 2)
+    runs = [json.loads(line) for line in ledger.read_text().splitlines()]
+    assert [(r["attempt"], r["event"]) for r in runs] == [(1, "start"), (2, "start"), (2, "end")]
+    assert daemon.stop() == 0

@@ -278,3 +278,21 @@ async def test_authorization_matrix(api: Api) -> None:
         assert "alice" not in r.text, (method, path)
         if "{" in path:
             assert r.status_code == 404, (method, path, r.status_code)
+
+
+async def test_inline_mode_runs_the_job_before_answering(db: Database, database_url: str) -> None:
+    settings = load_settings(database_url=database_url, inline=True)
+    app = create_app(settings)
+    async with db.write_transaction() as s:
+        _, token = await auth.create_token(s, user_id="alice")
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            r = await client.post(
+                f"{P}/tasks",
+                headers={"Authorization": f"Bearer {token}"},
+                json={"kind": "chapter_analysis", "payload": {"text": "One two. Three."}},
+            )
+    assert r.status_code == 202
+    body = r.json()
+    assert (body["status"], body["attempts"], body["result"]["word_count"]) == ("completed", 1, 3)
