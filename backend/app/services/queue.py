@@ -378,6 +378,11 @@ def _held(processor_id: str, tasks: Iterable[tuple[int, int]]) -> ColumnElement[
     )
 
 
+def _unlocked(current: ColumnElement[datetime]) -> dict[str, Any]:
+    """The columns every transition out of processing clears."""
+    return {"locked_by": None, "lease_expires_at": None, "updated_at": current}
+
+
 def _fenced(task_id: int, processor_id: str, attempt: int) -> ColumnElement[bool]:
     return and_(
         T.id == task_id,
@@ -469,10 +474,8 @@ async def complete_task(
             result=result,
             error=None,
             completed_at=current,
-            updated_at=current,
-            locked_by=None,
-            lease_expires_at=None,
             duration_seconds=duration_seconds,
+            **_unlocked(current),
             token_usage=T.token_usage + token_usage,
         )
         .returning(*REF_COLUMNS)
@@ -518,9 +521,7 @@ async def fail_task(
             scheduled_at=case((retry, later_sql(dialect, retry_delay, now)), else_=T.scheduled_at),
             completed_at=case((retry, None), else_=current),
             error=error,
-            updated_at=current,
-            locked_by=None,
-            lease_expires_at=None,
+            **_unlocked(current),
             duration_seconds=duration_seconds,
             token_usage=T.token_usage + token_usage,
         )
@@ -565,10 +566,8 @@ async def cancel_task(
         .values(
             status=TaskStatus.CANCELLED,
             completed_at=current,
-            updated_at=current,
-            locked_by=None,
-            lease_expires_at=None,
             duration_seconds=duration_seconds,
+            **_unlocked(current),
         )
         .returning(*REF_COLUMNS)
     )
@@ -687,7 +686,7 @@ async def rescue_expired(session: AsyncSession, *, now: datetime | None = None) 
     cancelled, when a cancel was requested), with notifications."""
     current = now_sql(dialect_of(session), now)
     expired = and_(T.status == TaskStatus.PROCESSING, T.lease_expires_at < current)
-    common = {"locked_by": None, "lease_expires_at": None, "updated_at": current}
+    common = _unlocked(current)
     spent = (
         update(T)
         .where(expired, T.attempts >= T.max_retries + 1, T.cancel_requested.is_(False))
