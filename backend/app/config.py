@@ -50,6 +50,7 @@ class Settings(BaseSettings):
     inline: bool = False
     retention_days: PositiveSeconds = DEFAULT_RETENTION_DAYS
     max_payload_bytes: int = Field(default=DEFAULT_MAX_PAYLOAD_BYTES, gt=0)
+    cors_origins: Annotated[tuple[str, ...], NoDecode] = ()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
 
@@ -66,7 +67,7 @@ class Settings(BaseSettings):
             )
         return value
 
-    @field_validator("handler_modules", mode="before")
+    @field_validator("handler_modules", "cors_origins", mode="before")
     @classmethod
     def _split_modules(cls, value: object) -> object:
         if isinstance(value, str):

@@ -296,3 +296,19 @@ async def test_inline_mode_runs_the_job_before_answering(db: Database, database_
     assert r.status_code == 202
     body = r.json()
     assert (body["status"], body["attempts"], body["result"]["word_count"]) == ("completed", 1, 3)
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"])
+@pytest.mark.parametrize(("origins", "allowed"), [((), False), (("https://app.example",), True)])
+async def test_cors_is_off_unless_configured(
+    database_url: str, db: Database, origins: tuple[str, ...], allowed: bool
+) -> None:
+    app = create_app(load_settings(database_url=database_url, cors_origins=origins))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            r = await client.options(
+                f"{P}/tasks",
+                headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST"},
+            )
+    assert (r.headers.get("access-control-allow-origin") == "https://app.example") is allowed
