@@ -274,6 +274,8 @@ async def test_authorization_matrix(api: Api) -> None:
             r = await api.client.request(method, url, headers=headers, json=json_body)
             assert r.status_code == code, (method, path, headers)
             assert "detail" in r.json()
+        if path.endswith("/stream"):
+            continue  # an endless response; its scoping is proven in tests/e2e/test_sse.py
         r = await api.client.request(method, url, headers=api.h("bob"), json=json_body)
         assert "alice" not in r.text, (method, path)
         if "{" in path:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, Header, HTTPException, Query, Request
+from fastapi.responses import StreamingResponse
 
 from app.api.deps import CallerDep, DbDep
 from app.api.errors import ERRORS
 from app.api.schemas import Marked, NotificationPage, NotificationPublic
+from app.db import Database
 from app.services import notifications
 
 router = APIRouter(prefix="/notifications", tags=["notifications"], responses=ERRORS)
@@ -32,6 +36,71 @@ async def list_notifications(
         )
         unread = await notifications.unread_count(session, user_id=caller.scope)
     return NotificationPage(items=[NotificationPublic.of(n) for n in rows], unread_count=unread)
+
+
+STREAM_POLL_SECONDS = 0.5
+STREAM_KEEPALIVE_SECONDS = 15.0
+
+
+def _sse(note: NotificationPublic) -> str:
+    return f"id: {note.id}\nevent: notification\ndata: {note.model_dump_json()}\n\n"
+
+
+async def _latest_id(db: Database, scope: str | None) -> int:
+    async with db.read_transaction() as session:
+        newest = await notifications.list_for_user(session, user_id=scope, limit=1)
+    return newest[0].id if newest else 0
+
+
+async def _events(
+    request: Request, db: Database, scope: str | None, after_id: int
+) -> AsyncIterator[str]:
+    last, idle = after_id, 0.0
+    yield "retry: 2000\n\n"
+    while not await request.is_disconnected():
+        try:
+            async with db.read_transaction() as session:
+                rows = await notifications.list_for_user(
+                    session, user_id=scope, after_id=last, limit=100
+                )
+        except Exception:  # the database is away: keep the stream, try again
+            rows = []
+        for row in rows:
+            note = NotificationPublic.of(row)
+            last = note.id
+            yield _sse(note)
+        idle = 0.0 if rows else idle + STREAM_POLL_SECONDS
+        if idle >= STREAM_KEEPALIVE_SECONDS:
+            idle = 0.0
+            yield ": keep-alive\n\n"
+        if len(rows) < 100:
+            await asyncio.sleep(STREAM_POLL_SECONDS)
+
+
+@router.get(
+    "/stream",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}, "description": "Server-Sent Events"}},
+)
+async def stream_notifications(
+    request: Request,
+    caller: CallerDep,
+    db: DbDep,
+    after_id: Annotated[int | None, Query(ge=0)] = None,
+    last_event_id: Annotated[str | None, Header()] = None,
+) -> StreamingResponse:
+    """Server-Sent Events: each new notification of the caller as it commits. Resumes after
+    ``Last-Event-ID`` (or ``after_id``); without either, starts with the next one."""
+    start = after_id
+    if last_event_id is not None and last_event_id.isdigit():
+        start = int(last_event_id)
+    if start is None:
+        start = await _latest_id(db, caller.scope)
+    return StreamingResponse(
+        _events(request, db, caller.scope, start),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
 
 
 @router.post("/read-all", response_model=Marked)

@@ -1,0 +1,85 @@
+"""The notification stream (Server-Sent Events) against a real uvicorn process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from app.db import Database
+from app.services import auth, queue
+from tests.e2e.test_make_run import free_port
+
+pytestmark = [pytest.mark.e2e]
+
+
+@pytest.fixture
+def api_url(database_url: str, tmp_path: Path) -> Iterator[str]:
+    port = free_port()
+    env = {**os.environ, "ASYNC_PROCESSOR_DATABASE_URL": database_url}
+    script = Path(sys.executable).with_name("async-processor")
+    log = (tmp_path / "api.log").open("wb")
+    proc = subprocess.Popen(
+        [str(script), "api", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert proc.poll() is None and time.monotonic() < deadline, (
+            tmp_path / "api.log"
+        ).read_text()
+        time.sleep(0.1)
+    yield base
+    proc.terminate()
+    proc.wait(20)
+    log.close()
+
+
+async def read_events(response: httpx.Response, n: int) -> list[tuple[int, dict[str, object]]]:
+    events: list[tuple[int, dict[str, object]]] = []
+    event_id = None
+    async for line in response.aiter_lines():
+        if line.startswith("id: "):
+            event_id = int(line[4:])
+        elif line.startswith("data: ") and event_id is not None:
+            events.append((event_id, json.loads(line[6:])))
+            if len(events) == n:
+                break
+    return events
+
+
+async def test_stream_pushes_the_callers_notifications_and_resumes(
+    db: Database, api_url: str
+) -> None:
+    async with db.write_transaction() as s:
+        _, alice = await auth.create_token(s, user_id="alice")
+        await queue.enqueue_tasks(
+            s, [{"kind": "noop", "user_id": u} for u in ("alice", "bob", "alice")]
+        )
+    headers = {"Authorization": f"Bearer {alice}"}
+    url = f"{api_url}/api/async-analysis/notifications/stream"
+    async with httpx.AsyncClient(timeout=20) as client:
+        async with client.stream("GET", url, headers=headers, params={"after_id": 0}) as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("text/event-stream")
+            async with db.write_transaction() as s:
+                await queue.claim_tasks(s, processor_id="p", limit=10, lease_seconds=30)
+            events = await read_events(response, 2)
+        assert [e["user_id"] for _, e in events] == ["alice", "alice"]
+        assert [e["type"] for _, e in events] == ["started", "started"]
+        resume = {**headers, "Last-Event-ID": str(events[0][0])}
+        async with client.stream("GET", url, headers=resume) as response:
+            [(again, _)] = await read_events(response, 1)
+    assert again == events[1][0]
