@@ -1,0 +1,74 @@
+"""The API while its PostgreSQL is down: 503 with Retry-After, fast; back by itself after."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from app import schema
+from app.api.main import API_PREFIX, create_app
+from app.config import load_settings
+from app.db import Database
+from app.services import auth
+from tests.pgcluster import Cluster
+
+pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
+
+
+@pytest.fixture
+def cluster(pg_available: bool) -> Iterator[Cluster]:
+    if not Cluster.available():
+        pytest.fail("PostgreSQL 15 server binaries are missing")
+    c = Cluster().init()
+    c.start()
+    try:
+        yield c
+    finally:
+        c.destroy()
+
+
+async def test_outage_answers_503_then_recovers(cluster: Cluster) -> None:
+    url = cluster.url()
+    await asyncio.to_thread(schema.upgrade, url)
+    db = Database.from_url(url)
+    async with db.write_transaction() as s:
+        _, token = await auth.create_token(s, user_id="alice")
+    await db.dispose()
+    app = create_app(load_settings(database_url=url))
+    headers = {"Authorization": f"Bearer {token}"}
+    body = {"kind": "chapter_analysis", "payload": {"text": "Hi."}}
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://t", timeout=30
+        ) as client:
+            assert (
+                await client.post(f"{API_PREFIX}/tasks", headers=headers, json=body)
+            ).status_code == 202
+            await asyncio.to_thread(cluster.stop)
+            for method, path in (
+                ("POST", f"{API_PREFIX}/tasks"),
+                ("GET", f"{API_PREFIX}/tasks/1"),
+                ("GET", f"{API_PREFIX}/notifications"),
+                ("GET", "/readyz"),
+            ):
+                started = time.monotonic()
+                r = await client.request(
+                    method, path, headers=headers, json=body if method == "POST" else None
+                )
+                assert r.status_code == 503, (path, r.status_code, r.text)
+                assert "detail" in r.json() and r.headers["retry-after"] == "5"
+                assert time.monotonic() - started < 5
+            assert (await client.get("/healthz")).status_code == 200
+            await asyncio.to_thread(cluster.start)
+            deadline = time.monotonic() + 20
+            while (
+                r := await client.get(f"{API_PREFIX}/tasks/1", headers=headers)
+            ).status_code != 200:
+                assert r.status_code == 503 and time.monotonic() < deadline
+                await asyncio.sleep(0.2)
+            assert r.json()["status"] == "pending"
