@@ -29,7 +29,6 @@ class Cluster:
         self.root = Path(tempfile.mkdtemp(prefix="ap-pg-"))
         self.data = self.root / "data"
         self.port = _free_port()
-        os.chmod(self.root, 0o755)
         if os.geteuid() == 0:
             shutil.chown(self.root, "postgres", "postgres")
 
