@@ -231,8 +231,23 @@ async def test_health_ready_metrics(api: Api) -> None:
     assert (await api.client.get("/healthz")).json() == {"status": "ok"}
     assert (await api.client.get("/readyz")).status_code == 200
     await api.post("alice", "/tasks", json={"kind": "noop", "payload": {"secret": "s3cret"}})
+    async with api.db.write_transaction() as s:
+        [t] = await queue.claim_tasks(s, processor_id="p", limit=1, lease_seconds=30)
+        await queue.complete_task(
+            s,
+            task_id=t.id,
+            processor_id="p",
+            attempt=1,
+            result={"secret": "s3cret"},
+            duration_seconds=0.2,
+        )
+    await api.post("alice", "/tasks", json={"kind": "noop"})
     text = (await api.client.get("/metrics")).text
     assert 'async_processor_tasks{queue="default",status="pending"} 1.0' in text
+    assert 'async_processor_tasks_by_kind{kind="noop",status="completed"} 1.0' in text
+    assert 'async_processor_job_duration_seconds_bucket{kind="noop",le="0.1"} 0.0' in text
+    assert 'async_processor_job_duration_seconds_bucket{kind="noop",le="0.5"} 1.0' in text
+    assert 'async_processor_pickup_seconds_count{kind="noop"} 1.0' in text
     assert "s3cret" not in text and "alice" not in text
 
 

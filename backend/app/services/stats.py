@@ -69,3 +69,39 @@ async def summary(
             for p in procs
         ],
     }
+
+
+RECENT_WINDOW_SECONDS = 3600
+RECENT_ROWS_MAX = 10_000
+
+
+async def by_kind(db: Database) -> dict[str, dict[str, int]]:
+    """Task counts per kind and status (over the retained history)."""
+    async with db.read_transaction() as session:
+        rows = await session.execute(
+            select(T.kind, T.status, func.count()).group_by(T.kind, T.status)
+        )
+        result: dict[str, dict[str, int]] = {}
+        for kind, status, n in rows.all():
+            result.setdefault(kind, {})[status] = n
+    return result
+
+
+async def recent_timings(db: Database) -> list[tuple[str, float, float]]:
+    """(kind, duration, pick-up delay) of jobs completed in the last hour, newest first,
+    at most RECENT_ROWS_MAX of them. Pick-up is started_at - scheduled_at."""
+    async with db.read_transaction() as session:
+        rows = await session.execute(
+            select(T.kind, T.duration_seconds, T.started_at, T.scheduled_at)
+            .where(
+                T.status == TaskStatus.COMPLETED,
+                T.completed_at >= later_sql(db.dialect, -RECENT_WINDOW_SECONDS),
+            )
+            .order_by(T.completed_at.desc())
+            .limit(RECENT_ROWS_MAX)
+        )
+        return [
+            (kind, duration or 0.0, max(0.0, (started - scheduled).total_seconds()))
+            for kind, duration, started, scheduled in rows.all()
+            if started is not None
+        ]
