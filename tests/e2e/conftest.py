@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.e2e.daemon import Daemon
+from tests.e2e.test_make_run import free_port
 
 
 @pytest.fixture
@@ -23,3 +29,31 @@ def spawn(database_url: str, tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     yield start
     for daemon in started:
         daemon.kill()
+
+
+@pytest.fixture
+def api_url(database_url: str, tmp_path: Path) -> Iterator[str]:
+    """A real `async-processor api` process on the test database; its base URL."""
+    port = free_port()
+    env = {**os.environ, "ASYNC_PROCESSOR_DATABASE_URL": database_url}
+    script = Path(sys.executable).with_name("async-processor")
+    log = (tmp_path / "api.log").open("wb")
+    proc = subprocess.Popen(
+        [str(script), "api", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert proc.poll() is None and time.monotonic() < deadline, (
+            tmp_path / "api.log"
+        ).read_text()
+        time.sleep(0.1)
+    yield base
+    proc.terminate()
+    proc.wait(20)
+    log.close()

@@ -3,48 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 
 from app.db import Database
 from app.services import auth, queue
-from tests.e2e.test_make_run import free_port
 
 pytestmark = [pytest.mark.e2e]
-
-
-@pytest.fixture
-def api_url(database_url: str, tmp_path: Path) -> Iterator[str]:
-    port = free_port()
-    env = {**os.environ, "ASYNC_PROCESSOR_DATABASE_URL": database_url}
-    script = Path(sys.executable).with_name("async-processor")
-    log = (tmp_path / "api.log").open("wb")
-    proc = subprocess.Popen(
-        [str(script), "api", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert proc.poll() is None and time.monotonic() < deadline, (
-            tmp_path / "api.log"
-        ).read_text()
-        time.sleep(0.1)
-    yield base
-    proc.terminate()
-    proc.wait(20)
-    log.close()
 
 
 async def read_events(response: httpx.Response, n: int) -> list[tuple[int, dict[str, object]]]:

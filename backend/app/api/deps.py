@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request, status
+from fastapi import Depends, HTTPException, Path, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.config import Settings
@@ -27,6 +27,11 @@ def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
+
+MAX_ID = 2**63 - 1
+#: A task or notification id in a path: 1 .. the largest BIGINT.
+TaskId = Annotated[int, Path(ge=1, le=MAX_ID)]
+NotificationId = Annotated[int, Path(ge=1, le=MAX_ID)]
 
 DbDep = Annotated[Database, Depends(get_db)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -13,7 +14,7 @@ from app.api import errors
 from app.api.routes import health, notifications, status, tasks
 from app.config import Settings, get_settings
 from app.db import Database
-from app.services.handlers import import_handler_modules
+from app.services.handlers import REGISTRY, import_handler_modules
 
 API_PREFIX = "/api/async-analysis"
 
@@ -50,4 +51,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in (tasks.router, notifications.router, status.router):
         app.include_router(router, prefix=API_PREFIX)
     app.include_router(health.router)
+    _document_kinds(app)
     return app
+
+
+def _document_kinds(app: FastAPI) -> None:
+    """List the registered kinds in the OpenAPI document (TaskCreate.kind's enum)."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = generate()
+        task_create = schema["components"]["schemas"]["TaskCreate"]["properties"]["kind"]
+        task_create["enum"] = REGISTRY.kinds()
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.models import AnalysisNotification, PendingAnalysis
 from app.services import notifications, queue
@@ -21,12 +21,37 @@ class TaskCreate(BaseModel):
     priority: int = Field(default=queue.DEFAULT_PRIORITY, ge=1, le=10)
     max_retries: int | None = Field(default=None, ge=0, le=1000)
     timeout_seconds: int | None = Field(default=None, gt=0, le=7 * 24 * 3600)
-    scheduled_at: datetime | None = None
+    scheduled_at: datetime | None = Field(default=None, description="Not before (ISO 8601)")
     queue: str = Field(default=queue.DEFAULT_QUEUE, min_length=1, max_length=100)
     project_id: str | None = Field(default=None, min_length=1, max_length=255)
     chapter_id: str | None = Field(default=None, min_length=1, max_length=255)
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=255)
     user_id: str | None = Field(default=None, min_length=1, max_length=255)
+
+    @field_validator("priority", "max_retries", "timeout_seconds", mode="before")
+    @classmethod
+    def _json_integers(cls, value: object) -> object:
+        # JSON integers only: true, "5" and 2.5 are not numbers here (5.0 is).
+        integral = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+        if value is not None and (isinstance(value, bool) or not integral):
+            raise ValueError("must be a JSON integer")
+        return value
+
+    @field_validator(
+        "kind", "queue", "project_id", "chapter_id", "idempotency_key", "user_id", mode="before"
+    )
+    @classmethod
+    def _json_strings(cls, value: object) -> object:
+        if value is not None and not isinstance(value, str):
+            raise ValueError("must be a string")
+        return value
+
+    @field_validator("scheduled_at", mode="before")
+    @classmethod
+    def _iso_only(cls, value: object) -> object:
+        if value is not None and not isinstance(value, str | datetime):
+            raise ValueError("must be an ISO 8601 date-time string")
+        return value
 
 
 class BulkCreate(BaseModel):
@@ -34,7 +59,7 @@ class BulkCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    tasks: list[dict[str, Any]] = Field(min_length=1, max_length=1000)
+    tasks: list[TaskCreate] = Field(min_length=1, max_length=1000)
 
 
 class Progress(BaseModel):

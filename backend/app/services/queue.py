@@ -97,9 +97,13 @@ class TaskSpec:
             value = getattr(self, name)
             _check(value is None or 0 < len(value) <= MAX_ID_LENGTH, name, value)
         try:
-            json.dumps(self.payload, allow_nan=False)
+            text = json.dumps(self.payload, allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise InvalidTaskError(f"payload is not JSON-serialisable: {exc}") from None
+        # PostgreSQL stores neither NUL characters in text nor \u0000 in jsonb.
+        strings = [self.kind, self.queue, self.user_id, self.project_id, self.chapter_id]
+        if "\\u0000" in text or any("\x00" in s for s in [*strings, self.idempotency_key] if s):
+            raise InvalidTaskError("strings must not contain NUL (\\u0000) characters")
 
     def row(self) -> dict[str, Any]:
         """Insert parameters for this spec (``sched`` feeds the scheduled_at default)."""

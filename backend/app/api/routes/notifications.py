@@ -9,7 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, HTTPException, Query, Request
 from fastapi.responses import StreamingResponse
 
-from app.api.deps import CallerDep, DbDep
+from app.api.deps import MAX_ID, CallerDep, DbDep, NotificationId
 from app.api.errors import ERRORS
 from app.api.schemas import Marked, NotificationPage, NotificationPublic
 from app.db import Database
@@ -23,7 +23,7 @@ async def list_notifications(
     caller: CallerDep,
     db: DbDep,
     after_id: Annotated[
-        int | None, Query(ge=0, description="Only ids after this one, oldest first")
+        int | None, Query(ge=0, le=MAX_ID, description="Only ids after this one, oldest first")
     ] = None,
     unread_only: bool = False,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
@@ -86,7 +86,7 @@ async def stream_notifications(
     request: Request,
     caller: CallerDep,
     db: DbDep,
-    after_id: Annotated[int | None, Query(ge=0)] = None,
+    after_id: Annotated[int | None, Query(ge=0, le=MAX_ID)] = None,
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> StreamingResponse:
     """Server-Sent Events: each new notification of the caller as it commits. Resumes after
@@ -115,7 +115,7 @@ async def mark_all_read(caller: CallerDep, db: DbDep) -> Marked:
     response_model=Marked,
     responses={404: {"description": "No such notification (or not yours)"}},
 )
-async def mark_read(notification_id: int, caller: CallerDep, db: DbDep) -> Marked:
+async def mark_read(notification_id: NotificationId, caller: CallerDep, db: DbDep) -> Marked:
     """Mark one notification read."""
     async with db.write_transaction() as session:
         found = await notifications.mark_read(session, notification_id, user_id=caller.scope)

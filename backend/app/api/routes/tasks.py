@@ -7,9 +7,8 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
 
-from app.api.deps import CallerDep, DbDep, SettingsDep
+from app.api.deps import MAX_ID, CallerDep, DbDep, SettingsDep, TaskId
 from app.api.errors import ERRORS
 from app.api.schemas import BulkCreate, BulkResult, TaskCreate, TaskPage, TaskPublic
 from app.config import Settings
@@ -117,7 +116,11 @@ async def create_task(
     "/bulk",
     status_code=202,
     response_model=BulkResult,
-    responses={413: {"description": "A payload too large"}, 422: {"description": "Invalid task"}},
+    responses={
+        409: {"description": "An idempotency_key held by another user's task"},
+        413: {"description": "A payload too large"},
+        422: {"description": "Invalid task"},
+    },
 )
 async def create_tasks(
     body: BulkCreate, caller: CallerDep, db: DbDep, settings: SettingsDep
@@ -126,12 +129,7 @@ async def create_tasks(
     specs = []
     for index, item in enumerate(body.tasks):
         try:
-            specs.append(to_spec(TaskCreate.model_validate(item), caller, settings))
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            detail = f"tasks[{index}]: {where}: {first['msg']}"
-            return JSONResponse({"detail": detail}, status_code=422)
+            specs.append(to_spec(item, caller, settings))
         except BadTask as exc:
             return JSONResponse({"detail": f"tasks[{index}]: {exc.detail}"}, status_code=exc.code)
     async with db.write_transaction() as session:
@@ -144,6 +142,14 @@ async def create_tasks(
     return BulkResult(tasks=[TaskPublic.of(t) for t in tasks if t is not None])
 
 
+@router.api_route("/bulk", methods=["GET", "PUT", "PATCH", "DELETE"], include_in_schema=False)
+async def bulk_other_methods() -> JSONResponse:
+    """/tasks/bulk takes POST only (without this, GET would read "bulk" as a task id)."""
+    return JSONResponse(
+        {"detail": "Method Not Allowed"}, status_code=405, headers={"Allow": "POST"}
+    )
+
+
 @router.get("", response_model=TaskPage)
 async def list_tasks(
     caller: CallerDep,
@@ -153,7 +159,7 @@ async def list_tasks(
     project_id: Annotated[str | None, Query(max_length=255)] = None,
     chapter_id: Annotated[str | None, Query(max_length=255)] = None,
     cursor: Annotated[
-        int | None, Query(ge=0, description="The last id of the previous page")
+        int | None, Query(ge=0, le=MAX_ID, description="The last id of the previous page")
     ] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> TaskPage:
@@ -174,7 +180,7 @@ async def list_tasks(
 
 
 @router.get("/{task_id}", response_model=TaskPublic, responses=NOT_FOUND)
-async def get_task(task_id: int, caller: CallerDep, db: DbDep) -> TaskPublic:
+async def get_task(task_id: TaskId, caller: CallerDep, db: DbDep) -> TaskPublic:
     """One task: status, progress, result, error, attempts, timings."""
     return TaskPublic.of(await _load(db, task_id, caller))
 
@@ -184,7 +190,7 @@ async def get_task(task_id: int, caller: CallerDep, db: DbDep) -> TaskPublic:
     response_model=TaskPublic,
     responses={**NOT_FOUND, 409: {"description": "Not failed or cancelled"}},
 )
-async def retry_task(task_id: int, caller: CallerDep, db: DbDep) -> TaskPublic:
+async def retry_task(task_id: TaskId, caller: CallerDep, db: DbDep) -> TaskPublic:
     """A failed or cancelled task back to pending, with a fresh retry budget."""
     await _load(db, task_id, caller)
     async with db.write_transaction() as session:
@@ -205,7 +211,9 @@ async def retry_task(task_id: int, caller: CallerDep, db: DbDep) -> TaskPublic:
         409: {"description": "Already finished"},
     },
 )
-async def cancel_task(task_id: int, caller: CallerDep, db: DbDep, response: Response) -> TaskPublic:
+async def cancel_task(
+    task_id: TaskId, caller: CallerDep, db: DbDep, response: Response
+) -> TaskPublic:
     """pending → cancelled now (200); processing → cancelled by its daemon (202)."""
     await _load(db, task_id, caller)
     async with db.write_transaction() as session:
