@@ -531,3 +531,49 @@ async def test_notification_ids_commit_in_order_on_postgres(db: Database) -> Non
 
 def _ref(task_id: int) -> notifications.TaskRef:
     return notifications.TaskRef(task_id, "chapter_analysis", "alice", None, None, 0)
+
+
+@pytest.mark.parametrize("engine_name", ["postgresql"])
+async def test_feed_poller_sees_every_notification_once_with_concurrent_writers(
+    db: Database,
+) -> None:
+    import asyncio
+    import random
+
+    task_id = await enqueue(db)
+    rng = random.Random(5)
+    done = asyncio.Event()
+
+    async def writer(n: int) -> None:
+        for _ in range(n):
+            async with db.write_transaction() as s:
+                await notifications.add(
+                    s, [notifications.build(NotificationType.PROGRESS, _ref(task_id), "w")]
+                )
+                await asyncio.sleep(rng.uniform(0, 0.01))  # commit later than others began
+
+    seen: list[int] = []
+
+    async def poller() -> None:
+        while True:
+            finished = done.is_set()
+            async with db.read_transaction() as s:
+                rows = await notifications.list_for_user(
+                    s, user_id="alice", after_id=max(seen, default=0), limit=500
+                )
+            seen.extend(r.id for r in rows)
+            if finished and not rows:
+                return
+            await asyncio.sleep(0.001)
+
+    polling = asyncio.create_task(poller())
+    await asyncio.gather(*(writer(25) for _ in range(4)))
+    done.set()
+    await polling
+    async with db.read_transaction() as s:
+        every = [
+            r.id
+            for r in await notifications.list_for_user(s, user_id="alice", after_id=0, limit=1000)
+        ]
+    assert len(every) == 100
+    assert seen == every  # each exactly once, in order, none skipped
