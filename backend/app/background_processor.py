@@ -88,6 +88,7 @@ def engine_config(
         backoff_base=settings.retry_backoff_base,
         backoff_max=settings.retry_backoff_max,
         retention_days=settings.retention_days,
+        failed_retention_days=settings.failed_retention_days,
     )
 
 

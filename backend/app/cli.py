@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import sys
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
+from rich.progress import Progress
 from rich.table import Table
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -124,10 +128,103 @@ def processor(
     )
 
 
+BULK_CHUNK = 1_000
+SPEC_FIELDS = frozenset(f.name for f in dataclasses.fields(queue.TaskSpec))
+
+
+def build_spec(conf: Settings, item: dict[str, Any], where: str) -> queue.TaskSpec:
+    """A validated TaskSpec from a dict (a --bulk line or the flags); exit 2 when bad."""
+    unknown = set(item) - SPEC_FIELDS
+    if unknown:
+        fail(f"{where}: unknown field(s) {', '.join(sorted(unknown))}", EXIT_USAGE)
+    kind = item.get("kind")
+    if kind not in REGISTRY:
+        known = ", ".join(REGISTRY.kinds()) or "none"
+        fail(f"{where}: unknown kind {kind!r}; registered kinds: {known}", EXIT_USAGE)
+    values = {
+        "max_retries": conf.max_retries,
+        "timeout_seconds": conf.processing_timeout,
+        **{k: v for k, v in item.items() if v is not None},
+    }
+    try:
+        if isinstance(values.get("scheduled_at"), str):
+            values["scheduled_at"] = datetime.fromisoformat(values["scheduled_at"])
+        return queue.TaskSpec(**values)
+    except (queue.InvalidTaskError, TypeError, ValueError) as exc:
+        fail(f"{where}: {exc}", EXIT_USAGE)
+
+
+def read_payload(payload: str | None, payload_file: Path | None) -> dict[str, Any]:
+    """--payload JSON (or - for stdin) or --payload-file PATH; exit 2 on bad JSON."""
+    if payload is not None and payload_file is not None:
+        fail("give --payload or --payload-file, not both", EXIT_USAGE)
+    if payload_file is not None:
+        try:
+            text = payload_file.read_text()
+        except OSError as exc:
+            fail(f"--payload-file: {exc}", EXIT_USAGE)
+    else:
+        text = sys.stdin.read() if payload == "-" else (payload or "{}")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        fail(f"the payload is not valid JSON: {exc}", EXIT_USAGE)
+    if not isinstance(data, dict):
+        fail("the payload must be a JSON object", EXIT_USAGE)
+    return data
+
+
+def read_bulk(conf: Settings, path: Path) -> list[queue.TaskSpec]:
+    """Every line of a JSONL file as a TaskSpec; the first bad line stops everything."""
+    try:
+        lines = (sys.stdin if str(path) == "-" else path.open()).read().splitlines()
+    except OSError as exc:
+        fail(f"--bulk: {exc}", EXIT_USAGE)
+    specs = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            fail(f"line {number}: not valid JSON: {exc}", EXIT_USAGE)
+        if not isinstance(item, dict):
+            fail(f"line {number}: must be a JSON object", EXIT_USAGE)
+        specs.append(build_spec(conf, item, f"line {number}"))
+    if not specs:
+        fail("--bulk: the file holds no tasks", EXIT_USAGE)
+    return specs
+
+
+def write_bulk(specs: list[queue.TaskSpec]) -> tuple[int, int]:
+    """Enqueue in chunks (one transaction each) with a progress bar; (created, existing)."""
+
+    async def work(db: Database) -> tuple[int, int]:
+        created = existing = 0
+        with Progress(console=err, transient=True) as progress:
+            bar = progress.add_task("enqueueing", total=len(specs))
+            for start in range(0, len(specs), BULK_CHUNK):
+                chunk = specs[start : start + BULK_CHUNK]
+                async with db.write_transaction() as session:
+                    results = await queue.enqueue_tasks(session, chunk)
+                created += sum(r.created for r in results)
+                existing += sum(not r.created for r in results)
+                progress.advance(bar, len(chunk))
+        return created, existing
+
+    return with_db(work)
+
+
 @cli.command()
 def enqueue(
-    kind: Annotated[str, typer.Argument(help="The handler kind.")],
-    payload: Annotated[str, typer.Option(help="The payload, a JSON object.")] = "{}",
+    kind: Annotated[str | None, typer.Argument(help="The handler kind.")] = None,
+    payload: Annotated[
+        str | None, typer.Option(help="The payload, a JSON object; - reads it from stdin.")
+    ] = None,
+    payload_file: Annotated[Path | None, typer.Option(help="Read the payload from a file.")] = None,
+    bulk: Annotated[
+        Path | None, typer.Option(help="A JSONL file (- for stdin): one task object a line.")
+    ] = None,
     priority: Annotated[int, typer.Option(min=1, max=10)] = queue.DEFAULT_PRIORITY,
     user: Annotated[str | None, typer.Option(help="user_id")] = None,
     project: Annotated[str | None, typer.Option(help="project_id")] = None,
@@ -137,31 +234,28 @@ def enqueue(
     timeout: Annotated[int | None, typer.Option(min=1, help="Seconds.")] = None,
     idempotency_key: Annotated[str | None, typer.Option()] = None,
 ) -> None:
-    """Enqueue one task and print its id."""
+    """Enqueue one task and print its id, or many with --bulk."""
     conf = settings()
     load_handlers(conf)
-    if kind not in REGISTRY:
-        known = ", ".join(REGISTRY.kinds()) or "none"
-        fail(f"unknown kind {kind!r}; registered kinds: {known}", EXIT_USAGE)
-    try:
-        data = json.loads(payload)
-    except json.JSONDecodeError as exc:
-        fail(f"--payload is not valid JSON: {exc}", EXIT_USAGE)
-    try:
-        spec = queue.TaskSpec(
-            kind=kind,
-            payload=data,
-            priority=priority,
-            queue=queue_name,
-            max_retries=conf.max_retries if max_retries is None else max_retries,
-            timeout_seconds=timeout or conf.processing_timeout,
-            user_id=user,
-            project_id=project,
-            chapter_id=chapter,
-            idempotency_key=idempotency_key,
-        )
-    except queue.InvalidTaskError as exc:
-        fail(str(exc), EXIT_USAGE)
+    if (kind is None) == (bulk is None):
+        fail("give a KIND, or --bulk FILE.jsonl (not both)", EXIT_USAGE)
+    if bulk is not None:
+        created, existing = write_bulk(read_bulk(conf, bulk))
+        print(f"enqueued {created} tasks ({existing} already existed by idempotency key)")
+        return
+    item = {
+        "kind": kind,
+        "payload": read_payload(payload, payload_file),
+        "priority": priority,
+        "queue": queue_name,
+        "max_retries": max_retries,
+        "timeout_seconds": timeout,
+        "user_id": user,
+        "project_id": project,
+        "chapter_id": chapter,
+        "idempotency_key": idempotency_key,
+    }
+    spec = build_spec(conf, item, "enqueue")
 
     async def work(db: Database) -> int:
         async with db.write_transaction() as session:
@@ -241,14 +335,51 @@ def tasks_list(
 
 
 @tasks_cli.command("retry")
-def tasks_retry(task_ids: list[int]) -> None:
-    """Put failed or cancelled tasks back to pending."""
+def tasks_retry(
+    task_ids: Annotated[list[int] | None, typer.Argument(help="Task ids.")] = None,
+    status: Annotated[
+        str | None, typer.Option(help="Retry every task in this status (failed or cancelled).")
+    ] = None,
+    kind: Annotated[str | None, typer.Option(help="With --status: only this kind.")] = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Put failed or cancelled tasks back to pending: by id, or all of a status (and kind)."""
+    if bool(task_ids) == (status is not None):
+        fail("give task ids, or --status failed|cancelled [--kind K]", EXIT_USAGE)
+    if status is not None:
+        _retry_matching(status, kind, yes)
+        return
 
     async def work(db: Database) -> list[queue.RetryOutcome]:
         async with db.write_transaction() as session:
-            return [await queue.retry_task(session, i) for i in task_ids]
+            return [await queue.retry_task(session, i) for i in task_ids or []]
 
-    _report(task_ids, with_db(work), ok=queue.RetryOutcome.RETRIED)
+    _report(task_ids or [], with_db(work), ok=queue.RetryOutcome.RETRIED)
+
+
+def _retry_matching(status: str, kind: str | None, yes: bool) -> None:
+    async def count(db: Database) -> int:
+        async with db.read_transaction() as session:
+            return await queue.count_retryable(session, status=status, kind=kind)
+
+    try:
+        n = with_db(count)
+    except queue.InvalidTaskError as exc:
+        fail(str(exc), EXIT_USAGE)
+    what = f"{n} {status} task(s)" + (f" of kind {kind!r}" if kind else "")
+    if n == 0:
+        print(f"no {status} tasks" + (f" of kind {kind!r}" if kind else ""))
+        return
+    if not yes:
+        if not sys.stdin.isatty():
+            fail(f"this would retry {what}; add --yes to confirm", EXIT_USAGE)
+        typer.confirm(f"Retry {what}?", abort=True)
+
+    async def work(db: Database) -> int:
+        async with db.write_transaction() as session:
+            return await queue.retry_tasks(session, status=status, kind=kind)
+
+    print(f"retried {with_db(work)} task(s)")
 
 
 @tasks_cli.command("cancel")
@@ -312,19 +443,42 @@ def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
 
 
 @cli.command()
-def prune(dry_run: Annotated[bool, typer.Option("--dry-run")] = False) -> None:
-    """Delete finished tasks and read notifications past RETENTION_DAYS."""
+def prune(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only count what would go.")] = False,
+) -> None:
+    """Delete finished tasks and read notifications past their retention."""
+    from app.services import notifications
     from app.services.processor.pruner import Pruner
 
-    if dry_run:
-        fail("--dry-run is not available yet", EXIT_USAGE)
     conf = settings()
+    if not dry_run:
 
-    async def work(db: Database) -> Any:
-        return await Pruner(db, retention_days=conf.retention_days).run_once()
+        async def work(db: Database) -> Any:
+            return await Pruner(
+                db,
+                retention_days=conf.retention_days,
+                failed_retention_days=conf.failed_retention_days,
+            ).run_once()
 
-    result = with_db(work)
-    print(f"pruned {result.tasks} tasks and {result.notifications} notifications")
+        result = with_db(work)
+        print(f"pruned {result.tasks} tasks and {result.notifications} notifications")
+        return
+    now = datetime.now(UTC)
+
+    async def count(db: Database) -> tuple[int, int]:
+        async with db.read_transaction() as session:
+            tasks = await queue.count_prunable(
+                session,
+                completed_before=now - timedelta(days=conf.retention_days),
+                failed_before=now - timedelta(days=conf.failed_retention_days),
+            )
+            notes = await notifications.count_read_before(
+                session, read_before=now - timedelta(days=conf.retention_days)
+            )
+        return tasks, notes
+
+    tasks, notes = with_db(count)
+    print(f"would prune {tasks} tasks and {notes} notifications")
 
 
 def _safe_url(url: str) -> str:

@@ -23,6 +23,7 @@ DEFAULT_LEASE_SECONDS = 30.0
 DEFAULT_SHUTDOWN_GRACE_SECONDS = 30.0
 DEFAULT_HANDLER_MODULES = ("app.services.analysis",)
 DEFAULT_RETENTION_DAYS = 14.0
+DEFAULT_FAILED_RETENTION_DAYS = 30.0
 DEFAULT_MAX_PAYLOAD_BYTES = 1_048_576
 
 SUPPORTED_DRIVERS = ("sqlite+aiosqlite", "postgresql+asyncpg")
@@ -49,6 +50,7 @@ class Settings(BaseSettings):
     handler_modules: Annotated[tuple[str, ...], NoDecode] = DEFAULT_HANDLER_MODULES
     inline: bool = False
     retention_days: PositiveSeconds = DEFAULT_RETENTION_DAYS
+    failed_retention_days: PositiveSeconds = DEFAULT_FAILED_RETENTION_DAYS
     max_payload_bytes: int = Field(default=DEFAULT_MAX_PAYLOAD_BYTES, gt=0)
     cors_origins: Annotated[tuple[str, ...], NoDecode] = ()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

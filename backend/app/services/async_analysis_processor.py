@@ -54,6 +54,7 @@ class EngineConfig:
     backoff_base: float = 10.0
     backoff_max: float = 3600.0
     retention_days: float = 14.0
+    failed_retention_days: float = 30.0
     processor_id: str = ""
 
     def __post_init__(self) -> None:
@@ -88,7 +89,11 @@ class ProcessorEngine:
             stats=self.stats,
         )
         self.rescuer = Rescuer(db, lease_seconds=config.lease_seconds)
-        self.pruner = Pruner(db, retention_days=config.retention_days)
+        self.pruner = Pruner(
+            db,
+            retention_days=config.retention_days,
+            failed_retention_days=config.failed_retention_days,
+        )
         self.processed = 0
         self.failed = 0
         self._running: dict[int, asyncio.Task[None]] = {}

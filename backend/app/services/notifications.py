@@ -202,6 +202,12 @@ async def mark_all_read(session: AsyncSession, *, user_id: str | None) -> int:
     return len(result.all())
 
 
+async def count_read_before(session: AsyncSession, *, read_before: datetime) -> int:
+    """How many notifications ``prune_read`` would delete."""
+    stmt = select(func.count()).select_from(N).where(N.is_read.is_(True), N.read_at < read_before)
+    return int((await session.execute(stmt)).scalar_one())
+
+
 async def prune_read(
     session: AsyncSession, *, read_before: datetime, batch_size: int = 1_000
 ) -> int:

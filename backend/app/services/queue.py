@@ -648,6 +648,28 @@ async def request_cancel(
     return CancelOutcome.FINISHED if exists is not None else CancelOutcome.NOT_FOUND
 
 
+def _retry_values(current: ColumnElement[datetime]) -> dict[str, Any]:
+    return {
+        "status": TaskStatus.PENDING,
+        "retry_count": 0,
+        "attempts": 0,
+        "scheduled_at": current,
+        "updated_at": current,
+        "completed_at": None,
+        "started_at": None,
+        "result": None,
+        "error": None,
+        "cancel_requested": False,
+        "progress_current": None,
+        "progress_total": None,
+        "progress_message": None,
+        "duration_seconds": None,
+    }
+
+
+RETRYABLE = (TaskStatus.FAILED, TaskStatus.CANCELLED)
+
+
 async def retry_task(
     session: AsyncSession, task_id: int, *, now: datetime | None = None
 ) -> RetryOutcome:
@@ -655,23 +677,8 @@ async def retry_task(
     current = now_sql(dialect_of(session), now)
     stmt = (
         update(T)
-        .where(T.id == task_id, T.status.in_([TaskStatus.FAILED, TaskStatus.CANCELLED]))
-        .values(
-            status=TaskStatus.PENDING,
-            retry_count=0,
-            attempts=0,
-            scheduled_at=current,
-            updated_at=current,
-            completed_at=None,
-            started_at=None,
-            result=None,
-            error=None,
-            cancel_requested=False,
-            progress_current=None,
-            progress_total=None,
-            progress_message=None,
-            duration_seconds=None,
-        )
+        .where(T.id == task_id, T.status.in_(RETRYABLE))
+        .values(**_retry_values(current))
         .returning(T.id)
     )
     if (await session.execute(stmt)).first() is not None:
@@ -679,6 +686,31 @@ async def retry_task(
         return RetryOutcome.RETRIED
     exists = await session.scalar(select(T.id).where(T.id == task_id))
     return RetryOutcome.NOT_RETRYABLE if exists is not None else RetryOutcome.NOT_FOUND
+
+
+def _matching(status: str, kind: str | None) -> ColumnElement[bool]:
+    if status not in RETRYABLE:
+        raise InvalidTaskError(f"only failed or cancelled tasks can be retried, not {status!r}")
+    return and_(T.status == status, T.kind == kind) if kind else T.status == status
+
+
+async def count_retryable(session: AsyncSession, *, status: str, kind: str | None = None) -> int:
+    """How many tasks ``retry_tasks`` would put back (for a confirmation prompt)."""
+    stmt = select(func.count()).select_from(T).where(_matching(status, kind))
+    return int((await session.execute(stmt)).scalar_one())
+
+
+async def retry_tasks(
+    session: AsyncSession, *, status: str, kind: str | None = None, now: datetime | None = None
+) -> int:
+    """Every ``status`` (failed or cancelled) task, of ``kind`` when given, back to pending
+    with a fresh retry budget; one statement. Returns how many."""
+    current = now_sql(dialect_of(session), now)
+    stmt = update(T).where(_matching(status, kind)).values(**_retry_values(current)).returning(T.id)
+    count = len((await session.execute(stmt)).all())
+    if count:
+        await notify_daemons(session)
+    return count
 
 
 # --- maintenance -------------------------------------------------------------------------------
@@ -735,6 +767,27 @@ async def rescue_expired(session: AsyncSession, *, now: datetime | None = None) 
     )
 
 
+def _prunable(completed_before: datetime, failed_before: datetime) -> ColumnElement[bool]:
+    return or_(
+        and_(T.status == TaskStatus.COMPLETED, T.completed_at < completed_before),
+        and_(
+            T.status.in_([TaskStatus.FAILED, TaskStatus.CANCELLED]), T.completed_at < failed_before
+        ),
+    )
+
+
+async def count_prunable(
+    session: AsyncSession, *, completed_before: datetime, failed_before: datetime | None = None
+) -> int:
+    """How many tasks ``prune_finished`` would delete (``prune --dry-run``)."""
+    stmt = (
+        select(func.count())
+        .select_from(T)
+        .where(_prunable(completed_before, failed_before or completed_before))
+    )
+    return int((await session.execute(stmt)).scalar_one())
+
+
 async def prune_finished(
     session: AsyncSession,
     *,
@@ -746,20 +799,8 @@ async def prune_finished(
     ``completed_before``, failed and cancelled ones before ``failed_before`` (default: the
     same). Their notifications go with them. Returns how many; call again while it is
     ``batch_size``, each call in its own short transaction."""
-    failed_cutoff = failed_before or completed_before
-    doomed = (
-        select(T.id)
-        .where(
-            or_(
-                and_(T.status == TaskStatus.COMPLETED, T.completed_at < completed_before),
-                and_(
-                    T.status.in_([TaskStatus.FAILED, TaskStatus.CANCELLED]),
-                    T.completed_at < failed_cutoff,
-                ),
-            )
-        )
-        .limit(batch_size)
-    )
+    where = _prunable(completed_before, failed_before or completed_before)
+    doomed = select(T.id).where(where).limit(batch_size)
     result = await session.execute(
         delete(T).where(T.id.in_(doomed.scalar_subquery())).returning(T.id)
     )

@@ -1,0 +1,161 @@
+"""The installed `async-processor` command as a subprocess, on both engines."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from app.db import Database
+from app.services import queue
+from tests.e2e.daemon import REPO
+
+pytestmark = [pytest.mark.e2e]
+Run = Callable[..., subprocess.CompletedProcess[str]]
+
+
+@pytest.fixture
+def cli(database_url: str) -> Run:
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("ASYNC_PROCESSOR_")},
+        "ASYNC_PROCESSOR_DATABASE_URL": database_url,
+        "ASYNC_PROCESSOR_HANDLER_MODULES": "app.services.analysis,tests.e2e.job_handlers",
+        "PYTHONPATH": str(REPO),
+        "COLUMNS": "200",
+    }
+    script = str(Path(sys.executable).with_name("async-processor"))
+
+    def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [script, *args],
+            env=env,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    return run
+
+
+async def count(db: Database) -> int:
+    async with db.read_transaction() as s:
+        return len(await queue.list_tasks(s, limit=10_000))
+
+
+async def test_enqueue_show_list_status(cli: Run, db: Database, tmp_path: Path) -> None:
+    r = cli(
+        "enqueue",
+        "chapter_analysis",
+        "--payload",
+        '{"text": "Hi."}',
+        "--user",
+        "u1",
+        "--chapter",
+        "c1",
+    )
+    assert r.returncode == 0, r.stderr
+    task_id = int(r.stdout.strip())
+    payload_file = tmp_path / "p.json"
+    payload_file.write_text('{"text": "From a file."}')
+    assert cli("enqueue", "chapter_analysis", "--payload-file", str(payload_file)).returncode == 0
+    assert (
+        cli("enqueue", "chapter_analysis", "--payload", "-", stdin='{"text": "stdin"}').returncode
+        == 0
+    )
+    shown = json.loads(cli("tasks", "show", str(task_id), "--json").stdout)
+    assert (shown["id"], shown["status"], shown["payload"], shown["chapter_id"]) == (
+        task_id,
+        "pending",
+        {"text": "Hi."},
+        "c1",
+    )
+    listed = json.loads(cli("tasks", "list", "--json", "--user", "u1").stdout)
+    assert [t["id"] for t in listed] == [task_id]
+    assert len(json.loads(cli("tasks", "list", "--json").stdout)) == 3
+    status = json.loads(cli("status", "--json").stdout)
+    assert status["counts"]["pending"] == 3 and status["queues"] == {"default": {"pending": 3}}
+    table = cli("tasks", "list")
+    assert table.returncode == 0 and "chapter_analysis" in table.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("enqueue", "nope"), "unknown kind 'nope'"),
+        (("enqueue", "noop", "--payload", "{bad"), "not valid JSON"),
+        (("enqueue", "noop", "--payload", "[1]"), "must be a JSON object"),
+        (("enqueue", "noop", "--priority", "11"), "Invalid value for '--priority'"),
+        (("enqueue",), "give a KIND, or --bulk"),
+        (("tasks", "retry"), "give task ids, or --status"),
+        (("tasks", "retry", "--status", "completed", "--yes"), "only failed or cancelled"),
+        (("processor", "--queues", "a,=3"), "is not QUEUE or QUEUE=N"),
+        (("token", "create"), "Missing option"),
+    ],
+)
+async def test_bad_input_exits_2_and_changes_nothing(
+    cli: Run, db: Database, args: tuple[str, ...], message: str
+) -> None:
+    r = cli(*args)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert message in r.stderr
+    assert await count(db) == 0
+
+
+async def test_bulk_enqueue_is_checked_before_anything_is_written(
+    cli: Run, db: Database, tmp_path: Path
+) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"kind": "noop"}\n{"kind": "noop", "priority": 99}\n')
+    r = cli("enqueue", "--bulk", str(bad))
+    assert r.returncode == 2 and "line 2" in r.stderr
+    assert await count(db) == 0
+    good = tmp_path / "good.jsonl"
+    good.write_text(
+        "\n".join(json.dumps({"kind": "noop", "payload": {"n": i}}) for i in range(2500))
+    )
+    r = cli("enqueue", "--bulk", str(good))
+    assert r.returncode == 0 and "enqueued 2500 tasks" in r.stdout
+    assert await count(db) == 2500
+
+
+async def test_retry_cancel_prune_and_tokens(cli: Run, db: Database) -> None:
+    ids = [int(cli("enqueue", "noop", "--max-retries", "0").stdout) for _ in range(3)]
+    r = cli("tasks", "cancel", *map(str, ids[:2]), "999999")
+    assert (
+        r.returncode == 1 and f"{ids[0]}: cancelled" in r.stdout and "999999: not_found" in r.stdout
+    )
+    r = cli("tasks", "retry", "--status", "cancelled")
+    assert r.returncode == 2 and "add --yes" in r.stderr
+    r = cli("tasks", "retry", "--status", "cancelled", "--kind", "noop", "--yes")
+    assert r.returncode == 0 and "retried 2 task(s)" in r.stdout
+    assert cli("tasks", "retry", str(ids[0])).stdout.strip() == f"{ids[0]}: not_retryable"
+    assert cli("prune", "--dry-run").stdout.strip() == "would prune 0 tasks and 0 notifications"
+    assert cli("prune").returncode == 0
+    created = cli("token", "create", "--user", "alice", "--name", "web")
+    token = created.stdout.strip().splitlines()[-1]
+    assert created.returncode == 0 and token.startswith("ap_")
+    listed = cli("token", "list", "--json")
+    assert token not in listed.stdout and json.loads(listed.stdout)[0]["user_id"] == "alice"
+    token_id = json.loads(listed.stdout)[0]["id"]
+    assert cli("token", "revoke", str(token_id)).returncode == 0
+    assert cli("token", "revoke", str(token_id)).returncode == 1
+
+
+def test_unmigrated_database_says_what_to_run(tmp_path: Path) -> None:
+    env = {**os.environ, "ASYNC_PROCESSOR_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/x.db"}
+    script = str(Path(sys.executable).with_name("async-processor"))
+    r = subprocess.run(
+        [script, "status"], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert r.returncode == 1 and "async-processor migrate" in r.stderr
+    r = subprocess.run(
+        [script, "migrate"], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert r.returncode == 0 and (tmp_path / "x.db").is_file()
