@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from app.config import Settings, SettingsError, load_settings
 from app.db import Database
-from app.logs import setup_logging
+from app.logs import PROCESS_CONTEXT, setup_logging
 from app.schema import SchemaError, check_migrated
 from app.services.async_analysis_processor import EngineConfig, ProcessorEngine
 from app.services.handlers import REGISTRY, HandlerImportError, import_handler_modules
@@ -107,6 +107,7 @@ async def serve(settings: Settings, config: EngineConfig) -> int:
             logger.critical("cannot start: %s", exc)
             return 1
         engine = ProcessorEngine(db, REGISTRY, config)
+        PROCESS_CONTEXT["processor_id"] = engine.processor_id
         await engine.start()
         loop = asyncio.get_running_loop()
 

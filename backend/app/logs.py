@@ -8,6 +8,8 @@ import sys
 from datetime import UTC, datetime
 
 CONTEXT_FIELDS = ("action", "task_id", "kind", "processor_id")
+#: Fields every JSON line of this process carries (the daemon sets processor_id).
+PROCESS_CONTEXT: dict[str, str] = {}
 
 
 class JsonFormatter(logging.Formatter):
@@ -20,6 +22,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        entry.update(PROCESS_CONTEXT)
         entry.update({k: getattr(record, k) for k in CONTEXT_FIELDS if hasattr(record, k)})
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)

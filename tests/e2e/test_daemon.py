@@ -357,3 +357,19 @@ async def test_lost_lease_stops_jobs_without_completing_them(
     runs = [json.loads(line) for line in ledger.read_text().splitlines()]
     assert [(r["attempt"], r["event"]) for r in runs] == [(1, "start"), (2, "start"), (2, "end")]
     assert daemon.stop() == 0
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"])
+async def test_json_logs_one_line_per_state_change(db: Database, spawn: Spawn) -> None:
+    ids = await enqueue_many(db, "noop", 3)
+    daemon = spawn(log_format="json", poll_interval="0.05")
+    await eventually(lambda: all_in(db, "completed", 3), within=20)
+    await asyncio.sleep(0.5)  # ten idle polls: they must not log
+    assert daemon.stop() == 0
+    lines = [json.loads(line) for line in daemon.log().splitlines()]
+    jobs = [entry for entry in lines if "task_id" in entry]
+    assert sorted((e["task_id"], e["action"]) for e in jobs) == sorted(
+        (task_id, action) for task_id in ids for action in ("job_started", "job_completed")
+    )
+    assert all(e["kind"] == "noop" and e["processor_id"] == jobs[0]["processor_id"] for e in jobs)
+    assert len(lines) == len(jobs) + 3  # the daemon started, stopping, stopped

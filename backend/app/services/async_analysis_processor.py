@@ -312,11 +312,12 @@ class ProcessorEngine:
         if job is None or task_id in self._stop_reasons:
             return
         self._stop_reasons[task_id] = reason
+        held = self._held.get(task_id)
         logger.warning(
             "task %s: stopping (%s)",
             task_id,
             reason.value,
-            extra={"action": "job_stopping", "task_id": task_id},
+            extra={"action": "job_stopping", "task_id": task_id, "kind": held and held.kind},
         )
         job.cancel()
 

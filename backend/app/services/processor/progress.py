@@ -36,7 +36,7 @@ def progress_sink(db: Database, task: ClaimedTask, processor_id: str) -> Progres
                 "task %s: progress not recorded (%s)",
                 task.id,
                 exc,
-                extra={"action": "progress_error", "task_id": task.id},
+                extra={"action": "progress_error", "task_id": task.id, "kind": task.kind},
             )
 
     return sink
