@@ -321,6 +321,7 @@ OWNER_CODES = {
     ("POST", f"{P}/notifications/read-all"): 200,
     ("POST", f"{P}/notifications/{{notification_id}}/read"): 200,
     ("GET", f"{P}/status"): 200,
+    ("GET", f"{P}/me"): 200,
 }
 
 

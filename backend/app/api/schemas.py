@@ -91,6 +91,7 @@ class TaskPublic(BaseModel):
     chapter_id: str | None
     idempotency_key: str | None
     cancel_requested: bool
+    locked_by: str | None
     progress: Progress
     created_at: datetime
     scheduled_at: datetime

@@ -152,6 +152,7 @@ async def list_for_user(
     unread_only: bool = False,
     limit: int = 50,
     max_id: int | None = None,
+    task_id: int | None = None,
 ) -> list[AnalysisNotification]:
     """Newest first; with ``after_id``, the ones after it oldest first (paging forward).
 
@@ -165,6 +166,8 @@ async def list_for_user(
         stmt = stmt.where(N.is_read.is_(False))
     if max_id is not None:
         stmt = stmt.where(N.id <= max_id)
+    if task_id is not None:
+        stmt = stmt.where(N.task_id == task_id)
     if after_id is not None:
         stmt = stmt.where(N.id > after_id).order_by(N.id)
     else:

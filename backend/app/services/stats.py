@@ -105,3 +105,32 @@ async def recent_timings(db: Database) -> list[tuple[str, float, float]]:
             for kind, duration, started, scheduled in rows.all()
             if started is not None
         ]
+
+
+TIMELINE_MINUTES = 60
+
+
+async def timeline(db: Database, *, minutes: int = TIMELINE_MINUTES) -> list[dict[str, Any]]:
+    """Completed and failed tasks per minute over the last ``minutes``, oldest first."""
+    if db.dialect == "postgresql":
+        minute: Any = func.to_char(
+            func.date_trunc("minute", func.timezone("UTC", T.completed_at)), "YYYY-MM-DD HH24:MI"
+        )
+    else:
+        minute = func.substr(T.completed_at, 1, 16)
+    stmt = (
+        select(minute.label("minute"), T.status, func.count())
+        .where(
+            T.status.in_([TaskStatus.COMPLETED, TaskStatus.FAILED]),
+            T.completed_at >= later_sql(db.dialect, -60 * minutes),
+        )
+        .group_by(minute, T.status)
+        .order_by(minute)
+    )
+    async with db.read_transaction() as session:
+        rows = (await session.execute(stmt)).all()
+    per_minute: dict[str, dict[str, Any]] = {}
+    for at, status, n in rows:
+        entry = per_minute.setdefault(at, {"minute": at, "completed": 0, "failed": 0})
+        entry[status] = n
+    return list(per_minute.values())

@@ -27,12 +27,18 @@ async def list_notifications(
     ] = None,
     unread_only: bool = False,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    task_id: Annotated[int | None, Query(ge=1, le=MAX_ID, description="Only this task's")] = None,
 ) -> NotificationPage:
     """Newest first; with ``after_id``, the ones after it oldest first (poll with the
     largest id seen), and the unread count."""
     async with db.read_transaction() as session:
         rows = await notifications.list_for_user(
-            session, user_id=caller.scope, after_id=after_id, unread_only=unread_only, limit=limit
+            session,
+            user_id=caller.scope,
+            after_id=after_id,
+            unread_only=unread_only,
+            limit=limit,
+            task_id=task_id,
         )
         unread = await notifications.unread_count(session, user_id=caller.scope)
     return NotificationPage(items=[NotificationPublic.of(n) for n in rows], unread_count=unread)

@@ -21,4 +21,13 @@ async def get_status(
 ) -> dict[str, Any]:
     """Counts per status and queue (the caller's own, for user tokens), the oldest pending
     task's age, durations over the last hour, and the live processors."""
-    return await stats.summary(db, user_id=caller.scope, project_id=project_id)
+    summary = await stats.summary(db, user_id=caller.scope, project_id=project_id)
+    if caller.is_admin:
+        summary["timeline"] = await stats.timeline(db)
+    return summary
+
+
+@router.get("/me")
+async def whoami(caller: CallerDep) -> dict[str, Any]:
+    """Who the token belongs to, and whether it is an admin token."""
+    return {"user_id": caller.user_id, "is_admin": caller.is_admin}
