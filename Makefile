@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: install run migrate test lint fmt typecheck bench bench-quick clean
+.PHONY: install run migrate test lint fmt typecheck bench bench-quick clean chromium
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || { \
@@ -27,7 +27,13 @@ migrate: $(STAMP)
 run: $(STAMP)
 	$(BIN)/async-processor dev --host $(HOST) --port $(PORT)
 
-test: $(STAMP)
+# The dashboard's browser test drives Debian's Chromium (no browser download).
+chromium:
+	@command -v chromium >/dev/null || { \
+		echo "installing Debian's chromium for the dashboard's browser test"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
+test: $(STAMP) chromium
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)

@@ -69,6 +69,7 @@ def run(*, host: str, port: int) -> int:
     base = f"http://{host}:{port}"
     print(f"\nasync-processor is running on {settings.database_url}")
     print(f"  API docs:   {base}/docs")
+    print(f"  dashboard:  {base}/dashboard")
     if token:
         print(f"  admin token: {token}")
     print("Press Ctrl-C to stop both.\n", flush=True)

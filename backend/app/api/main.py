@@ -11,7 +11,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from app import __version__
 from app.api import errors
-from app.api.routes import health, notifications, status, tasks
+from app.api.routes import dashboard, health, notifications, status, tasks
 from app.config import Settings, get_settings
 from app.db import Database
 from app.services.handlers import REGISTRY, import_handler_modules
@@ -51,6 +51,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in (tasks.router, notifications.router, status.router):
         app.include_router(router, prefix=API_PREFIX)
     app.include_router(health.router)
+    app.include_router(dashboard.router)
     _document_kinds(app)
     return app
 

@@ -74,6 +74,12 @@ def truncate_error(error: str) -> str:
     return error if len(error) <= MAX_ERROR_CHARS else error[: MAX_ERROR_CHARS - 1] + "…"
 
 
+def headline(error: str) -> str:
+    """The first line of an error (no traceback), for a notification's message."""
+    first = error.strip().splitlines()[0] if error.strip() else "failed"
+    return first if len(first) <= 300 else first[:299] + "…"
+
+
 async def add(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> None:
     """Insert notification rows in the caller's transaction (one statement).
 

@@ -547,9 +547,10 @@ async def fail_task(
         )
         await notifications.add(session, [note])
         return FailOutcome.RETRYING
-    await notifications.add(
-        session, [notifications.build(NotificationType.FAILED, task, short, error=short)]
+    note = notifications.build(
+        NotificationType.FAILED, task, notifications.headline(error), error=short
     )
+    await notifications.add(session, [note])
     return FailOutcome.FAILED
 
 
