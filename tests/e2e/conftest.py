@@ -14,6 +14,7 @@ import pytest
 
 from tests.e2e.daemon import Daemon
 from tests.e2e.test_make_run import free_port
+from tests.pgcluster import Cluster
 
 
 @pytest.fixture
@@ -57,3 +58,16 @@ def api_url(database_url: str, tmp_path: Path) -> Iterator[str]:
     proc.terminate()
     proc.wait(20)
     log.close()
+
+
+@pytest.fixture
+def cluster(pg_available: bool) -> Iterator[Cluster]:
+    """A throwaway PostgreSQL cluster the test may stop and start."""
+    if not Cluster.available():
+        pytest.fail("PostgreSQL 15 server binaries are missing")
+    c = Cluster().init()
+    c.start()
+    try:
+        yield c
+    finally:
+        c.destroy()

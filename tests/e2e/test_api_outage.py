@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -17,18 +16,6 @@ from app.services import auth
 from tests.pgcluster import Cluster
 
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
-
-
-@pytest.fixture
-def cluster(pg_available: bool) -> Iterator[Cluster]:
-    if not Cluster.available():
-        pytest.fail("PostgreSQL 15 server binaries are missing")
-    c = Cluster().init()
-    c.start()
-    try:
-        yield c
-    finally:
-        c.destroy()
 
 
 async def test_outage_answers_503_then_recovers(cluster: Cluster) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,18 +16,6 @@ from tests.helpers import eventually, task_row
 from tests.pgcluster import Cluster
 
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
-
-
-@pytest.fixture
-def cluster(pg_available: bool) -> Iterator[Cluster]:
-    if not Cluster.available():
-        pytest.fail("PostgreSQL 15 server binaries are missing")
-    c = Cluster().init()
-    c.start()
-    try:
-        yield c
-    finally:
-        c.destroy()
 
 
 async def test_daemon_survives_an_outage_and_writes_outcomes_after(
