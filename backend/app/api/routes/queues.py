@@ -1,0 +1,59 @@
+"""Queues: list them, pause and resume them for every daemon (admin tokens only)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, HTTPException, Path, status
+
+from app.api.deps import CallerDep, DbDep
+from app.api.errors import ERRORS
+from app.api.schemas import NO_NUL
+from app.services import queue
+from app.services.auth import Principal
+
+router = APIRouter(
+    tags=["queues"],
+    responses={**ERRORS, 403: {"description": "An admin token is required"}},
+)
+QueueName = Annotated[str, Path(min_length=1, max_length=queue.MAX_NAME_LENGTH, pattern=NO_NUL)]
+
+
+def _admin(caller: Principal) -> None:
+    if not caller.is_admin:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "an admin token is required")
+
+
+@router.get("/queues")
+async def list_queues(caller: CallerDep, db: DbDep) -> list[dict[str, Any]]:
+    """Queues with live tasks or a pause switch: paused or not, pending and processing."""
+    _admin(caller)
+    async with db.read_transaction() as session:
+        return await queue.queue_overview(session)
+
+
+async def _switch(caller: Principal, db: DbDep, name: str, *, paused: bool) -> dict[str, Any]:
+    _admin(caller)
+    async with db.write_transaction() as session:
+        switch = await queue.set_queue_paused(
+            session, name, paused=paused, by=f"api:{caller.user_id}"
+        )
+    return {
+        "queue": switch.name,
+        "paused": switch.paused,
+        "changed_at": switch.updated_at,
+        "changed_by": switch.updated_by,
+    }
+
+
+@router.post("/queues/{name}/pause")
+async def pause_queue(caller: CallerDep, db: DbDep, name: QueueName) -> dict[str, Any]:
+    """Pause a queue for every daemon at once: nothing more is claimed from it; running
+    jobs finish."""
+    return await _switch(caller, db, name, paused=True)
+
+
+@router.post("/queues/{name}/resume")
+async def resume_queue(caller: CallerDep, db: DbDep, name: QueueName) -> dict[str, Any]:
+    """Resume a paused queue; daemons are woken at once."""
+    return await _switch(caller, db, name, paused=False)
