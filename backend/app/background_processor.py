@@ -2,27 +2,33 @@
 
 Composition root: settings → engine → handlers → schema check → signals → sd_notify → run.
 Exit codes: 0 after a graceful stop, 1 on a fatal error or an unmigrated database,
-2 on a bad setting.
+2 on a bad setting or schedule (a bad cron expression, an unknown kind).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
 import socket
 import sys
-from collections.abc import Sequence
 
-from app.config import Settings, SettingsError, load_settings
+from app.config import QueueSpec, Settings, SettingsError, load_settings
 from app.db import Database
 from app.logs import PROCESS_CONTEXT, setup_logging
 from app.schema import SchemaError, check_migrated
 from app.services.async_analysis_processor import EngineConfig, ProcessorEngine
-from app.services.handlers import REGISTRY, HandlerImportError, import_handler_modules
+from app.services.handlers import (
+    REGISTRY,
+    HandlerImportError,
+    ScheduleError,
+    import_handler_modules,
+)
 from app.services.processor.looper import ErrorBackoff, is_transient
+from app.services.schedules import resolve_schedules
 
 logger = logging.getLogger("app.processor")
 
@@ -75,13 +81,15 @@ def engine_config(
     *,
     concurrency: int | None = None,
     poll_interval: float | None = None,
-    queues: Sequence[str] | None = None,
+    queues: QueueSpec | None = None,
 ) -> EngineConfig:
     """Settings (and CLI overrides) → the engine's plain configuration."""
     return EngineConfig(
         database_url=settings.database_url,
         concurrency=concurrency or settings.max_concurrent,
-        queues=tuple(queues) if queues else None,
+        queues=queues or settings.queues or None,
+        rate_limits=settings.rate_limits,
+        key_limits=settings.key_limits,
         poll_interval=poll_interval or settings.poll_interval,
         lease_seconds=settings.lease_seconds,
         shutdown_grace=settings.shutdown_grace,
@@ -98,8 +106,16 @@ async def serve(settings: Settings, config: EngineConfig) -> int:
         import_handler_modules(settings.handler_modules)
     except HandlerImportError as exc:
         logger.critical("%s", exc)
-        return 1
-    db = Database.from_url(settings.database_url, pool_size=5)
+        return 2 if isinstance(exc.__cause__, ScheduleError) else 1
+    try:
+        periodic = resolve_schedules(
+            REGISTRY, settings.schedules, default_catch_up=settings.schedule_catch_up
+        )
+    except ScheduleError as exc:
+        logger.critical("cannot start: %s", exc)
+        return 2
+    config = dataclasses.replace(config, schedules=tuple(periodic))
+    db = Database.from_url(settings.database_url, pool_size=5, pre_ping=False)
     try:
         try:
             await _wait_for_schema(db)
@@ -132,7 +148,7 @@ def run(
     *,
     concurrency: int | None = None,
     poll_interval: float | None = None,
-    queues: Sequence[str] | None = None,
+    queues: QueueSpec | None = None,
 ) -> int:
     """Load settings, configure logging, run the daemon; returns the exit code."""
     try:

@@ -18,7 +18,7 @@ from rich.table import Table
 from sqlalchemy.exc import SQLAlchemyError
 
 from app import schema
-from app.config import Settings, SettingsError, load_settings
+from app.config import QueueSpec, Settings, SettingsError, load_settings, parse_queues
 from app.db import Database
 from app.models import PendingAnalysis
 from app.services import queue
@@ -37,6 +37,8 @@ cli = typer.Typer(
 )
 tasks_cli = typer.Typer(help="Inspect and repair tasks.", no_args_is_help=True)
 cli.add_typer(tasks_cli, name="tasks")
+queues_cli = typer.Typer(help="Pause and resume queues for every daemon.", no_args_is_help=True)
+cli.add_typer(queues_cli, name="queues")
 token_cli = typer.Typer(help="API tokens (stored as hashes only).", no_args_is_help=True)
 cli.add_typer(token_cli, name="token")
 out = Console()
@@ -87,17 +89,14 @@ def load_handlers(conf: Settings) -> None:
         fail(str(exc))
 
 
-def parse_queues(spec: str | None) -> list[str] | None:
-    """``Q1,Q2=4`` → queue names (per-queue limits are parsed and checked)."""
+def parse_queue_option(spec: str | None) -> QueueSpec | None:
+    """``--queues Q1,Q2=4`` → the parsed spec; exit 2 with the reason when malformed."""
     if not spec:
         return None
-    names = []
-    for part in (p.strip() for p in spec.split(",")):
-        name, _, limit = part.partition("=")
-        if not name or (limit and not (limit.isdigit() and int(limit) > 0)):
-            fail(f"--queues: {part!r} is not QUEUE or QUEUE=N with N >= 1", EXIT_USAGE)
-        names.append(name)
-    return names
+    try:
+        return parse_queues(spec)
+    except ValueError as exc:
+        fail(f"--queues: {exc}", EXIT_USAGE)
 
 
 @cli.command()
@@ -122,9 +121,9 @@ def processor(
     """Run the daemon (same as python -m app.background_processor)."""
     from app import background_processor
 
-    names = parse_queues(queues)
+    spec = parse_queue_option(queues)
     raise typer.Exit(
-        background_processor.run(concurrency=concurrency, poll_interval=poll_interval, queues=names)
+        background_processor.run(concurrency=concurrency, poll_interval=poll_interval, queues=spec)
     )
 
 
@@ -404,12 +403,32 @@ def _report(ids: list[int], outcomes: list[Any], *, ok: object) -> None:
         raise typer.Exit(EXIT_ERROR)
 
 
+def _short_time(iso: str | None) -> str:
+    """An ISO time as ``2026-01-01 12:00:05`` (UTC), or ``-``."""
+    return "-" if iso is None else datetime.fromisoformat(iso).strftime("%Y-%m-%d %H:%M:%S")
+
+
 @cli.command()
 def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """Counts per status and queue, and the daemons."""
+    """Counts per status and queue, the daemons, the periodic schedules, flow limits."""
     from app.services import stats
+    from app.services.schedules import shown_schedules
 
-    summary = with_db(stats.summary)
+    conf = settings()
+    try:
+        import_handler_modules(conf.handler_modules)
+    except HandlerImportError as exc:
+        err.print(f"[yellow]warning:[/] schedules declared in code not shown: {exc}")
+    periodic = shown_schedules(REGISTRY, conf)
+
+    async def work(db: Database) -> dict[str, Any]:
+        summary = await stats.summary(db)
+        summary["schedules"] = await stats.schedule_overview(db, periodic)
+        async with db.read_transaction() as session:
+            summary["limits"] = await queue.flow_limits(session, conf.rate_limits, conf.key_limits)
+        return summary
+
+    summary = with_db(work)
     if as_json:
         print(json.dumps(summary, default=str))
         return
@@ -419,6 +438,8 @@ def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     out.print(table)
     age = summary["oldest_pending_age_seconds"]
     out.print(f"oldest pending: {'-' if age is None else f'{age:.1f} s'}")
+    if summary["paused_queues"]:
+        out.print(f"[bold yellow]paused queues:[/] {', '.join(summary['paused_queues'])}")
     procs = Table(
         "processor",
         "state",
@@ -440,6 +461,91 @@ def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
             str(p["last_seen_at"]),
         )
     out.print(procs)
+    if summary["schedules"]:
+        table = Table(
+            "kind",
+            "cron",
+            "next tick",
+            "last tick",
+            "last task",
+            "status",
+            "enqueued",
+            title="schedules",
+        )
+        for sch in summary["schedules"]:
+            table.add_row(
+                sch["kind"],
+                sch["cron"],
+                _short_time(sch["next_tick"]),
+                _short_time(sch["last_tick"]),
+                str(sch["last_task_id"] or "-"),
+                sch["last_status"] or "-",
+                str(sch["enqueued_total"]),
+            )
+        out.print(table)
+    limits = summary["limits"]
+    for rate in limits["rate_limits"]:
+        out.print(
+            f"rate limit {rate['kind']}: {rate['used']} of {rate['count']} starts "
+            f"in the last {rate['per_seconds']:g} s"
+        )
+    for key in limits["key_limits"]:
+        out.print(f"key limit {key['kind']}: at most {key['limit']} running per {key['column']}")
+
+
+@queues_cli.command("list")
+def queues_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Queues with live tasks or a pause switch: paused or not, pending and processing."""
+
+    async def work(db: Database) -> list[dict[str, Any]]:
+        async with db.read_transaction() as session:
+            return await queue.queue_overview(session)
+
+    rows = with_db(work)
+    if as_json:
+        print(json.dumps(rows, default=str))
+        return
+    table = Table("queue", "state", "pending", "processing", "changed", "by", title="queues")
+    for r in rows:
+        state = "[bold yellow]paused[/]" if r["paused"] else "running"
+        table.add_row(
+            r["queue"],
+            state,
+            str(r["pending"]),
+            str(r["processing"]),
+            "" if r["changed_at"] is None else str(r["changed_at"]),
+            r["changed_by"] or "",
+        )
+    out.print(table)
+
+
+def _switch_queue(name: str, *, paused: bool) -> None:
+    try:
+        queue.TaskSpec(kind="-", queue=name)
+    except queue.InvalidTaskError as exc:
+        fail(f"bad queue name: {exc}", EXIT_USAGE)
+
+    async def work(db: Database) -> None:
+        async with db.write_transaction() as session:
+            await queue.set_queue_paused(session, name, paused=paused, by="cli")
+
+    with_db(work)
+    if paused:
+        out.print(f"queue {name} paused: no daemon claims from it; running jobs finish")
+    else:
+        out.print(f"queue {name} resumed")
+
+
+@queues_cli.command("pause")
+def queues_pause(name: str) -> None:
+    """Pause a queue for every daemon at once (running jobs finish)."""
+    _switch_queue(name, paused=True)
+
+
+@queues_cli.command("resume")
+def queues_resume(name: str) -> None:
+    """Resume a paused queue; daemons are woken at once."""
+    _switch_queue(name, paused=False)
 
 
 @cli.command()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Annotated, Literal, Self
 
@@ -9,6 +10,8 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
+
+from app.cron import Cron, CronError
 
 ENV_PREFIX = "ASYNC_PROCESSOR_"
 
@@ -29,6 +32,117 @@ DEFAULT_MAX_PAYLOAD_BYTES = 1_048_576
 SUPPORTED_DRIVERS = ("sqlite+aiosqlite", "postgresql+asyncpg")
 
 PositiveSeconds = Annotated[float, Field(gt=0)]
+QueueSpec = tuple[tuple[str, int | None], ...]
+ScheduleSpec = tuple[tuple[str, str], ...]
+SCHEDULE_OFF = "off"
+DEFAULT_SCHEDULE_CATCH_UP = 1
+
+
+def parse_schedules(spec: str) -> ScheduleSpec:
+    """``report=0 3 * * *;sync=*/5 * * * *`` → ((kind, cron), …); ``kind=off`` turns off a
+    schedule declared in code. Entries are separated by ``;`` (cron uses spaces and commas).
+    ValueError names the bad entry and says why."""
+    parsed: list[tuple[str, str]] = []
+    for part in (p.strip() for p in spec.split(";")):
+        if not part:
+            continue
+        kind, sep, expression = (x.strip() for x in part.partition("="))
+        if not kind or not sep or not expression or len(kind) > 100:
+            raise ValueError(f"{part!r} is not KIND=CRON (entries separated by ';')")
+        if kind in (k for k, _ in parsed):
+            raise ValueError(f"kind {kind!r} is listed twice")
+        if expression.lower() == SCHEDULE_OFF:
+            parsed.append((kind, SCHEDULE_OFF))
+            continue
+        try:
+            cron = Cron.parse(expression)
+        except CronError as exc:
+            raise ValueError(f"kind {kind!r}: {exc}") from None
+        parsed.append((kind, cron.expression))
+    return tuple(parsed)
+
+
+def parse_queues(spec: str) -> QueueSpec:
+    """``ingest=2,extract=4,default`` → ((name, own concurrency or None), …). A queue with
+    no number shares the daemon's MAX_CONCURRENT. ValueError names the bad part."""
+    parsed: list[tuple[str, int | None]] = []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        name, sep, limit = (x.strip() for x in part.partition("="))
+        if not name or len(name) > 100 or (sep and not (limit.isdigit() and int(limit) > 0)):
+            raise ValueError(f"{part!r} is not QUEUE or QUEUE=N with N >= 1")
+        if name in (n for n, _ in parsed):
+            raise ValueError(f"queue {name!r} is listed twice")
+        parsed.append((name, int(limit) if sep else None))
+    return tuple(parsed)
+
+
+KEY_COLUMNS = ("user_id", "project_id", "chapter_id")
+_PERIODS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """At most ``count`` starts of ``kind`` per ``seconds``, across every daemon."""
+
+    kind: str
+    count: int
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class KeyLimit:
+    """At most ``limit`` running tasks of ``kind`` per value of ``column``, across daemons."""
+
+    kind: str
+    column: str
+    limit: int
+
+
+def _entries(spec: str) -> list[tuple[str, str]]:
+    entries: list[tuple[str, str]] = []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        kind, sep, rule = (x.strip() for x in part.partition("="))
+        if not kind or not sep or not rule:
+            raise ValueError(f"{part!r} is not KIND=RULE")
+        if kind in (k for k, _ in entries):
+            raise ValueError(f"kind {kind!r} is listed twice")
+        entries.append((kind, rule))
+    return entries
+
+
+def parse_rate_limits(spec: str) -> tuple[RateLimit, ...]:
+    """``llm_call=10/1s,report=100/m`` → rate limits (periods in s, m or h)."""
+    limits = []
+    for kind, rule in _entries(spec):
+        count, _, period = rule.partition("/")
+        number, unit = period[:-1] or "1", period[-1:]
+        try:
+            seconds = float(number) * _PERIODS[unit]
+            n = int(count)
+        except (KeyError, ValueError):
+            raise ValueError(f"{kind}={rule!r} is not N/PERIOD like 10/1s, 100/m or 5/2h") from None
+        if n < 1 or seconds <= 0:
+            raise ValueError(f"{kind}={rule!r}: N and PERIOD must be positive")
+        limits.append(RateLimit(kind, n, seconds))
+    return tuple(limits)
+
+
+def parse_key_limits(spec: str) -> tuple[KeyLimit, ...]:
+    """``chapter_analysis=chapter_id:1`` → per-key concurrency limits."""
+    limits = []
+    for kind, rule in _entries(spec):
+        column, _, limit = rule.partition(":")
+        if column not in KEY_COLUMNS or not (limit.isdigit() and int(limit) > 0):
+            raise ValueError(
+                f"{kind}={rule!r} is not COLUMN:N with COLUMN one of {', '.join(KEY_COLUMNS)}"
+                " and N >= 1"
+            )
+        limits.append(KeyLimit(kind, column, int(limit)))
+    return tuple(limits)
 
 
 class Settings(BaseSettings):
@@ -48,6 +162,9 @@ class Settings(BaseSettings):
     lease_seconds: PositiveSeconds = DEFAULT_LEASE_SECONDS
     shutdown_grace: float = Field(default=DEFAULT_SHUTDOWN_GRACE_SECONDS, ge=0)
     handler_modules: Annotated[tuple[str, ...], NoDecode] = DEFAULT_HANDLER_MODULES
+    queues: Annotated[QueueSpec, NoDecode] = ()
+    rate_limits: Annotated[tuple[RateLimit, ...], NoDecode] = ()
+    key_limits: Annotated[tuple[KeyLimit, ...], NoDecode] = ()
     inline: bool = False
     retention_days: PositiveSeconds = DEFAULT_RETENTION_DAYS
     failed_retention_days: PositiveSeconds = DEFAULT_FAILED_RETENTION_DAYS
@@ -55,6 +172,8 @@ class Settings(BaseSettings):
     cors_origins: Annotated[tuple[str, ...], NoDecode] = ()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
+    schedules: Annotated[ScheduleSpec, NoDecode] = ()
+    schedule_catch_up: int = Field(default=DEFAULT_SCHEDULE_CATCH_UP, ge=1, le=1000)
 
     @field_validator("database_url")
     @classmethod
@@ -76,17 +195,37 @@ class Settings(BaseSettings):
             return tuple(part.strip() for part in value.split(",") if part.strip())
         return value
 
+    @field_validator("queues", mode="before")
+    @classmethod
+    def _parse_queues(cls, value: object) -> object:
+        return parse_queues(value) if isinstance(value, str) else value
+
+    @field_validator("rate_limits", mode="before")
+    @classmethod
+    def _parse_rate_limits(cls, value: object) -> object:
+        return parse_rate_limits(value) if isinstance(value, str) else value
+
+    @field_validator("key_limits", mode="before")
+    @classmethod
+    def _parse_key_limits(cls, value: object) -> object:
+        return parse_key_limits(value) if isinstance(value, str) else value
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper_level(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
 
+    @field_validator("schedules", mode="before")
+    @classmethod
+    def _parse_schedules(cls, value: object) -> object:
+        return parse_schedules(value) if isinstance(value, str) else value
+
     @model_validator(mode="after")
     def _backoff_order(self) -> Self:
         if self.retry_backoff_base > self.retry_backoff_max:
             raise ValueError(
-                f"RETRY_BACKOFF_BASE ({self.retry_backoff_base}) must not exceed "
-                f"RETRY_BACKOFF_MAX ({self.retry_backoff_max})"
+                f"{ENV_PREFIX}RETRY_BACKOFF_BASE ({self.retry_backoff_base:g}) must not "
+                f"exceed {ENV_PREFIX}RETRY_BACKOFF_MAX ({self.retry_backoff_max:g})"
             )
         return self
 
@@ -104,12 +243,15 @@ def describe_validation_error(error: ValidationError) -> str:
     """Render a pydantic error as lines naming each variable and its bad value."""
     lines = []
     for item in error.errors():
-        field = ".".join(str(part) for part in item["loc"]) or "settings"
-        name = f"{ENV_PREFIX}{field.upper()}" if item["loc"] else "settings"
+        message = item["msg"].removeprefix("Value error, ")
+        if not item["loc"]:
+            # A cross-field rule: its message names the variables involved.
+            lines.append(f"invalid settings: {message}")
+            continue
+        field = ".".join(str(part) for part in item["loc"])
         value = item.get("input")
         shown = "" if isinstance(value, dict) else f"={value!r}"
-        message = item["msg"].removeprefix("Value error, ")
-        lines.append(f"invalid setting {name}{shown}: {message}")
+        lines.append(f"invalid setting {ENV_PREFIX}{field.upper()}{shown}: {message}")
     return "\n".join(lines)
 
 

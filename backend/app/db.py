@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
+from weakref import WeakKeyDictionary
 
 from sqlalchemy import Interval, event, func, literal
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
@@ -19,6 +22,7 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.sql.elements import ColumnElement
 
 from app.models.types import UTCDateTime, utcnow
+from app.services import faults
 
 SQLITE_BUSY_TIMEOUT_MS = 5_000
 PG_CONNECT_TIMEOUT_SECONDS = 3.0
@@ -57,11 +61,20 @@ def _on_sqlite_begin(conn: Any) -> None:
     # A deferred transaction that later writes fails at once with "database is locked",
     # whatever busy_timeout says; write transactions therefore take the lock up front.
     mode = conn.get_execution_options().get(_BEGIN_OPTION, "DEFERRED")
+    if faults.seeded("begin_immediate"):  # test-only seeded bug (app.services.faults)
+        mode = "DEFERRED"
     conn.exec_driver_sql(f"BEGIN {mode}")
 
 
-def make_engine(url: str, *, pool_size: int = 5, echo: bool = False) -> AsyncEngine:
-    """An async engine for sqlite+aiosqlite or postgresql+asyncpg, configured for the queue."""
+def make_engine(
+    url: str, *, pool_size: int = 5, echo: bool = False, pre_ping: bool = True
+) -> AsyncEngine:
+    """An async engine for sqlite+aiosqlite or postgresql+asyncpg, configured for the queue.
+
+    ``pre_ping`` tests a pooled PostgreSQL connection before each use (one round trip). The
+    daemon turns it off: its loops retry transient errors anyway, and a dead connection
+    costs it one failed transaction, not a failed user request.
+    """
     if is_sqlite_url(url):
         path = sqlite_path(url)
         if path is not None:
@@ -77,7 +90,7 @@ def make_engine(url: str, *, pool_size: int = 5, echo: bool = False) -> AsyncEng
         echo=echo,
         pool_size=pool_size,
         max_overflow=pool_size,
-        pool_pre_ping=True,
+        pool_pre_ping=pre_ping,
         pool_timeout=PG_CONNECT_TIMEOUT_SECONDS,
         connect_args={
             "timeout": PG_CONNECT_TIMEOUT_SECONDS,
@@ -97,16 +110,33 @@ class Database:
         self.write_sessionmaker = async_sessionmaker(
             engine.execution_options(**{_BEGIN_OPTION: "IMMEDIATE"}), expire_on_commit=False
         )
+        # SQLite has one writer at a time. Writers of this process queue on an asyncio lock
+        # instead of on SQLite's busy handler, which sleeps in growing steps (1, 2, 5, 10 …
+        # ms) between retries: the next writer starts the moment the previous commits.
+        self._write_locks: WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] | None = (
+            WeakKeyDictionary() if self.dialect == "sqlite" else None
+        )
 
     @classmethod
-    def from_url(cls, url: str, *, pool_size: int = 5) -> Database:
+    def from_url(cls, url: str, *, pool_size: int = 5, pre_ping: bool = True) -> Database:
         """Build the engine for ``url`` and wrap it."""
-        return cls(make_engine(url, pool_size=pool_size))
+        return cls(make_engine(url, pool_size=pool_size, pre_ping=pre_ping))
 
     @asynccontextmanager
     async def write_transaction(self) -> AsyncIterator[AsyncSession]:
         """A session in a write transaction (BEGIN IMMEDIATE on SQLite); commits on exit."""
-        async with self.write_sessionmaker() as session, session.begin():
+        if self._write_locks is None:
+            async with self.write_sessionmaker() as session, session.begin():
+                yield session
+            return
+        loop = asyncio.get_running_loop()
+        lock = self._write_locks.get(loop)
+        if lock is None:
+            lock = self._write_locks[loop] = asyncio.Lock()
+        async with lock, self.write_sessionmaker() as session, session.begin():
+            # Take the write lock now, before the caller builds statements: SQLite's clock
+            # is bound into them (now_sql), and must not predate a wait for the lock.
+            await session.connection()
             yield session
 
     @asynccontextmanager
@@ -122,6 +152,8 @@ class Database:
 
 def dialect_of(session: AsyncSession) -> str:
     """The dialect name ("sqlite" or "postgresql") of a session's bind."""
+    if isinstance(session, AsyncConnection):
+        return session.dialect.name
     return session.get_bind().dialect.name
 
 

@@ -11,7 +11,8 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from app import __version__
 from app.api import errors
-from app.api.routes import dashboard, health, notifications, status, tasks
+from app.api.routes import dashboard, health, notifications, queues, status, tasks
+from app.api.schemas import JSON_VALUE, JSON_VALUE_SCHEMA
 from app.config import Settings, get_settings
 from app.db import Database
 from app.services.handlers import REGISTRY, import_handler_modules
@@ -48,22 +49,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             expose_headers=["Location", "Retry-After"],
         )
     errors.install(app)
-    for router in (tasks.router, notifications.router, status.router):
+    for router in (tasks.router, notifications.router, status.router, queues.router):
         app.include_router(router, prefix=API_PREFIX)
     app.include_router(health.router)
     app.include_router(dashboard.router)
-    _document_kinds(app)
+    _complete_openapi(app)
     return app
 
 
-def _document_kinds(app: FastAPI) -> None:
-    """List the registered kinds in the OpenAPI document (TaskCreate.kind's enum)."""
+def _complete_openapi(app: FastAPI) -> None:
+    """List the registered kinds in the OpenAPI document (TaskCreate.kind's enum), and add
+    the JsonValue component that types a payload's values."""
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
         schema = generate()
-        task_create = schema["components"]["schemas"]["TaskCreate"]["properties"]["kind"]
-        task_create["enum"] = REGISTRY.kinds()
+        components = schema["components"]["schemas"]
+        components["TaskCreate"]["properties"]["kind"]["enum"] = REGISTRY.kinds()
+        components[JSON_VALUE] = JSON_VALUE_SCHEMA
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -3,12 +3,42 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
 from app.models import AnalysisNotification, PendingAnalysis
 from app.services import notifications, queue
+
+#: No NUL (U+0000) in any string the API stores: PostgreSQL's text and jsonb cannot hold it,
+#: so neither engine takes it (422, naming the field). Declared as each string's pattern.
+NO_NUL = r"^[^\x00]*$"
+#: The OpenAPI component (added by app.api.main) that types a payload's values.
+JSON_VALUE = "JsonValue"
+JSON_VALUE_SCHEMA: dict[str, Any] = {
+    "description": "Any JSON value whose strings and object keys contain no NUL character",
+    "anyOf": [
+        {"type": "string", "pattern": NO_NUL},
+        {"type": "number"},
+        {"type": "boolean"},
+        {"type": "null"},
+        {"type": "array", "items": {"$ref": f"#/components/schemas/{JSON_VALUE}"}},
+        {
+            "type": "object",
+            "propertyNames": {"pattern": NO_NUL},
+            "additionalProperties": {"$ref": f"#/components/schemas/{JSON_VALUE}"},
+        },
+    ],
+}
+PAYLOAD_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "propertyNames": {"pattern": NO_NUL},
+    "additionalProperties": {"$ref": f"#/components/schemas/{JSON_VALUE}"},
+    "description": "The handler's input: a JSON object (no NUL characters in its strings)",
+}
+# JSON text always writes a NUL as \u0000. After an even run of backslashes (escaped
+# backslashes) that is a NUL; after an odd run it is the literal text "\u0000".
+has_nul = queue.has_nul
 
 
 class TaskCreate(BaseModel):
@@ -16,17 +46,24 @@ class TaskCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: str = Field(min_length=1, max_length=100)
-    payload: dict[str, Any] = Field(default_factory=dict)
+    kind: str = Field(min_length=1, max_length=100, pattern=NO_NUL)
+    payload: Annotated[dict[str, Any], WithJsonSchema(PAYLOAD_SCHEMA)] = Field(default_factory=dict)
     priority: int = Field(default=queue.DEFAULT_PRIORITY, ge=1, le=10)
     max_retries: int | None = Field(default=None, ge=0, le=1000)
     timeout_seconds: int | None = Field(default=None, gt=0, le=7 * 24 * 3600)
     scheduled_at: datetime | None = Field(default=None, description="Not before (ISO 8601)")
-    queue: str = Field(default=queue.DEFAULT_QUEUE, min_length=1, max_length=100)
-    project_id: str | None = Field(default=None, min_length=1, max_length=255)
-    chapter_id: str | None = Field(default=None, min_length=1, max_length=255)
-    idempotency_key: str | None = Field(default=None, min_length=1, max_length=255)
-    user_id: str | None = Field(default=None, min_length=1, max_length=255)
+    queue: str = Field(default=queue.DEFAULT_QUEUE, min_length=1, max_length=100, pattern=NO_NUL)
+    project_id: str | None = Field(default=None, min_length=1, max_length=255, pattern=NO_NUL)
+    chapter_id: str | None = Field(default=None, min_length=1, max_length=255, pattern=NO_NUL)
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=255, pattern=NO_NUL)
+    user_id: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=255,
+        pattern=NO_NUL,
+        description="Admin tokens only: the user to enqueue for (a user token sending it gets"
+        " 422; its tasks are its own)",
+    )
 
     @field_validator("priority", "max_retries", "timeout_seconds", mode="before")
     @classmethod
@@ -44,6 +81,13 @@ class TaskCreate(BaseModel):
     def _json_strings(cls, value: object) -> object:
         if value is not None and not isinstance(value, str):
             raise ValueError("must be a string")
+        return value
+
+    @field_validator("payload")
+    @classmethod
+    def _no_nul(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if has_nul(value):
+            raise ValueError("strings and keys must not contain NUL (\\u0000) characters")
         return value
 
     @field_validator("scheduled_at", mode="before")

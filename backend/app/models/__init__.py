@@ -12,6 +12,8 @@ from app.models.async_task import (
 )
 from app.models.base import Base
 from app.models.processor import Processor, ProcessorState
+from app.models.queue_state import QueueState, TaskStart
+from app.models.schedule import ScheduleState
 
 __all__ = [
     "FINISHED_STATUSES",
@@ -22,5 +24,8 @@ __all__ = [
     "PendingAnalysis",
     "Processor",
     "ProcessorState",
+    "QueueState",
+    "ScheduleState",
+    "TaskStart",
     "TaskStatus",
 ]

@@ -40,6 +40,10 @@ class TaskStatus(StrEnum):
 
 
 FINISHED_STATUSES = (TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED)
+#: The finished rows, as SQL text: the predicate of the partial index over them. Queries that
+#: should read that index repeat it word for word (SQLite matches partial-index predicates by
+#: their terms, and PostgreSQL cannot prove a bound parameter's value in a generic plan).
+FINISHED_WHERE = f"status IN ({', '.join(repr(s.value) for s in FINISHED_STATUSES)})"
 
 
 class NotificationType(StrEnum):
@@ -51,6 +55,11 @@ class NotificationType(StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
+
+
+#: The predicate of the partial index over unread notifications, as each engine writes
+#: ``is_read == false()``.
+UNREAD_WHERE = {"postgresql": "is_read = false", "sqlite": "is_read = 0"}
 
 
 def _in_list(column: str, values: type[StrEnum]) -> str:
@@ -84,14 +93,40 @@ class PendingAnalysis(Base):
             postgresql_where=text("status = 'pending'"),
             sqlite_where=text("status = 'pending'"),
         ),
-        # Status lookups for operators; pending rows are served by the claim indexes, and
-        # leaving them out keeps the planner on those (ordered, tiny) indexes for the claim.
+        # Counts of finished tasks per status, queue and kind, read from the index alone (few
+        # distinct keys: PostgreSQL deduplicates it to a few pages per million rows). Pending
+        # and processing rows are counted through their own partial indexes, and leaving them
+        # out keeps the planner on the (ordered, tiny) claim indexes for the claim.
         Index(
-            "ix_pending_analysis_status",
+            "ix_pending_analysis_finished",
             "status",
-            postgresql_where=text("status <> 'pending'"),
-            sqlite_where=text("status <> 'pending'"),
+            "queue",
+            "kind",
+            postgresql_where=text(FINISHED_WHERE),
+            sqlite_where=text(FINISHED_WHERE),
         ),
+        # Task lists are newest first (ORDER BY id DESC) under one filter: each filter's index
+        # ends with id, so a page is read in order and stops after ``limit`` rows. A status
+        # filter: failed and cancelled tasks are few, so a page of them has its own partial
+        # index (SQLite matches ``status = ?`` to it by the bound value, PostgreSQL in its
+        # custom plans); completed ones are most of the table, read in id order; pending and
+        # processing ones through their partial indexes.
+        Index(
+            "ix_pending_analysis_failed",
+            "id",
+            postgresql_where=text("status = 'failed'"),
+            sqlite_where=text("status = 'failed'"),
+        ),
+        Index(
+            "ix_pending_analysis_cancelled",
+            "id",
+            postgresql_where=text("status = 'cancelled'"),
+            sqlite_where=text("status = 'cancelled'"),
+        ),
+        Index("ix_pending_analysis_kind", "kind", "id"),
+        Index("ix_pending_analysis_user_id", "user_id", "id"),
+        Index("ix_pending_analysis_project_id", "project_id", "id"),
+        Index("ix_pending_analysis_chapter_id", "chapter_id", "id"),
         # Heartbeat and rescuer read only running rows.
         Index(
             "ix_pending_analysis_lease",
@@ -120,9 +155,9 @@ class PendingAnalysis(Base):
     max_retries: Mapped[int] = mapped_column(Integer, default=3)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     timeout_seconds: Mapped[int] = mapped_column(Integer, default=600)
-    user_id: Mapped[str | None] = mapped_column(String(255), index=True)
-    project_id: Mapped[str | None] = mapped_column(String(255), index=True)
-    chapter_id: Mapped[str | None] = mapped_column(String(255), index=True)
+    user_id: Mapped[str | None] = mapped_column(String(255))
+    project_id: Mapped[str | None] = mapped_column(String(255))
+    chapter_id: Mapped[str | None] = mapped_column(String(255))
     idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True)
     scheduled_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
@@ -150,6 +185,13 @@ class AnalysisNotification(Base):
             "user_id",
             "is_read",
             text("created_at DESC"),
+        ),
+        # Unread notifications only: the unread count of every user (an admin's) stays small.
+        Index(
+            "ix_analysis_notifications_unread",
+            "user_id",
+            postgresql_where=text(UNREAD_WHERE["postgresql"]),
+            sqlite_where=text(UNREAD_WHERE["sqlite"]),
         ),
         {"sqlite_autoincrement": True},
     )

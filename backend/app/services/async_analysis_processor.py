@@ -2,7 +2,9 @@
 
 Slots: at most ``concurrency`` handlers run at once; a slot refills the moment any job
 ends (its done-callback wakes the claim loop), and a claim takes only as many tasks as
-there are free slots, in one statement. Outcomes go to the Completer; leases are renewed
+there are free slots, in one statement per pool. Pools: a queue given its own number
+(``--queues ingest=2,default``) has its own slots; the other queues share
+``concurrency``. Outcomes go to the Completer; leases are renewed
 by the Heartbeat until each outcome is written.
 """
 
@@ -13,15 +15,18 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy.ext.asyncio import AsyncSession
+
 from app import __version__
+from app.config import KeyLimit, QueueSpec, RateLimit
 from app.db import Database
 from app.models import ProcessorState
-from app.services import queue
-from app.services.handlers import HandlerRegistry
+from app.services import faults, queue
+from app.services.handlers import HandlerRegistry, Schedule
 from app.services.processor.completer import Completer, RetryPolicy
 from app.services.processor.executor import Executor, Outcome, OutcomeKind, StopReason
 from app.services.processor.heartbeat import Heartbeat, HeartbeatResult, ProcessorStats
@@ -29,11 +34,38 @@ from app.services.processor.looper import ErrorBackoff, guarded_loop, is_transie
 from app.services.processor.progress import progress_sink
 from app.services.processor.pruner import Pruner
 from app.services.processor.rescuer import Rescuer
+from app.services.processor.scheduler import Scheduler
 from app.services.processor.waker import make_waker
 from app.services.queue import ClaimedTask
 
 logger = logging.getLogger("app.processor")
 STOP_WRITE_TIMEOUT_SECONDS = 5.0
+
+
+@dataclass(slots=True)
+class SlotPool:
+    """Slots shared by some queues (``queues`` None: every queue not given its own)."""
+
+    limit: int
+    queues: tuple[str, ...] | None
+    running: int = 0
+    reserved: int = 0
+
+    @property
+    def free(self) -> int:
+        """Slots neither running a job nor taken by a claim in flight."""
+        return self.limit - self.running - self.reserved
+
+
+def slot_pools(concurrency: int, spec: QueueSpec | None) -> list[SlotPool]:
+    """One pool per queue with its own number, plus one shared by the rest."""
+    if not spec:
+        return [SlotPool(concurrency, None)]
+    pools = [SlotPool(limit, (name,)) for name, limit in spec if limit is not None]
+    shared = tuple(name for name, limit in spec if limit is None)
+    if shared:
+        pools.append(SlotPool(concurrency, shared))
+    return pools
 
 
 def new_processor_id() -> str:
@@ -47,7 +79,9 @@ class EngineConfig:
 
     database_url: str
     concurrency: int = 3
-    queues: tuple[str, ...] | None = None
+    queues: QueueSpec | None = None  # None: every queue, sharing ``concurrency``
+    rate_limits: tuple[RateLimit, ...] = ()
+    key_limits: tuple[KeyLimit, ...] = ()
     poll_interval: float = 5.0
     lease_seconds: float = 30.0
     shutdown_grace: float = 30.0
@@ -55,6 +89,7 @@ class EngineConfig:
     backoff_max: float = 3600.0
     retention_days: float = 14.0
     failed_retention_days: float = 30.0
+    schedules: tuple[Schedule, ...] = ()  # periodic jobs (resolved: see services.schedules)
     processor_id: str = ""
 
     def __post_init__(self) -> None:
@@ -80,6 +115,7 @@ class ProcessorEngine:
             processor_id=self.processor_id,
             policy=RetryPolicy(config.backoff_base, config.backoff_max),
             on_written=self._on_written,
+            refill=self,
         )
         self.heartbeat = Heartbeat(
             db,
@@ -94,9 +130,19 @@ class ProcessorEngine:
             retention_days=config.retention_days,
             failed_retention_days=config.failed_retention_days,
         )
+        self.scheduler = Scheduler(db, config.schedules) if config.schedules else None
         self.processed = 0
         self.failed = 0
         self._running: dict[int, asyncio.Task[None]] = {}
+        self._pools = slot_pools(config.concurrency, config.queues)
+        self._pool_of_queue = {q: p for p in self._pools for q in p.queues or ()}
+        self._shared_pool = next((p for p in self._pools if p.queues is None), None)
+        self._job_pool: dict[int, SlotPool] = {}
+        rates = {r.kind: r for r in config.rate_limits}
+        keys = {k.kind: k for k in config.key_limits}
+        self._limited = {kind: (rates.get(kind), keys.get(kind)) for kind in {*rates, *keys}}
+        self._rate_timer: asyncio.TimerHandle | None = None
+        self._claiming_stopped = asyncio.Event()
         self._held: dict[int, ClaimedTask] = {}
         self._stop_reasons: dict[int, StopReason] = {}
         self._wake_event = asyncio.Event()
@@ -116,6 +162,19 @@ class ProcessorEngine:
     def in_flight(self) -> int:
         """Handlers running now."""
         return len(self._running)
+
+    @property
+    def capacity(self) -> int:
+        """Handlers this daemon may run at once, over every pool."""
+        return sum(p.limit for p in self._pools)
+
+    @property
+    def queues_label(self) -> str:
+        """``*`` or the queues served, with their own limits (``ingest=2,default``)."""
+        spec = self.config.queues
+        if not spec:
+            return "*"
+        return ",".join(name if limit is None else f"{name}={limit}" for name, limit in spec)
 
     @property
     def stopping(self) -> bool:
@@ -160,6 +219,18 @@ class ProcessorEngine:
             "pruner",
             guarded_loop("pruner", self.pruner.run_once, interval=self.pruner.interval, stop=stop),
         )
+        if self.scheduler is not None:
+            self._spawn(
+                "scheduler",
+                guarded_loop(
+                    "scheduler",
+                    self.scheduler.run_once,
+                    interval=self.scheduler.interval,
+                    stop=stop,
+                    run_first=True,
+                    next_delay=self.scheduler.delay,
+                ),
+            )
         if self._waker is not None:
             self._spawn("waker", self._waker.run(stop))
         self._claim_task = asyncio.create_task(self._claim_loop(), name="claimer")
@@ -167,8 +238,8 @@ class ProcessorEngine:
         logger.info(
             "processor %s started: concurrency %d, queues %s, lease %.1f s",
             self.processor_id,
-            self.config.concurrency,
-            ",".join(self.config.queues or ("*",)),
+            self.capacity,
+            self.queues_label,
             self.config.lease_seconds,
             extra={"action": "started", "processor_id": self.processor_id},
         )
@@ -184,8 +255,8 @@ class ProcessorEngine:
                         hostname=socket.gethostname(),
                         pid=os.getpid(),
                         version=__version__,
-                        concurrency=self.config.concurrency,
-                        queues=",".join(self.config.queues or ("*",)),
+                        concurrency=self.capacity,
+                        queues=self.queues_label,
                     )
                 return
             except Exception as exc:
@@ -212,6 +283,7 @@ class ProcessorEngine:
             await self._stopped.wait()
             return
         self._stopping = True
+        self._claiming_stopped.set()
         grace = self.config.shutdown_grace if grace is None else grace
         logger.info(
             "shutdown: claiming stopped; %d jobs get up to %.1f s to finish",
@@ -242,34 +314,116 @@ class ProcessorEngine:
     async def _claim_loop(self) -> None:
         backoff = ErrorBackoff("claimer")
         while not self._stopping:
+            if self.completer.busy:
+                # The completer claims for the free slots in its own transaction: one
+                # commit ends jobs and starts the next ones. A wake that came meanwhile
+                # stays set, so work enqueued during its write is claimed right after.
+                await self._wait_for_completer()
+                continue
             self._wake_event.clear()
-            free = self.config.concurrency - len(self._running)
-            if free > 0:
+            slots = self.reserve()
+            if slots:
+                claimed: list[ClaimedTask] = []
                 try:
-                    claimed = await self._claim(free)
+                    claimed = await self._claim(slots)
                 except Exception as exc:
                     if not is_transient(exc):
                         logger.exception("claimer: unexpected error")
                     await self._wait_for_wake(backoff.failed(exc), wakeable=False)
                     continue
+                finally:
+                    self.settle(slots, claimed)
                 backoff.succeeded()
-                if claimed and self._waker is not None:
-                    self._waker.heat()
-                for task in claimed:
-                    self._start_job(task)
-                if len(claimed) == free:
+                if len(claimed) == sum(slots.values()):
                     continue
             await self._wait_for_wake(self.config.poll_interval)
 
-    async def _claim(self, limit: int) -> list[ClaimedTask]:
-        async with self.db.write_transaction() as session:
-            return await queue.claim_tasks(
-                session,
-                processor_id=self.processor_id,
-                limit=limit,
-                lease_seconds=self.config.lease_seconds,
-                queues=self.config.queues,
+    async def _wait_for_completer(self) -> None:
+        idle = asyncio.ensure_future(self.completer.wait_idle())
+        stopping = asyncio.ensure_future(self._claiming_stopped.wait())
+        await asyncio.wait(
+            {idle, stopping}, timeout=self.config.poll_interval, return_when=asyncio.FIRST_COMPLETED
+        )
+        idle.cancel()
+        stopping.cancel()
+
+    # --- slots (the completer's Refill) ------------------------------------------------------
+
+    def reserve(self) -> dict[int, int]:
+        """Take every free slot of every pool for a claim (none while stopping)."""
+        if self._stopping:
+            return {}
+        slots: dict[int, int] = {}
+        for index, pool in enumerate(self._pools):
+            if pool.free > 0:
+                slots[index] = pool.free
+                pool.reserved += slots[index]
+        return slots
+
+    async def claim(self, session: AsyncSession, slots: Mapping[int, int]) -> list[ClaimedTask]:
+        """Claim up to the reserved slots of each pool, in the caller's transaction."""
+        claimed: list[ClaimedTask] = []
+        for index, count in slots.items():
+            pool = self._pools[index]
+            where: dict[str, Any] = {
+                "processor_id": self.processor_id,
+                "lease_seconds": self.config.lease_seconds,
+                "queues": pool.queues,
+                "exclude_queues": None if pool.queues else tuple(self._pool_of_queue),
+            }
+            got = await queue.claim_tasks(
+                session, limit=count, exclude_kinds=tuple(self._limited), **where
             )
+            left = count - len(got)
+            for kind, (rate, key) in self._limited.items():
+                if left <= 0:
+                    break
+                more, wait = await queue.claim_limited(
+                    session, kind=kind, limit=left, rate=rate, key=key, **where
+                )
+                got += more
+                left -= len(more)
+                if wait is not None:
+                    self._wake_after(wait)
+            claimed += got
+        return claimed
+
+    def _wake_after(self, seconds: float) -> None:
+        """A rate limit is spent: wake the claim loop when its window frees a start (no
+        polling meanwhile)."""
+        loop = asyncio.get_running_loop()
+        due = loop.time() + seconds
+        if self._rate_timer is not None and not self._rate_timer.cancelled():
+            if self._rate_timer.when() <= due and self._rate_timer.when() > loop.time():
+                return
+            self._rate_timer.cancel()
+        self._rate_timer = loop.call_at(due, self.wake)
+
+    def settle(self, slots: Mapping[int, int], claimed: Sequence[ClaimedTask]) -> None:
+        """After a claim committed (or failed): give the slots back, start the jobs. A
+        claim that lands after shutdown began is released at once, uncharged."""
+        for index, count in slots.items():
+            self._pools[index].reserved -= count
+        if not claimed:
+            return
+        faults.fault_point("after_claim_commit")
+        if self._waker is not None:
+            self._waker.heat()
+        for task in claimed:
+            if self._stopping:
+                self.completer.submit(Outcome(task, OutcomeKind.RELEASED, 0.0))
+            else:
+                self._start_job(task)
+
+    def _pool_for(self, task: ClaimedTask) -> SlotPool:
+        pool = self._pool_of_queue.get(task.queue, self._shared_pool)
+        if pool is None:  # claims filter by queue: this cannot happen
+            raise RuntimeError(f"task {task.id} of queue {task.queue!r} has no slot pool")
+        return pool
+
+    async def _claim(self, slots: Mapping[int, int]) -> list[ClaimedTask]:
+        async with self.db.write_transaction() as session:
+            return await self.claim(session, slots)
 
     async def _wait_for_wake(self, seconds: float, *, wakeable: bool = True) -> None:
         if self._stopping:
@@ -290,6 +444,8 @@ class ProcessorEngine:
             task.attempt,
             extra={"action": "job_started", "task_id": task.id, "kind": task.kind},
         )
+        pool = self._job_pool[task.id] = self._pool_for(task)
+        pool.running += 1
         job = asyncio.create_task(self._run_job(task), name=f"task-{task.id}")
         self._running[task.id] = job
         job.add_done_callback(lambda _: self._job_done(task.id))
@@ -300,10 +456,14 @@ class ProcessorEngine:
             progress_sink=progress_sink(self.db, task, self.processor_id),
             stop_reason=lambda: self._stop_reasons.get(task.id),
         )
+        faults.fault_point("after_handler_before_complete")
         self.completer.submit(outcome)
 
     def _job_done(self, task_id: int) -> None:
         self._running.pop(task_id, None)
+        pool = self._job_pool.pop(task_id, None)
+        if pool is not None:
+            pool.running -= 1
         self._stop_reasons.pop(task_id, None)
         self.wake()
 

@@ -17,8 +17,10 @@ import asyncio
 import importlib
 import inspect
 from collections.abc import Awaitable, Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+from app.cron import Cron, CronError
 
 ProgressSink = Callable[[int, int | None, str | None], Awaitable[None]]
 HandlerFunc = Callable[["JobContext"], Any]
@@ -40,6 +42,10 @@ class Snooze(Exception):
 
 class HandlerImportError(RuntimeError):
     """A module named in HANDLER_MODULES could not be imported."""
+
+
+class ScheduleError(ValueError):
+    """A periodic schedule that cannot run: a bad cron expression, catch_up or kind."""
 
 
 async def _discard_progress(current: int, total: int | None, message: str | None) -> None:
@@ -125,11 +131,35 @@ class Handler:
     is_async: bool
 
 
+@dataclass(frozen=True, slots=True)
+class Schedule:
+    """A periodic job: one task of ``kind`` per tick of ``cron`` (UTC), enqueued by the
+    daemons' scheduler with ``payload``, ``priority`` and ``queue`` (defaults when None).
+    ``catch_up``: how many missed ticks a daemon that was down enqueues, the latest ones
+    (None: the ASYNC_PROCESSOR_SCHEDULE_CATCH_UP setting)."""
+
+    kind: str
+    cron: Cron
+    payload: dict[str, Any] = field(default_factory=dict)
+    priority: int | None = None
+    queue: str | None = None
+    catch_up: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.catch_up is not None and self.catch_up < 1:
+            raise ScheduleError(
+                f"schedule of {self.kind!r}: catch_up must be >= 1, got {self.catch_up}"
+            )
+        if not isinstance(self.payload, dict):
+            raise ScheduleError(f"schedule of {self.kind!r}: payload must be a dict")
+
+
 class HandlerRegistry:
     """Kind → handler. One registry per process by default (``REGISTRY``)."""
 
     def __init__(self) -> None:
         self._handlers: dict[str, Handler] = {}
+        self._schedules: dict[str, Schedule] = {}
 
     def register(self, kind: str, func: HandlerFunc) -> Handler:
         """Register ``func`` for ``kind``; registering a different function twice is an error."""
@@ -150,6 +180,19 @@ class HandlerRegistry:
         """Every registered kind, sorted."""
         return sorted(self._handlers)
 
+    def add_schedule(self, schedule: Schedule) -> None:
+        """Declare ``schedule`` for its (registered) kind; one schedule per kind."""
+        if schedule.kind not in self._handlers:
+            raise ScheduleError(f"no handler is registered for kind {schedule.kind!r}")
+        existing = self._schedules.get(schedule.kind)
+        if existing is not None and existing != schedule:
+            raise ScheduleError(f"kind {schedule.kind!r} already has a schedule ({existing})")
+        self._schedules[schedule.kind] = schedule
+
+    def schedules(self) -> list[Schedule]:
+        """The schedules declared in code (``@handler(kind, cron=...)``), by kind."""
+        return [self._schedules[kind] for kind in sorted(self._schedules)]
+
     def __contains__(self, kind: object) -> bool:
         return kind in self._handlers
 
@@ -161,17 +204,44 @@ REGISTRY = HandlerRegistry()
 
 
 def handler(
-    kind: str, *, registry: HandlerRegistry | None = None
+    kind: str,
+    *,
+    registry: HandlerRegistry | None = None,
+    cron: str | None = None,
+    payload: dict[str, Any] | None = None,
+    priority: int | None = None,
+    queue: str | None = None,
+    catch_up: int | None = None,
 ) -> Callable[[HandlerFunc], HandlerFunc]:
     """Decorator: register the function as the handler of ``kind``.
 
     Args:
         kind: the task kind this function handles.
         registry: where to register (the process-wide ``REGISTRY`` by default).
+        cron: make it a periodic job: the daemons enqueue one task per tick of this cron
+            expression, in UTC (``"*/5 * * * *"``; six fields for seconds; ``@daily``).
+        payload, priority, queue: of the scheduled tasks (with ``cron`` only).
+        catch_up: missed ticks enqueued after downtime, the latest ones (with ``cron``
+            only; default the ASYNC_PROCESSOR_SCHEDULE_CATCH_UP setting, 1).
+
+    Raises:
+        ScheduleError: a bad cron expression or option, at import time.
     """
+    schedule: Schedule | None = None
+    if cron is not None:
+        try:
+            parsed = Cron.parse(cron)
+        except CronError as exc:
+            raise ScheduleError(f"schedule of handler {kind!r}: {exc}") from None
+        schedule = Schedule(kind, parsed, dict(payload or {}), priority, queue, catch_up)
+    elif (payload, priority, queue, catch_up) != (None, None, None, None):
+        raise ScheduleError(f"handler {kind!r}: payload, priority, queue and catch_up need cron=")
 
     def decorate(func: HandlerFunc) -> HandlerFunc:
-        (registry or REGISTRY).register(kind, func)
+        target = registry or REGISTRY
+        target.register(kind, func)
+        if schedule is not None:
+            target.add_schedule(schedule)
         return func
 
     return decorate

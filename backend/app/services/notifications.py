@@ -9,13 +9,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import Table, delete, false, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db import dialect_of, now_sql
 from app.models import AnalysisNotification, NotificationType
 
-N = AnalysisNotification
+NOTIFICATIONS: Table = AnalysisNotification.__table__  # type: ignore[assignment]
+N = NOTIFICATIONS.c
 MAX_ERROR_CHARS = 1_000
 PROGRESS_MIN_INTERVAL_SECONDS = 1.0
 PROGRESS_MIN_STEP_PERCENT = 10.0
@@ -97,7 +98,7 @@ async def add(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> None:
     if dialect == "postgresql":
         await session.execute(select(func.pg_advisory_xact_lock(FEED_LOCK_KEY)))
     current = now_sql(dialect)
-    await session.execute(insert(N).values(created_at=current), list(rows))
+    await session.execute(insert(NOTIFICATIONS).values(created_at=current), list(rows))
 
 
 _DEFERRED = "async_processor_deferred_notifications"
@@ -165,7 +166,7 @@ async def list_for_user(
     ``user_id`` None means every user's (admin). ``max_id`` caps the ids served (the
     feed's commit horizon on PostgreSQL).
     """
-    stmt = select(N)
+    stmt = select(AnalysisNotification)
     if user_id is not None:
         stmt = stmt.where(N.user_id == user_id)
     if unread_only:
@@ -182,8 +183,9 @@ async def list_for_user(
 
 
 async def unread_count(session: AsyncSession, *, user_id: str | None) -> int:
-    """How many unread notifications the user has."""
-    stmt = select(func.count()).select_from(N).where(N.is_read.is_(False))
+    """How many unread notifications the user has (every user's, for None): read from the
+    partial index over unread rows, whose predicate ``is_read = false`` this repeats."""
+    stmt = select(func.count()).select_from(NOTIFICATIONS).where(N.is_read == false())
     if user_id is not None:
         stmt = stmt.where(N.user_id == user_id)
     return int((await session.execute(stmt)).scalar_one())
@@ -191,7 +193,7 @@ async def unread_count(session: AsyncSession, *, user_id: str | None) -> int:
 
 async def mark_read(session: AsyncSession, notification_id: int, *, user_id: str | None) -> bool:
     """Mark one notification read; False when it does not exist (for this user)."""
-    stmt = update(N).where(N.id == notification_id)
+    stmt = update(NOTIFICATIONS).where(N.id == notification_id)
     if user_id is not None:
         stmt = stmt.where(N.user_id == user_id)
     current = now_sql(dialect_of(session))
@@ -203,7 +205,7 @@ async def mark_read(session: AsyncSession, notification_id: int, *, user_id: str
 
 async def mark_all_read(session: AsyncSession, *, user_id: str | None) -> int:
     """Mark every unread notification of the user read; returns how many."""
-    stmt = update(N).where(N.is_read.is_(False))
+    stmt = update(NOTIFICATIONS).where(N.is_read.is_(False))
     if user_id is not None:
         stmt = stmt.where(N.user_id == user_id)
     current = now_sql(dialect_of(session))
@@ -213,7 +215,11 @@ async def mark_all_read(session: AsyncSession, *, user_id: str | None) -> int:
 
 async def count_read_before(session: AsyncSession, *, read_before: datetime) -> int:
     """How many notifications ``prune_read`` would delete."""
-    stmt = select(func.count()).select_from(N).where(N.is_read.is_(True), N.read_at < read_before)
+    stmt = (
+        select(func.count())
+        .select_from(NOTIFICATIONS)
+        .where(N.is_read.is_(True), N.read_at < read_before)
+    )
     return int((await session.execute(stmt)).scalar_one())
 
 
@@ -223,6 +229,6 @@ async def prune_read(
     """Delete up to ``batch_size`` notifications read before ``read_before``."""
     doomed = select(N.id).where(N.is_read.is_(True), N.read_at < read_before).limit(batch_size)
     result = await session.execute(
-        delete(N).where(N.id.in_(doomed.scalar_subquery())).returning(N.id)
+        delete(NOTIFICATIONS).where(N.id.in_(doomed.scalar_subquery())).returning(N.id)
     )
     return len(result.all())

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+from typing import Any
+
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from sqlalchemy.exc import SQLAlchemyError
 
-from app.api.deps import DbDep
+from app.api.deps import DbDep, SettingsDep
 from app.schema import SchemaError, check_migrated
-from app.services import stats
+from app.services import queue, stats
+from app.services.handlers import REGISTRY
+from app.services.schedules import shown_schedules
 
 router = APIRouter(tags=["health"])
 
@@ -98,9 +103,9 @@ class _Snapshot:
             "async_processor_tasks", "Tasks by queue and status", labels=["queue", "status"]
         )
         queues: dict[str, dict[str, int]] = self._summary["queues"]  # type: ignore[assignment]
-        for queue, counts in queues.items():
+        for name, counts in queues.items():
             for status in stats.STATUS_ORDER:
-                depth.add_metric([queue, status], counts.get(status, 0))
+                depth.add_metric([name, status], counts.get(status, 0))
         age = GaugeMetricFamily(
             "async_processor_oldest_pending_age_seconds", "Age of the oldest due pending task"
         )
@@ -111,11 +116,81 @@ class _Snapshot:
             "async_processor_in_flight", "Jobs running on live processors"
         )
         in_flight.add_metric([], sum(p["in_flight"] for p in self._summary["processors"]))  # type: ignore[attr-defined]
-        return [depth, age, procs, in_flight, *self._per_kind()]
+        paused = GaugeMetricFamily(
+            "async_processor_queue_paused", "1 for each paused queue", labels=["queue"]
+        )
+        for name in self._summary["paused_queues"]:  # type: ignore[attr-defined]
+            paused.add_metric([name], 1)
+        return [depth, age, procs, in_flight, paused, *self._per_kind()]
+
+
+def _timestamp(iso: str | None) -> float:
+    return datetime.fromisoformat(iso).timestamp() if iso else 0.0
+
+
+class _Schedules:
+    """Periodic schedules: next and last tick (Unix time), tasks enqueued (all daemons)."""
+
+    def __init__(self, schedules: list[dict[str, Any]]) -> None:
+        self._schedules = schedules
+
+    def collect(self) -> list[GaugeMetricFamily | CounterMetricFamily]:
+        labels = ["kind"]
+        next_tick = GaugeMetricFamily(
+            "async_processor_schedule_next_tick_timestamp_seconds",
+            "Next tick of each periodic schedule",
+            labels=labels,
+        )
+        last_tick = GaugeMetricFamily(
+            "async_processor_schedule_last_tick_timestamp_seconds",
+            "Last tick enqueued (or skipped as before the schedule started)",
+            labels=labels,
+        )
+        enqueued = CounterMetricFamily(
+            "async_processor_scheduled_tasks",
+            "Tasks enqueued by each periodic schedule, over every daemon",
+            labels=labels,
+        )
+        for s in self._schedules:
+            next_tick.add_metric([s["kind"]], _timestamp(s["next_tick"]))
+            last_tick.add_metric([s["kind"]], _timestamp(s["last_tick"]))
+            enqueued.add_metric([s["kind"]], s["enqueued_total"])
+        return [next_tick, last_tick, enqueued]
+
+
+class _Limits:
+    """Rate limits (allowed starts and starts in the current window) and per-key limits."""
+
+    def __init__(self, limits: dict[str, list[dict[str, Any]]]) -> None:
+        self._limits = limits
+
+    def collect(self) -> list[GaugeMetricFamily]:
+        allowed = GaugeMetricFamily(
+            "async_processor_rate_limit_starts_allowed",
+            "Starts allowed per window, per rate-limited kind",
+            labels=["kind", "window_seconds"],
+        )
+        used = GaugeMetricFamily(
+            "async_processor_rate_limit_starts_used",
+            "Starts in the current window, per rate-limited kind (all daemons)",
+            labels=["kind", "window_seconds"],
+        )
+        for rate in self._limits["rate_limits"]:
+            labels = [rate["kind"], f"{rate['per_seconds']:g}"]
+            allowed.add_metric(labels, rate["count"])
+            used.add_metric(labels, rate["used"])
+        keys = GaugeMetricFamily(
+            "async_processor_key_limit",
+            "Running tasks allowed per key value, per kind",
+            labels=["kind", "key"],
+        )
+        for key in self._limits["key_limits"]:
+            keys.add_metric([key["kind"], key["column"]], key["limit"])
+        return [allowed, used, keys]
 
 
 @router.get("/metrics", response_class=Response)
-async def metrics(db: DbDep) -> Response:
+async def metrics(db: DbDep, settings: SettingsDep) -> Response:
     """Prometheus text format: depth by queue and status, tasks by kind and status,
     duration and pick-up histograms per kind (last hour), live processors."""
     registry = CollectorRegistry(auto_describe=False)
@@ -123,4 +198,9 @@ async def metrics(db: DbDep) -> Response:
         await stats.summary(db), await stats.by_kind(db), await stats.recent_timings(db)
     )
     registry.register(snapshot)
+    periodic = shown_schedules(REGISTRY, settings)
+    registry.register(_Schedules(await stats.schedule_overview(db, periodic)))
+    async with db.read_transaction() as session:
+        limits = await queue.flow_limits(session, settings.rate_limits, settings.key_limits)
+    registry.register(_Limits(limits))
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

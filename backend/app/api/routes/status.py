@@ -6,9 +6,12 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 
-from app.api.deps import CallerDep, DbDep
+from app.api.deps import CallerDep, DbDep, SettingsDep
 from app.api.errors import ERRORS
-from app.services import stats
+from app.api.schemas import NO_NUL
+from app.services import queue, stats
+from app.services.handlers import REGISTRY
+from app.services.schedules import shown_schedules
 
 router = APIRouter(tags=["status"], responses=ERRORS)
 
@@ -17,13 +20,23 @@ router = APIRouter(tags=["status"], responses=ERRORS)
 async def get_status(
     caller: CallerDep,
     db: DbDep,
-    project_id: Annotated[str | None, Query(max_length=255)] = None,
+    settings: SettingsDep,
+    project_id: Annotated[str | None, Query(max_length=255, pattern=NO_NUL)] = None,
 ) -> dict[str, Any]:
     """Counts per status and queue (the caller's own, for user tokens), the oldest pending
-    task's age, durations over the last hour, and the live processors."""
+    task's age, durations over the last hour, and the live processors; for admin tokens
+    also a per-minute timeline, the periodic schedules (next tick, last task) and the flow
+    limits (rate limits with the starts in their window, per-key limits)."""
     summary = await stats.summary(db, user_id=caller.scope, project_id=project_id)
     if caller.is_admin:
         summary["timeline"] = await stats.timeline(db)
+        summary["schedules"] = await stats.schedule_overview(
+            db, shown_schedules(REGISTRY, settings)
+        )
+        async with db.read_transaction() as session:
+            summary["limits"] = await queue.flow_limits(
+                session, settings.rate_limits, settings.key_limits
+            )
     return summary
 
 

@@ -5,16 +5,16 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Query, Request, Response, status
+from fastapi import APIRouter, HTTPException, Path, Query, Request, Response, status
 from fastapi.responses import JSONResponse
 
 from app.api.deps import MAX_ID, CallerDep, DbDep, SettingsDep, TaskId
 from app.api.errors import ERRORS
-from app.api.schemas import BulkCreate, BulkResult, TaskCreate, TaskPage, TaskPublic
+from app.api.schemas import NO_NUL, BulkCreate, BulkResult, TaskCreate, TaskPage, TaskPublic
 from app.config import Settings
 from app.db import Database
 from app.models import PendingAnalysis
-from app.services import queue
+from app.services import queue, stats
 from app.services.auth import Principal
 from app.services.handlers import REGISTRY
 
@@ -154,10 +154,10 @@ async def bulk_other_methods() -> JSONResponse:
 async def list_tasks(
     caller: CallerDep,
     db: DbDep,
-    status_: Annotated[str | None, Query(alias="status", max_length=16)] = None,
-    kind: Annotated[str | None, Query(max_length=100)] = None,
-    project_id: Annotated[str | None, Query(max_length=255)] = None,
-    chapter_id: Annotated[str | None, Query(max_length=255)] = None,
+    status_: Annotated[str | None, Query(alias="status", max_length=16, pattern=NO_NUL)] = None,
+    kind: Annotated[str | None, Query(max_length=100, pattern=NO_NUL)] = None,
+    project_id: Annotated[str | None, Query(max_length=255, pattern=NO_NUL)] = None,
+    chapter_id: Annotated[str | None, Query(max_length=255, pattern=NO_NUL)] = None,
     cursor: Annotated[
         int | None, Query(ge=0, le=MAX_ID, description="The last id of the previous page")
     ] = None,
@@ -199,6 +199,7 @@ async def retry_task(task_id: TaskId, caller: CallerDep, db: DbDep) -> TaskPubli
         raise HTTPException(404, f"task {task_id} not found")
     if outcome is queue.RetryOutcome.NOT_RETRYABLE:
         raise HTTPException(409, "only failed or cancelled tasks can be retried")
+    stats.forget(db)  # the task is no longer among the finished ones /status counts
     return TaskPublic.of(await _load(db, task_id, caller))
 
 
@@ -227,7 +228,9 @@ async def cancel_task(
 
 
 @router.get("/{chapter_id}/latest", response_model=TaskPublic, responses=NOT_FOUND)
-async def latest_for_chapter(chapter_id: str, caller: CallerDep, db: DbDep) -> TaskPublic:
+async def latest_for_chapter(
+    chapter_id: Annotated[str, Path(pattern=NO_NUL)], caller: CallerDep, db: DbDep
+) -> TaskPublic:
     """The newest task of a chapter."""
     async with db.read_transaction() as session:
         task = await queue.latest_for_chapter(session, chapter_id, user_id=caller.scope)

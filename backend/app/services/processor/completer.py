@@ -5,17 +5,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Protocol
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db import Database
-from app.services import notifications, queue
+from app.services import faults, notifications, queue
 from app.services.backoff import next_retry_delay
 from app.services.processor.executor import Outcome, OutcomeKind
 from app.services.processor.looper import ErrorBackoff, is_transient
+from app.services.queue import ClaimedTask
 
 logger = logging.getLogger("app.processor")
 MAX_BATCH = 500
@@ -34,43 +35,74 @@ class RetryPolicy:
         return next_retry_delay(retry_number, base=self.base, cap=self.cap, rng=self.rng)
 
 
+_FINISH = {
+    OutcomeKind.COMPLETED: queue.Finish.COMPLETE,
+    OutcomeKind.FAILED: queue.Finish.FAIL,
+    OutcomeKind.CANCELLED: queue.Finish.CANCEL,
+    OutcomeKind.SNOOZED: queue.Finish.SNOOZE,
+}
+
+
+def _finished(outcome: Outcome, policy: RetryPolicy) -> queue.Finished:
+    t = outcome.task
+    return queue.Finished(
+        t.id,
+        t.attempt,
+        _FINISH[outcome.kind],
+        result=outcome.result,
+        error=(outcome.error or "failed") if outcome.kind is OutcomeKind.FAILED else None,
+        permanent=outcome.permanent,
+        retry_delay=policy.delay(t.retry_count + 1),
+        snooze_seconds=outcome.snooze_seconds,
+        duration_seconds=None if outcome.kind is OutcomeKind.SNOOZED else outcome.duration,
+        token_usage=outcome.token_usage,
+    )
+
+
+async def write_outcomes(
+    session: AsyncSession, outcomes: Sequence[Outcome], *, processor_id: str, policy: RetryPolicy
+) -> list[bool]:
+    """Write outcomes in the caller's transaction, the ends of attempts in one batch
+    (``queue.finish_tasks``); each is True when written, False when the fence rejected it."""
+    applied = [False] * len(outcomes)
+    ends = [i for i, o in enumerate(outcomes) if o.kind in _FINISH]
+    statuses = await queue.finish_tasks(
+        session,
+        processor_id=processor_id,
+        items=[_finished(outcomes[i], policy) for i in ends],
+    )
+    for i, status in zip(ends, statuses, strict=True):
+        applied[i] = status is not None
+    for i, o in enumerate(outcomes):
+        if o.kind is OutcomeKind.RELEASED:
+            pair = [(o.task.id, o.task.attempt)]
+            applied[i] = (
+                await queue.release_tasks(session, processor_id=processor_id, tasks=pair) == 1
+            )
+    return applied
+
+
 async def write_outcome(
     session: AsyncSession, outcome: Outcome, *, processor_id: str, policy: RetryPolicy
 ) -> bool:
     """Write one outcome in the caller's transaction; False when the fence rejected it."""
-    t = outcome.task
-    fence: dict[str, Any] = {"task_id": t.id, "processor_id": processor_id, "attempt": t.attempt}
-    match outcome.kind:
-        case OutcomeKind.COMPLETED:
-            return await queue.complete_task(
-                session,
-                **fence,
-                result=outcome.result,
-                duration_seconds=outcome.duration,
-                token_usage=outcome.token_usage,
-            )
-        case OutcomeKind.FAILED:
-            applied = await queue.fail_task(
-                session,
-                **fence,
-                error=outcome.error or "failed",
-                retry_delay=policy.delay(t.retry_count + 1),
-                permanent=outcome.permanent,
-                duration_seconds=outcome.duration,
-                token_usage=outcome.token_usage,
-            )
-            return applied is not None
-        case OutcomeKind.CANCELLED:
-            return await queue.cancel_task(session, **fence, duration_seconds=outcome.duration)
-        case OutcomeKind.SNOOZED:
-            return await queue.snooze_task(session, **fence, seconds=outcome.snooze_seconds)
-        case OutcomeKind.RELEASED:
-            released = await queue.release_tasks(
-                session, processor_id=processor_id, tasks=[(t.id, t.attempt)]
-            )
-            return released == 1
-        case OutcomeKind.LOST:
-            return False
+    [applied] = await write_outcomes(session, [outcome], processor_id=processor_id, policy=policy)
+    return applied
+
+
+class Refill(Protocol):
+    """Claims work for free slots inside the completer's transaction, so that a job's end
+    and the start of the next share one commit (the engine implements it)."""
+
+    def reserve(self) -> Mapping[int, int]:
+        """Take the free slots, per pool (empty when none, or when the daemon is stopping)."""
+
+    async def claim(self, session: AsyncSession, slots: Mapping[int, int]) -> list[ClaimedTask]:
+        """Claim up to ``slots`` tasks in the caller's transaction."""
+
+    def settle(self, slots: Mapping[int, int], claimed: Sequence[ClaimedTask]) -> None:
+        """After the commit (or a failure, with nothing claimed): give the slots back and
+        start what was claimed."""
 
 
 class Completer:
@@ -84,6 +116,7 @@ class Completer:
         processor_id: str,
         policy: RetryPolicy,
         on_written: Callable[[Outcome, bool], None],
+        refill: Refill | None = None,
     ) -> None:
         self._db = db
         self._processor_id = processor_id
@@ -95,11 +128,22 @@ class Completer:
         self._idle.set()
         self._backoff = ErrorBackoff("completer")
         self._batch_limit = MAX_BATCH
+        self._refill = refill
+        self._refill_ok = True
 
     @property
     def backlog(self) -> int:
         """Outcomes not yet written."""
         return len(self._pending)
+
+    @property
+    def busy(self) -> bool:
+        """Outcomes are waiting or being written (and will claim for free slots)."""
+        return not self._idle.is_set()
+
+    async def wait_idle(self) -> None:
+        """Until nothing is waiting to be written."""
+        await self._idle.wait()
 
     def submit(self, outcome: Outcome) -> None:
         """Queue an outcome for writing (never blocks)."""
@@ -147,14 +191,29 @@ class Completer:
         await self._idle.wait()
 
     async def _write(self, batch: Sequence[Outcome]) -> list[bool]:
-        async with self._db.write_transaction() as session:
-            async with notifications.deferred(session):
-                return [
-                    await write_outcome(
-                        session, o, processor_id=self._processor_id, policy=self._policy
+        refill = self._refill if self._refill_ok else None
+        slots = refill.reserve() if refill is not None else {}
+        claimed: list[ClaimedTask] = []
+        try:
+            async with self._db.write_transaction() as session:
+                async with notifications.deferred(session):
+                    applied = await write_outcomes(
+                        session, batch, processor_id=self._processor_id, policy=self._policy
                     )
-                    for o in batch
-                ]
+                    if refill is not None and slots:
+                        claimed = await refill.claim(session, slots)
+                faults.fault_point("inside_complete_txn")
+        except BaseException:
+            claimed = []
+            # an unexpected error may come from the claim: write the next tries alone
+            self._refill_ok = False
+            raise
+        finally:
+            if refill is not None:
+                refill.settle(slots, claimed)
+        faults.fault_point("after_complete_commit")
+        self._refill_ok = True
+        return applied
 
     async def _handle_error(self, batch: list[Outcome], exc: Exception) -> None:
         if is_transient(exc):

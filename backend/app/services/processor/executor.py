@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from app.services import faults
 from app.services.handlers import (
     HandlerRegistry,
     JobContext,
@@ -110,6 +111,7 @@ class Executor:
             known = ", ".join(self._registry.kinds()) or "none"
             error = f"no handler registered for kind {task.kind!r} (known kinds: {known})"
             return outcome(OutcomeKind.FAILED, error=error, permanent=True)
+        faults.fault_point("before_handler")
         try:
             async with asyncio.timeout(task.timeout_seconds):
                 if entry.is_async:

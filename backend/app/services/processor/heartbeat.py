@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from app.db import Database
 from app.models import ProcessorState
-from app.services import queue
+from app.services import faults, queue
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,9 +60,10 @@ class Heartbeat:
             renewal = await queue.renew_leases(
                 session,
                 processor_id=self._processor_id,
-                tasks=held,
+                tasks=[] if faults.seeded("lease_renewal") else held,
                 lease_seconds=self.lease_seconds,
             )
+            faults.fault_point("inside_heartbeat_txn")
             await queue.touch_processor(
                 session,
                 processor_id=self._processor_id,
@@ -72,6 +73,8 @@ class Heartbeat:
                 state=stats.state,
             )
         self.last_success = time.monotonic()
+        if faults.seeded("lease_renewal"):  # test-only seeded bug: renewed nothing, say all
+            renewal = queue.LeaseRenewal(frozenset(t for t, _ in held), frozenset())
         lost = frozenset(task_id for task_id, _ in held) - renewal.renewed
         return HeartbeatResult(renewal.renewed, lost, renewal.cancel_requested)
 

@@ -95,9 +95,11 @@ async def guarded_loop(
     interval: float,
     stop: asyncio.Event,
     run_first: bool = False,
+    next_delay: Callable[[], float] | None = None,
 ) -> None:
     """Call ``run_once`` every ``interval`` (jittered) until ``stop``; errors are logged and
-    backed off, never fatal. Only cancellation or ``stop`` ends the loop."""
+    backed off, never fatal. Only cancellation or ``stop`` ends the loop. ``next_delay``,
+    when given, says how long to wait after a successful run instead (not jittered)."""
     backoff = ErrorBackoff(name)
     delay = 0.0 if run_first else jittered(interval)
     while not await sleep_or_stop(stop, delay):
@@ -109,4 +111,4 @@ async def guarded_loop(
             delay = backoff.failed(exc)
             continue
         backoff.succeeded()
-        delay = jittered(interval)
+        delay = next_delay() if next_delay is not None else jittered(interval)

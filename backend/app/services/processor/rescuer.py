@@ -7,7 +7,7 @@ from datetime import timedelta
 
 from app.db import Database
 from app.models.types import utcnow
-from app.services import queue
+from app.services import faults, queue
 from app.services.queue import RescueResult
 
 logger = logging.getLogger("app.processor")
@@ -31,6 +31,8 @@ class Rescuer:
 
     async def run_once(self) -> RescueResult:
         """One sweep, one transaction."""
+        if faults.seeded("rescue"):  # test-only seeded bug (app.services.faults)
+            return RescueResult((), (), ())
         stale_before = utcnow() - timedelta(seconds=DEAD_PROCESSOR_LEASES * self._lease_seconds)
         async with self._db.write_transaction() as session:
             result = await queue.rescue_expired(session)
