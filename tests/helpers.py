@@ -1,16 +1,18 @@
-"""Test helpers: poll until a condition holds, read rows plainly."""
+"""Test helpers: poll until a condition holds, enqueue in bulk, read rows plainly."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from app.db import Database
 from app.models import AnalysisNotification, PendingAnalysis
+from app.services import queue
 
 R = TypeVar("R")
 
@@ -45,3 +47,34 @@ async def notes_of(db: Database, task_id: int) -> list[tuple[str, Any]]:
             .order_by(AnalysisNotification.id)
         )
         return [tuple(r) for r in rows.all()]
+
+
+async def enqueue_payloads(
+    db: Database, kind: str, payloads: Sequence[dict[str, Any]], **spec: Any
+) -> list[int]:
+    """One task of ``kind`` per payload (user u1 unless ``spec`` says), in one transaction."""
+    async with db.write_transaction() as s:
+        results = await queue.enqueue_tasks(
+            s, [{"kind": kind, "user_id": "u1", **spec, "payload": p} for p in payloads]
+        )
+    return [r.id for r in results]
+
+
+async def enqueue_many(db: Database, kind: str, n: int, **spec: Any) -> list[int]:
+    """``n`` tasks of ``kind``, payload ``{"n": i, **spec["payload"]}``."""
+    extra = spec.pop("payload", {})
+    return await enqueue_payloads(db, kind, [{"n": i, **extra} for i in range(n)], **spec)
+
+
+async def statuses(db: Database) -> Counter[str]:
+    """How many tasks are in each status."""
+    async with db.read_transaction() as s:
+        rows = await s.execute(
+            select(PendingAnalysis.status, func.count()).group_by(PendingAnalysis.status)
+        )
+        return Counter(dict(rows.all()))  # type: ignore[arg-type]
+
+
+async def all_in(db: Database, status: str, n: int) -> bool:
+    """True when exactly ``n`` tasks are in ``status``."""
+    return (await statuses(db))[status] == n

@@ -9,7 +9,7 @@ import signal
 import time
 from typing import Any
 
-from app.services.handlers import JobContext, PermanentError, handler
+from app.services.handlers import JobContext, PermanentError, Snooze, handler
 
 
 def _ledger(ctx: JobContext, event: str) -> None:
@@ -17,7 +17,13 @@ def _ledger(ctx: JobContext, event: str) -> None:
     if not path:
         return
     line = json.dumps(
-        {"task_id": ctx.task_id, "attempt": ctx.attempt, "pid": os.getpid(), "event": event}
+        {
+            "task_id": ctx.task_id,
+            "attempt": ctx.attempt,
+            "pid": os.getpid(),
+            "event": event,
+            "at": time.time(),
+        }
     )
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
@@ -60,3 +66,22 @@ async def fail(ctx: JobContext) -> None:
 async def suicide(ctx: JobContext) -> None:
     _ledger(ctx, "start")
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+@handler("snooze_then_finish")
+async def snooze_then_finish(ctx: JobContext) -> dict[str, Any]:
+    """Snoozes ``snoozes`` times (runs are counted in the ``runs`` file), then completes."""
+    runs_file = ctx.payload["runs"]
+    fd = os.open(runs_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (json.dumps({"attempt": ctx.attempt, "at": time.time()}) + "\n").encode())
+    finally:
+        os.close(fd)
+    fd = os.open(runs_file, os.O_RDONLY)
+    try:
+        runs = os.read(fd, 1 << 16).count(b"\n")
+    finally:
+        os.close(fd)
+    if runs <= int(ctx.payload.get("snoozes", 1)):
+        raise Snooze(float(ctx.payload.get("seconds", 1.0)))
+    return {"runs": runs, "attempt": ctx.attempt}

@@ -159,3 +159,29 @@ def test_unmigrated_database_says_what_to_run(tmp_path: Path) -> None:
         [script, "migrate"], env=env, capture_output=True, text=True, timeout=60, check=False
     )
     assert r.returncode == 0 and (tmp_path / "x.db").is_file()
+
+
+async def test_queues_pause_list_resume(cli: Run, db: Database) -> None:
+    async with db.write_transaction() as s:
+        await queue.enqueue_tasks(s, [{"kind": "noop", "queue": "reports"} for _ in range(2)])
+    r = cli("queues", "pause", "reports")
+    assert r.returncode == 0 and "paused" in r.stdout, r.stderr
+    r = cli("queues", "list", "--json")
+    assert r.returncode == 0, r.stderr
+    [row] = json.loads(r.stdout)
+    assert (row["queue"], row["paused"], row["pending"], row["changed_by"]) == (
+        "reports",
+        True,
+        2,
+        "cli",
+    )
+    assert "paused" in cli("queues", "list").stdout
+    r = cli("queues", "resume", "reports")
+    assert r.returncode == 0 and "resumed" in r.stdout
+    assert json.loads(cli("queues", "list", "--json").stdout)[0]["paused"] is False
+    r = cli("queues", "pause", "x" * 101)
+    assert r.returncode == 2 and "queue" in r.stderr, r.stderr
+    r = cli("processor", "--queues", "a=0")
+    assert r.returncode == 2 and "a=0" in r.stderr, r.stderr
+    async with db.read_transaction() as s:
+        assert set(await queue.queue_switches(s)) == {"reports"}

@@ -1,15 +1,15 @@
-"""The daemon as a real process: drain, crash, signals, timeouts, cancel, fencing, poison."""
+"""The daemon as a real process: drain, retries, cancel, start-up errors, sd_notify, a lost
+lease, logs. Kills, signals, timeouts, a stale daemon, poison jobs and outages are in
+tests/reliability (with the ledger and the invariant checker)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import signal
-import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 from sqlalchemy import func, select
@@ -19,44 +19,10 @@ from app.models import AnalysisNotification, PendingAnalysis, Processor
 from app.services import queue
 from app.services.analysis import analyze_chapter
 from tests.e2e.daemon import Daemon
-from tests.helpers import eventually, task_row
+from tests.helpers import all_in, enqueue_many, eventually, task_row
 
 pytestmark = [pytest.mark.e2e]
 Spawn = Callable[..., Daemon]
-
-
-async def enqueue_many(db: Database, kind: str, n: int, **spec: Any) -> list[int]:
-    async with db.write_transaction() as s:
-        results = await queue.enqueue_tasks(
-            s,
-            [
-                {
-                    "kind": kind,
-                    "user_id": "u1",
-                    **spec,
-                    "payload": {"n": i, **spec.get("payload", {})},
-                }
-                for i in range(n)
-            ],
-        )
-    return [r.id for r in results]
-
-
-async def statuses(db: Database) -> Counter[str]:
-    async with db.read_transaction() as s:
-        rows = await s.execute(
-            select(PendingAnalysis.status, func.count()).group_by(PendingAnalysis.status)
-        )
-        return Counter(dict(rows.all()))  # type: ignore[arg-type]
-
-
-async def all_in(db: Database, status: str, n: int) -> bool:
-    return (await statuses(db))[status] == n
-
-
-def ledger_runs(path: Path) -> Counter[int]:
-    starts = [json.loads(line) for line in path.read_text().splitlines() if '"start"' in line]
-    return Counter(e["task_id"] for e in starts)
 
 
 async def test_drains_200_chapter_analyses_with_exact_notifications(
@@ -106,86 +72,6 @@ async def test_drains_200_chapter_analyses_with_exact_notifications(
     assert (proc.state, proc.processed, proc.failed, proc.in_flight) == ("stopped", 200, 0, 0)
 
 
-async def test_sigkill_mid_run_then_restart_completes_everything(
-    db: Database, spawn: Spawn, tmp_path: Path
-) -> None:
-    ledger = tmp_path / "ledger.jsonl"
-    ids = await enqueue_many(db, "sleep", 16, payload={"seconds": 1.5, "ledger": str(ledger)})
-    first = spawn(max_concurrent="16")
-    await eventually(lambda: all_in(db, "processing", 16), within=20)
-    first.signal(signal.SIGKILL)
-    first.wait()
-    second = spawn(max_concurrent="16")
-    await eventually(lambda: all_in(db, "completed", 16), within=40)
-    assert second.stop() == 0
-    runs = ledger_runs(ledger)
-    ends = Counter(
-        json.loads(line)["task_id"] for line in ledger.read_text().splitlines() if '"end"' in line
-    )
-    assert ends == Counter(set(ids))  # each job finished exactly once
-    assert set(runs) == set(ids) and max(runs.values()) <= 2  # re-runs only of in-flight jobs
-    for task_id in ids:
-        row = await task_row(db, task_id)
-        assert (row.attempts, row.retry_count) == (2, 1)
-        assert row.result is not None and row.result["pid"] == second.pid
-
-
-async def test_sigterm_lets_short_jobs_finish_and_claims_nothing_after(
-    db: Database, spawn: Spawn
-) -> None:
-    ids = await enqueue_many(db, "sleep", 3, payload={"seconds": 1.0})
-    daemon = spawn(max_concurrent="3", shutdown_grace="10")
-    await eventually(lambda: all_in(db, "processing", 3), within=20)
-    later = await enqueue_many(db, "noop", 2)
-    daemon.signal(signal.SIGTERM)
-    assert daemon.wait(30) == 0
-    assert await statuses(db) == Counter({"completed": 3, "pending": 2})
-    for task_id in later:
-        assert (await task_row(db, task_id)).attempts == 0
-    assert {(await task_row(db, i)).status for i in ids} == {"completed"}
-
-
-async def test_sigterm_past_grace_releases_without_charging(db: Database, spawn: Spawn) -> None:
-    ids = await enqueue_many(db, "sleep", 2, payload={"seconds": 30})
-    sync_ids = await enqueue_many(db, "sync_sleep", 1, payload={"seconds": 30})
-    daemon = spawn(max_concurrent="3", shutdown_grace="0.5")
-    await eventually(lambda: all_in(db, "processing", 3), within=20)
-    daemon.signal(signal.SIGTERM)
-    assert daemon.wait(30) == 0
-    for task_id in ids + sync_ids:
-        row = await task_row(db, task_id)
-        assert (row.status, row.retry_count, row.attempts, row.locked_by) == ("pending", 0, 0, None)
-
-
-async def test_second_signal_releases_at_once(db: Database, spawn: Spawn) -> None:
-    [task_id] = await enqueue_many(db, "sleep", 1, payload={"seconds": 60})
-    daemon = spawn(shutdown_grace="60")
-    await eventually(lambda: all_in(db, "processing", 1), within=20)
-    daemon.signal(signal.SIGTERM)
-    daemon.wait_for_log("shutdown: claiming stopped")
-    started = time.monotonic()
-    daemon.signal(signal.SIGINT)
-    assert daemon.wait(20) == 0
-    assert time.monotonic() - started < 10
-    assert (await task_row(db, task_id)).status == "pending"
-
-
-async def test_timeout_frees_the_slot_while_others_complete(db: Database, spawn: Spawn) -> None:
-    [slow] = await enqueue_many(
-        db, "sleep", 1, payload={"seconds": 60}, timeout_seconds=1, max_retries=0
-    )
-    [slow_sync] = await enqueue_many(
-        db, "sync_sleep", 1, payload={"seconds": 5}, timeout_seconds=1, max_retries=0
-    )
-    fast = await enqueue_many(db, "noop", 20, priority=1)
-    spawn(max_concurrent="2")
-    await eventually(lambda: all_in(db, "completed", 20), within=30)
-    for task_id in (slow, slow_sync):
-        row = await eventually(lambda t=task_id: _finished(db, t), within=20)  # type: ignore[misc]
-        assert row.status == "failed" and row.error == "timed out after 1 s"
-    assert len(fast) == 20
-
-
 async def _finished(db: Database, task_id: int) -> PendingAnalysis | None:
     row = await task_row(db, task_id)
     return row if queue.is_finished(row.status) else None
@@ -230,82 +116,14 @@ async def test_cancel_pending_and_running(db: Database, spawn: Spawn) -> None:
     assert daemon.stop() == 0
 
 
-async def test_stale_daemon_cannot_overwrite_the_rescued_run(db: Database, spawn: Spawn) -> None:
-    [task_id] = await enqueue_many(db, "sleep", 1, payload={"seconds": 4})
-    stale = spawn()
-    # Freeze it between transactions: a SQLite process frozen inside one would hold the
-    # single write lock and block every writer (a limit of SQLite, not of the fence).
-    await eventually(lambda: _progress_is(db, task_id, "sleeping"), within=20)
-    await asyncio.sleep(0.1)
-    stale.signal(signal.SIGSTOP)
-    try:
-        fresh = spawn()
-        row = await eventually(lambda: _finished(db, task_id), within=40)
-        assert row.status == "completed" and row.result is not None
-        assert row.result["pid"] == fresh.pid and row.attempts == 2
-    finally:
-        stale.signal(signal.SIGCONT)
-    # Either its completion is fenced out, or its heartbeat finds the lease gone first and
-    # stops the job unwritten; both leave the fresh run's result in place.
-    await eventually(lambda: _logged(stale, "not written", "stopping (lease_lost)"), within=20)
-    row = await task_row(db, task_id)
-    assert row.result is not None and row.result["pid"] == fresh.pid
-    assert stale.stop() == 0
-
-
-async def _logged(daemon: Daemon, *texts: str) -> bool:
-    log = daemon.log()
-    return any(text in log for text in texts)
-
-
 async def _progress_is(db: Database, task_id: int, message: str) -> bool:
     return (await task_row(db, task_id)).progress_message == message
-
-
-async def test_poison_job_fails_after_max_retries_plus_one_claims(
-    db: Database, spawn: Spawn, tmp_path: Path
-) -> None:
-    ledger = tmp_path / "ledger.jsonl"
-    [poison] = await enqueue_many(db, "suicide", 1, max_retries=1, payload={"ledger": str(ledger)})
-    for _ in range(2):
-        daemon = spawn()
-        daemon.wait(30)
-    good = await enqueue_many(db, "noop", 3)
-    daemon = spawn()
-    row = await eventually(lambda: _finished(db, poison), within=30)
-    assert (row.status, row.attempts) == ("failed", 2)
-    assert row.error is not None and "lease expired" in row.error
-    assert ledger_runs(ledger)[poison] == 2
-    await eventually(lambda: all_in(db, "completed", len(good)), within=20)
-    assert daemon.proc is not None and daemon.proc.poll() is None
-    assert daemon.stop() == 0
 
 
 async def test_unmigrated_database_exits_with_a_hint(tmp_path: Path) -> None:
     daemon = Daemon(f"sqlite+aiosqlite:///{tmp_path}/empty.db", tmp_path).start()
     assert daemon.wait(30) == 1
     assert "async-processor migrate" in daemon.log()
-
-
-@pytest.mark.parametrize("engine_name", ["sqlite"])
-async def test_sqlite_locked_for_longer_than_busy_timeout(
-    db: Database, spawn: Spawn, database_url: str
-) -> None:
-    import sqlite3
-
-    ids = await enqueue_many(db, "sleep", 4, payload={"seconds": 1.0})
-    daemon = spawn(max_concurrent="4", lease_seconds="30")
-    await eventually(lambda: all_in(db, "processing", 4), within=20)
-    locker = sqlite3.connect(database_url.split("///", 1)[1], timeout=10, isolation_level=None)
-    locker.execute("BEGIN EXCLUSIVE")
-    await asyncio.sleep(8)  # jobs finish meanwhile; their outcomes wait for the lock
-    locker.execute("ROLLBACK")
-    locker.close()
-    await eventually(lambda: all_in(db, "completed", 4), within=30)
-    assert daemon.proc is not None and daemon.proc.poll() is None
-    assert "database is locked" in daemon.log()
-    assert daemon.stop() == 0
-    assert len(ids) == 4
 
 
 @pytest.mark.parametrize("engine_name", ["sqlite"])

@@ -35,7 +35,7 @@ async def login(page: Page, url: str, token: str) -> None:
 
 
 @pytest.mark.parametrize("engine_name", ["sqlite"])
-async def test_dashboard_login_counts_detail_and_retry(
+async def test_dashboard_login_counts_detail_retry_and_pause(
     db: Database, api_url: str, spawn: Spawn, tmp_path: Path
 ) -> None:
     async with db.write_transaction() as s:
@@ -69,6 +69,13 @@ async def test_dashboard_login_counts_detail_and_retry(
         await expect(page.locator("#detail-status")).to_have_text("pending")
         await expect(page.locator("#count-pending")).to_have_text("1")
         await page.screenshot(path=str(tmp_path / "retried.png"), full_page=True)
+        await expect(page.locator("#limits")).to_contain_text("No rate limits")
+        await page.click("#queue-pause-default")
+        await expect(page.locator("#queue-resume-default")).to_be_visible()
+        async with db.read_transaction() as s:
+            assert (await queue.queue_switches(s))["default"].paused is True
+        await page.click("#queue-resume-default")
+        await expect(page.locator("#queue-pause-default")).to_be_visible()
         await browser.close()
     assert (await task_row(db, bad.id)).status == "pending"
     if not DOCS_SCREENSHOT.exists():

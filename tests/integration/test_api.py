@@ -119,6 +119,102 @@ async def test_admin_enqueues_for_a_user(api: Api) -> None:
     assert (await api.get("bob", f"/tasks/{r.json()['id']}")).status_code == 200
 
 
+async def test_user_token_cannot_set_user_id(api: Api) -> None:
+    """The documented 422 with a JSON detail, alone and in a bulk (naming the item), and
+    nothing is written."""
+    one = await api.post("alice", "/tasks", json={"kind": "noop", "user_id": "alice"})
+    assert one.status_code == 422
+    assert one.json() == {"detail": "user_id may only be set by admin tokens"}
+    bulk = await api.post(
+        "alice", "/tasks/bulk", json={"tasks": [{"kind": "noop"}, {"kind": "noop", "user_id": "b"}]}
+    )
+    assert bulk.status_code == 422
+    assert bulk.json() == {"detail": "tasks[1]: user_id may only be set by admin tokens"}
+    documented = create_app(load_settings()).openapi()["components"]["schemas"]["TaskCreate"]
+    assert "422" in documented["properties"]["user_id"]["description"]
+    async with api.db.read_transaction() as s:
+        assert (
+            await s.execute(select(func.count()).select_from(PendingAnalysis))
+        ).scalar_one() == 0
+
+
+NUL = "a\x00b"
+
+
+@pytest.mark.parametrize(
+    ("body", "loc"),
+    [
+        ({"kind": NUL}, ["body", "kind"]),
+        ({"kind": "noop", "queue": NUL}, ["body", "queue"]),
+        ({"kind": "noop", "project_id": NUL}, ["body", "project_id"]),
+        ({"kind": "noop", "chapter_id": NUL}, ["body", "chapter_id"]),
+        ({"kind": "noop", "idempotency_key": NUL}, ["body", "idempotency_key"]),
+        ({"kind": "noop", "payload": {"deep": [1, {"x": NUL}]}}, ["body", "payload"]),
+        ({"kind": "noop", "payload": {NUL: 1}}, ["body", "payload"]),
+    ],
+)
+async def test_nul_characters_are_refused_naming_the_field(
+    api: Api, body: dict[str, Any], loc: list[str]
+) -> None:
+    """PostgreSQL cannot store NUL, so neither engine takes it: 422, the field in the detail."""
+    r = await api.post("alice", "/tasks", json=body)
+    assert r.status_code == 422
+    [error] = r.json()["detail"]
+    assert error["loc"] == loc
+    bulk = await api.post("alice", "/tasks/bulk", json={"tasks": [{"kind": "noop"}, body]})
+    assert bulk.status_code == 422
+    assert bulk.json()["detail"][0]["loc"] == ["body", "tasks", 1, *loc[1:]]
+    admin = await api.post("root", "/tasks", json={"kind": "noop", "user_id": NUL})
+    assert admin.status_code == 422 and admin.json()["detail"][0]["loc"] == ["body", "user_id"]
+    async with api.db.read_transaction() as s:
+        assert (
+            await s.execute(select(func.count()).select_from(PendingAnalysis))
+        ).scalar_one() == 0
+    # Backslashes and other control characters are fine: only NUL is refused.
+    fine = {"kind": "noop", "chapter_id": "tab\there", "payload": {"s": "\\x00 \x01 \\\\"}}
+    ok = await api.post("alice", "/tasks", json=fine)
+    assert ok.status_code == 202 and ok.json()["payload"] == fine["payload"]
+
+
+def test_openapi_declares_the_nul_rule_on_every_string_input() -> None:
+    """Every string a request carries (query, path, body, payload keys and values) has the
+    pattern that refuses NUL, so a schema-valid request is one the API accepts."""
+    from app.api.schemas import NO_NUL
+
+    document = create_app(load_settings()).openapi()
+    components = document["components"]["schemas"]
+
+    def strings(schema: dict[str, Any], where: str) -> list[tuple[str, dict[str, Any]]]:
+        if "$ref" in schema:
+            return []  # components are walked on their own
+        found = [(where, schema)] if schema.get("type") == "string" else []
+        for option in schema.get("anyOf", []):
+            found += strings(option, where)
+        for name, prop in schema.get("properties", {}).items():
+            found += strings(prop, f"{where}.{name}")
+        if isinstance(schema.get("propertyNames"), dict):
+            found.append((f"{where} keys", schema["propertyNames"]))
+        for key in ("items", "additionalProperties"):
+            if isinstance(schema.get(key), dict):
+                found += strings(schema[key], f"{where}[]")
+        return found
+
+    inputs: list[tuple[str, dict[str, Any]]] = []
+    for path, item in document["paths"].items():
+        for method, operation in item.items():
+            for parameter in operation.get("parameters", []):
+                if parameter["in"] == "header":
+                    continue  # HTTP itself refuses NUL in a header
+                where = f"{method.upper()} {path} {parameter['name']}"
+                inputs += strings(parameter["schema"], where)
+    for name in ("TaskCreate", "JsonValue"):
+        inputs += strings(components[name], name)
+    assert len(inputs) > 15
+    for where, schema in inputs:
+        if "enum" not in schema and "format" not in schema:  # those cannot hold a NUL
+            assert schema.get("pattern") == NO_NUL, where
+
+
 async def test_idempotency_key(api: Api) -> None:
     first = await api.post("alice", "/tasks", json={"kind": "noop", "idempotency_key": "k1"})
     again = await api.post("alice", "/tasks", json={"kind": "noop", "idempotency_key": "k1"})
@@ -280,7 +376,12 @@ async def test_authorization_matrix(api: Api) -> None:
         note = (await notifications.list_for_user(s, user_id="alice"))[0].id
     routes = _routes(api.client._transport.app.openapi())  # type: ignore[attr-defined]
     assert len(routes) >= 10
-    values = {"task_id": str(mine), "chapter_id": "ch", "notification_id": str(note)}
+    values = {
+        "task_id": str(mine),
+        "chapter_id": "ch",
+        "notification_id": str(note),
+        "name": "default",
+    }
     bodies = {"/tasks": {"kind": "noop"}, "/tasks/bulk": {"tasks": [{"kind": "noop"}]}}
     for method, path in routes:
         url = re.sub(r"\{(\w+)\}", lambda m: values[m.group(1)], path)
@@ -296,15 +397,15 @@ async def test_authorization_matrix(api: Api) -> None:
             assert "detail" in r.json()
         if path.endswith("/stream"):
             continue  # an endless response; its scoping is proven in tests/e2e/test_sse.py
+        admin_only = (method, path) in ADMIN_ONLY
         r = await api.client.request(method, url, headers=api.h("bob"), json=json_body)
         assert "alice" not in r.text, (method, path)
-        assert r.status_code == (404 if "{" in path else OWNER_CODES[(method, path)]), (
-            method,
-            path,
-        )
+        stranger = 403 if admin_only else 404 if "{" in path else OWNER_CODES[(method, path)]
+        assert r.status_code == stranger, (method, path)
         for who in ("alice", "root"):
             r = await api.client.request(method, url, headers=api.h(who), json=json_body)
-            assert r.status_code == OWNER_CODES[(method, path)], (who, method, path, r.text)
+            expected = 403 if admin_only and who != "root" else OWNER_CODES[(method, path)]
+            assert r.status_code == expected, (who, method, path, r.text)
 
 
 #: What the owner (and an admin) get from each route in the matrix above, where the task is
@@ -322,6 +423,15 @@ OWNER_CODES = {
     ("POST", f"{P}/notifications/{{notification_id}}/read"): 200,
     ("GET", f"{P}/status"): 200,
     ("GET", f"{P}/me"): 200,
+    ("GET", f"{P}/queues"): 200,
+    ("POST", f"{P}/queues/{{name}}/pause"): 200,
+    ("POST", f"{P}/queues/{{name}}/resume"): 200,
+}
+#: Routes for operators: a user token gets 403 (they are nobody's resource, so not 404).
+ADMIN_ONLY = {
+    ("GET", f"{P}/queues"),
+    ("POST", f"{P}/queues/{{name}}/pause"),
+    ("POST", f"{P}/queues/{{name}}/resume"),
 }
 
 

@@ -2,59 +2,127 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select, text
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.db import Database, later_sql, now_sql
+from app.db import Database, later_sql, make_engine, now_sql, sqlite_path
+from app.models.types import utcnow
+
+PRAGMAS = ("journal_mode", "synchronous", "busy_timeout", "foreign_keys")
+
+
+async def _pragmas(s: AsyncSession) -> list[object]:
+    return [(await s.execute(text(f"PRAGMA {name}"))).scalar_one() for name in PRAGMAS]
 
 
 @pytest.mark.parametrize("engine_name", ["sqlite"])
-async def test_sqlite_pragmas(db: Database) -> None:
+async def test_sqlite_pragmas_on_every_connection(db: Database) -> None:
+    # WAL, synchronous=NORMAL (1), busy_timeout 5000 ms, foreign keys on: for read and
+    # write sessions alike, and for a second pooled connection opened while one is busy.
     async with db.read_transaction() as s:
-        values = [
-            (await s.execute(text(f"PRAGMA {name}"))).scalar_one()
-            for name in ("journal_mode", "synchronous", "busy_timeout", "foreign_keys")
-        ]
-    assert values == ["wal", 1, 5000, 1]
+        assert await _pragmas(s) == ["wal", 1, 5000, 1]
+        async with db.write_transaction() as w:
+            assert await _pragmas(w) == ["wal", 1, 5000, 1]
 
 
-async def test_sqlite_folder_is_created(tmp_path: Path) -> None:
-    db = Database.from_url(f"sqlite+aiosqlite:///{tmp_path}/a/b/q.db")
+@pytest.fixture
+def other_connection(database_url: str) -> Iterator[sqlite3.Connection]:
+    """A second, raw connection to the same SQLite file that never waits for a lock."""
+    path = sqlite_path(database_url)
+    assert path is not None
+    conn = sqlite3.connect(path, timeout=0, isolation_level=None)
     try:
-        async with db.write_transaction() as s:
-            await s.execute(text("CREATE TABLE t (x INTEGER)"))
+        yield conn
     finally:
-        await db.dispose()
-    assert (tmp_path / "a" / "b" / "q.db").is_file()
+        conn.close()
+
+
+def _begin_immediate(conn: sqlite3.Connection) -> None:
+    conn.execute("BEGIN IMMEDIATE")
+    conn.execute("ROLLBACK")
 
 
 @pytest.mark.parametrize("engine_name", ["sqlite"])
-async def test_write_transactions_lock_up_front_and_reads_do_not(
-    db: Database, database_url: str
+async def test_write_transaction_holds_the_write_lock_from_its_start(
+    db: Database, other_connection: sqlite3.Connection
 ) -> None:
-    other = sqlite3.connect(database_url.split("///", 1)[1], timeout=0, isolation_level=None)
+    _begin_immediate(other_connection)  # free before
+    async with db.write_transaction() as s:
+        await s.execute(text("SELECT count(*) FROM pending_analysis"))  # a read only
+        with pytest.raises(sqlite3.OperationalError, match="database is locked"):
+            other_connection.execute("BEGIN IMMEDIATE")
+    _begin_immediate(other_connection)  # free again after the commit
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"])
+async def test_read_transaction_does_not_take_the_write_lock(
+    db: Database, other_connection: sqlite3.Connection
+) -> None:
+    async with db.read_transaction() as s:
+        await s.execute(text("SELECT count(*) FROM pending_analysis"))
+        other_connection.execute("BEGIN IMMEDIATE")  # succeeds: the read holds no write lock
+        try:
+            # … and the open read goes on while the other connection holds it (WAL)
+            await s.execute(text("SELECT count(*) FROM pending_analysis"))
+        finally:
+            other_connection.execute("ROLLBACK")
+
+
+async def test_make_engine_creates_the_sqlite_folder(tmp_path: Path) -> None:
+    path = tmp_path / "not" / "yet" / "q.db"
+    engine = make_engine(f"sqlite+aiosqlite:///{path}")
     try:
-        async with db.read_transaction() as s:
-            await s.execute(text("SELECT count(*) FROM pending_analysis"))
-            other.execute("BEGIN IMMEDIATE")
-            other.execute("ROLLBACK")
-        async with db.write_transaction() as s:
-            await s.execute(text("SELECT count(*) FROM pending_analysis"))
-            with pytest.raises(sqlite3.OperationalError, match="database is locked"):
-                other.execute("BEGIN IMMEDIATE")
+        assert path.parent.is_dir()  # created up front, before any connection
+        async with engine.connect() as conn:
+            assert (await conn.execute(text("PRAGMA journal_mode"))).scalar_one() == "wal"
     finally:
-        other.close()
+        await engine.dispose()
+    assert path.is_file()
+
+
+def _aware_utc(value: datetime) -> None:
+    assert isinstance(value, datetime)
+    assert value.tzinfo is not None and value.utcoffset() == timedelta(0), value
 
 
 async def test_database_clock_is_aware_utc(db: Database) -> None:
     async with db.read_transaction() as s:
         now = (await s.execute(select(now_sql(db.dialect)))).scalar_one()
         later = (await s.execute(select(later_sql(db.dialect, 90)))).scalar_one()
-        if db.dialect == "postgresql":
-            server = (await s.execute(text("SELECT now()"))).scalar_one()
-            assert now == server
-    assert now.utcoffset() is not None and now.utcoffset().total_seconds() == 0
-    assert 89 <= (later - now).total_seconds() <= 91
+    _aware_utc(now)
+    _aware_utc(later)
+    assert abs((now - utcnow()).total_seconds()) < 5
+    if db.dialect == "postgresql":
+        assert later - now == timedelta(seconds=90)  # one transaction: one now()
+    else:
+        assert timedelta(seconds=90) <= later - now < timedelta(seconds=91)
+
+
+async def test_pinned_clock_is_returned_as_given(db: Database) -> None:
+    pinned = datetime(2030, 1, 2, 3, 4, 5, 678_000, tzinfo=UTC)
+    async with db.read_transaction() as s:
+        now = (await s.execute(select(now_sql(db.dialect, pinned)))).scalar_one()
+        later = (await s.execute(select(later_sql(db.dialect, 1.5, pinned)))).scalar_one()
+    _aware_utc(now)
+    _aware_utc(later)
+    assert (now, later) == (pinned, pinned + timedelta(seconds=1.5))
+
+
+@pytest.mark.parametrize("engine_name", ["postgresql"])
+async def test_postgres_clock_is_the_servers_transaction_time(db: Database) -> None:
+    async with db.read_transaction() as s:
+        first = (await s.execute(select(now_sql(db.dialect)))).scalar_one()
+        await asyncio.sleep(0.05)
+        server = (await s.execute(text("SELECT now()"))).scalar_one()
+        again = (await s.execute(select(now_sql(db.dialect)))).scalar_one()
+        wall = (await s.execute(text("SELECT clock_timestamp()"))).scalar_one()
+    _aware_utc(first)
+    assert first == server == again  # now() is fixed for the transaction
+    assert wall > first  # … while the server's wall clock moved on

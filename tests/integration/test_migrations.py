@@ -11,7 +11,7 @@ import asyncpg
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import inspect
+from sqlalchemy import Column, Integer, MetaData, inspect, text
 from sqlalchemy.engine import Connection, make_url
 
 from app import schema
@@ -21,16 +21,32 @@ from app.services import queue
 from tests import pg
 from tests.conftest import ENGINES
 
+# The rule of migrations/env.py's include_object, reimplemented: SQLite cannot reflect
+# indexes with a DESC column, so autogenerate cannot compare them there.
 SQLITE_UNREFLECTABLE = {
     "ix_pending_analysis_claim",
     "ix_pending_analysis_claim_any",
     "ix_analysis_notifications_feed",
 }
+TABLES = {
+    "pending_analysis",
+    "analysis_notifications",
+    "processors",
+    "api_tokens",
+    "queue_states",
+    "task_starts",
+    "schedules",
+}
+TRIGGER = "pending_analysis_notify_insert"
+# Alembic warns (UserWarning) that it skips those indexes on SQLite, before include_object.
+SKIPPED_INDEX_WARNING = (
+    "ignore:autogenerate skipping metadata-specified expression-based index:UserWarning"
+)
 
 
 @pytest.fixture(params=ENGINES)
 def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """An empty database of each engine."""
+    """An empty database of each engine: a new SQLite file, a new PostgreSQL database."""
     if request.param == "sqlite":
         yield f"sqlite+aiosqlite:///{tmp_path}/empty.db"
         return
@@ -44,56 +60,103 @@ def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         pg.drop_database(name)
 
 
-def _diff(connection: Connection) -> list[Any]:
-    sqlite = connection.dialect.name == "sqlite"
+def _include_object(dialect: str) -> Any:
+    """migrations/env.py's include_object for ``dialect``."""
 
     def include(obj: Any, name: str | None, type_: str, reflected: bool, other: Any) -> bool:
-        # SQLite cannot reflect DESC index columns; PostgreSQL compares them all.
-        return not (sqlite and type_ == "index" and name in SQLITE_UNREFLECTABLE)
+        return not (type_ == "index" and dialect == "sqlite" and name in SQLITE_UNREFLECTABLE)
 
+    return include
+
+
+def _diff(connection: Connection, metadata: MetaData = Base.metadata) -> list[Any]:
     ctx = MigrationContext.configure(
-        connection, opts={"compare_type": True, "include_object": include}
+        connection,
+        opts={"compare_type": True, "include_object": _include_object(connection.dialect.name)},
     )
-    return list(compare_metadata(ctx, Base.metadata))
+    return list(compare_metadata(ctx, metadata))
+
+
+def _altered_models() -> MetaData:
+    """The models plus one column, to prove the comparison sees a difference."""
+    metadata = MetaData(naming_convention=Base.metadata.naming_convention)
+    for table in Base.metadata.sorted_tables:
+        table.to_metadata(metadata)
+    metadata.tables["pending_analysis"].append_column(Column("extra", Integer()))
+    return metadata
 
 
 def _tables(connection: Connection) -> set[str]:
     return set(inspect(connection).get_table_names())
 
 
-async def _check(url: str) -> tuple[list[Any], set[str]]:
+def _pg_objects(connection: Connection) -> tuple[set[str], set[str]]:
+    """(insert triggers on pending_analysis, the notify function) on PostgreSQL."""
+    if connection.dialect.name != "postgresql":
+        return set(), set()
+    triggers = connection.execute(
+        text(
+            "SELECT tgname FROM pg_trigger WHERE NOT tgisinternal"
+            " AND tgrelid = to_regclass('pending_analysis')"
+        )
+    ).scalars()
+    functions = connection.execute(
+        text("SELECT proname FROM pg_proc WHERE proname = 'async_processor_notify_insert'")
+    ).scalars()
+    return set(triggers), set(functions)
+
+
+async def _inspect(url: str) -> dict[str, Any]:
     db = Database.from_url(url)
     try:
         async with db.engine.connect() as conn:
-            return await conn.run_sync(_diff), await conn.run_sync(_tables)
+            tables = await conn.run_sync(_tables)
+            diff = await conn.run_sync(_diff) if TABLES <= tables else None
+            if diff == []:
+                altered = await conn.run_sync(_diff, _altered_models())
+                assert [(d[0], d[2], d[3].name) for d in altered] == [
+                    ("add_column", "pending_analysis", "extra")
+                ]
+            triggers, functions = await conn.run_sync(_pg_objects)
+    finally:
+        await db.dispose()
+    return {"tables": tables, "diff": diff, "triggers": triggers, "functions": functions}
+
+
+@pytest.mark.filterwarnings(SKIPPED_INDEX_WARNING)
+async def test_upgrade_matches_models_and_round_trips(empty_url: str) -> None:
+    is_pg = make_url(empty_url).get_backend_name() == "postgresql"
+    await asyncio.to_thread(schema.upgrade, empty_url)
+    state = await _inspect(empty_url)
+    assert state["tables"] == {"alembic_version", *TABLES}
+    assert state["diff"] == []
+    if is_pg:
+        assert state["triggers"] == {TRIGGER}
+        assert state["functions"] == {"async_processor_notify_insert"}
+
+    await asyncio.to_thread(schema.downgrade, empty_url)
+    state = await _inspect(empty_url)
+    assert state["tables"] <= {"alembic_version"}
+    assert (state["triggers"], state["functions"]) == (set(), set())
+    db = Database.from_url(empty_url)
+    try:
+        with pytest.raises(schema.SchemaError, match="async-processor migrate"):
+            await schema.check_migrated(db.engine)
     finally:
         await db.dispose()
 
-
-@pytest.mark.filterwarnings(
-    "ignore:autogenerate skipping metadata-specified expression-based index"
-)
-@pytest.mark.filterwarnings("ignore:Generating approximate signature for index")
-async def test_upgrade_matches_models_and_round_trips(empty_url: str) -> None:
     await asyncio.to_thread(schema.upgrade, empty_url)
-    diff, tables = await _check(empty_url)
-    assert diff == []
-    assert tables == {
-        "alembic_version",
-        "pending_analysis",
-        "analysis_notifications",
-        "processors",
-        "api_tokens",
-    }
-    await asyncio.to_thread(schema.downgrade, empty_url)
-    _, tables = await _check(empty_url)
-    assert tables <= {"alembic_version"}
-    await asyncio.to_thread(schema.upgrade, empty_url)
+    state = await _inspect(empty_url)
+    assert state["diff"] == []
+    assert state["triggers"] == ({TRIGGER} if is_pg else set())
     db = Database.from_url(empty_url)
     try:
         await schema.check_migrated(db.engine)
         async with db.write_transaction() as s:
-            assert (await queue.enqueue_task(s, kind="k")).id == 1
+            task = await queue.enqueue_task(s, kind="k", user_id="alice")
+        async with db.read_transaction() as s:
+            row = await queue.get_task(s, task.id)
+        assert task.created and row is not None and row.status == "pending"
     finally:
         await db.dispose()
 
@@ -107,24 +170,31 @@ async def test_unmigrated_database_is_refused_with_a_hint(empty_url: str) -> Non
         await db.dispose()
 
 
-@pytest.mark.postgres
+def _dsn(database_url: str) -> str:
+    return make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
 @pytest.mark.parametrize("engine_name", ["postgresql"])
-async def test_postgres_insert_trigger_notifies_once_per_transaction(
+async def test_postgres_insert_trigger_notifies_after_commit_once_per_transaction(
     db: Database, database_url: str
 ) -> None:
-    dsn = make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
-    listener = await asyncpg.connect(dsn)
-    received: list[str] = []
-    await listener.add_listener(queue.NOTIFY_CHANNEL, lambda *args: received.append(args[2]))
+    listener = await asyncpg.connect(_dsn(database_url))
+    received: list[tuple[str, object]] = []
+    got = asyncio.Event()
+
+    def on_notify(_conn: Any, _pid: int, channel: str, payload: object) -> None:
+        received.append((channel, payload))
+        got.set()
+
+    await listener.add_listener(queue.NOTIFY_CHANNEL, on_notify)
     try:
         async with db.write_transaction() as s:
             await queue.enqueue_tasks(s, [{"kind": "k"} for _ in range(50)])
             await queue.enqueue_task(s, kind="k")
-        for _ in range(100):
-            if received:
-                break
-            await asyncio.sleep(0.02)
-        await asyncio.sleep(0.1)
-        assert received == [queue.NOTIFY_CHANNEL]
+            await asyncio.sleep(0.2)
+            assert received == []  # nothing is delivered before the commit
+        await asyncio.wait_for(got.wait(), 5)
+        await asyncio.sleep(0.2)  # a second notification would have arrived by now
+        assert received == [(queue.NOTIFY_CHANNEL, "")]
     finally:
         await listener.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 
-from sqlalchemy import update
+from sqlalchemy import func, select, update
 
 from app.db import Database
 from app.models import PendingAnalysis, ProcessorState
@@ -155,3 +155,48 @@ async def test_waker_fires_on_another_connections_commit(db: Database, database_
     await asyncio.wait_for(woke.wait(), timeout=5)
     stop.set()
     await runner
+
+
+async def test_engine_never_runs_more_than_its_concurrency(db: Database, database_url: str) -> None:
+    """Claims from the claim loop and from the completer's refill share the slots: the
+    number of running handlers and of rows held in processing never exceeds concurrency."""
+    async with db.write_transaction() as s:
+        ids = [
+            r.id
+            for r in await queue.enqueue_tasks(
+                s,
+                [{"kind": "sleep", "payload": {"seconds": 0.01 * (i % 6)}} for i in range(80)],
+            )
+        ]
+    engine = _PeakEngine(
+        db,
+        REGISTRY,
+        EngineConfig(database_url=database_url, concurrency=4, lease_seconds=3, shutdown_grace=1),
+    )
+    held_max = 0
+    await engine.start()
+    try:
+        async with asyncio.timeout(60):
+            while not await _all_done(db, ids):
+                async with db.read_transaction() as s:
+                    held = await s.scalar(
+                        select(func.count())
+                        .select_from(PendingAnalysis)
+                        .where(PendingAnalysis.status == "processing")
+                    )
+                held_max = max(held_max, held or 0)
+                await asyncio.sleep(0.003)
+    finally:
+        await engine.stop()
+    assert engine.processed == 80
+    assert engine.peak == 4 and held_max <= 4, (engine.peak, held_max)
+
+
+class _PeakEngine(ProcessorEngine):
+    """Records the most handlers ever running at once, at each start."""
+
+    peak = 0
+
+    def _start_job(self, task: queue.ClaimedTask) -> None:
+        super()._start_job(task)
+        self.peak = max(self.peak, self.in_flight)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import select, update
@@ -59,6 +59,20 @@ async def test_enqueue_is_part_of_the_callers_transaction(db: Database) -> None:
         await s.rollback()
     async with db.read_transaction() as s:
         assert (await s.execute(select(PendingAnalysis.id))).all() == []
+
+
+async def test_enqueue_many_with_a_pinned_clock(db: Database) -> None:
+    """Several rows in one multi-VALUES insert with a host-side time (a pinned clock here;
+    SQLite always): each time is a per-row parameter (a shared one broke asyncpg)."""
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    specs = [{"kind": "noop"}, {"kind": "noop", "idempotency_key": "k1"}, {"kind": "noop"}]
+    async with db.write_transaction() as s:
+        rows = await queue.enqueue_tasks(
+            s, [*specs, {"kind": "noop", "idempotency_key": "k2"}], now=at
+        )
+    for r in rows:
+        row = await task_row(db, r.id)
+        assert (row.created_at, row.updated_at, row.scheduled_at) == (at, at, at)
 
 
 async def test_idempotency_key_returns_the_existing_task(db: Database) -> None:
@@ -302,6 +316,41 @@ async def test_permanent_failure_skips_retries(db: Database) -> None:
         )
     assert outcome is FailOutcome.FAILED
     assert (await task_row(db, task_id)).retry_count == 0
+
+
+async def test_a_failure_after_a_cancel_request_is_not_retried(db: Database) -> None:
+    task_id = await enqueue(db, max_retries=3)
+    [t] = await claim(db)
+    async with db.write_transaction() as s:
+        assert await queue.request_cancel(s, task_id) is CancelOutcome.REQUESTED
+    async with db.write_transaction() as s:
+        outcome = await queue.fail_task(
+            s, task_id=t.id, processor_id=PID, attempt=1, error="boom", retry_delay=0
+        )
+    assert outcome is FailOutcome.CANCELLED
+    row = await task_row(db, task_id)
+    assert (row.status, row.retry_count, row.error, row.locked_by) == (
+        "cancelled",
+        0,
+        "boom",
+        None,
+    )
+    assert row.completed_at is not None
+    assert await claim(db) == []
+    assert [n for n, _ in await notes_of(db, task_id)] == ["started", "cancelled"]
+
+
+async def test_a_snooze_after_a_cancel_request_cancels(db: Database) -> None:
+    task_id = await enqueue(db)
+    [t] = await claim(db)
+    async with db.write_transaction() as s:
+        await queue.request_cancel(s, task_id)
+    async with db.write_transaction() as s:
+        assert await queue.snooze_task(s, task_id=t.id, processor_id=PID, attempt=1, seconds=0)
+    row = await task_row(db, task_id)
+    assert (row.status, row.attempts, row.locked_by) == ("cancelled", 1, None)
+    assert await claim(db) == []
+    assert [n for n, _ in await notes_of(db, task_id)] == ["started", "cancelled"]
 
 
 async def test_cancel_task_by_its_daemon(db: Database) -> None:
@@ -577,3 +626,11 @@ async def test_feed_poller_sees_every_notification_once_with_concurrent_writers(
         ]
     assert len(every) == 100
     assert seen == every  # each exactly once, in order, none skipped
+
+
+def test_nul_characters_are_refused_but_their_escape_written_as_text_is_kept() -> None:
+    for bad in ({"text": "a\x00b"}, {"a\x00": 1}, {"deep": [{"x": "\x00"}]}):
+        with pytest.raises(queue.InvalidTaskError):
+            TaskSpec(kind="noop", payload=bad)
+    for fine in ({"text": "\\u0000"}, {"text": "\\\\u0000 and \\\\\\\\u0000"}, {"\\u0000": 1}):
+        assert TaskSpec(kind="noop", payload=fine).payload == fine

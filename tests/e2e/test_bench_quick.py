@@ -1,0 +1,72 @@
+"""The benchmark suite runs end to end with a tiny N, so it cannot rot (speed is not asserted:
+these machines are noisy; `make bench` publishes the figures)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests import pg
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+SECTIONS = ("settings", "W1", "W2", "W3", "W4", "W5", "W6", "floors")
+
+
+@pytest.mark.timeout(300)
+def test_bench_smoke_profile_measures_every_workload(tmp_path: Path, pg_available: bool) -> None:
+    engines = ["sqlite", "postgres"] if pg_available else ["sqlite"]
+    out, md = tmp_path / "smoke.json", tmp_path / "smoke.md"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--profile",
+            "smoke",
+            "--engines",
+            ",".join(engines),
+            "--pg-url",
+            pg.admin_url(),
+            "--json",
+            str(out),
+            "--markdown",
+            str(md),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    report = json.loads(out.read_text())
+    assert set(report["engines"]) == set(engines)
+    for name in engines:
+        engine = report["engines"][name]
+        assert "errors" not in engine, engine.get("errors")
+        for section in SECTIONS:
+            assert section in engine, f"{name}: {section} missing"
+        assert engine["W2"]["jobs_per_second"] > 0
+        assert engine["W3"]["samples"] == report["sizes"]["pickup_jobs"]
+        assert engine["W6"]["rss_mb"] > 0
+        assert engine["floors"]["drain"] and engine["floors"]["pickup"]
+    measured = {(g["key"], g["engine"]) for g in report["goals"] if g["met"] is not None}
+    assert {key for key, _ in measured} >= {
+        "w1_single",
+        "w1_bulk",
+        "w2_drain",
+        "w3_p50",
+        "w3_p95",
+        "w4_sleep",
+        "w5_claim",
+        "w5_drain",
+        "w6_rss",
+        "w6_idle_cpu",
+    }
+    text = md.read_text()
+    assert "<!-- bench:begin -->" in text and "| W2 |" in text
