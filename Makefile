@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: install run migrate test lint fmt typecheck bench bench-quick clean chromium
+.PHONY: install run migrate test lint fmt typecheck bench bench-quick reliability clean chromium
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || { \
@@ -35,6 +35,28 @@ chromium:
 
 test: $(STAMP) chromium
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Benchmarks (bench/): SQLite and PostgreSQL (127.0.0.1:5432, or BENCH_PG_URL), each figure
+# beside its bare-driver floor. `bench` (<= 20 min) rewrites bench/RESULTS.md and
+# bench/results/latest.json; `bench-quick` (<= 3 min) writes bench/out/ only.
+# Extra flags: make bench BENCH_ARGS='--label after --baseline bench/results/before.json'
+BENCH_ARGS ?=
+bench: $(STAMP)
+	$(PY) -m bench --profile full $(BENCH_ARGS)
+
+bench-quick: $(STAMP)
+	$(PY) -m bench --profile quick $(BENCH_ARGS)
+
+# Reliability suite (tests/reliability, docs/reliability.md): `make test` runs its fast
+# profile, seeded-bug twins included; `make reliability` runs the full one (shipped
+# defaults, larger counts; the twins only prove detection, so they stay in the fast one)
+# and writes the JSON summary that docs/reliability.md publishes. Needs PostgreSQL at
+# 127.0.0.1:5432.
+RELIABILITY_JSON ?= tests/reliability/results/latest.json
+reliability: $(STAMP)
+	CI=true RELIABILITY_PROFILE=full RELIABILITY_SUMMARY=$(RELIABILITY_JSON) \
+		$(PY) -m pytest tests/reliability --ignore tests/reliability/test_seeded_bugs.py \
+		--timeout 1200 -rxX $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check backend tests migrations bench
