@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 from collections.abc import AsyncIterator, Iterator
@@ -12,9 +13,19 @@ import pytest
 from app import schema
 from app.db import Database
 from tests import pg
+from tests.pgcluster import Cluster
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 ENGINES = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage() -> Iterator[None]:
+    """Collect garbage after every test, so a connection or file a test leaks is reported
+    (ResourceWarning, an error here) against that test, not against whichever later test
+    the collector happens to run in."""
+    yield
+    gc.collect()
 
 
 @pytest.fixture(scope="session")
@@ -80,3 +91,16 @@ async def db(database_url: str) -> AsyncIterator[Database]:
         yield database
     finally:
         await database.dispose()
+
+
+@pytest.fixture
+def cluster(pg_available: bool) -> Iterator[Cluster]:
+    """A throwaway PostgreSQL cluster the test may stop and start (never the shared server)."""
+    if not Cluster.available():
+        pytest.fail("PostgreSQL 15 server binaries are missing")
+    c = Cluster().init()
+    c.start()
+    try:
+        yield c
+    finally:
+        c.destroy()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import event, select, update
 
 from app.db import Database
 from app.models import AnalysisNotification, NotificationType, PendingAnalysis, Processor
@@ -99,6 +99,30 @@ async def test_enqueue_tasks_keeps_input_order_and_mixes_keys(db: Database) -> N
     assert results[1].id == existing.id
     payloads = [(await task_row(db, r.id)).payload for r in results]
     assert payloads == [{"n": 0}, {}, {"n": 2}, {"n": 3}]
+
+
+async def test_bulk_enqueue_keeps_order_in_a_few_statements(db: Database) -> None:
+    """2,500 rows: ids come back in input order, and the rows go out as multi-row INSERTs
+    (a few pages), never one statement per row (SQLite's ordered-RETURNING fallback)."""
+    statements: list[str] = []
+
+    def count(conn: object, cursor: object, sql: str, *args: object) -> None:
+        if sql.lstrip().upper().startswith("INSERT INTO PENDING_ANALYSIS"):
+            statements.append(sql)
+
+    event.listen(db.engine.sync_engine, "before_cursor_execute", count)
+    try:
+        async with db.write_transaction() as s:
+            results = await queue.enqueue_tasks(
+                s, [{"kind": "k", "payload": {"n": n}} for n in range(2500)]
+            )
+    finally:
+        event.remove(db.engine.sync_engine, "before_cursor_execute", count)
+    assert 1 <= len(statements) <= 10
+    assert [r.created for r in results] == [True] * 2500
+    async with db.read_transaction() as s:
+        rows = dict((await s.execute(select(PendingAnalysis.id, PendingAnalysis.payload))).all())
+    assert [rows[r.id] for r in results] == [{"n": n} for n in range(2500)]
 
 
 @pytest.mark.parametrize(

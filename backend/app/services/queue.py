@@ -300,12 +300,19 @@ def _insert_values(dialect: str, now: datetime | None) -> dict[str, Any]:
 async def _insert_plain(
     session: AsyncSession, rows: list[dict[str, Any]], now: datetime | None
 ) -> list[int]:
+    dialect = dialect_of(session)
+    # SQLite: SQLAlchemy can only keep RETURNING in parameter order there by sending one
+    # INSERT per row. It need not: the write transaction holds the database's only write
+    # lock and rowids are assigned in VALUES order, so the new ids sorted are the rows in
+    # order, and the rows go out as multi-row INSERTs.
+    ordered = dialect != "sqlite"
     stmt = (
         insert(TASKS)
-        .values(**_insert_values(dialect_of(session), now))
-        .returning(T.id, sort_by_parameter_order=True)
+        .values(**_insert_values(dialect, now))
+        .returning(T.id, sort_by_parameter_order=ordered)
     )
-    return list((await session.scalars(stmt, _with_clock(rows, now))).all())
+    ids = list((await session.scalars(stmt, _with_clock(rows, now))).all())
+    return ids if ordered else sorted(ids)
 
 
 def _with_clock(rows: list[dict[str, Any]], now: datetime | None) -> list[dict[str, Any]]:
