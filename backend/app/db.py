@@ -23,11 +23,13 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from app.models.types import UTCDateTime, utcnow
 from app.services import faults
+from app.services.wakeups import Bell
 
 SQLITE_BUSY_TIMEOUT_MS = 5_000
 PG_CONNECT_TIMEOUT_SECONDS = 3.0
 PG_COMMAND_TIMEOUT_SECONDS = 30.0
 _BEGIN_OPTION = "async_processor_begin"
+_WAKE_KEY = "async_processor_wake"
 
 
 def is_sqlite_url(url: str | URL) -> bool:
@@ -116,6 +118,8 @@ class Database:
         self._write_locks: WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] | None = (
             WeakKeyDictionary() if self.dialect == "sqlite" else None
         )
+        path = sqlite_path(engine.url)
+        self._bell = Bell(path.expanduser()) if path is not None else None
 
     @classmethod
     def from_url(cls, url: str, *, pool_size: int = 5, pre_ping: bool = True) -> Database:
@@ -133,11 +137,15 @@ class Database:
         lock = self._write_locks.get(loop)
         if lock is None:
             lock = self._write_locks[loop] = asyncio.Lock()
-        async with lock, self.write_sessionmaker() as session, session.begin():
-            # Take the write lock now, before the caller builds statements: SQLite's clock
-            # is bound into them (now_sql), and must not predate a wait for the lock.
-            await session.connection()
-            yield session
+        async with lock, self.write_sessionmaker() as session:
+            async with session.begin():
+                # Take the write lock now, before the caller builds statements: SQLite's
+                # clock is bound into them (now_sql), and must not predate a wait for it.
+                await session.connection()
+                yield session
+            wake = session.info.pop(_WAKE_KEY, False)
+        if wake and self._bell is not None:
+            self._bell.ring()
 
     @asynccontextmanager
     async def read_transaction(self) -> AsyncIterator[AsyncSession]:
@@ -148,6 +156,14 @@ class Database:
     async def dispose(self) -> None:
         """Close every pooled connection."""
         await self.engine.dispose()
+        if self._bell is not None:
+            self._bell.close()
+
+
+def wake_daemons_at_commit(session: AsyncSession) -> None:
+    """Ring the SQLite daemons' doorbells once this write transaction commits (new work
+    to claim). PostgreSQL's equivalent is NOTIFY, sent in the transaction itself."""
+    session.info[_WAKE_KEY] = True
 
 
 def dialect_of(session: AsyncSession) -> str:

@@ -40,7 +40,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import KeyLimit, RateLimit
-from app.db import dialect_of, later_sql, now_sql
+from app.db import dialect_of, later_sql, now_sql, wake_daemons_at_commit
 from app.models import (
     FINISHED_STATUSES,
     NotificationType,
@@ -273,6 +273,8 @@ async def enqueue_tasks(
     if keyed:
         by_key = await _insert_keyed(session, [items[i] for i in keyed], now)
         results.update({i: by_key[items[i].idempotency_key or ""] for i in keyed})
+    if items and dialect_of(session) == "sqlite":
+        wake_daemons_at_commit(session)  # PostgreSQL: the insert trigger's NOTIFY
     return [results[i] for i in range(len(items))]
 
 
@@ -349,9 +351,12 @@ async def _insert_keyed(
 
 
 async def notify_daemons(session: AsyncSession) -> None:
-    """Wake listening daemons at commit (PostgreSQL; inserts do it by trigger)."""
+    """Wake the daemons at commit: NOTIFY on PostgreSQL (inserts do it by trigger), the
+    doorbells on SQLite (app.services.wakeups)."""
     if dialect_of(session) == "postgresql":
         await session.execute(select(func.pg_notify(NOTIFY_CHANNEL, "")))
+    else:
+        wake_daemons_at_commit(session)
 
 
 # --- claim and leases ----------------------------------------------------------------------

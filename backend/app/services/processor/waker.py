@@ -1,7 +1,10 @@
 """Wake the engine within milliseconds of an enqueue from any process.
 
-SQLite: ``PRAGMA data_version`` changes when another connection commits; reading it costs
-microseconds and no table read, so a dedicated connection polls it every few ms.
+SQLite: enqueuers ring this daemon's doorbell after their commit (app.services.wakeups), and
+the waker thread, blocked on that socket, wakes the engine at once. ``PRAGMA data_version``
+changes when another connection commits; reading it costs microseconds and no table read, so
+the same thread also polls it (the fallback for writers without the bell: an operator's
+``sqlite3``, a library older than the bell).
 PostgreSQL: LISTEN on the channel the insert trigger notifies.
 The engine's poll interval stays the fallback for both.
 """
@@ -11,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import select
 import sqlite3
 import threading
 import time
@@ -23,14 +27,16 @@ from sqlalchemy.engine import make_url
 from app.db import sqlite_path
 from app.services.processor.looper import ErrorBackoff, sleep_or_stop
 from app.services.queue import NOTIFY_CHANNEL
+from app.services.wakeups import Doorbell
 
 logger = logging.getLogger("app.processor")
 # Poll fast while work is arriving, slower when idle. On a 2-core VM a thread wake-up
-# costs ~50 us whatever it does (the PRAGMA itself ~3.5 us): every 20 ms is ~0.4 % of a
-# core, every 2 ms ~3 %. So: 2 ms for a second after a claim found work, 20 ms otherwise — the
-# first job after an idle spell waits ≤ 20 ms, the ones that follow ≤ 2 ms.
+# costs ~50 us whatever it does (the PRAGMA itself ~3.5 us): every 50 ms is ~0.1 % of a
+# core, every 2 ms ~3 %. So: 2 ms for a second after a claim found work, 50 ms otherwise.
+# Enqueues through this package ring the doorbell and wake at once either way; the poll only
+# bounds the wait for writers without it (≤ 50 ms after an idle spell, ≤ 2 ms after).
 DATA_VERSION_HOT_INTERVAL_SECONDS = 0.002
-DATA_VERSION_IDLE_INTERVAL_SECONDS = 0.02
+DATA_VERSION_IDLE_INTERVAL_SECONDS = 0.05
 DATA_VERSION_HOT_WINDOW_SECONDS = 1.0
 LISTEN_CHECK_INTERVAL_SECONDS = 1.0
 
@@ -44,22 +50,25 @@ class SQLiteWaker:
         self._last_change = 0.0
         self._conn: sqlite3.Connection | None = None
         self._version: int | None = None
+        self._doorbell = Doorbell(path)
+        self.rings = 0
 
-    def run_once(self) -> bool:
-        """Read data_version once; True (and wake) when it moved. Never blocks: a locked
-        database reads as 'no change'."""
+    def run_once(self, rung: bool = False) -> bool:
+        """Read data_version once; True (and wake) when it moved or the doorbell ``rung``.
+        Never blocks: a locked database reads as 'no change'."""
         try:
             if self._conn is None:
                 self._conn = sqlite3.connect(self._path, timeout=0, check_same_thread=False)
             version = int(self._conn.execute("PRAGMA data_version").fetchone()[0])
         except sqlite3.Error:
-            self.close()
-            return False
-        moved = self._version is not None and version != self._version
-        self._version = version
-        if moved:
+            self.close_connection()
+            version = None
+        moved = version is not None and self._version is not None and version != self._version
+        if version is not None:
+            self._version = version
+        if moved or rung:
             self._wake()
-        return moved
+        return moved or rung
 
     def heat(self) -> None:
         """Work was found: poll fast for a while (the daemon's own commits do not count)."""
@@ -81,27 +90,47 @@ class SQLiteWaker:
 
         self._wake = wake_from_thread
         halt = threading.Event()
+        self._doorbell.open()
         thread = threading.Thread(target=self._poll, args=(halt,), name="waker", daemon=True)
         thread.start()
         try:
             await stop.wait()
         finally:
             halt.set()
+            self._doorbell.interrupt()
             await asyncio.to_thread(thread.join, 1.0)
             self._wake = wake
+            if not thread.is_alive():
+                self._doorbell.close()
 
     def _poll(self, halt: threading.Event) -> None:
+        bell = self._doorbell.sock
         try:
-            while not halt.wait(self.interval()):
-                self.run_once()
+            while not halt.is_set():
+                if bell is None:
+                    rung = False
+                    if halt.wait(self.interval()):
+                        break
+                else:
+                    rung = bool(select.select([bell], [], [], self.interval())[0])
+                    if rung:
+                        self.rings += self._doorbell.drain()
+                        if halt.is_set():
+                            break
+                self.run_once(rung)
         finally:
-            self.close()
+            self.close_connection()
 
-    def close(self) -> None:
+    def close_connection(self) -> None:
         """Close the watcher connection."""
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+    def close(self) -> None:
+        """Close the watcher connection and the doorbell."""
+        self.close_connection()
+        self._doorbell.close()
 
 
 class PostgresWaker:

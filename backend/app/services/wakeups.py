@@ -1,0 +1,170 @@
+"""SQLite's stand-in for LISTEN/NOTIFY: a doorbell of Unix datagram sockets.
+
+Each daemon on a SQLite database binds a datagram socket in the directory
+``<database file>.wake/`` beside the database. A process that commits new work (an enqueue,
+a manual retry) sends one empty datagram to every socket there, after its commit; the
+daemon's waker thread wakes on it at once instead of at its next ``PRAGMA data_version``
+read. Best effort by design: a full socket buffer, a daemon that died and left its socket
+behind, or a directory that cannot be created only lose the shortcut, never a job; the
+data_version poll and the poll interval still find the work.
+
+Socket paths are limited to about 100 bytes; a longer one is reached through
+``/proc/self/fd/<directory fd>/<name>`` (Linux), and where neither works there is no bell.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import uuid
+from pathlib import Path
+
+logger = logging.getLogger("app.processor")
+
+SUFFIX = ".wake"
+SOCKET_SUFFIX = ".sock"
+MAX_SOCKET_PATH = 100  # sun_path is 108 bytes on Linux, less elsewhere
+
+
+def bell_dir(database: Path) -> Path:
+    """The doorbell directory of a SQLite database file."""
+    return database.with_name(database.name + SUFFIX)
+
+
+class _Dir:
+    """A directory addressed by a short path: itself, or /proc/self/fd/N when too long."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def address(self, name: str) -> str | None:
+        full = str(self.path / name)
+        if len(full) <= MAX_SOCKET_PATH:
+            return full
+        if self._fd is None:
+            try:
+                self._fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+            except OSError:
+                return None
+        short = f"/proc/self/fd/{self._fd}/{name}"
+        return short if len(short) <= MAX_SOCKET_PATH and Path("/proc/self/fd").is_dir() else None
+
+    def close(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+
+
+class Bell:
+    """Rings every daemon's doorbell of one database (the enqueuing side)."""
+
+    def __init__(self, database: Path) -> None:
+        self._dir = _Dir(bell_dir(database))
+        self._sock: socket.socket | None = None
+
+    def ring(self) -> int:
+        """Send one datagram to each doorbell; how many were delivered."""
+        try:
+            names = [e.name for e in os.scandir(self._dir.path) if e.name.endswith(SOCKET_SUFFIX)]
+        except OSError:
+            return 0  # no daemon has made the directory: nobody to wake
+        if not names:
+            return 0
+        if self._sock is None:
+            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self._sock.setblocking(False)
+        delivered = 0
+        for name in names:
+            address = self._dir.address(name)
+            if address is None:
+                continue
+            try:
+                self._sock.sendto(b"", address)
+                delivered += 1
+            except OSError:
+                # ECONNREFUSED: a dead daemon's socket; EAGAIN: the bell is already ringing.
+                pass
+        return delivered
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        self._dir.close()
+
+
+class Doorbell:
+    """One daemon's doorbell (the waiting side): a bound datagram socket to wait on."""
+
+    def __init__(self, database: Path) -> None:
+        self._dir = _Dir(bell_dir(database))
+        self._name = f"{os.getpid()}-{uuid.uuid4().hex[:8]}{SOCKET_SUFFIX}"
+        self.sock: socket.socket | None = None
+
+    def open(self) -> bool:
+        """Create the directory and bind; False (and no bell) when that is not possible."""
+        try:
+            self._dir.path.mkdir(mode=0o700, exist_ok=True)
+            self._reap()
+            address = self._dir.address(self._name)
+            if address is None:
+                return False
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            sock.bind(address)
+        except OSError as exc:
+            logger.info(
+                "no enqueue doorbell at %s (%s); data_version polling only", self._dir.path, exc
+            )
+            return False
+        sock.setblocking(False)
+        self.sock = sock
+        return True
+
+    def _reap(self) -> None:
+        """Remove doorbells whose process is gone (left behind by a SIGKILL)."""
+        for entry in os.scandir(self._dir.path):
+            pid, _, _ = entry.name.partition("-")
+            if not (entry.name.endswith(SOCKET_SUFFIX) and pid.isdigit()):
+                continue
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+            except OSError:
+                pass  # alive, another user's
+
+    def interrupt(self) -> None:
+        """Wake whoever waits on this doorbell (the waker thread, to stop it)."""
+        if self.sock is None:
+            return
+        address = self._dir.address(self._name)
+        if address is None:
+            return
+        with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.setblocking(False)
+            s.sendto(b"", address)
+
+    def drain(self) -> int:
+        """Read every pending datagram; how many."""
+        n = 0
+        if self.sock is None:
+            return n
+        while True:
+            try:
+                self.sock.recv(16)
+            except OSError:
+                return n
+            n += 1
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+            with contextlib.suppress(OSError):
+                os.unlink(self._dir.path / self._name)
+        self._dir.close()

@@ -1,0 +1,129 @@
+"""SQLite's doorbell (app.services.wakeups): an enqueue wakes the daemon's waker at once,
+not at its next data_version read."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from app.db import Database
+from app.services import queue
+from app.services.processor import waker as waker_module
+from app.services.processor.waker import SQLiteWaker
+from app.services.wakeups import MAX_SOCKET_PATH, Bell, Doorbell, bell_dir
+
+pytestmark = pytest.mark.parametrize("engine_name", ["sqlite"])
+
+
+async def _waker_with_slow_poll(
+    db_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[SQLiteWaker, asyncio.Event, asyncio.Event, asyncio.Task[None]]:
+    # data_version is read every 30 s here: a wake within seconds can only be the bell.
+    monkeypatch.setattr(waker_module, "DATA_VERSION_IDLE_INTERVAL_SECONDS", 30.0)
+    monkeypatch.setattr(waker_module, "DATA_VERSION_HOT_INTERVAL_SECONDS", 30.0)
+    woke, stop = asyncio.Event(), asyncio.Event()
+    waker = SQLiteWaker(db_file, woke.set)
+    runner = asyncio.create_task(waker.run(stop))
+    for _ in range(100):
+        if list(bell_dir(db_file).glob("*.sock")):
+            break
+        await asyncio.sleep(0.01)
+    return waker, woke, stop, runner
+
+
+async def test_an_enqueue_rings_the_bell_at_commit(
+    db: Database, database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db_file = Path(db.engine.url.database or "")
+    waker, woke, stop, runner = await _waker_with_slow_poll(db_file, monkeypatch)
+    try:
+        async with db.write_transaction() as s:
+            await queue.enqueue_task(s, kind="noop")
+            await asyncio.sleep(0.2)
+            assert not woke.is_set()  # not before the commit
+        await asyncio.wait_for(woke.wait(), timeout=5)
+        assert waker.rings == 1
+        woke.clear()
+        # A rolled-back enqueue rings nothing.
+        with pytest.raises(RuntimeError):
+            async with db.write_transaction() as s:
+                await queue.enqueue_task(s, kind="noop")
+                raise RuntimeError("rolled back")
+        # Another process's enqueue rings too (the API, the CLI).
+        code = (
+            "import asyncio\n"
+            "from app.db import Database\n"
+            "from app.services import queue\n"
+            "async def main():\n"
+            f"    db = Database.from_url({database_url!r})\n"
+            "    async with db.write_transaction() as s:\n"
+            "        await queue.enqueue_task(s, kind='noop')\n"
+            "    await db.dispose()\n"
+            "asyncio.run(main())\n"
+        )
+        await asyncio.to_thread(subprocess.run, [sys.executable, "-c", code], check=True)
+        await asyncio.wait_for(woke.wait(), timeout=5)
+        assert waker.rings == 2
+    finally:
+        stop.set()
+        await runner
+    assert list(bell_dir(db_file).glob("*.sock")) == []  # the doorbell is removed on stop
+
+
+async def test_a_manual_retry_rings_the_bell(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    async with db.write_transaction() as s:
+        task = await queue.enqueue_task(s, kind="noop")
+        await queue.request_cancel(s, task.id)
+    db_file = Path(db.engine.url.database or "")
+    waker, woke, stop, runner = await _waker_with_slow_poll(db_file, monkeypatch)
+    try:
+        async with db.write_transaction() as s:
+            await queue.retry_task(s, task.id)
+        await asyncio.wait_for(woke.wait(), timeout=5)
+        assert waker.rings == 1
+    finally:
+        stop.set()
+        await runner
+
+
+def test_a_long_path_is_reached_through_proc_and_dead_doorbells_are_reaped(
+    tmp_path: Path, engine_name: str
+) -> None:
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    db_file = deep / "queue.db"
+    assert len(str(bell_dir(db_file) / "x.sock")) > MAX_SOCKET_PATH
+    # A doorbell left by a process that is gone (pid of an exited child).
+    child = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    bell_dir(db_file).mkdir()
+    stale = bell_dir(db_file) / f"{child.stdout.strip()}-deadbeef.sock"
+    stale.touch()
+    door = Doorbell(db_file)
+    assert door.open()
+    try:
+        assert not stale.exists()
+        [mine] = list(bell_dir(db_file).glob("*.sock"))
+        assert mine.name.startswith(f"{os.getpid()}-")
+        bell = Bell(db_file)
+        try:
+            assert bell.ring() == 1
+            assert bell.ring() == 1
+            assert door.drain() == 2
+            assert door.drain() == 0
+        finally:
+            bell.close()
+    finally:
+        door.close()
+    assert list(bell_dir(db_file).glob("*.sock")) == []
+    # No daemon, no directory: ringing is a no-op.
+    assert Bell(tmp_path / "other.db").ring() == 0
