@@ -336,13 +336,12 @@ async def _handler(payload: Any) -> dict[str, Any]:
     return run_noop(payload)
 
 
-async def aiosqlite_drain(path: str, worker: str, batch: int) -> int:
-    """As sqlite3_drain; the handler is awaited as a coroutine."""
-    conn = await aiosqlite_connect(path)
+async def _async_drain(conn: Any, worker: str, batch: int, claim: Any, complete: Any) -> int:
+    """Claim, run and complete batches on ``conn`` until nothing is pending; jobs done."""
     done_count = 0
     try:
         while True:
-            rows = await aiosqlite_claim(conn, worker, batch)
+            rows = await claim(conn, worker, batch)
             if not rows:
                 return done_count
             done = []
@@ -350,9 +349,15 @@ async def aiosqlite_drain(path: str, worker: str, batch: int) -> int:
                 started = time.perf_counter()
                 result = await _handler(row[2])
                 done.append((row, result, time.perf_counter() - started))
-            done_count += await aiosqlite_complete(conn, worker, done)
+            done_count += await complete(conn, worker, done)
     finally:
         await conn.close()
+
+
+async def aiosqlite_drain(path: str, worker: str, batch: int) -> int:
+    """As sqlite3_drain; the handler is awaited as a coroutine."""
+    conn = await aiosqlite_connect(path)
+    return await _async_drain(conn, worker, batch, aiosqlite_claim, aiosqlite_complete)
 
 
 async def aiosqlite_enqueue(
@@ -463,20 +468,7 @@ async def asyncpg_complete(
 async def asyncpg_drain(dsn: str, worker: str, batch: int) -> int:
     """Claim, run and complete batches until nothing is pending; returns jobs done."""
     conn = await asyncpg_connect(dsn)
-    done_count = 0
-    try:
-        while True:
-            rows = await asyncpg_claim(conn, worker, batch)
-            if not rows:
-                return done_count
-            done = []
-            for row in rows:
-                started = time.perf_counter()
-                result = await _handler(row[2])
-                done.append((row, result, time.perf_counter() - started))
-            done_count += await asyncpg_complete(conn, worker, done)
-    finally:
-        await conn.close()
+    return await _async_drain(conn, worker, batch, asyncpg_claim, asyncpg_complete)
 
 
 async def asyncpg_pickup(
