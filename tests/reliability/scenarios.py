@@ -34,6 +34,9 @@ from tests.reliability.harness import (
     count_terminal,
     held_by,
 )
+from tests.reliability.harness import (
+    Event as LedgerEvent,
+)
 from tests.reliability.invariants import Violation
 from tests.reliability.ledger import ASYNC_KIND, SYNC_KIND
 
@@ -168,11 +171,29 @@ async def chaos(
 def _recovery(ledger: Ledger, at: float, pid: int, hit: set[int]) -> float | None:
     """Seconds from a death until every job it interrupted had started again (None when
     some never did)."""
+    events = ledger.events()
+    # A job whose latest run before the death had ended was not interrupted by it: under
+    # load its lease expired, and the daemon's own rescuer ran it again and finished it
+    # before the kill (the first run stopped without an end). Nothing to recover.
+    hit = {t for t in hit if _open_at(events, t, at)}
     again: dict[int, float] = {}
-    for e in ledger.events():
+    for e in events:
         if e.event == "start" and e.task_id in hit and e.pid != pid and e.t > at:
             again.setdefault(e.task_id, e.t - at)
-    return round(max(again.values()), 2) if len(again) == len(hit) else None
+    return round(max(again.values(), default=0.0), 2) if len(again) == len(hit) else None
+
+
+def _open_at(events: list[LedgerEvent], task_id: int, at: float) -> bool:
+    """Whether ``task_id``'s latest run started before ``at`` had not ended (or none had
+    started: claimed, not yet run)."""
+    starts = [e for e in events if e.task_id == task_id and e.event == "start" and e.t <= at]
+    if not starts:
+        return True
+    last = starts[-1]
+    return not any(
+        e.task_id == task_id and e.event == "end" and (e.attempt, e.pid) == (last.attempt, last.pid)
+        for e in events
+    )
 
 
 # The order a job meets them; the heartbeat's point comes last (it needs a lease/3).
