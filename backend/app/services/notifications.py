@@ -9,11 +9,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Table, delete, false, func, insert, select, update
+from sqlalchemy import Table, bindparam, delete, false, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db import dialect_of, now_sql
 from app.models import AnalysisNotification, NotificationType
+from app.models.types import UTCDateTime, utcnow
 
 NOTIFICATIONS: Table = AnalysisNotification.__table__  # type: ignore[assignment]
 N = NOTIFICATIONS.c
@@ -94,11 +95,18 @@ async def add(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> None:
     if deferred is not None:
         deferred.extend(rows)
         return
-    dialect = dialect_of(session)
-    if dialect == "postgresql":
-        await session.execute(select(func.pg_advisory_xact_lock(FEED_LOCK_KEY)))
-    current = now_sql(dialect)
-    await session.execute(insert(NOTIFICATIONS).values(created_at=current), list(rows))
+    if dialect_of(session) == "postgresql":
+        await session.execute(_FEED_LOCK)
+        await session.execute(_INSERT_AT_DB_CLOCK, list(rows))
+    else:
+        clock = utcnow()
+        await session.execute(_INSERT, [{**row, "n_created_at": clock} for row in rows])
+
+
+# Built once (each call would otherwise build the statement and its cache key again).
+_FEED_LOCK = select(func.pg_advisory_xact_lock(FEED_LOCK_KEY))
+_INSERT_AT_DB_CLOCK = insert(NOTIFICATIONS).values(created_at=func.now())
+_INSERT = insert(NOTIFICATIONS).values(created_at=bindparam("n_created_at", type_=UTCDateTime()))
 
 
 _DEFERRED = "async_processor_deferred_notifications"

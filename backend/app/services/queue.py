@@ -8,6 +8,7 @@ lease expired and whose job was rescued and re-run can never overwrite the new r
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -21,6 +22,7 @@ from sqlalchemy import (
     ColumnElement,
     Float,
     Integer,
+    Interval,
     String,
     Table,
     Text,
@@ -362,6 +364,66 @@ async def notify_daemons(session: AsyncSession) -> None:
 # --- claim and leases ----------------------------------------------------------------------
 
 
+_CLAIM_FILTERS = {
+    "queues": lambda p: T.queue.in_(p),
+    "exclude_queues": lambda p: T.queue.not_in(p),
+    "kinds": lambda p: T.kind.in_(p),
+    "exclude_kinds": lambda p: T.kind.not_in(p),
+    "only_ids": lambda p: T.id.in_(p),
+}
+
+
+@functools.cache
+def _claim_statement(db_clock: bool, filters: frozenset[str]) -> Any:
+    """The claim, built once per shape: its values are bound parameters (``c_*``), so each
+    call skips building the statement and its cache key (a large share of a claim's cost).
+    ``db_clock``: PostgreSQL's ``now()``; otherwise the clock is bound (``c_now``)."""
+    if db_clock:
+        current: ColumnElement[datetime] = func.now()
+        until = func.now() + bindparam("c_lease", type_=Interval())
+    else:
+        current = bindparam("c_now", type_=UTCDateTime())
+        until = bindparam("c_lease_until", type_=UTCDateTime())
+    # The order matches the partial pending index, so the scan stops after `limit` rows;
+    # SKIP LOCKED lets daemons claim side by side without waiting on each other.
+    # status as a literal, so the planner can match the partial index's predicate even
+    # in a generic (parameter-blind) plan.
+    paused = select(QUEUE_STATES.c.name).where(QUEUE_STATES.c.paused.is_(True))
+    pick = select(T.id).where(
+        T.status == _PENDING_LITERAL, T.scheduled_at <= current, T.queue.not_in(paused)
+    )
+    for name in sorted(filters):
+        pick = pick.where(_CLAIM_FILTERS[name](bindparam(f"c_{name}", expanding=True)))
+    pick = (
+        pick.order_by(T.priority.desc(), T.scheduled_at, T.id)
+        .limit(bindparam("c_limit", type_=Integer()))
+        .with_for_update(skip_locked=True)
+    )
+    return (
+        update(TASKS)
+        .where(T.id.in_(pick.scalar_subquery()))
+        .values(
+            status=TaskStatus.PROCESSING,
+            locked_by=bindparam("c_processor", type_=String()),
+            attempts=T.attempts + 1,
+            started_at=current,
+            updated_at=current,
+            lease_expires_at=until,
+        )
+        .returning(
+            *REF_COLUMNS,
+            T.queue,
+            T.payload,
+            T.priority,
+            T.retry_count,
+            T.max_retries,
+            T.timeout_seconds,
+            T.scheduled_at,
+            T.created_at,
+        )
+    )
+
+
 async def claim_tasks(
     session: AsyncSession,
     *,
@@ -382,55 +444,25 @@ async def claim_tasks(
     (inline mode, per-key limits)."""
     if limit <= 0:
         return []
-    dialect = dialect_of(session)
-    current = now_sql(dialect, now)
-    # The order matches the partial pending index, so the scan stops after `limit` rows;
-    # SKIP LOCKED lets daemons claim side by side without waiting on each other.
-    # status as a literal, so the planner can match the partial index's predicate even
-    # in a generic (parameter-blind) plan.
-    paused = select(QUEUE_STATES.c.name).where(QUEUE_STATES.c.paused.is_(True))
-    pick = select(T.id).where(
-        T.status == _PENDING_LITERAL, T.scheduled_at <= current, T.queue.not_in(paused)
+    filters = (
+        ("queues", queues),
+        ("exclude_queues", exclude_queues),
+        ("kinds", kinds),
+        ("exclude_kinds", exclude_kinds),
     )
-    if queues:
-        pick = pick.where(T.queue.in_(list(queues)))
-    if exclude_queues:
-        pick = pick.where(T.queue.not_in(list(exclude_queues)))
-    if kinds:
-        pick = pick.where(T.kind.in_(list(kinds)))
-    if exclude_kinds:
-        pick = pick.where(T.kind.not_in(list(exclude_kinds)))
+    used: dict[str, list[Any]] = {name: list(values) for name, values in filters if values}
     if only_ids is not None:
-        pick = pick.where(T.id.in_(list(only_ids)))
-    pick = (
-        pick.order_by(T.priority.desc(), T.scheduled_at, T.id)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    )
-    stmt = (
-        update(TASKS)
-        .where(T.id.in_(pick.scalar_subquery()))
-        .values(
-            status=TaskStatus.PROCESSING,
-            locked_by=processor_id,
-            attempts=T.attempts + 1,
-            started_at=current,
-            updated_at=current,
-            lease_expires_at=later_sql(dialect, lease_seconds, now),
-        )
-        .returning(
-            *REF_COLUMNS,
-            T.queue,
-            T.payload,
-            T.priority,
-            T.retry_count,
-            T.max_retries,
-            T.timeout_seconds,
-            T.scheduled_at,
-            T.created_at,
-        )
-    )
-    claimed = [ClaimedTask.from_row(r) for r in (await session.execute(stmt)).all()]
+        used["only_ids"] = list(only_ids)
+    db_clock = now is None and dialect_of(session) == "postgresql"
+    stmt = _claim_statement(db_clock, frozenset(used))
+    params: dict[str, Any] = {f"c_{name}": value for name, value in used.items()}
+    params.update(c_limit=limit, c_processor=processor_id)
+    if db_clock:
+        params["c_lease"] = timedelta(seconds=lease_seconds)
+    else:
+        clock = now or utcnow()
+        params.update(c_now=clock, c_lease_until=clock + timedelta(seconds=lease_seconds))
+    claimed = [ClaimedTask.from_row(r) for r in (await session.execute(stmt, params)).all()]
     claimed.sort(key=lambda t: (-t.priority, t.scheduled_at, t.id))
     await notifications.add(
         session,
@@ -742,6 +774,21 @@ _END = (
 )
 
 
+@functools.cache
+def _lock_statement(db_clock: bool, by_id_only: bool) -> Any:
+    """finish_tasks' first statement, built once: lock the rows this daemon still holds
+    (``f_pairs``: (id, attempt)) and read the database's clock."""
+    clock = (func.now() if db_clock else bindparam("c_now", type_=UTCDateTime())).label("clock")
+    held: ColumnElement[bool] = and_(
+        T.status == TaskStatus.PROCESSING,
+        T.locked_by == bindparam("f_processor", type_=String()),
+        tuple_(T.id, T.attempts).in_(bindparam("f_pairs", expanding=True)),
+    )
+    if by_id_only:  # the seeded fence bug (app.services.faults)
+        held = T.id.in_(bindparam("f_ids", expanding=True))
+    return select(*_LOCKED_COLUMNS, clock).where(held).order_by(T.id).with_for_update()
+
+
 async def finish_tasks(
     session: AsyncSession,
     *,
@@ -763,15 +810,16 @@ async def finish_tasks(
         return []
     if len({(i.task_id, i.attempt) for i in items}) != len(items):
         raise ValueError("finish_tasks: one end per attempt")
-    dialect = dialect_of(session)
-    clock = now_sql(dialect, now).label("clock")
-    lock = (
-        select(*_LOCKED_COLUMNS, clock)
-        .where(_held(processor_id, [(i.task_id, i.attempt) for i in items]))
-        .order_by(T.id)
-        .with_for_update()
-    )
-    held = {(r.id, r.attempts): r for r in (await session.execute(lock)).all()}
+    db_clock = now is None and dialect_of(session) == "postgresql"
+    params: dict[str, Any] = {"f_processor": processor_id}
+    if faults.seeded("fence"):  # test-only seeded bug: by id alone
+        params["f_ids"] = [i.task_id for i in items]
+    else:
+        params["f_pairs"] = [(i.task_id, i.attempt) for i in items]
+    if not db_clock:
+        params["c_now"] = now or utcnow()
+    lock = _lock_statement(db_clock, faults.seeded("fence"))
+    held = {(r.id, r.attempts): r for r in (await session.execute(lock, params)).all()}
     if faults.seeded("fence"):  # test-only seeded bug: whatever attempt holds the row now
         held = {
             (i.task_id, i.attempt): r for r in held.values() for i in items if i.task_id == r.id
