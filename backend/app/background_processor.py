@@ -115,7 +115,7 @@ async def serve(settings: Settings, config: EngineConfig) -> int:
         logger.critical("cannot start: %s", exc)
         return 2
     config = dataclasses.replace(config, schedules=tuple(periodic))
-    db = Database.from_url(settings.database_url, pool_size=5, pre_ping=False)
+    db = Database.from_url(settings.database_url, pool_size=5, pre_ping=False, write_thread=True)
     try:
         try:
             await _wait_for_schema(db)

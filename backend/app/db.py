@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from weakref import WeakKeyDictionary
 
 from sqlalchemy import Interval, event, func, literal
@@ -25,10 +26,15 @@ from app.models.types import UTCDateTime, utcnow
 from app.services import faults
 from app.services.wakeups import Bell
 
+if TYPE_CHECKING:
+    from app.sqlite_writer import WriteThread
+
 SQLITE_BUSY_TIMEOUT_MS = 5_000
 PG_CONNECT_TIMEOUT_SECONDS = 3.0
 PG_COMMAND_TIMEOUT_SECONDS = 30.0
+SQLITE_CONNECT_TIMEOUT_SECONDS = 30.0
 _BEGIN_OPTION = "async_processor_begin"
+R = TypeVar("R")
 _WAKE_KEY = "async_processor_wake"
 
 
@@ -69,21 +75,43 @@ def _on_sqlite_begin(conn: Any) -> None:
 
 
 def make_engine(
-    url: str, *, pool_size: int = 5, echo: bool = False, pre_ping: bool = True
+    url: str | URL,
+    *,
+    pool_size: int = 5,
+    echo: bool = False,
+    pre_ping: bool = True,
+    inline: bool = False,
 ) -> AsyncEngine:
     """An async engine for sqlite+aiosqlite or postgresql+asyncpg, configured for the queue.
 
     ``pre_ping`` tests a pooled PostgreSQL connection before each use (one round trip). The
     daemon turns it off: its loops retry transient errors anyway, and a dead connection
     costs it one failed transaction, not a failed user request.
+    ``inline`` (SQLite files): connections call sqlite3 in the calling thread instead of
+    aiosqlite's (only for the write thread of app.sqlite_writer).
     """
     if is_sqlite_url(url):
         path = sqlite_path(url)
         if path is not None:
             path.expanduser().parent.mkdir(parents=True, exist_ok=True)
-        engine = create_async_engine(
-            url, echo=echo, pool_size=pool_size, connect_args={"timeout": 30}
-        )
+        if inline and path is not None:
+            from app.sqlite_writer import connect_inline
+
+            engine = create_async_engine(
+                url,
+                echo=echo,
+                pool_size=1,
+                async_creator=partial(
+                    connect_inline, path.expanduser(), busy_seconds=SQLITE_CONNECT_TIMEOUT_SECONDS
+                ),
+            )
+        else:
+            engine = create_async_engine(
+                url,
+                echo=echo,
+                pool_size=pool_size,
+                connect_args={"timeout": SQLITE_CONNECT_TIMEOUT_SECONDS},
+            )
         event.listen(engine.sync_engine, "connect", _on_sqlite_connect)
         event.listen(engine.sync_engine, "begin", _on_sqlite_begin)
         return engine
@@ -103,9 +131,13 @@ def make_engine(
 
 
 class Database:
-    """An engine plus its session factories: reads, and writes that lock up front."""
+    """An engine plus its session factories: reads, and writes that lock up front.
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    ``write_thread`` (SQLite files; the daemon): ``run_write`` runs each transaction whole on
+    a thread of its own (app.sqlite_writer), one hand-off instead of one per driver call.
+    """
+
+    def __init__(self, engine: AsyncEngine, *, write_thread: bool = False) -> None:
         self.engine = engine
         self.dialect = engine.dialect.name
         self.sessionmaker = async_sessionmaker(engine, expire_on_commit=False)
@@ -120,11 +152,41 @@ class Database:
         )
         path = sqlite_path(engine.url)
         self._bell = Bell(path.expanduser()) if path is not None else None
+        self._writer: WriteThread | None = None
+        if write_thread and path is not None:
+            from app.sqlite_writer import WriteThread
+
+            self._writer = WriteThread(lambda: Database(make_engine(engine.url, inline=True)))
 
     @classmethod
-    def from_url(cls, url: str, *, pool_size: int = 5, pre_ping: bool = True) -> Database:
+    def from_url(
+        cls, url: str, *, pool_size: int = 5, pre_ping: bool = True, write_thread: bool = False
+    ) -> Database:
         """Build the engine for ``url`` and wrap it."""
-        return cls(make_engine(url, pool_size=pool_size, pre_ping=pre_ping))
+        return cls(
+            make_engine(url, pool_size=pool_size, pre_ping=pre_ping), write_thread=write_thread
+        )
+
+    async def run_write(self, fn: Callable[[AsyncSession], Awaitable[R]]) -> R:
+        """``await fn(session)`` in one write transaction, committed when it returns.
+
+        With the write thread, ``fn`` runs on that thread's event loop: it must not touch
+        this loop's objects (events, futures, tasks); plain data in and out.
+        """
+        if self._writer is None:
+            async with self.write_transaction() as session:
+                return await fn(session)
+        async with self._write_lock():
+            return await self._writer.run(fn)
+
+    def _write_lock(self) -> asyncio.Lock:
+        if self._write_locks is None:
+            raise RuntimeError("one writer at a time is a SQLite rule; PostgreSQL has no lock")
+        loop = asyncio.get_running_loop()
+        lock = self._write_locks.get(loop)
+        if lock is None:
+            lock = self._write_locks[loop] = asyncio.Lock()
+        return lock
 
     @asynccontextmanager
     async def write_transaction(self) -> AsyncIterator[AsyncSession]:
@@ -133,11 +195,7 @@ class Database:
             async with self.write_sessionmaker() as session, session.begin():
                 yield session
             return
-        loop = asyncio.get_running_loop()
-        lock = self._write_locks.get(loop)
-        if lock is None:
-            lock = self._write_locks[loop] = asyncio.Lock()
-        async with lock, self.write_sessionmaker() as session:
+        async with self._write_lock(), self.write_sessionmaker() as session:
             async with session.begin():
                 # Take the write lock now, before the caller builds statements: SQLite's
                 # clock is bound into them (now_sql), and must not predate a wait for it.
@@ -154,7 +212,9 @@ class Database:
             yield session
 
     async def dispose(self) -> None:
-        """Close every pooled connection."""
+        """Close every pooled connection (and the write thread)."""
+        if self._writer is not None:
+            await self._writer.close()
         await self.engine.dispose()
         if self._bell is not None:
             self._bell.close()

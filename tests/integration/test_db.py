@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -126,3 +126,99 @@ async def test_postgres_clock_is_the_servers_transaction_time(db: Database) -> N
     _aware_utc(first)
     assert first == server == again  # now() is fixed for the transaction
     assert wall > first  # … while the server's wall clock moved on
+
+
+# --- run_write: the daemon's write path (SQLite: whole transactions on the write thread) -----
+
+
+@pytest.fixture
+async def threaded_db(database_url: str) -> AsyncIterator[Database]:
+    """A Database as the daemon builds it (SQLite: with its write thread)."""
+    database = Database.from_url(database_url, pre_ping=False, write_thread=True)
+    try:
+        yield database
+    finally:
+        await database.dispose()
+
+
+async def _count(db: Database) -> int:
+    async with db.read_transaction() as s:
+        return int((await s.execute(text("SELECT count(*) FROM processors"))).scalar_one())
+
+
+async def _insert_processor(s: AsyncSession, name: str) -> None:
+    await s.execute(
+        text(
+            "INSERT INTO processors (id, hostname, pid, version, started_at, last_seen_at,"
+            " concurrency, in_flight, state, processed, failed, queues)"
+            " VALUES (:id, 'h', 1, 'v', :now, :now, 1, 0, 'running', 0, 0, '*')"
+        ),
+        {"id": name, "now": utcnow()},
+    )
+
+
+async def test_run_write_commits_and_returns_the_result(threaded_db: Database) -> None:
+    async def write(s: AsyncSession) -> str:
+        await _insert_processor(s, "p1")
+        return "done"
+
+    assert await threaded_db.run_write(write) == "done"
+    assert await _count(threaded_db) == 1
+
+
+async def test_run_write_rolls_back_and_raises_on_error(threaded_db: Database) -> None:
+    async def write(s: AsyncSession) -> None:
+        await _insert_processor(s, "p1")
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError, match="boom"):
+        await threaded_db.run_write(write)
+    assert await _count(threaded_db) == 0
+    # the connection is usable after the failure
+    await threaded_db.run_write(lambda s: _insert_processor(s, "p2"))
+    assert await _count(threaded_db) == 1
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"])
+async def test_run_write_runs_on_the_write_thread(threaded_db: Database) -> None:
+    import threading
+
+    async def where(s: AsyncSession) -> str:
+        await s.execute(text("SELECT 1"))
+        return threading.current_thread().name
+
+    assert await threaded_db.run_write(where) == "sqlite-writer"
+    assert threading.current_thread().name != "sqlite-writer"
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"])
+async def test_run_write_waits_for_a_lock_off_the_event_loop(
+    threaded_db: Database, other_connection: sqlite3.Connection
+) -> None:
+    # Another process holds the write lock: the write waits (busy_timeout) on the write
+    # thread while the event loop keeps running, then commits once the lock is free.
+    other_connection.execute("BEGIN IMMEDIATE")
+    write = asyncio.ensure_future(threaded_db.run_write(lambda s: _insert_processor(s, "p1")))
+    ticks = 0
+    while ticks < 20:
+        await asyncio.sleep(0.01)
+        ticks += 1
+    assert not write.done()
+    other_connection.execute("ROLLBACK")
+    await asyncio.wait_for(write, 10)
+    assert await _count(threaded_db) == 1
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"])
+async def test_run_write_and_write_transaction_take_turns(threaded_db: Database) -> None:
+    # Writers of one process queue on one lock, whichever path they take: none of them
+    # meets "database is locked" from its own process.
+    async def one(i: int) -> None:
+        if i % 2:
+            await threaded_db.run_write(lambda s: _insert_processor(s, f"p{i}"))
+        else:
+            async with threaded_db.write_transaction() as s:
+                await _insert_processor(s, f"p{i}")
+
+    await asyncio.gather(*(one(i) for i in range(40)))
+    assert await _count(threaded_db) == 40

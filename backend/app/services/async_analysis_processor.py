@@ -142,6 +142,7 @@ class ProcessorEngine:
         keys = {k.kind: k for k in config.key_limits}
         self._limited = {kind: (rates.get(kind), keys.get(kind)) for kind in {*rates, *keys}}
         self._rate_timer: asyncio.TimerHandle | None = None
+        self._rate_wait: float | None = None  # a claim found a rate limit spent (seconds)
         self._claiming_stopped = asyncio.Event()
         self._held: dict[int, ClaimedTask] = {}
         self._stop_reasons: dict[int, StopReason] = {}
@@ -361,7 +362,9 @@ class ProcessorEngine:
         return slots
 
     async def claim(self, session: AsyncSession, slots: Mapping[int, int]) -> list[ClaimedTask]:
-        """Claim up to the reserved slots of each pool, in the caller's transaction."""
+        """Claim up to the reserved slots of each pool, in the caller's transaction. It may
+        run on the database's write thread (Database.run_write): it reads the engine's
+        settings and leaves the rest to ``settle``."""
         claimed: list[ClaimedTask] = []
         for index, count in slots.items():
             pool = self._pools[index]
@@ -383,8 +386,10 @@ class ProcessorEngine:
                 )
                 got += more
                 left -= len(more)
-                if wait is not None:
-                    self._wake_after(wait)
+                if wait is not None:  # settle() sets the timer, on the event loop
+                    self._rate_wait = (
+                        wait if self._rate_wait is None else min(self._rate_wait, wait)
+                    )
             claimed += got
         return claimed
 
@@ -404,6 +409,9 @@ class ProcessorEngine:
         claim that lands after shutdown began is released at once, uncharged."""
         for index, count in slots.items():
             self._pools[index].reserved -= count
+        if self._rate_wait is not None:
+            wait, self._rate_wait = self._rate_wait, None
+            self._wake_after(wait)
         if not claimed:
             return
         faults.fault_point("after_claim_commit")
@@ -422,8 +430,7 @@ class ProcessorEngine:
         return pool
 
     async def _claim(self, slots: Mapping[int, int]) -> list[ClaimedTask]:
-        async with self.db.write_transaction() as session:
-            return await self.claim(session, slots)
+        return await self.db.run_write(lambda session: self.claim(session, slots))
 
     async def _wait_for_wake(self, seconds: float, *, wakeable: bool = True) -> None:
         if self._stopping:

@@ -98,7 +98,8 @@ class Refill(Protocol):
         """Take the free slots, per pool (empty when none, or when the daemon is stopping)."""
 
     async def claim(self, session: AsyncSession, slots: Mapping[int, int]) -> list[ClaimedTask]:
-        """Claim up to ``slots`` tasks in the caller's transaction."""
+        """Claim up to ``slots`` tasks in the caller's transaction (possibly on the database's
+        write thread: it must not touch the event loop's objects)."""
 
     def settle(self, slots: Mapping[int, int], claimed: Sequence[ClaimedTask]) -> None:
         """After the commit (or a failure, with nothing claimed): give the slots back and
@@ -194,15 +195,21 @@ class Completer:
         refill = self._refill if self._refill_ok else None
         slots = refill.reserve() if refill is not None else {}
         claimed: list[ClaimedTask] = []
+
+        async def transaction(session: AsyncSession) -> tuple[list[bool], list[ClaimedTask]]:
+            # May run on the database's write thread: plain data in and out.
+            more: list[ClaimedTask] = []
+            async with notifications.deferred(session):
+                applied = await write_outcomes(
+                    session, batch, processor_id=self._processor_id, policy=self._policy
+                )
+                if refill is not None and slots:
+                    more = await refill.claim(session, slots)
+            faults.fault_point("inside_complete_txn")
+            return applied, more
+
         try:
-            async with self._db.write_transaction() as session:
-                async with notifications.deferred(session):
-                    applied = await write_outcomes(
-                        session, batch, processor_id=self._processor_id, policy=self._policy
-                    )
-                    if refill is not None and slots:
-                        claimed = await refill.claim(session, slots)
-                faults.fault_point("inside_complete_txn")
+            applied, claimed = await self._db.run_write(transaction)
         except BaseException:
             claimed = []
             # an unexpected error may come from the claim: write the next tries alone
