@@ -573,10 +573,10 @@ How each figure is measured (see `bench/workloads.py`):
   last `completed_at`).
 - W5: finished rows inserted in one `INSERT … SELECT` (completed an hour ago, inside
   retention); PostgreSQL gets `VACUUM ANALYZE` as autovacuum would; the claim is timed
-  through `queue.claim_tasks` (its UPDATE statement alone via SQLAlchemy cursor events, and
-  the whole call with its notification insert), each in a transaction that is rolled back,
-  in rounds alternating with the floor driver's claim; then that table is drained (above),
-  vacuumed before each round on PostgreSQL.
+  through `queue.claim_tasks` (its UPDATE statement alone, timed at the driver with
+  `hotpath.watch`, and the whole call with its notification insert), each in a transaction
+  that is rolled back, in rounds alternating with the floor driver's claim; then that
+  table is drained (above), vacuumed before each round on PostgreSQL.
 - Floors (`bench/floors.py`): the daemon's SQL with bare drivers in a separate process —
   claim up to 10 in one `UPDATE … RETURNING` plus their `started` notifications, then one
   fenced `UPDATE … FROM` for the batch's results plus `completed` notifications (after the

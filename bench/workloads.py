@@ -23,12 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from sqlalchemy import event, func, select
-from sqlalchemy.engine import Connection
+from sqlalchemy import func, select
 
 from app.db import Database
 from app.models import FINISHED_STATUSES, PendingAnalysis, TaskStatus
-from app.services import queue
+from app.services import hotpath, queue
 from bench import floors
 from bench.handlers import NOOP, SLEEP, STAMP
 from bench.procs import Api, Daemon, FloorWorker, ProcessError, cpu_seconds, create_token, memory_kb
@@ -512,19 +511,14 @@ class EngineBench:
         floor: dict[str, list[float]] = {name: [] for name in urls}
         current: list[str] = []
 
-        def before(conn: Connection, *_: Any) -> None:
-            conn.info["bench_t0"] = time.perf_counter()
-
-        def after(conn: Connection, _cursor: Any, statement: str, *_: Any) -> None:
-            started = conn.info.pop("bench_t0", None)
-            if started is not None and "UPDATE PENDING_ANALYSIS" in statement.upper():
-                statements[current[0]].append(time.perf_counter() - started)
+        def timed(statement: str, _args: Any, seconds: float) -> None:
+            if "UPDATE PENDING_ANALYSIS" in statement.upper():
+                statements[current[0]].append(seconds)
 
         async with contextlib.AsyncExitStack() as stack:
             dbs = {name: await stack.enter_async_context(database(u)) for name, u in urls.items()}
-            for db in dbs.values():
-                event.listen(db.engine.sync_engine, "before_cursor_execute", before)
-                event.listen(db.engine.sync_engine, "after_cursor_execute", after)
+            # the claim goes to the driver directly (app.services.hotpath): time it there
+            stack.enter_context(hotpath.watch(timed))
             for r in range(rounds):
                 order = list(urls) if r % 2 == 0 else list(urls)[::-1]
                 for name in order:

@@ -13,10 +13,10 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
-from sqlalchemy import event, text
+from sqlalchemy import text
 
 from app.db import Database
-from app.services import queue
+from app.services import hotpath, queue
 
 FINISHED_ROWS = 100_000
 CLAIM = "ix_pending_analysis_claim"
@@ -70,18 +70,15 @@ async def _claim_sql(db: Database, **kw: Any) -> tuple[str, Any]:
     """The exact statement claim_tasks sends, captured on its way to the driver."""
     seen: list[tuple[str, Any]] = []
 
-    def capture(conn: Any, cursor: Any, statement: str, params: Any, *_: Any) -> None:
+    def capture(statement: str, params: Any, _seconds: float) -> None:
         if statement.lstrip().upper().startswith("UPDATE PENDING_ANALYSIS"):
             seen.append((statement, params))
 
-    event.listen(db.engine.sync_engine, "before_cursor_execute", capture)
-    try:
+    with hotpath.watch(capture):  # the claim goes to the driver directly (hotpath)
         async with db.write_sessionmaker() as s:
             await s.begin()
             claimed = await queue.claim_tasks(s, processor_id="p", limit=5, lease_seconds=30, **kw)
             await s.rollback()
-    finally:
-        event.remove(db.engine.sync_engine, "before_cursor_execute", capture)
     assert len(claimed) == 5  # the statement works on this data
     assert len(seen) == 1, seen
     return seen[0]

@@ -10,12 +10,20 @@ from sqlalchemy import event, select, update
 from app.db import Database
 from app.models import AnalysisNotification, NotificationType, PendingAnalysis, Processor
 from app.models.types import utcnow
-from app.services import notifications, queue
+from app.services import hotpath, notifications, queue
 from app.services.queue import CancelOutcome, FailOutcome, RetryOutcome, TaskSpec
 from tests.helpers import notes_of, task_row
 
 PID = "proc-a"
 OTHER = "proc-b"
+
+
+@pytest.fixture(autouse=True, params=["driver", "core"])
+def execution_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every statement proven both ways: the hot ones on the bare driver (app.services.hotpath,
+    what the daemon runs) and everything through ``session.execute``."""
+    monkeypatch.setattr(hotpath, "ENABLED", request.param == "driver")
+    return str(request.param)
 
 
 async def enqueue(db: Database, **spec: object) -> int:

@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.db import dialect_of, now_sql
 from app.models import AnalysisNotification, NotificationType
 from app.models.types import UTCDateTime, utcnow
+from app.services import hotpath
 
 NOTIFICATIONS: Table = AnalysisNotification.__table__  # type: ignore[assignment]
 N = NOTIFICATIONS.c
@@ -96,17 +97,21 @@ async def add(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> None:
         deferred.extend(rows)
         return
     if dialect_of(session) == "postgresql":
-        await session.execute(_FEED_LOCK)
-        await session.execute(_INSERT_AT_DB_CLOCK, list(rows))
+        await hotpath.fetch(session, _FEED_LOCK, {})
+        await hotpath.execute_many(session, _INSERT_AT_DB_CLOCK, rows)
     else:
         clock = utcnow()
-        await session.execute(_INSERT, [{**row, "n_created_at": clock} for row in rows])
+        await hotpath.execute_many(
+            session, _INSERT, [{**row, "n_created_at": clock} for row in rows]
+        )
 
 
 # Built once (each call would otherwise build the statement and its cache key again).
 _FEED_LOCK = select(func.pg_advisory_xact_lock(FEED_LOCK_KEY))
-_INSERT_AT_DB_CLOCK = insert(NOTIFICATIONS).values(created_at=func.now())
-_INSERT = insert(NOTIFICATIONS).values(created_at=bindparam("n_created_at", type_=UTCDateTime()))
+_INSERT_AT_DB_CLOCK = insert(NOTIFICATIONS).values(created_at=func.now(), is_read=False)
+_INSERT = insert(NOTIFICATIONS).values(
+    created_at=bindparam("n_created_at", type_=UTCDateTime()), is_read=False
+)
 
 
 _DEFERRED = "async_processor_deferred_notifications"

@@ -54,7 +54,7 @@ from app.models import (
     TaskStatus,
 )
 from app.models.types import JSONType, UTCDateTime, utcnow
-from app.services import faults, notifications
+from app.services import faults, hotpath, notifications
 from app.services.notifications import TaskRef
 
 # Statements are SQLAlchemy Core over the tables (not ORM-enabled statements): the hot path
@@ -462,7 +462,7 @@ async def claim_tasks(
     else:
         clock = now or utcnow()
         params.update(c_now=clock, c_lease_until=clock + timedelta(seconds=lease_seconds))
-    claimed = [ClaimedTask.from_row(r) for r in (await session.execute(stmt, params)).all()]
+    claimed = [ClaimedTask.from_row(r) for r in await hotpath.fetch(session, stmt, params)]
     claimed.sort(key=lambda t: (-t.priority, t.scheduled_at, t.id))
     await notifications.add(
         session,
@@ -819,7 +819,7 @@ async def finish_tasks(
     if not db_clock:
         params["c_now"] = now or utcnow()
     lock = _lock_statement(db_clock, faults.seeded("fence"))
-    held = {(r.id, r.attempts): r for r in (await session.execute(lock, params)).all()}
+    held = {(r.id, r.attempts): r for r in await hotpath.fetch(session, lock, params)}
     if faults.seeded("fence"):  # test-only seeded bug: whatever attempt holds the row now
         held = {
             (i.task_id, i.attempt): r for r in held.values() for i in items if i.task_id == r.id
@@ -838,10 +838,8 @@ async def finish_tasks(
         (completes if item.how is Finish.COMPLETE else ends).append(params)
         if note is not None:
             notes.append(note)
-    if completes:
-        await session.execute(_COMPLETE, completes)
-    if ends:
-        await session.execute(_END, ends)
+    await hotpath.execute_many(session, _COMPLETE, completes)
+    await hotpath.execute_many(session, _END, ends)
     await notifications.add(session, notes)
     return statuses
 

@@ -1,0 +1,283 @@
+"""Driver-level execution of the daemon's hottest statements.
+
+The claim, the completer's locking SELECT and batch UPDATEs, and the notifications INSERT
+run for every job. Through ``session.execute`` each costs ~0.2 ms of SQLAlchemy work (an
+ORM execute state, an execution context, bind and result processing through several
+layers, a Result) against ~0.015 ms for the same statement on the bare driver; for a
+claim-and-complete transaction of 10 jobs that overhead was most of the transaction.
+
+Here a Core statement (the same object queue.py builds) is compiled **once per dialect**
+by SQLAlchemy; each call binds its parameters with the column types' own bind processors,
+runs the SQL on the session's driver connection (sqlite3, aiosqlite or asyncpg) inside the
+session's transaction, and reads rows with the types' result processors. SQL, types and
+transaction are SQLAlchemy's; only the per-call layers are skipped. Driver errors are
+translated to SQLAlchemy's exceptions (``sqlalchemy.exc.OperationalError`` …) with the
+disconnect flag set, as ``session.execute`` would raise them.
+
+Anything this module does not know (another driver, ``ENABLED`` off) goes through
+``session.execute``: tests run the conformance suite both ways.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections import namedtuple
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import Dialect
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.sql import Select
+
+#: Off: every statement goes through ``session.execute`` (tests compare both paths).
+ENABLED = True
+
+_Binder = list[tuple[str, Callable[[Any], Any] | None]]
+Watcher = Callable[[str, Any, float], None]
+_WATCHERS: list[Watcher] = []
+_MAX_SHAPES = 64  # expanded IN-list sizes kept per statement
+
+
+class Prepared:
+    """One Core statement, compiled for one dialect, with its bind and result processors."""
+
+    def __init__(
+        self, statement: Any, dialect: Dialect, column_keys: Sequence[str] | None = None
+    ) -> None:
+        self.statement = statement
+        self.dialect = dialect
+        self._compiled = statement.compile(dialect=dialect, column_keys=column_keys)
+        if self._compiled.prefetch:  # Python-side defaults: SQLAlchemy computes them per call
+            raise TypeError("statements with Python-side column defaults are not supported")
+        self._binds = self._compiled.binds
+        self._expanding: list[str] = sorted(n for n, b in self._binds.items() if b.expanding)
+        if any(b.literal_execute for b in self._binds.values()):
+            raise TypeError("literal_execute parameters are not supported on the hot path")
+        self._defaults = {
+            name: bind.effective_value
+            for name, bind in self._binds.items()
+            if not bind.required and not bind.expanding
+        }
+        self._shapes: dict[tuple[int, ...], tuple[str, _Binder, dict[str, list[str]]]] = {}
+        if not self._expanding:
+            self._shapes[()] = (self._compiled.string, self._binder(self._compiled.positiontup), {})
+        columns = (
+            statement.selected_columns
+            if isinstance(statement, Select)
+            else statement.exported_columns
+        )
+        names: list[str] = [str(c.key) for c in columns]
+        self.row: Any = namedtuple("Row", names, rename=True)  # type: ignore[misc]
+        procs = [_result_processor(c.type, dialect) for c in columns]
+        self._result = procs if any(procs) else None
+
+    def _binder(self, positions: Sequence[str] | None) -> _Binder:
+        if positions is None:
+            raise TypeError(f"{self.dialect.name}: only positional paramstyles are supported")
+        binder: _Binder = []
+        for name in positions:
+            base = self._base_name(name)
+            bind = self._binds[base]
+            proc = bind.type.dialect_impl(self.dialect).bind_processor(self.dialect)
+            binder.append((name, proc))
+        return binder
+
+    def _base_name(self, name: str) -> str:
+        if name in self._binds:
+            return name
+        for base in self._expanding:  # f_pairs_3_1 → f_pairs
+            if name.startswith(base + "_"):
+                return base
+        raise KeyError(name)
+
+    def _shape(self, params: Mapping[str, Any]) -> tuple[str, _Binder, dict[str, list[str]]]:
+        key = tuple(len(params[name]) for name in self._expanding)
+        shape = self._shapes.get(key)
+        if shape is None:
+            sample = {**self._defaults, **params}
+            state = self._compiled.construct_expanded_state(sample)
+            shape = (state.statement, self._binder(state.positiontup), state.parameter_expansion)
+            if len(self._shapes) >= _MAX_SHAPES:
+                self._shapes.clear()
+            self._shapes[key] = shape
+        return shape
+
+    def bind(self, params: Mapping[str, Any]) -> tuple[str, list[Any]]:
+        """The SQL and its positional arguments for one parameter set."""
+        sql, binder, expansion = self._shape(params)
+        values = {**self._defaults, **params} if self._defaults else params
+        if expansion:
+            values = dict(values)
+            for name, expanded in expansion.items():
+                flat = [v for item in params[name] for v in _items(item)]
+                values.update(zip(expanded, flat, strict=True))
+        return sql, [values[n] if p is None else p(values[n]) for n, p in binder]
+
+    def bind_many(self, rows: Sequence[Mapping[str, Any]]) -> tuple[str, list[list[Any]]]:
+        """The SQL and its arguments for an executemany (no expanding parameters)."""
+        sql, binder, _ = self._shapes[()]
+        defaults = self._defaults
+        args = []
+        for row in rows:
+            values = {**defaults, **row} if defaults else row
+            args.append([values[n] if p is None else p(values[n]) for n, p in binder])
+        return sql, args
+
+    def rows(self, raw: Sequence[Sequence[Any]]) -> list[Any]:
+        """Driver rows as named tuples, through the column types' result processors."""
+        make = self.row._make
+        procs = self._result
+        if procs is None:
+            return [make(r) for r in raw]
+        return [
+            make([v if p is None else p(v) for p, v in zip(procs, r, strict=True)]) for r in raw
+        ]
+
+
+def _result_processor(type_: Any, dialect: Dialect) -> Callable[[Any], Any] | None:
+    impl = type_.dialect_impl(dialect)
+    try:
+        return impl.result_processor(dialect, None)  # type: ignore[no-any-return]
+    except (TypeError, sa_exc.InvalidRequestError):
+        # asyncpg's numeric types ask for the column's type code: numeric or float8
+        code = _PG_NUMERIC if getattr(impl, "asdecimal", False) else _PG_FLOAT8
+        return impl.result_processor(dialect, code)  # type: ignore[no-any-return]
+
+
+_PG_FLOAT8, _PG_NUMERIC = 701, 1700
+
+
+def _items(item: Any) -> tuple[Any, ...]:
+    return tuple(item) if isinstance(item, tuple | list) else (item,)
+
+
+_PREPARED: dict[tuple[int, str, tuple[str, ...] | None], Prepared] = {}
+
+
+def prepared(
+    statement: Any, dialect: Dialect, column_keys: tuple[str, ...] | None = None
+) -> Prepared:
+    """The statement compiled for ``dialect`` (an INSERT: for these ``column_keys``), once.
+    Meant for statements built once (module-level or cached); the cache holds them, so
+    their ids stay theirs."""
+    key = (id(statement), dialect.name, column_keys)
+    found = _PREPARED.get(key)
+    if found is None or found.statement is not statement:
+        found = _PREPARED[key] = Prepared(statement, dialect, column_keys)
+    return found
+
+
+@contextmanager
+def watch(watcher: Watcher) -> Iterator[None]:
+    """Call ``watcher(sql, arguments, seconds)`` after each statement sent to a driver
+    here, inside the block (tests capture the SQL; the benchmark times the claim): the
+    counterpart of SQLAlchemy's cursor events, which this path does not fire."""
+    _WATCHERS.append(watcher)
+    try:
+        yield
+    finally:
+        _WATCHERS.remove(watcher)
+
+
+def _watched(sql: str, args: Any, started: float) -> None:
+    elapsed = time.perf_counter() - started
+    for watcher in list(_WATCHERS):
+        watcher(sql, args, elapsed)
+
+
+# --- the drivers ------------------------------------------------------------------------
+
+
+async def _driver(session: AsyncSession) -> tuple[str, Any, Any, Dialect] | None:
+    """(kind, driver connection, SQLAlchemy's adapter, dialect) for the session's connection,
+    inside its transaction; None when this module cannot drive it."""
+    if not ENABLED:
+        return None
+    conn = await session.connection()  # begins the transaction (BEGIN … on SQLite)
+    dialect = conn.dialect
+    raw = await conn.get_raw_connection()
+    adapter: Any = raw.dbapi_connection
+    driver = raw.driver_connection
+    if dialect.name == "sqlite":
+        inline = getattr(driver, "sqlite_connection", None)
+        if isinstance(inline, sqlite3.Connection):
+            return "sqlite3", inline, adapter, dialect
+        if type(driver).__module__.startswith("aiosqlite"):
+            return "aiosqlite", driver, adapter, dialect
+        return None
+    if dialect.name == "postgresql" and type(driver).__module__.startswith("asyncpg"):
+        start = getattr(adapter, "_start_transaction", None)
+        if start is None or not hasattr(adapter, "_transaction"):
+            return None  # SQLAlchemy's adapter changed: stay on the safe path
+        if adapter._transaction is None:
+            await start()  # SQLAlchemy's own lazy BEGIN, as its cursor would do it
+        return "asyncpg", driver, adapter, dialect
+    return None
+
+
+def _translate(error: Exception, kind: str, adapter: Any, dialect: Dialect, sql: str) -> Exception:
+    """A driver error as SQLAlchemy raises it from ``session.execute``."""
+    if kind == "asyncpg":
+        try:
+            adapter._handle_exception(error)  # raises the DB-API-shaped error
+        except Exception as translated:
+            error = translated
+    dbapi = dialect.loaded_dbapi
+    if not isinstance(error, dbapi.Error):
+        return error
+    invalidated = dialect.is_disconnect(error, None, None)
+    return sa_exc.DBAPIError.instance(
+        sql, None, error, dbapi.Error, connection_invalidated=invalidated, dialect=dialect
+    )
+
+
+async def fetch(session: AsyncSession, statement: Any, params: Mapping[str, Any]) -> list[Any]:
+    """Run ``statement`` (a SELECT, or DML with RETURNING) once; its rows."""
+    found = await _driver(session)
+    if found is None:
+        return list((await session.execute(statement, dict(params))).all())
+    kind, driver, adapter, dialect = found
+    stmt = prepared(statement, dialect)
+    sql, args = stmt.bind(params)
+    started = time.perf_counter()
+    try:
+        if kind == "sqlite3":
+            raw = driver.execute(sql, args).fetchall()
+        elif kind == "aiosqlite":
+            async with driver.execute(sql, args) as cursor:
+                raw = await cursor.fetchall()
+        else:
+            raw = await driver.fetch(sql, *args)
+    except Exception as error:
+        raise _translate(error, kind, adapter, dialect, sql) from error
+    if _WATCHERS:
+        _watched(sql, args, started)
+    return stmt.rows(raw)
+
+
+async def execute_many(
+    session: AsyncSession, statement: Any, rows: Sequence[Mapping[str, Any]]
+) -> None:
+    """Run ``statement`` (DML without RETURNING) once per parameter set, in one call."""
+    if not rows:
+        return
+    found = await _driver(session)
+    if found is None:
+        await session.execute(statement, [dict(r) for r in rows])
+        return
+    kind, driver, adapter, dialect = found
+    keys = tuple(rows[0]) if statement.is_insert else None
+    sql, args = prepared(statement, dialect, keys).bind_many(rows)
+    started = time.perf_counter()
+    try:
+        if kind == "sqlite3":
+            driver.executemany(sql, args)
+        else:  # aiosqlite, asyncpg
+            await driver.executemany(sql, args)
+    except Exception as error:
+        raise _translate(error, kind, adapter, dialect, sql) from error
+    if _WATCHERS:
+        _watched(sql, args, started)
