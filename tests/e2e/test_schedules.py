@@ -294,8 +294,10 @@ async def test_snooze_runs_again_later_without_charging_a_retry(
     daemon = spawn()
 
     async def snoozed() -> PendingAnalysis | None:
-        row = await task_row(db, task.id)
+        # The runs file first: a row read before it could predate the first claim (the
+        # daemon picks a job up within milliseconds) and look like the snoozed one.
         ran = len(runs.read_text().splitlines()) if runs.exists() else 0
+        row = await task_row(db, task.id)
         return row if ran == 1 and row.status == "pending" else None
 
     row = await eventually(snoozed, within=20, interval=0.01)
