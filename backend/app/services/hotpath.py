@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import Dialect
+from sqlalchemy.engine import CursorResult, Dialect
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql import Select
 
@@ -235,10 +235,12 @@ def _translate(error: Exception, kind: str, adapter: Any, dialect: Dialect, sql:
 
 
 async def fetch(session: AsyncSession, statement: Any, params: Mapping[str, Any]) -> list[Any]:
-    """Run ``statement`` (a SELECT, or DML with RETURNING) once; its rows."""
+    """Run ``statement`` once; its rows (none for DML without RETURNING)."""
     found = await _driver(session)
     if found is None:
-        return list((await session.execute(statement, dict(params))).all())
+        result = await session.execute(statement, dict(params))
+        rows = not isinstance(result, CursorResult) or result.returns_rows
+        return list(result.all()) if rows else []
     kind, driver, adapter, dialect = found
     stmt = prepared(statement, dialect)
     sql, args = stmt.bind(params)

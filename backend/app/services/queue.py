@@ -39,6 +39,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import KeyLimit, RateLimit
@@ -774,6 +775,65 @@ _END = (
 )
 
 
+def _complete_unnested() -> Any:
+    """PostgreSQL: every completion of a batch in ONE fenced statement over unnested arrays
+    (one execution instead of one per row); the same values as ``_COMPLETE``."""
+    arrays = (
+        ("id", T.id.type),
+        ("attempt", T.attempts.type),
+        ("result", JSONB()),
+        ("duration", T.duration_seconds.type),
+        ("tokens", T.token_usage.type),
+    )
+    v = (
+        func.unnest(*(bindparam(f"u_{name}", type_=ARRAY(kind)) for name, kind in arrays))
+        .table_valued(*(name for name, _ in arrays))
+        .render_derived(name="v")
+    )
+    now = bindparam("b_now", type_=UTCDateTime())
+    return (
+        update(TASKS)
+        .where(
+            T.id == v.c.id,
+            T.status == TaskStatus.PROCESSING,
+            T.locked_by == bindparam("b_locked_by", type_=String()),
+            T.attempts == v.c.attempt,
+        )
+        .values(
+            status=TaskStatus.COMPLETED,
+            result=v.c.result,
+            error=None,
+            locked_by=None,
+            lease_expires_at=None,
+            updated_at=now,
+            completed_at=now,
+            duration_seconds=v.c.duration,
+            token_usage=T.token_usage + v.c.tokens,
+        )
+    )
+
+
+_COMPLETE_UNNESTED = _complete_unnested()
+
+
+async def _write_completions(
+    session: AsyncSession, completes: list[dict[str, Any]], unnest: bool
+) -> None:
+    if not unnest or len(completes) < 2:
+        await hotpath.execute_many(session, _COMPLETE, completes)
+        return
+    params = {
+        "b_now": completes[0]["b_now"],  # the database's clock, one per transaction
+        "b_locked_by": completes[0]["b_locked_by"],
+        "u_id": [c["b_id"] for c in completes],
+        "u_attempt": [c["b_attempt"] for c in completes],
+        "u_result": [c["b_result"] for c in completes],
+        "u_duration": [c["b_duration"] for c in completes],
+        "u_tokens": [c["b_tokens"] for c in completes],
+    }
+    await hotpath.fetch(session, _COMPLETE_UNNESTED, params)
+
+
 @functools.cache
 def _lock_statement(db_clock: bool, by_id_only: bool) -> Any:
     """finish_tasks' first statement, built once: lock the rows this daemon still holds
@@ -838,7 +898,8 @@ async def finish_tasks(
         (completes if item.how is Finish.COMPLETE else ends).append(params)
         if note is not None:
             notes.append(note)
-    await hotpath.execute_many(session, _COMPLETE, completes)
+    # PostgreSQL: one statement for the batch (the seeded fence bug keeps the per-row one)
+    await _write_completions(session, completes, db_clock and not faults.seeded("fence"))
     await hotpath.execute_many(session, _END, ends)
     await notifications.add(session, notes)
     return statuses
