@@ -3,7 +3,7 @@
 Each daemon on a SQLite database binds a datagram socket in the directory
 ``<database file>.wake/`` beside the database. A process that commits new work (an enqueue,
 a manual retry) sends one empty datagram to every socket there, after its commit; the
-daemon's waker thread wakes on it at once instead of at its next ``PRAGMA data_version``
+daemon's event loop wakes on it at once instead of at its next ``PRAGMA data_version``
 read. Best effort by design: a full socket buffer, a daemon that died and left its socket
 behind, or a directory that cannot be created only lose the shortcut, never a job; the
 data_version poll and the poll interval still find the work.
@@ -137,17 +137,6 @@ class Doorbell:
                     os.unlink(entry.path)
             except OSError:
                 pass  # alive, another user's
-
-    def interrupt(self) -> None:
-        """Wake whoever waits on this doorbell (the waker thread, to stop it)."""
-        if self.sock is None:
-            return
-        address = self._dir.address(self._name)
-        if address is None:
-            return
-        with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-            s.setblocking(False)
-            s.sendto(b"", address)
 
     def drain(self) -> int:
         """Read every pending datagram; how many."""

@@ -1,10 +1,10 @@
 """Wake the engine within milliseconds of an enqueue from any process.
 
 SQLite: enqueuers ring this daemon's doorbell after their commit (app.services.wakeups), and
-the waker thread, blocked on that socket, wakes the engine at once. ``PRAGMA data_version``
+the event loop, watching that socket, wakes the engine at once. ``PRAGMA data_version``
 changes when another connection commits; reading it costs microseconds and no table read, so
-the same thread also polls it (the fallback for writers without the bell: an operator's
-``sqlite3``, a library older than the bell).
+a thread polls it too (the fallback for writers without the bell: an operator's ``sqlite3``,
+a library older than the bell).
 PostgreSQL: LISTEN on the channel the insert trigger notifies.
 The engine's poll interval stays the fallback for both.
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import select
 import sqlite3
 import threading
 import time
@@ -80,8 +79,10 @@ class SQLiteWaker:
         return DATA_VERSION_HOT_INTERVAL_SECONDS if hot else DATA_VERSION_IDLE_INTERVAL_SECONDS
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Poll until ``stop``, from a thread of its own: a sleeping thread costs far less
-        than waking the event loop hundreds of times a second."""
+        """Until ``stop``: the doorbell is watched by the event loop itself (a ring wakes the
+        engine with no thread in between); ``data_version`` is polled from a thread of its
+        own (a sleeping thread costs far less than waking the loop hundreds of times a
+        second)."""
         loop = asyncio.get_running_loop()
         wake = self._wake
 
@@ -90,34 +91,30 @@ class SQLiteWaker:
 
         self._wake = wake_from_thread
         halt = threading.Event()
-        self._doorbell.open()
+        bell = self._doorbell.sock if self._doorbell.open() else None
+        if bell is not None:
+            loop.add_reader(bell, self._on_ring, wake)
         thread = threading.Thread(target=self._poll, args=(halt,), name="waker", daemon=True)
         thread.start()
         try:
             await stop.wait()
         finally:
             halt.set()
-            self._doorbell.interrupt()
+            if bell is not None:
+                loop.remove_reader(bell)
             await asyncio.to_thread(thread.join, 1.0)
             self._wake = wake
             if not thread.is_alive():
                 self._doorbell.close()
 
+    def _on_ring(self, wake: Callable[[], None]) -> None:
+        self.rings += self._doorbell.drain()
+        wake()
+
     def _poll(self, halt: threading.Event) -> None:
-        bell = self._doorbell.sock
         try:
-            while not halt.is_set():
-                if bell is None:
-                    rung = False
-                    if halt.wait(self.interval()):
-                        break
-                else:
-                    rung = bool(select.select([bell], [], [], self.interval())[0])
-                    if rung:
-                        self.rings += self._doorbell.drain()
-                        if halt.is_set():
-                            break
-                self.run_once(rung)
+            while not halt.wait(self.interval()):
+                self.run_once()
         finally:
             self.close_connection()
 
