@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import functools
+import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
+from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+if TYPE_CHECKING:
+    from alembic.config import Config
+
 MIGRATE_HINT = "run `async-processor migrate` to create or upgrade it"
+# Alembic (with Mako and Pygments, ~8 MB) is imported only to migrate: the daemon and the
+# API check the schema by reading alembic_version and the revision files themselves.
+_REVISION = re.compile(r"^revision(?:\s*:\s*str)?\s*=\s*[\"']([^\"']+)[\"']", re.M)
+_DOWN = re.compile(r"^down_revision\b[^=]*=\s*(?:None|[\"']([^\"']+)[\"'])", re.M)
 
 
 class SchemaError(RuntimeError):
@@ -30,6 +37,8 @@ def migrations_dir() -> Path:
 
 def alembic_config(database_url: str) -> Config:
     """An Alembic config for ``database_url`` that does not touch logging."""
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(migrations_dir()))
     config.attributes["database_url"] = database_url
@@ -39,24 +48,44 @@ def alembic_config(database_url: str) -> Config:
 
 def upgrade(database_url: str, revision: str = "head") -> None:
     """Upgrade the database to ``revision`` (blocking; call from sync code or a thread)."""
+    from alembic import command
+
     command.upgrade(alembic_config(database_url), revision)
 
 
 def downgrade(database_url: str, revision: str = "base") -> None:
     """Downgrade the database to ``revision`` (blocking)."""
+    from alembic import command
+
     command.downgrade(alembic_config(database_url), revision)
 
 
+@functools.cache
 def head_revision() -> str:
-    """The newest revision this code ships."""
-    head = ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
-    if head is None:
-        raise SchemaError("the migrations folder has no revisions")
-    return head
+    """The newest revision this code ships, read from the revision files (one linear
+    history: the one revision no other names as its ``down_revision``)."""
+    revisions: set[str] = set()
+    parents: set[str] = set()
+    for path in sorted((migrations_dir() / "versions").glob("*.py")):
+        source = path.read_text(encoding="utf-8")
+        found = _REVISION.search(source)
+        if found is None:
+            continue
+        revisions.add(found.group(1))
+        down = _DOWN.search(source)
+        if down is not None and down.group(1):
+            parents.add(down.group(1))
+    heads = revisions - parents
+    if len(heads) != 1:
+        raise SchemaError(f"the migrations folder has {len(heads)} heads: {sorted(heads)}")
+    return heads.pop()
 
 
 def _current(connection: Connection) -> str | None:
-    return MigrationContext.configure(connection).get_current_revision()
+    if not inspect(connection).has_table("alembic_version"):
+        return None
+    versions = connection.execute(text("SELECT version_num FROM alembic_version")).scalars()
+    return next(iter(versions), None)
 
 
 async def current_revision(engine: AsyncEngine) -> str | None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -168,6 +170,37 @@ async def test_unmigrated_database_is_refused_with_a_hint(empty_url: str) -> Non
             await schema.check_migrated(db.engine)
     finally:
         await db.dispose()
+
+
+async def test_an_older_revision_is_refused_naming_both(empty_url: str) -> None:
+    await asyncio.to_thread(schema.upgrade, empty_url, "0003")
+    db = Database.from_url(empty_url)
+    try:
+        with pytest.raises(schema.SchemaError, match="at revision 0003, this code needs 0004"):
+            await schema.check_migrated(db.engine)
+    finally:
+        await db.dispose()
+
+
+def test_head_revision_is_alembics_head() -> None:
+    """The schema check reads the revision files itself (the daemon does not import
+    Alembic): it must agree with Alembic."""
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory.from_config(schema.alembic_config("sqlite://"))
+    assert schema.head_revision() == script.get_current_head()
+
+
+def test_the_daemon_and_the_api_do_not_import_alembic() -> None:
+    """~8 MB of resident memory (Alembic, Mako, Pygments) that only `migrate` needs."""
+    code = (
+        "import sys, app.background_processor, app.api.main; "
+        "print(sorted(m for m in ('alembic', 'mako', 'pygments') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert out.stdout.strip() == "[]"
 
 
 def _dsn(database_url: str) -> str:
