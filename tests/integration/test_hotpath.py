@@ -139,3 +139,25 @@ async def test_driver_errors_are_sqlalchemys(hot_db: Database) -> None:
     with pytest.raises(sa_exc.DBAPIError):
         await _in_write(hot_db, bad_claim)
     assert await enqueue_many(hot_db, "chapter_analysis", 1)  # the connection still works
+
+
+async def test_the_driver_is_looked_up_once_per_transaction(
+    hot_db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lookups: list[object] = []
+    real = hotpath._lookup
+
+    async def counting(session: AsyncSession) -> Any:
+        found = await real(session)
+        lookups.append(found)
+        return found
+
+    monkeypatch.setattr(hotpath, "_lookup", counting)
+    async with hot_db.write_sessionmaker() as s:
+        for _ in range(2):  # two transactions in one session: one lookup each
+            await s.begin()
+            first = await hotpath._driver(s)
+            assert await hotpath._driver(s) is first
+            await queue.claim_tasks(s, processor_id=PID, limit=1, lease_seconds=30)
+            await s.commit()
+    assert len(lookups) == 2 and lookups[0] is not None

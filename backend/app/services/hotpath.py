@@ -117,13 +117,27 @@ class Prepared:
         return sql, [values[n] if p is None else p(values[n]) for n, p in binder]
 
     def bind_many(self, rows: Sequence[Mapping[str, Any]]) -> tuple[str, list[list[Any]]]:
-        """The SQL and its arguments for an executemany (no expanding parameters)."""
+        """The SQL and its arguments for an executemany (no expanding parameters). A value
+        that is the same object as the previous row's in that position (a batch's clock,
+        its processor id) is processed once."""
         sql, binder, _ = self._shapes[()]
         defaults = self._defaults
+        last: list[tuple[Any, Any]] = [(_UNSET, None)] * len(binder)
         args = []
         for row in rows:
             values = {**defaults, **row} if defaults else row
-            args.append([values[n] if p is None else p(values[n]) for n, p in binder])
+            out = []
+            for i, (name, proc) in enumerate(binder):
+                value = values[name]
+                if proc is None:
+                    out.append(value)
+                    continue
+                seen, done = last[i]
+                if seen is not value:
+                    done = proc(value)
+                    last[i] = (value, done)
+                out.append(done)
+            args.append(out)
         return sql, args
 
     def rows(self, raw: Sequence[Sequence[Any]]) -> list[Any]:
@@ -148,6 +162,9 @@ def _result_processor(type_: Any, dialect: Dialect) -> Callable[[Any], Any] | No
 
 
 _PG_FLOAT8, _PG_NUMERIC = 701, 1700
+
+
+_UNSET = object()
 
 
 def _items(item: Any) -> tuple[Any, ...]:
@@ -191,11 +208,30 @@ def _watched(sql: str, args: Any, started: float) -> None:
 # --- the drivers ------------------------------------------------------------------------
 
 
-async def _driver(session: AsyncSession) -> tuple[str, Any, Any, Dialect] | None:
+_Driver = tuple[str, Any, Any, Dialect]
+_CACHE_KEY = "async_processor_hotpath_driver"
+
+
+async def _driver(session: AsyncSession) -> _Driver | None:
     """(kind, driver connection, SQLAlchemy's adapter, dialect) for the session's connection,
-    inside its transaction; None when this module cannot drive it."""
+    inside its transaction; None when this module cannot drive it. Looked up once per
+    transaction (``session.connection()`` costs a greenlet round trip)."""
     if not ENABLED:
         return None
+    transaction = session.sync_session.get_transaction()
+    cached = session.info.get(_CACHE_KEY)
+    if cached is not None and transaction is not None and transaction.is_active:
+        owner, hit = cached
+        if owner is transaction:
+            return hit  # type: ignore[no-any-return]
+    found = await _lookup(session)
+    transaction = session.sync_session.get_transaction()  # begun by the lookup
+    if found is not None and transaction is not None:
+        session.info[_CACHE_KEY] = (transaction, found)
+    return found
+
+
+async def _lookup(session: AsyncSession) -> _Driver | None:
     conn = await session.connection()  # begins the transaction (BEGIN … on SQLite)
     dialect = conn.dialect
     raw = await conn.get_raw_connection()
