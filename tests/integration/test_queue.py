@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
-from sqlalchemy import event, select, update
+from sqlalchemy import event, func, select, update
 
 from app.db import Database
 from app.models import AnalysisNotification, NotificationType, PendingAnalysis, Processor
@@ -190,6 +192,74 @@ async def test_claim_respects_limit_schedule_and_queues(db: Database) -> None:
     assert await claim(db) == []
     later = await claim(db, now=utcnow() + timedelta(hours=2))
     assert [t.id for t in later] == [future]
+
+
+async def _claim_alone(db: Database, **kw: Any) -> list[queue.ClaimedTask] | None:
+    kw.setdefault("limit", 10)
+    async with db.engine.connect() as conn:
+        return await queue.claim_tasks_alone(conn, processor_id=PID, lease_seconds=30, **kw)
+
+
+async def _started_notes(db: Database) -> list[tuple[Any, ...]]:
+    N = AnalysisNotification
+    async with db.read_transaction() as s:
+        rows = await s.execute(
+            select(N.task_id, N.type, N.title, N.message, N.data, N.user_id, N.project_id)
+            .where(N.type == "started")
+            .order_by(N.task_id)
+        )
+        return [tuple(r) for r in rows.all()]
+
+
+@pytest.mark.parametrize("engine_name", ["postgresql"])
+async def test_a_claim_alone_is_one_statement_equal_to_claim_tasks(
+    db: Database, execution_path: str
+) -> None:
+    """PostgreSQL's one-statement claim (the daemon's claim loop): the same rows, order,
+    lease and filters as claim_tasks, and the very same started notifications."""
+    ids = [await enqueue(db, priority=p, project_id="p1") for p in (3, 9, 5, 9)]
+    await enqueue(db, queue="ingest")
+    await enqueue(db, kind="other_kind")
+    if execution_path == "core":  # hotpath off: the caller claims in a transaction
+        assert await _claim_alone(db) is None
+        return
+    got = await _claim_alone(db, limit=3, exclude_queues=["ingest"], exclude_kinds=["other_kind"])
+    assert got is not None
+    assert [(t.id, t.attempt) for t in got] == [(ids[1], 1), (ids[3], 1), (ids[2], 1)]
+    row = await task_row(db, ids[1])
+    assert (row.status, row.locked_by) == ("processing", PID)
+    assert row.lease_expires_at is not None
+    assert 25 < (row.lease_expires_at - utcnow()).total_seconds() <= 31
+    alone = await _started_notes(db)
+    # The same claim through claim_tasks (in a transaction) writes the same notifications.
+    [last] = await claim(db, limit=1, exclude_queues=["ingest"], exclude_kinds=["other_kind"])
+    assert last.id == ids[0]
+    by_python = [n for n in await _started_notes(db) if n[0] == ids[0]]
+    assert len(alone) == 3 and len(by_python) == 1
+
+    def shape(note: tuple[Any, ...]) -> tuple[Any, ...]:
+        _task_id, kind, title, message, data, user, project = note
+        return (kind, title, message, tuple(sorted(data)), user, project)
+
+    assert {shape(n) for n in alone} == {shape(n) for n in by_python}
+    assert all(n[4] == {"task_id": n[0], "kind": "chapter_analysis", "attempt": 1} for n in alone)
+    assert await _claim_alone(db, queues=["nope"]) == []
+
+
+async def test_a_claim_alone_waits_for_the_feed_lock(db: Database, execution_path: str) -> None:
+    """It takes the feed's advisory lock, like every notification writer (ids commit in
+    order); SQLite has no such statement (None: claim in a transaction)."""
+    task_id = await enqueue(db)
+    if db.dialect == "sqlite" or execution_path == "core":
+        assert await _claim_alone(db) is None
+        return
+    async with db.write_transaction() as holder:
+        await holder.execute(select(func.pg_advisory_xact_lock(notifications.FEED_LOCK_KEY)))
+        claim = asyncio.ensure_future(_claim_alone(db))
+        await asyncio.sleep(0.3)
+        assert not claim.done()
+    got = await asyncio.wait_for(claim, 10)
+    assert got is not None and [t.id for t in got] == [task_id]
 
 
 async def test_claim_never_hands_a_task_to_two_daemons(db: Database) -> None:

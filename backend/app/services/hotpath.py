@@ -29,7 +29,7 @@ from typing import Any
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import CursorResult, Dialect
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.sql import Select
 
 #: Off: every statement goes through ``session.execute`` (tests compare both paths).
@@ -294,6 +294,34 @@ async def fetch(session: AsyncSession, statement: Any, params: Mapping[str, Any]
     if _WATCHERS:
         _watched(sql, args, started)
     return stmt.rows(raw)
+
+
+async def fetch_autocommit(
+    conn: AsyncConnection, statement: Any, params: Mapping[str, Any]
+) -> list[Any] | None:
+    """Run ``statement`` as its own transaction (the server's implicit one: a single round
+    trip, committed when it returns) on a connection with no transaction open; its rows.
+    asyncpg only: None where that is not possible (the caller uses a transaction)."""
+    if not ENABLED or conn.in_transaction() or conn.dialect.name != "postgresql":
+        return None
+    raw = await conn.get_raw_connection()
+    adapter: Any = raw.dbapi_connection
+    driver: Any = raw.driver_connection
+    if not type(driver).__module__.startswith("asyncpg"):
+        return None
+    if getattr(adapter, "_transaction", _UNSET) is not None:
+        return None  # a transaction is open (or SQLAlchemy's adapter changed)
+    dialect = conn.dialect
+    stmt = prepared(statement, dialect)
+    sql, args = stmt.bind(params)
+    started = time.perf_counter()
+    try:
+        raw_rows = await driver.fetch(sql, *args)
+    except Exception as error:
+        raise _translate(error, "asyncpg", adapter, dialect, sql) from error
+    if _WATCHERS:
+        _watched(sql, args, started)
+    return stmt.rows(raw_rows)
 
 
 async def execute_many(

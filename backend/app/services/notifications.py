@@ -10,6 +10,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
+    String,
     Table,
     Text,
     bindparam,
@@ -18,6 +19,7 @@ from sqlalchemy import (
     false,
     func,
     insert,
+    literal,
     literal_column,
     select,
     update,
@@ -37,6 +39,7 @@ PROGRESS_MIN_INTERVAL_SECONDS = 1.0
 PROGRESS_MIN_STEP_PERCENT = 10.0
 FEED_LOCK_KEY = 0x6170_6E6F_7469_6679  # "apnotify": orders notification ids by commit
 
+_ROW_KEYS = ("user_id", "project_id", "chapter_id", "task_id", "type", "title", "message", "data")
 _TITLES = {
     NotificationType.STARTED: "Analysis started",
     NotificationType.PROGRESS: "Analysis in progress",
@@ -85,6 +88,58 @@ def build(kind: NotificationType, task: TaskRef, message: str, **data: Any) -> d
     }
 
 
+def started_message(attempt: int, kind: str) -> str:
+    """The ``started`` notification's message (PostgreSQL's one-statement claim writes the
+    same text in SQL: ``started_insert``)."""
+    return f"Attempt {attempt} of {kind} started."
+
+
+def started_insert(claimed: Any, order_by: Sequence[Any]) -> Any:
+    """PostgreSQL: an INSERT of the ``started`` notifications of the rows of ``claimed`` (a
+    CTE over the claim's RETURNING), as ``build`` would write them, after the feed's lock
+    (the one-time filter of ``_insert_after_feed_lock``)."""
+    c = claimed.c
+    message = (
+        literal("Attempt ", Text())
+        + cast(c.attempts, Text())
+        + literal(" of ", Text())
+        + c.kind
+        + literal(" started.", Text())
+    )
+    data = func.jsonb_build_object(
+        literal_column("'task_id'"),
+        c.id,
+        literal_column("'kind'"),
+        c.kind,
+        literal_column("'attempt'"),
+        c.attempts,
+    )
+    rows = (
+        select(
+            c.user_id,
+            c.project_id,
+            c.chapter_id,
+            c.id,
+            literal(NotificationType.STARTED.value, String()),
+            literal(_TITLES[NotificationType.STARTED], String()),
+            message,
+            data,
+            false(),
+            func.now(),
+        )
+        .where(_feed_lock_gate())
+        .order_by(*order_by)
+    )
+    return insert(NOTIFICATIONS).from_select([*_ROW_KEYS, "is_read", "created_at"], rows)
+
+
+def _feed_lock_gate() -> Any:
+    # An uncorrelated subquery in WHERE is a one-time filter: evaluated once, before the
+    # first row reaches the insert and draws its id.
+    lock = select(cast(func.pg_advisory_xact_lock(FEED_LOCK_KEY), Text())).scalar_subquery()
+    return lock == literal_column("''")
+
+
 def truncate_error(error: str) -> str:
     """Errors are kept whole on the task; notifications carry the first part."""
     return error if len(error) <= MAX_ERROR_CHARS else error[: MAX_ERROR_CHARS - 1] + "…"
@@ -120,7 +175,6 @@ async def add(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> None:
 
 
 # Built once (each call would otherwise build the statement and its cache key again).
-_ROW_KEYS = ("user_id", "project_id", "chapter_id", "task_id", "type", "title", "message", "data")
 
 
 def _insert_after_feed_lock() -> Any:
@@ -133,9 +187,8 @@ def _insert_after_feed_lock() -> Any:
         for name in _ROW_KEYS
     ]
     rows = func.unnest(*arrays).table_valued(*_ROW_KEYS).render_derived(name="v")
-    lock = select(cast(func.pg_advisory_xact_lock(FEED_LOCK_KEY), Text())).scalar_subquery()
     pick = select(*(rows.c[name] for name in _ROW_KEYS), false(), func.now()).where(
-        lock == literal_column("''")
+        _feed_lock_gate()
     )
     return insert(NOTIFICATIONS).from_select([*_ROW_KEYS, "is_read", "created_at"], pick)
 

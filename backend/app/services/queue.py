@@ -40,7 +40,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from app.config import KeyLimit, RateLimit
 from app.db import dialect_of, later_sql, now_sql, wake_daemons_at_commit
@@ -469,11 +469,59 @@ async def claim_tasks(
         session,
         [
             notifications.build(
-                NotificationType.STARTED, t.ref, f"Attempt {t.attempt} of {t.kind} started."
+                NotificationType.STARTED, t.ref, notifications.started_message(t.attempt, t.kind)
             )
             for t in claimed
         ],
     )
+    return claimed
+
+
+@functools.cache
+def _claim_alone_statement(filters: frozenset[str]) -> Any:
+    """PostgreSQL: the claim and its ``started`` notifications in ONE statement (the claim's
+    UPDATE … RETURNING as a CTE, the notifications INSERT as another), for a claim that is
+    its own transaction: sent outside BEGIN … COMMIT it is one round trip, not four."""
+    claimed = _claim_statement(True, filters).cte("claimed")
+    notes = notifications.started_insert(
+        claimed, (claimed.c.priority.desc(), claimed.c.scheduled_at, claimed.c.id)
+    ).cte("started_notes")
+    return select(claimed).add_cte(notes)
+
+
+async def claim_tasks_alone(
+    conn: AsyncConnection,
+    *,
+    processor_id: str,
+    limit: int,
+    lease_seconds: float,
+    queues: Sequence[str] | None = None,
+    exclude_queues: Sequence[str] | None = None,
+    exclude_kinds: Sequence[str] | None = None,
+) -> list[ClaimedTask] | None:
+    """``claim_tasks`` as its own transaction on a connection that has none open: on
+    PostgreSQL one autocommitted statement. None when that is not possible here (another
+    engine or driver): the caller claims in a transaction instead."""
+    if limit <= 0:
+        return []
+    if conn.dialect.name != "postgresql":
+        return None
+    used: dict[str, list[Any]] = {
+        name: list(values)
+        for name, values in (
+            ("queues", queues),
+            ("exclude_queues", exclude_queues),
+            ("exclude_kinds", exclude_kinds),
+        )
+        if values
+    }
+    params: dict[str, Any] = {f"c_{name}": value for name, value in used.items()}
+    params.update(c_limit=limit, c_processor=processor_id, c_lease=timedelta(seconds=lease_seconds))
+    rows = await hotpath.fetch_autocommit(conn, _claim_alone_statement(frozenset(used)), params)
+    if rows is None:
+        return None
+    claimed = [ClaimedTask.from_row(r) for r in rows]
+    claimed.sort(key=lambda t: (-t.priority, t.scheduled_at, t.id))
     return claimed
 
 
