@@ -110,12 +110,16 @@ class ProcessorEngine:
         self.config = config
         self.processor_id = config.processor_id
         self.executor = Executor(registry)
+        # SQLite has one writer: a batch's ends and the next claim share one transaction
+        # (the completer claims for the slots its jobs freed). PostgreSQL claims on its own
+        # connection at once, in one statement, while the batch is being written.
+        self._claims_alone = db.dialect == "postgresql"
         self.completer = Completer(
             db,
             processor_id=self.processor_id,
             policy=RetryPolicy(config.backoff_base, config.backoff_max),
             on_written=self._on_written,
-            refill=self,
+            refill=None if self._claims_alone else self,
         )
         self.heartbeat = Heartbeat(
             db,
@@ -315,7 +319,7 @@ class ProcessorEngine:
     async def _claim_loop(self) -> None:
         backoff = ErrorBackoff("claimer")
         while not self._stopping:
-            if self.completer.busy:
+            if self.completer.busy and not self._claims_alone:
                 # The completer claims for the free slots in its own transaction: one
                 # commit ends jobs and starts the next ones. A wake that came meanwhile
                 # stays set, so work enqueued during its write is claimed right after.
