@@ -278,15 +278,14 @@ async def fetch(session: AsyncSession, statement: Any, params: Mapping[str, Any]
         rows = not isinstance(result, CursorResult) or result.returns_rows
         return list(result.all()) if rows else []
     kind, driver, adapter, dialect = found
-    stmt = prepared(statement, dialect)
+    stmt = prepared(statement, dialect, tuple(params) if statement.is_insert else None)
     sql, args = stmt.bind(params)
     started = time.perf_counter()
     try:
         if kind == "sqlite3":
             raw = driver.execute(sql, args).fetchall()
         elif kind == "aiosqlite":
-            async with driver.execute(sql, args) as cursor:
-                raw = await cursor.fetchall()
+            raw = await driver.execute_fetchall(sql, args)  # one trip to its thread
         else:
             raw = await driver.fetch(sql, *args)
     except Exception as error:

@@ -281,12 +281,12 @@ async def enqueue_tasks(
     return [results[i] for i in range(len(items))]
 
 
-def _insert_values(dialect: str, now: datetime | None) -> dict[str, Any]:
+def _insert_values(dialect: str, pinned: bool) -> dict[str, Any]:
     # A host-side time is a per-row parameter (one name per use), not a literal and not a
     # repeated name: several rows go out as one multi-VALUES statement, and either of those
     # breaks its parameter count on asyncpg.
     def clock(name: str) -> ColumnElement[datetime]:
-        if dialect == "postgresql" and now is None:
+        if dialect == "postgresql" and not pinned:
             return func.now()
         return bindparam(name, type_=UTCDateTime())
 
@@ -299,6 +299,7 @@ def _insert_values(dialect: str, now: datetime | None) -> dict[str, Any]:
         "retry_count": 0,
         "attempts": 0,
         "token_usage": 0,
+        "cancel_requested": False,
     }
 
 
@@ -311,13 +312,22 @@ async def _insert_plain(
     # lock and rowids are assigned in VALUES order, so the new ids sorted are the rows in
     # order, and the rows go out as multi-row INSERTs.
     ordered = dialect != "sqlite"
-    stmt = (
+    stmt = _insert_statement(dialect, now is not None, ordered)
+    params = _with_clock(rows, now)
+    if len(params) == 1:  # the common enqueue: one row, on the bare driver
+        return [row.id for row in await hotpath.fetch(session, stmt, params[0])]
+    ids = list((await session.scalars(stmt, params)).all())
+    return ids if ordered else sorted(ids)
+
+
+@functools.cache
+def _insert_statement(dialect: str, pinned: bool, ordered: bool) -> Any:
+    """The plain enqueue INSERT, built once per shape (``pinned``: a caller's clock)."""
+    return (
         insert(TASKS)
-        .values(**_insert_values(dialect, now))
+        .values(**_insert_values(dialect, pinned))
         .returning(T.id, sort_by_parameter_order=ordered)
     )
-    ids = list((await session.scalars(stmt, _with_clock(rows, now))).all())
-    return ids if ordered else sorted(ids)
 
 
 def _with_clock(rows: list[dict[str, Any]], now: datetime | None) -> list[dict[str, Any]]:
@@ -333,7 +343,7 @@ async def _insert_keyed(
     dialect = dialect_of(session)
     ins = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(TASKS)
     stmt = (
-        ins.values(**_insert_values(dialect, now))
+        ins.values(**_insert_values(dialect, now is not None))
         .on_conflict_do_nothing(index_elements=[T.idempotency_key])
         .returning(T.id, T.idempotency_key)
     )
