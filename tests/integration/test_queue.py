@@ -736,3 +736,10 @@ def test_nul_characters_are_refused_but_their_escape_written_as_text_is_kept() -
             TaskSpec(kind="noop", payload=bad)
     for fine in ({"text": "\\u0000"}, {"text": "\\\\u0000 and \\\\\\\\u0000"}, {"\\u0000": 1}):
         assert TaskSpec(kind="noop", payload=fine).payload == fine
+
+
+async def test_get_tasks_keeps_the_order_asked_with_gaps_and_repeats(db: Database) -> None:
+    a, b = await enqueue(db), await enqueue(db)
+    async with db.read_transaction() as s:
+        got = await queue.get_tasks(s, [b, 999_999, a, b])
+    assert [t.id if t is not None else None for t in got] == [b, None, a, b]

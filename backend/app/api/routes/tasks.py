@@ -134,7 +134,7 @@ async def create_tasks(
             return JSONResponse({"detail": f"tasks[{index}]: {exc.detail}"}, status_code=exc.code)
     async with db.write_transaction() as session:
         results = await queue.enqueue_tasks(session, specs)
-        tasks = [await queue.get_task(session, r.id) for r in results]
+        tasks = await queue.get_tasks(session, [r.id for r in results])
         for spec, result, task in zip(specs, results, tasks, strict=True):
             if not result.created and (task is None or task.user_id != spec.user_id):
                 await session.rollback()
