@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from weakref import WeakKeyDictionary
 
 from sqlalchemy import Interval, event, func, literal
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
+from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
 from app.models.types import UTCDateTime, utcnow
@@ -151,7 +152,6 @@ class Database:
             WeakKeyDictionary() if self.dialect == "sqlite" else None
         )
         path = sqlite_path(engine.url)
-        self._bell = Bell(path.expanduser()) if path is not None else None
         self._writer: WriteThread | None = None
         if write_thread and path is not None:
             from app.sqlite_writer import WriteThread
@@ -201,9 +201,6 @@ class Database:
                 # clock is bound into them (now_sql), and must not predate a wait for it.
                 await session.connection()
                 yield session
-            wake = session.info.pop(_WAKE_KEY, False)
-        if wake and self._bell is not None:
-            self._bell.ring()
 
     @asynccontextmanager
     async def read_transaction(self) -> AsyncIterator[AsyncSession]:
@@ -216,14 +213,37 @@ class Database:
         if self._writer is not None:
             await self._writer.close()
         await self.engine.dispose()
-        if self._bell is not None:
-            self._bell.close()
 
 
 def wake_daemons_at_commit(session: AsyncSession) -> None:
     """Ring the SQLite daemons' doorbells once this write transaction commits (new work
-    to claim). PostgreSQL's equivalent is NOTIFY, sent in the transaction itself."""
+    to claim), whoever owns the session: ours, or an application's own. PostgreSQL's
+    equivalent is NOTIFY, sent in the transaction itself."""
     session.info[_WAKE_KEY] = True
+
+
+_BELLS: dict[Path, Bell] = {}  # one per SQLite file, for the process's lifetime
+
+
+@event.listens_for(Session, "after_commit")
+def _ring_after_commit(session: Session) -> None:
+    if not session.info.pop(_WAKE_KEY, False):
+        return
+    bind = session.get_bind()
+    url = bind.engine.url if isinstance(bind, Connection) else bind.url
+    path = sqlite_path(url)
+    if path is None:
+        return
+    path = path.expanduser()
+    bell = _BELLS.get(path)
+    if bell is None:
+        bell = _BELLS[path] = Bell(path)
+    bell.ring()
+
+
+@event.listens_for(Session, "after_rollback")
+def _forget_wake(session: Session) -> None:
+    session.info.pop(_WAKE_KEY, None)  # rolled back: there is no new work
 
 
 def dialect_of(session: AsyncSession) -> str:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
 from app.db import Database
 from app.services import queue
@@ -73,6 +74,30 @@ async def test_an_enqueue_rings_the_bell_at_commit(
         stop.set()
         await runner
     assert list(bell_dir(db_file).glob("*.sock")) == []  # the doorbell is removed on stop
+
+
+async def test_an_applications_own_session_rings_the_bell_at_commit(
+    db: Database, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The library contract: enqueue inside the application's own transaction, on its own
+    engine and sessions (not app.db.Database); its commit still wakes the daemons."""
+    db_file = Path(db.engine.url.database or "")
+    waker, woke, stop, runner = await _waker_with_slow_poll(db_file, monkeypatch)
+    engine = create_async_engine(database_url)
+    try:
+        async with async_sessionmaker(engine)() as s:
+            await queue.enqueue_task(s, kind="noop")
+            await s.rollback()  # nothing to wake for
+            await queue.enqueue_task(s, kind="noop")
+            await asyncio.sleep(0.2)
+            assert not woke.is_set()
+            await s.commit()
+        await asyncio.wait_for(woke.wait(), timeout=5)
+        assert waker.rings == 1
+    finally:
+        await engine.dispose()
+        stop.set()
+        await runner
 
 
 async def test_a_manual_retry_rings_the_bell(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
