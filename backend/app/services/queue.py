@@ -455,26 +455,22 @@ async def claim_tasks(
     (inline mode, per-key limits)."""
     if limit <= 0:
         return []
-    filters = (
-        ("queues", queues),
-        ("exclude_queues", exclude_queues),
-        ("kinds", kinds),
-        ("exclude_kinds", exclude_kinds),
-    )
-    used: dict[str, list[Any]] = {name: list(values) for name, values in filters if values}
-    if only_ids is not None:
-        used["only_ids"] = list(only_ids)
+    filters = {
+        "queues": queues,
+        "exclude_queues": exclude_queues,
+        "kinds": kinds,
+        "exclude_kinds": exclude_kinds,
+        "only_ids": only_ids,
+    }
     db_clock = now is None and dialect_of(session) == "postgresql"
-    stmt = _claim_statement(db_clock, frozenset(used))
-    params: dict[str, Any] = {f"c_{name}": value for name, value in used.items()}
-    params.update(c_limit=limit, c_processor=processor_id)
+    used, params = _claim_params(filters, processor_id, limit)
     if db_clock:
         params["c_lease"] = timedelta(seconds=lease_seconds)
     else:
         clock = now or utcnow()
         params.update(c_now=clock, c_lease_until=clock + timedelta(seconds=lease_seconds))
-    claimed = [ClaimedTask.from_row(r) for r in await hotpath.fetch(session, stmt, params)]
-    claimed.sort(key=lambda t: (-t.priority, t.scheduled_at, t.id))
+    stmt = _claim_statement(db_clock, used)
+    claimed = _in_claim_order(await hotpath.fetch(session, stmt, params))
     await notifications.add(
         session,
         [
@@ -516,20 +512,29 @@ async def claim_tasks_alone(
         return []
     if conn.dialect.name != "postgresql":
         return None
-    used: dict[str, list[Any]] = {
+    filters = {"queues": queues, "exclude_queues": exclude_queues, "exclude_kinds": exclude_kinds}
+    used, params = _claim_params(filters, processor_id, limit)
+    params["c_lease"] = timedelta(seconds=lease_seconds)
+    rows = await hotpath.fetch_autocommit(conn, _claim_alone_statement(used), params)
+    return None if rows is None else _in_claim_order(rows)
+
+
+def _claim_params(
+    filters: Mapping[str, Sequence[Any] | None], processor_id: str, limit: int
+) -> tuple[frozenset[str], dict[str, Any]]:
+    """The claim's shape (the filters in use; ``only_ids`` even when empty) and its
+    parameters, but the clock's."""
+    used = {
         name: list(values)
-        for name, values in (
-            ("queues", queues),
-            ("exclude_queues", exclude_queues),
-            ("exclude_kinds", exclude_kinds),
-        )
-        if values
+        for name, values in filters.items()
+        if values or (name == "only_ids" and values is not None)
     }
     params: dict[str, Any] = {f"c_{name}": value for name, value in used.items()}
-    params.update(c_limit=limit, c_processor=processor_id, c_lease=timedelta(seconds=lease_seconds))
-    rows = await hotpath.fetch_autocommit(conn, _claim_alone_statement(frozenset(used)), params)
-    if rows is None:
-        return None
+    params.update(c_limit=limit, c_processor=processor_id)
+    return frozenset(used), params
+
+
+def _in_claim_order(rows: Sequence[Any]) -> list[ClaimedTask]:
     claimed = [ClaimedTask.from_row(r) for r in rows]
     claimed.sort(key=lambda t: (-t.priority, t.scheduled_at, t.id))
     return claimed
