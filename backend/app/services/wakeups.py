@@ -14,6 +14,7 @@ Socket paths are limited to about 100 bytes; a longer one is reached through
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -59,12 +60,23 @@ class _Dir:
             self._fd = None
 
 
+_SENDER: socket.socket | None = None  # one unbound datagram socket rings every bell
+
+
+def _sender() -> socket.socket:
+    global _SENDER
+    if _SENDER is None:
+        _SENDER = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        _SENDER.setblocking(False)
+        atexit.register(_SENDER.close)
+    return _SENDER
+
+
 class Bell:
     """Rings every daemon's doorbell of one database (the enqueuing side)."""
 
     def __init__(self, database: Path) -> None:
         self._dir = _Dir(bell_dir(database))
-        self._sock: socket.socket | None = None
 
     def ring(self) -> int:
         """Send one datagram to each doorbell; how many were delivered."""
@@ -74,16 +86,14 @@ class Bell:
             return 0  # no daemon has made the directory: nobody to wake
         if not names:
             return 0
-        if self._sock is None:
-            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-            self._sock.setblocking(False)
+        sender = _sender()
         delivered = 0
         for name in names:
             address = self._dir.address(name)
             if address is None:
                 continue
             try:
-                self._sock.sendto(b"", address)
+                sender.sendto(b"", address)
                 delivered += 1
             except OSError:
                 # ECONNREFUSED: a dead daemon's socket; EAGAIN: the bell is already ringing.
@@ -91,9 +101,6 @@ class Bell:
         return delivered
 
     def close(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
         self._dir.close()
 
 
