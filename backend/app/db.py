@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
@@ -30,6 +31,7 @@ from app.services.wakeups import Bell
 if TYPE_CHECKING:
     from app.sqlite_writer import WriteThread
 
+logger = logging.getLogger("app.db")
 SQLITE_BUSY_TIMEOUT_MS = 5_000
 PG_CONNECT_TIMEOUT_SECONDS = 3.0
 PG_COMMAND_TIMEOUT_SECONDS = 30.0
@@ -219,7 +221,11 @@ def wake_daemons_at_commit(session: AsyncSession) -> None:
     """Ring the SQLite daemons' doorbells once this write transaction commits (new work
     to claim), whoever owns the session: ours, or an application's own. PostgreSQL's
     equivalent is NOTIFY, sent in the transaction itself."""
-    session.info[_WAKE_KEY] = True
+    bind = session.get_bind()
+    url = bind.engine.url if isinstance(bind, Connection) else bind.url
+    path = sqlite_path(url)
+    if path is not None:
+        session.info[_WAKE_KEY] = path.expanduser()
 
 
 _BELLS: dict[Path, Bell] = {}  # one per SQLite file, for the process's lifetime
@@ -227,23 +233,22 @@ _BELLS: dict[Path, Bell] = {}  # one per SQLite file, for the process's lifetime
 
 @event.listens_for(Session, "after_commit")
 def _ring_after_commit(session: Session) -> None:
-    if not session.info.pop(_WAKE_KEY, False):
-        return
-    bind = session.get_bind()
-    url = bind.engine.url if isinstance(bind, Connection) else bind.url
-    path = sqlite_path(url)
+    path = session.info.pop(_WAKE_KEY, None)
     if path is None:
         return
-    path = path.expanduser()
-    bell = _BELLS.get(path)
-    if bell is None:
-        bell = _BELLS[path] = Bell(path)
-    bell.ring()
+    try:  # best effort, and never an error out of a commit that succeeded
+        bell = _BELLS.get(path)
+        if bell is None:
+            bell = _BELLS[path] = Bell(path)
+        bell.ring()
+    except Exception as exc:  # pragma: no cover - the bell only saves a poll
+        logger.warning("could not ring the daemons' doorbell for %s (%s)", path, exc)
 
 
-@event.listens_for(Session, "after_rollback")
-def _forget_wake(session: Session) -> None:
-    session.info.pop(_WAKE_KEY, None)  # rolled back: there is no new work
+@event.listens_for(Session, "after_soft_rollback")
+def _forget_wake(session: Session, previous_transaction: Any) -> None:
+    if previous_transaction.parent is None:  # the whole transaction, not a savepoint
+        session.info.pop(_WAKE_KEY, None)
 
 
 def dialect_of(session: AsyncSession) -> str:

@@ -19,7 +19,8 @@ MIGRATE_HINT = "run `async-processor migrate` to create or upgrade it"
 # Alembic (with Mako and Pygments, ~8 MB) is imported only to migrate: the daemon and the
 # API check the schema by reading alembic_version and the revision files themselves.
 _REVISION = re.compile(r"^revision(?:\s*:\s*str)?\s*=\s*[\"']([^\"']+)[\"']", re.M)
-_DOWN = re.compile(r"^down_revision\b[^=]*=\s*(?:None|[\"']([^\"']+)[\"'])", re.M)
+_DOWN = re.compile(r"^down_revision\b[^=]*=(.*)$", re.M)  # None, "rev" or a merge's tuple
+_QUOTED = re.compile(r"[\"']([^\"']+)[\"']")
 
 
 class SchemaError(RuntimeError):
@@ -73,8 +74,8 @@ def head_revision() -> str:
             continue
         revisions.add(found.group(1))
         down = _DOWN.search(source)
-        if down is not None and down.group(1):
-            parents.add(down.group(1))
+        if down is not None:
+            parents.update(_QUOTED.findall(down.group(1)))
     heads = revisions - parents
     if len(heads) != 1:
         raise SchemaError(f"the migrations folder has {len(heads)} heads: {sorted(heads)}")

@@ -161,3 +161,26 @@ async def test_the_driver_is_looked_up_once_per_transaction(
             await queue.claim_tasks(s, processor_id=PID, limit=1, lease_seconds=30)
             await s.commit()
     assert len(lookups) == 2 and lookups[0] is not None
+
+
+@pytest.mark.parametrize("engine_name", ["postgresql"])
+async def test_a_lost_connection_is_invalidated_not_handed_out_again(
+    hot_db: Database, database_url: str
+) -> None:
+    """The daemon's pool does not pre-ping: a connection the server dropped must be thrown
+    away by the statement that found it dead, or the next transaction draws it again."""
+    await enqueue_many(hot_db, "chapter_analysis", 1)
+    async with hot_db.write_sessionmaker() as s:
+        await s.begin()
+        pid = (await s.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+        async with hot_db.write_transaction() as killer:
+            await killer.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        with pytest.raises(sa_exc.DBAPIError) as caught:
+            await queue.claim_tasks(s, processor_id=PID, limit=1, lease_seconds=30)
+        assert caught.value.connection_invalidated
+        await s.rollback()
+
+    async def claim(s: AsyncSession) -> list[queue.ClaimedTask]:
+        return await queue.claim_tasks(s, processor_id=PID, limit=1, lease_seconds=30)
+
+    assert len(await _in_write(hot_db, claim)) == 1  # a fresh connection, first time

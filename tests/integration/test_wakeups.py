@@ -89,6 +89,8 @@ async def test_an_applications_own_session_rings_the_bell_at_commit(
             await queue.enqueue_task(s, kind="noop")
             await s.rollback()  # nothing to wake for
             await queue.enqueue_task(s, kind="noop")
+            savepoint = await s.begin_nested()
+            await savepoint.rollback()  # the enqueue before it still commits
             await asyncio.sleep(0.2)
             assert not woke.is_set()
             await s.commit()

@@ -25,7 +25,7 @@ from app import __version__
 from app.config import KeyLimit, QueueSpec, RateLimit
 from app.db import Database
 from app.models import ProcessorState
-from app.services import faults, queue
+from app.services import faults, notifications, queue
 from app.services.handlers import HandlerRegistry, Schedule
 from app.services.processor.completer import Completer, RetryPolicy
 from app.services.processor.executor import Executor, Outcome, OutcomeKind, StopReason
@@ -139,6 +139,7 @@ class ProcessorEngine:
         self.failed = 0
         self._running: dict[int, asyncio.Task[None]] = {}
         self._pools = slot_pools(config.concurrency, config.queues)
+        self._capacity = sum(pool.limit for pool in self._pools)
         self._pool_of_queue = {q: p for p in self._pools for q in p.queues or ()}
         self._shared_pool = next((p for p in self._pools if p.queues is None), None)
         self._job_pool: dict[int, SlotPool] = {}
@@ -319,10 +320,15 @@ class ProcessorEngine:
     async def _claim_loop(self) -> None:
         backoff = ErrorBackoff("claimer")
         while not self._stopping:
-            if self.completer.busy and not self._claims_alone:
-                # The completer claims for the free slots in its own transaction: one
-                # commit ends jobs and starts the next ones. A wake that came meanwhile
-                # stays set, so work enqueued during its write is claimed right after.
+            if self.completer.busy and (
+                not self._claims_alone or self.completer.backlog >= self._capacity
+            ):
+                # SQLite: the completer claims for the free slots in its own transaction:
+                # one commit ends jobs and starts the next ones. PostgreSQL claims on its
+                # own, but not while a whole daemon's worth of outcomes waits unwritten
+                # (the completer is slow or failing): finished jobs that a crash would run
+                # again must not pile up. A wake that came meanwhile stays set, so work
+                # enqueued during the write is claimed right after.
                 await self._wait_for_completer()
                 continue
             self._wake_event.clear()
@@ -445,7 +451,14 @@ class ProcessorEngine:
                 got = await queue.claim_tasks_alone(conn, limit=count, **self._where(index))
             if got is not None:
                 return got
-        return await self.db.run_write(lambda session: self.claim(session, slots))
+
+        async def claim(session: AsyncSession) -> list[ClaimedTask]:
+            # Notifications last: on PostgreSQL the feed's lock must be the transaction's
+            # last lock (claim_limited takes a flow lock per kind before it).
+            async with notifications.deferred(session):
+                return await self.claim(session, slots)
+
+        return await self.db.run_write(claim)
 
     async def _wait_for_wake(self, seconds: float, *, wakeable: bool = True) -> None:
         if self._stopping:

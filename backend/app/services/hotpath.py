@@ -20,6 +20,7 @@ Anything this module does not know (another driver, ``ENABLED`` off) goes throug
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
 from collections import namedtuple
@@ -74,24 +75,27 @@ class Prepared:
         procs = [_result_processor(c.type, dialect) for c in columns]
         self._result = procs if any(procs) else None
 
-    def _binder(self, positions: Sequence[str] | None) -> _Binder:
+    def _binder(
+        self,
+        positions: Sequence[str] | None,
+        expanded: Mapping[str, Callable[[Any], Any]] | None = None,
+    ) -> _Binder:
+        """Each position's parameter name and processor: a bind's own type's, or, for the
+        members of an expanded IN list, the one SQLAlchemy's expansion gave it (none for
+        plain integers)."""
         if positions is None:
             raise TypeError(f"{self.dialect.name}: only positional paramstyles are supported")
         binder: _Binder = []
         for name in positions:
-            base = self._base_name(name)
-            bind = self._binds[base]
-            proc = bind.type.dialect_impl(self.dialect).bind_processor(self.dialect)
+            bind = self._binds.get(name)
+            if bind is not None and not bind.expanding:
+                proc = bind.type.dialect_impl(self.dialect).bind_processor(self.dialect)
+            elif expanded is not None:
+                proc = expanded.get(name)
+            else:
+                raise KeyError(name)
             binder.append((name, proc))
         return binder
-
-    def _base_name(self, name: str) -> str:
-        if name in self._binds:
-            return name
-        for base in self._expanding:  # f_pairs_3_1 → f_pairs
-            if name.startswith(base + "_"):
-                return base
-        raise KeyError(name)
 
     def _shape(self, params: Mapping[str, Any]) -> tuple[str, _Binder, dict[str, list[str]]]:
         key = tuple(len(params[name]) for name in self._expanding)
@@ -99,7 +103,8 @@ class Prepared:
         if shape is None:
             sample = {**self._defaults, **params}
             state = self._compiled.construct_expanded_state(sample)
-            shape = (state.statement, self._binder(state.positiontup), state.parameter_expansion)
+            binder = self._binder(state.positiontup, state.processors)
+            shape = (state.statement, binder, state.parameter_expansion)
             if len(self._shapes) >= _MAX_SHAPES:
                 self._shapes.clear()
             self._shapes[key] = shape
@@ -208,7 +213,7 @@ def _watched(sql: str, args: Any, started: float) -> None:
 # --- the drivers ------------------------------------------------------------------------
 
 
-_Driver = tuple[str, Any, Any, Dialect]
+_Driver = tuple[str, Any, Any, Dialect, AsyncConnection]
 _CACHE_KEY = "async_processor_hotpath_driver"
 
 
@@ -240,22 +245,29 @@ async def _lookup(session: AsyncSession) -> _Driver | None:
     if dialect.name == "sqlite":
         inline = getattr(driver, "sqlite_connection", None)
         if isinstance(inline, sqlite3.Connection):
-            return "sqlite3", inline, adapter, dialect
+            return "sqlite3", inline, adapter, dialect, conn
         if type(driver).__module__.startswith("aiosqlite"):
-            return "aiosqlite", driver, adapter, dialect
+            return "aiosqlite", driver, adapter, dialect, conn
         return None
     if dialect.name == "postgresql" and type(driver).__module__.startswith("asyncpg"):
         start = getattr(adapter, "_start_transaction", None)
         if start is None or not hasattr(adapter, "_transaction"):
             return None  # SQLAlchemy's adapter changed: stay on the safe path
         if adapter._transaction is None:
-            await start()  # SQLAlchemy's own lazy BEGIN, as its cursor would do it
-        return "asyncpg", driver, adapter, dialect
+            try:
+                await start()  # SQLAlchemy's own lazy BEGIN, as its cursor would do it
+            except Exception as error:
+                raise await _failed(error, "asyncpg", adapter, dialect, "BEGIN", conn) from error
+        return "asyncpg", driver, adapter, dialect, conn
     return None
 
 
-def _translate(error: Exception, kind: str, adapter: Any, dialect: Dialect, sql: str) -> Exception:
-    """A driver error as SQLAlchemy raises it from ``session.execute``."""
+async def _failed(
+    error: Exception, kind: str, adapter: Any, dialect: Dialect, sql: str, conn: AsyncConnection
+) -> Exception:
+    """A driver error as SQLAlchemy raises it from ``session.execute``: its DB-API shape
+    wrapped in ``sqlalchemy.exc``; on a lost connection, the connection is invalidated (so
+    the pool drops it instead of handing it out again) and the error says so."""
     if kind == "asyncpg":
         try:
             adapter._handle_exception(error)  # raises the DB-API-shaped error
@@ -264,7 +276,14 @@ def _translate(error: Exception, kind: str, adapter: Any, dialect: Dialect, sql:
     dbapi = dialect.loaded_dbapi
     if not isinstance(error, dbapi.Error):
         return error
-    invalidated = dialect.is_disconnect(error, None, None)
+    invalidated = False
+    try:
+        invalidated = bool(dialect.is_disconnect(error, adapter, None))
+    except Exception:  # noqa: S110 - a check that fails is not a disconnect
+        pass
+    if invalidated:
+        with contextlib.suppress(Exception):
+            await conn.invalidate(error)
     return sa_exc.DBAPIError.instance(
         sql, None, error, dbapi.Error, connection_invalidated=invalidated, dialect=dialect
     )
@@ -277,7 +296,7 @@ async def fetch(session: AsyncSession, statement: Any, params: Mapping[str, Any]
         result = await session.execute(statement, dict(params))
         rows = not isinstance(result, CursorResult) or result.returns_rows
         return list(result.all()) if rows else []
-    kind, driver, adapter, dialect = found
+    kind, driver, adapter, dialect, conn = found
     stmt = prepared(statement, dialect, tuple(params) if statement.is_insert else None)
     sql, args = stmt.bind(params)
     started = time.perf_counter()
@@ -289,7 +308,7 @@ async def fetch(session: AsyncSession, statement: Any, params: Mapping[str, Any]
         else:
             raw = await driver.fetch(sql, *args)
     except Exception as error:
-        raise _translate(error, kind, adapter, dialect, sql) from error
+        raise await _failed(error, kind, adapter, dialect, sql, conn) from error
     if _WATCHERS:
         _watched(sql, args, started)
     return stmt.rows(raw)
@@ -317,7 +336,7 @@ async def fetch_autocommit(
     try:
         raw_rows = await driver.fetch(sql, *args)
     except Exception as error:
-        raise _translate(error, "asyncpg", adapter, dialect, sql) from error
+        raise await _failed(error, "asyncpg", adapter, dialect, sql, conn) from error
     if _WATCHERS:
         _watched(sql, args, started)
     return stmt.rows(raw_rows)
@@ -333,7 +352,7 @@ async def execute_many(
     if found is None:
         await session.execute(statement, [dict(r) for r in rows])
         return
-    kind, driver, adapter, dialect = found
+    kind, driver, adapter, dialect, conn = found
     keys = tuple(rows[0]) if statement.is_insert else None
     sql, args = prepared(statement, dialect, keys).bind_many(rows)
     started = time.perf_counter()
@@ -343,6 +362,6 @@ async def execute_many(
         else:  # aiosqlite, asyncpg
             await driver.executemany(sql, args)
     except Exception as error:
-        raise _translate(error, kind, adapter, dialect, sql) from error
+        raise await _failed(error, kind, adapter, dialect, sql, conn) from error
     if _WATCHERS:
         _watched(sql, args, started)
