@@ -710,9 +710,13 @@ async def renew_leases(
     if not tasks:
         return LeaseRenewal(frozenset(), frozenset())
     dialect = dialect_of(session)
+    # Rows locked in id order, as finish_tasks locks them: the heartbeat and the completer
+    # of one daemon touch the same rows at once, and two transactions taking the same row
+    # locks in different orders deadlock (PostgreSQL; SQLite has one writer).
+    held = select(T.id).where(_held(processor_id, tasks)).order_by(T.id).with_for_update()
     stmt = (
         update(TASKS)
-        .where(_held(processor_id, tasks))
+        .where(T.id.in_(held.scalar_subquery()))
         .values(lease_expires_at=later_sql(dialect, lease_seconds, now))
         .returning(T.id, T.cancel_requested)
     )
