@@ -91,6 +91,7 @@ def engine_config(
         rate_limits=settings.rate_limits,
         key_limits=settings.key_limits,
         poll_interval=poll_interval or settings.poll_interval,
+        prefetch_window=settings.prefetch_window,
         lease_seconds=settings.lease_seconds,
         shutdown_grace=settings.shutdown_grace,
         backoff_base=settings.retry_backoff_base,

@@ -18,6 +18,7 @@ ENV_PREFIX = "ASYNC_PROCESSOR_"
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./data/async_processor.db"
 DEFAULT_MAX_CONCURRENT = 3
 DEFAULT_POLL_INTERVAL_SECONDS = 5.0
+DEFAULT_PREFETCH_WINDOW_SECONDS = 0.1
 DEFAULT_PROCESSING_TIMEOUT_SECONDS = 600
 DEFAULT_MAX_RETRIES = 3
 DEFAULT_RETRY_BACKOFF_BASE_SECONDS = 10.0
@@ -155,6 +156,7 @@ class Settings(BaseSettings):
     database_url: str = DEFAULT_DATABASE_URL
     max_concurrent: int = Field(default=DEFAULT_MAX_CONCURRENT, ge=1, le=10_000)
     poll_interval: PositiveSeconds = DEFAULT_POLL_INTERVAL_SECONDS
+    prefetch_window: float = Field(default=DEFAULT_PREFETCH_WINDOW_SECONDS, ge=0, le=60)
     processing_timeout: int = Field(default=DEFAULT_PROCESSING_TIMEOUT_SECONDS, gt=0)
     max_retries: int = Field(default=DEFAULT_MAX_RETRIES, ge=0, le=1000)
     retry_backoff_base: PositiveSeconds = DEFAULT_RETRY_BACKOFF_BASE_SECONDS

@@ -22,7 +22,12 @@ from app.config import (
 )
 from app.db import Database
 from app.services import auth, queue
-from app.services.async_analysis_processor import EngineConfig, ProcessorEngine, slot_pools
+from app.services.async_analysis_processor import (
+    EngineConfig,
+    ProcessorEngine,
+    SlotPool,
+    slot_pools,
+)
 from app.services.handlers import REGISTRY, import_handler_modules
 from tests.helpers import eventually, task_row
 
@@ -116,15 +121,15 @@ class _PoolProbe(ProcessorEngine):
         self.now: Counter[str] = Counter()
         self.queue_of: dict[int, str] = {}
 
-    def _start_job(self, task: queue.ClaimedTask) -> None:
-        super()._start_job(task)
+    def _start_job(self, task: queue.ClaimedTask, pool: SlotPool) -> None:
+        super()._start_job(task, pool)
         self.queue_of[task.id] = task.queue
         self.now[task.queue] += 1
         self.peaks[task.queue] = max(self.peaks[task.queue], self.now[task.queue])
 
-    def _job_done(self, task_id: int) -> None:
-        super()._job_done(task_id)
-        self.now[self.queue_of.pop(task_id)] -= 1
+    def _job_done(self, task_id: int, started: float) -> None:
+        self.now[self.queue_of.pop(task_id)] -= 1  # first: the slot may start a waiting job
+        super()._job_done(task_id, started)
 
 
 async def test_each_named_queue_has_its_own_slots(db: Database, database_url: str) -> None:

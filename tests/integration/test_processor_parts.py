@@ -12,7 +12,7 @@ from app.db import Database
 from app.models import PendingAnalysis, ProcessorState
 from app.models.types import utcnow
 from app.services import queue
-from app.services.async_analysis_processor import EngineConfig, ProcessorEngine
+from app.services.async_analysis_processor import EngineConfig, ProcessorEngine, SlotPool
 from app.services.handlers import REGISTRY, import_handler_modules
 from app.services.processor.completer import Completer, RetryPolicy
 from app.services.processor.executor import Outcome, OutcomeKind
@@ -160,9 +160,10 @@ async def test_waker_fires_on_another_connections_commit(db: Database, database_
 
 async def test_engine_never_runs_more_than_its_concurrency(db: Database, database_url: str) -> None:
     """Claims from the claim loop and from the completer's refill share the slots: running
-    handlers never exceed concurrency. Rows held in processing: on SQLite the same bound
-    (the completer claims as it writes the ends); on PostgreSQL the claim loop claims while
-    ends are still being written, up to four daemons' worth of them (the backlog bound)."""
+    handlers never exceed concurrency. Rows held in processing, with no claiming ahead: on
+    SQLite the same bound (the completer claims as it writes the ends); on PostgreSQL the
+    claim loop claims while ends are still being written, up to four daemons' worth of them
+    (the backlog bound). test_claim_ahead_* cover the jobs claimed ahead."""
     async with db.write_transaction() as s:
         ids = [
             r.id
@@ -174,7 +175,13 @@ async def test_engine_never_runs_more_than_its_concurrency(db: Database, databas
     engine = _PeakEngine(
         db,
         REGISTRY,
-        EngineConfig(database_url=database_url, concurrency=4, lease_seconds=3, shutdown_grace=1),
+        EngineConfig(
+            database_url=database_url,
+            concurrency=4,
+            prefetch_window=0,
+            lease_seconds=3,
+            shutdown_grace=1,
+        ),
     )
     held_max = 0
     await engine.start()
@@ -201,8 +208,8 @@ class _PeakEngine(ProcessorEngine):
 
     peak = 0
 
-    def _start_job(self, task: queue.ClaimedTask) -> None:
-        super()._start_job(task)
+    def _start_job(self, task: queue.ClaimedTask, pool: SlotPool) -> None:
+        super()._start_job(task, pool)
         self.peak = max(self.peak, self.in_flight)
 
 
@@ -211,13 +218,20 @@ async def test_claims_stop_while_a_daemons_worth_of_ends_waits_unwritten(
 ) -> None:
     """The completer is stuck (a slow or failing database): the daemon stops claiming once
     its unwritten ends reach four times its concurrency (PostgreSQL; SQLite at once), instead of
-    running (and, after a crash, re-running) ever more finished jobs."""
+    running (and, after a crash, re-running) ever more finished jobs. Nothing is claimed
+    ahead here (the window is 0), so the bound is exact."""
     async with db.write_transaction() as s:
         await queue.enqueue_tasks(s, [{"kind": "noop", "payload": {"n": i}} for i in range(30)])
     engine = ProcessorEngine(
         db,
         REGISTRY,
-        EngineConfig(database_url=database_url, concurrency=4, lease_seconds=30, shutdown_grace=1),
+        EngineConfig(
+            database_url=database_url,
+            concurrency=4,
+            prefetch_window=0,
+            lease_seconds=30,
+            shutdown_grace=1,
+        ),
     )
     release = asyncio.Event()
     write = engine.completer._write

@@ -1,34 +1,44 @@
 """The daemon's engine: slots, the claim loop, and the loops it supervises.
 
 Slots: at most ``concurrency`` handlers run at once; a slot refills the moment any job
-ends (its done-callback wakes the claim loop), and a claim takes only as many tasks as
-there are free slots, in one statement per pool. Pools: a queue given its own number
-(``--queues ingest=2,default``) has its own slots; the other queues share
-``concurrency``. Outcomes go to the Completer; leases are renewed
-by the Heartbeat until each outcome is written.
+ends (its done-callback starts a job claimed ahead, if any, and wakes the claim loop), and a
+claim takes as many tasks as there are free slots plus the pool's claim-ahead allowance
+(processor.ahead: what it expects to start within ``prefetch_window`` seconds), in one
+statement per pool. Pools: a queue given its own number (``--queues ingest=2,default``) has
+its own slots; the other queues share ``concurrency``. Outcomes go to the Completer; leases
+are renewed by the Heartbeat until each outcome is written.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import os
 import socket
 import uuid
-from collections.abc import Coroutine, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import __version__
-from app.config import KeyLimit, QueueSpec, RateLimit
+from app.config import DEFAULT_PREFETCH_WINDOW_SECONDS, KeyLimit, QueueSpec, RateLimit
 from app.db import Database
 from app.models import ProcessorState
 from app.services import faults, notifications, queue
 from app.services.handlers import HandlerRegistry, Schedule
+from app.services.processor.ahead import Ahead
 from app.services.processor.completer import Completer, RetryPolicy
-from app.services.processor.executor import Executor, Outcome, OutcomeKind, StopReason
+from app.services.processor.executor import (
+    REASON_TO_OUTCOME,
+    Executor,
+    Outcome,
+    OutcomeKind,
+    StopReason,
+)
 from app.services.processor.heartbeat import Heartbeat, HeartbeatResult, ProcessorStats
 from app.services.processor.looper import ErrorBackoff, guarded_loop, is_transient
 from app.services.processor.progress import progress_sink
@@ -44,31 +54,50 @@ STOP_WRITE_TIMEOUT_SECONDS = 5.0
 #: (times the concurrency) wait unwritten. 2 cost a 5,000-job drain ~45 % (one batch in
 #: flight at a time); 4 measured the same as no bound.
 COMPLETER_BACKLOG_LIMIT = 4
+#: a job claimed ahead that has not started after this many seconds (or 10 windows, if
+#: longer) goes back to pending, uncharged, for any daemon to run
+STALE_AHEAD_SECONDS = 1.0
+
+#: a job waiting in a pool: (-priority, scheduled_at, id) orders it as the claim does
+Waiting = tuple[int, datetime, int, float, ClaimedTask]
 
 
 @dataclass(slots=True)
 class SlotPool:
-    """Slots shared by some queues (``queues`` None: every queue not given its own)."""
+    """Slots shared by some queues (``queues`` None: every queue not given its own), and
+    the jobs claimed ahead for them (``waiting``, a heap in claim order)."""
 
     limit: int
     queues: tuple[str, ...] | None
+    window: float = 0.0
     running: int = 0
     reserved: int = 0
+    waiting: list[Waiting] = field(default_factory=list)
+    ahead: Ahead = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.ahead = Ahead(self.limit, self.window)
 
     @property
     def free(self) -> int:
         """Slots neither running a job nor taken by a claim in flight."""
         return self.limit - self.running - self.reserved
 
+    @property
+    def room(self) -> int:
+        """How many more jobs a claim may take for this pool now: the free slots plus the
+        claim-ahead allowance, less what already waits."""
+        return self.free + self.ahead.allowance() - len(self.waiting)
 
-def slot_pools(concurrency: int, spec: QueueSpec | None) -> list[SlotPool]:
+
+def slot_pools(concurrency: int, spec: QueueSpec | None, window: float = 0.0) -> list[SlotPool]:
     """One pool per queue with its own number, plus one shared by the rest."""
     if not spec:
-        return [SlotPool(concurrency, None)]
-    pools = [SlotPool(limit, (name,)) for name, limit in spec if limit is not None]
+        return [SlotPool(concurrency, None, window)]
+    pools = [SlotPool(limit, (name,), window) for name, limit in spec if limit is not None]
     shared = tuple(name for name, limit in spec if limit is None)
     if shared:
-        pools.append(SlotPool(concurrency, shared))
+        pools.append(SlotPool(concurrency, shared, window))
     return pools
 
 
@@ -87,6 +116,8 @@ class EngineConfig:
     rate_limits: tuple[RateLimit, ...] = ()
     key_limits: tuple[KeyLimit, ...] = ()
     poll_interval: float = 5.0
+    # claim ahead of free slots the jobs expected to start within this many seconds (0: none)
+    prefetch_window: float = DEFAULT_PREFETCH_WINDOW_SECONDS
     lease_seconds: float = 30.0
     shutdown_grace: float = 30.0
     backoff_base: float = 10.0
@@ -100,8 +131,9 @@ class EngineConfig:
         for name in ("concurrency", "poll_interval", "lease_seconds", "backoff_base"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.shutdown_grace < 0:
-            raise ValueError(f"shutdown_grace must be >= 0, got {self.shutdown_grace}")
+        for name in ("shutdown_grace", "prefetch_window"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.processor_id:
             object.__setattr__(self, "processor_id", new_processor_id())
 
@@ -142,7 +174,9 @@ class ProcessorEngine:
         self.processed = 0
         self.failed = 0
         self._running: dict[int, asyncio.Task[None]] = {}
-        self._pools = slot_pools(config.concurrency, config.queues)
+        self._pools = slot_pools(config.concurrency, config.queues, config.prefetch_window)
+        self._stale_after = max(STALE_AHEAD_SECONDS, 10 * config.prefetch_window)
+        self._stale_timer: asyncio.TimerHandle | None = None
         self._capacity = sum(pool.limit for pool in self._pools)
         self._pool_of_queue = {q: p for p in self._pools for q in p.queues or ()}
         self._shared_pool = next((p for p in self._pools if p.queues is None), None)
@@ -192,8 +226,14 @@ class ProcessorEngine:
         return self._stopping
 
     def held(self) -> list[tuple[int, int]]:
-        """(id, attempt) of every job whose lease this daemon must keep renewing."""
+        """(id, attempt) of every job whose lease this daemon must keep renewing: running,
+        claimed ahead, or ended but not yet written."""
         return [(t.id, t.attempt) for t in self._held.values()]
+
+    @property
+    def waiting(self) -> int:
+        """Jobs claimed ahead that wait for a slot."""
+        return sum(len(pool.waiting) for pool in self._pools)
 
     def stats(self) -> ProcessorStats:
         """Counters for the processors row."""
@@ -304,6 +344,7 @@ class ProcessorEngine:
         self.wake()
         if self._claim_task is not None:
             await asyncio.gather(self._claim_task, return_exceptions=True)
+        self._release_waiting(lambda _: True)
         await self._drain(grace)
         self._completer_stop.set()
         await self.completer.flush()
@@ -369,14 +410,16 @@ class ProcessorEngine:
     # --- slots (the completer's Refill) ------------------------------------------------------
 
     def reserve(self) -> dict[int, int]:
-        """Take every free slot of every pool for a claim (none while stopping)."""
+        """Take the room of every pool for a claim: its free slots and its claim-ahead
+        allowance (none while stopping)."""
         if self._stopping:
             return {}
         slots: dict[int, int] = {}
         for index, pool in enumerate(self._pools):
-            if pool.free > 0:
-                slots[index] = pool.free
-                pool.reserved += slots[index]
+            room = pool.room
+            if room > 0:
+                slots[index] = room
+                pool.reserved += room
         return slots
 
     async def claim(self, session: AsyncSession, slots: Mapping[int, int]) -> list[ClaimedTask]:
@@ -438,11 +481,20 @@ class ProcessorEngine:
         faults.fault_point("after_claim_commit")
         if self._waker is not None:
             self._waker.heat()
-        for task in claimed:
-            if self._stopping:
+        if self._stopping:
+            for task in claimed:
                 self.completer.submit(Outcome(task, OutcomeKind.RELEASED, 0.0))
-            else:
-                self._start_job(task)
+            return
+        now = asyncio.get_running_loop().time()
+        for task in claimed:
+            self._held[task.id] = task
+            entry = (-task.priority, task.scheduled_at, task.id, now, task)
+            heapq.heappush(self._pool_for(task).waiting, entry)
+        for pool in self._pools:
+            while pool.waiting and pool.running < pool.limit:
+                self._start_job(heapq.heappop(pool.waiting)[-1], pool)
+        if any(pool.waiting for pool in self._pools):
+            self._watch_stale()
 
     def _pool_for(self, task: ClaimedTask) -> SlotPool:
         pool = self._pool_of_queue.get(task.queue, self._shared_pool)
@@ -479,19 +531,19 @@ class ProcessorEngine:
         except TimeoutError:
             pass
 
-    def _start_job(self, task: ClaimedTask) -> None:
-        self._held[task.id] = task
+    def _start_job(self, task: ClaimedTask, pool: SlotPool) -> None:
         logger.info(
             "task %s: started (attempt %d)",
             task.id,
             task.attempt,
             extra={"action": "job_started", "task_id": task.id, "kind": task.kind},
         )
-        pool = self._job_pool[task.id] = self._pool_for(task)
+        self._job_pool[task.id] = pool
         pool.running += 1
         job = asyncio.create_task(self._run_job(task), name=f"task-{task.id}")
         self._running[task.id] = job
-        job.add_done_callback(lambda _: self._job_done(task.id))
+        started = asyncio.get_running_loop().time()
+        job.add_done_callback(lambda _: self._job_done(task.id, started))
 
     async def _run_job(self, task: ClaimedTask) -> None:
         outcome = await self.executor.run(
@@ -502,17 +554,76 @@ class ProcessorEngine:
         faults.fault_point("after_handler_before_complete")
         self.completer.submit(outcome)
 
-    def _job_done(self, task_id: int) -> None:
+    def _job_done(self, task_id: int, started: float) -> None:
         self._running.pop(task_id, None)
         pool = self._job_pool.pop(task_id, None)
+        self._stop_reasons.pop(task_id, None)
         if pool is not None:
             pool.running -= 1
-        self._stop_reasons.pop(task_id, None)
+            pool.ahead.freed(asyncio.get_running_loop().time() - started)
+            if pool.waiting and not self._stopping:
+                self._start_job(heapq.heappop(pool.waiting)[-1], pool)
         self.wake()
+
+    # --- jobs claimed ahead --------------------------------------------------------------------
+
+    def _release_waiting(self, which: Callable[[Waiting], bool]) -> int:
+        """Hand the waiting jobs ``which`` selects back to pending, uncharged (through the
+        completer, fenced like every end)."""
+        released = 0
+        for pool in self._pools:
+            keep = [entry for entry in pool.waiting if not which(entry)]
+            if len(keep) == len(pool.waiting):
+                continue
+            for entry in pool.waiting:
+                if which(entry):
+                    self.completer.submit(Outcome(entry[-1], OutcomeKind.RELEASED, 0.0))
+                    released += 1
+            heapq.heapify(keep)
+            pool.waiting = keep
+        return released
+
+    def _drop_waiting(self, task_id: int) -> ClaimedTask | None:
+        """Take one job out of the waiting heaps (None when it is not waiting)."""
+        for pool in self._pools:
+            for i, entry in enumerate(pool.waiting):
+                if entry[2] == task_id:
+                    pool.waiting.pop(i)
+                    heapq.heapify(pool.waiting)
+                    return entry[-1]
+        return None
+
+    def _watch_stale(self) -> None:
+        """Release, uncharged, jobs claimed ahead that waited ``_stale_after`` seconds (every
+        slot stuck in longer jobs than the claim-ahead allowance expected)."""
+        if self._stale_timer is not None:
+            return
+        loop = asyncio.get_running_loop()
+        oldest = min(entry[3] for pool in self._pools for entry in pool.waiting)
+        self._stale_timer = loop.call_at(oldest + self._stale_after, self._release_stale)
+
+    def _release_stale(self) -> None:
+        self._stale_timer = None
+        cutoff = asyncio.get_running_loop().time() - self._stale_after
+        released = self._release_waiting(lambda entry: entry[3] <= cutoff)
+        if released:
+            logger.info(
+                "released %d jobs claimed ahead that waited %.1f s for a slot",
+                released,
+                self._stale_after,
+                extra={"action": "released_waiting", "processor_id": self.processor_id},
+            )
+        if any(pool.waiting for pool in self._pools):
+            self._watch_stale()
 
     def _stop_job(self, task_id: int, reason: StopReason) -> None:
         job = self._running.get(task_id)
-        if job is None or task_id in self._stop_reasons:
+        if job is None:
+            waiting = self._drop_waiting(task_id)
+            if waiting is not None:  # never started: its end, without running it
+                self.completer.submit(Outcome(waiting, REASON_TO_OUTCOME[reason], 0.0))
+            return
+        if task_id in self._stop_reasons:
             return
         self._stop_reasons[task_id] = reason
         held = self._held.get(task_id)
@@ -551,6 +662,7 @@ class ProcessorEngine:
             result = await self.heartbeat.run_once()
         except Exception:
             if self.heartbeat.lease_at_risk():
+                self._release_waiting(lambda _: True)  # fenced: a no-op once rescued
                 for task_id in list(self._running):
                     self._stop_job(task_id, StopReason.LEASE_LOST)
             raise

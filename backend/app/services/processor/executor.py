@@ -46,7 +46,7 @@ class StopReason(StrEnum):
     LEASE_LOST = "lease_lost"
 
 
-_REASON_TO_OUTCOME = {
+REASON_TO_OUTCOME = {
     StopReason.CANCEL_REQUESTED: OutcomeKind.CANCELLED,
     StopReason.SHUTDOWN: OutcomeKind.RELEASED,
     StopReason.LEASE_LOST: OutcomeKind.LOST,
@@ -129,7 +129,7 @@ class Executor:
             current = asyncio.current_task()
             if current is not None:
                 current.uncancel()
-            return outcome(_REASON_TO_OUTCOME[reason], error=f"stopped: {reason.value}")
+            return outcome(REASON_TO_OUTCOME[reason], error=f"stopped: {reason.value}")
         except Snooze as snooze:
             return outcome(OutcomeKind.SNOOZED, snooze_seconds=snooze.seconds)
         except PermanentError as exc:
