@@ -37,7 +37,7 @@ def test_allowance_is_capped_per_slot() -> None:
     clock = Clock()
     ahead = Ahead(4, 0.1, clock=clock)
     ahead.freed(0.0)
-    assert ahead.allowance() == 40
+    assert ahead.allowance() == 100
     assert Ahead(4, 0.1, cap_per_slot=2, clock=clock).cap == 8
 
 
@@ -69,11 +69,11 @@ def test_no_slot_freed_lately_means_nothing_ahead() -> None:
     ahead = Ahead(10, 0.1, clock=clock)
     ahead.freed(0.001)
     clock.now += 0.19
-    assert ahead.allowance() == 100
+    assert ahead.allowance() == 250
     clock.now += 0.02
     assert ahead.allowance() == 0
     ahead.freed(0.001)
-    assert ahead.allowance() == 100
+    assert ahead.allowance() == 250
 
 
 def test_a_negative_window_is_refused() -> None:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 #: weight of the newest job in the running mean of durations
 SMOOTHING = 0.2
 #: at most this many jobs ahead per slot
-CAP_PER_SLOT = 10
+CAP_PER_SLOT = 25
 
 
 class Ahead:
