@@ -343,6 +343,97 @@ async def test_complete_task_writes_result_and_notification(db: Database) -> Non
     assert await notes_of(db, task_id) == [("started", "alice"), ("completed", "alice")]
 
 
+async def _completed_notes(db: Database) -> list[tuple[Any, ...]]:
+    N = AnalysisNotification
+    async with db.read_transaction() as s:
+        rows = await s.execute(
+            select(N.task_id, N.title, N.message, N.data, N.user_id, N.project_id)
+            .where(N.type == "completed")
+            .order_by(N.task_id)
+        )
+        return [tuple(r) for r in rows.all()]
+
+
+def _finished(t: queue.ClaimedTask, result: Any, duration: float, tokens: int) -> queue.Finished:
+    return queue.Finished(
+        t.id,
+        t.attempt,
+        queue.Finish.COMPLETE,
+        result=result,
+        duration_seconds=duration,
+        token_usage=tokens,
+        ref=t.ref,
+    )
+
+
+async def test_completions_alone_are_one_statement_equal_to_finish_tasks(
+    db: Database, execution_path: str
+) -> None:
+    """PostgreSQL's one-statement completion (the daemon's completer): the same rows and the
+    very same notifications as finish_tasks; the fence rejects a stale attempt (no row, no
+    notification); elsewhere, or for any other end, None (the caller uses a transaction)."""
+    ids = [await enqueue(db, project_id="p1") for _ in range(4)]
+    a, b, c, d = await claim(db, limit=4)
+    assert [a.id, b.id, c.id, d.id] == ids
+    stale = queue.Finished(
+        c.id, c.attempt + 1, queue.Finish.COMPLETE, duration_seconds=1, ref=c.ref
+    )
+    items = [_finished(a, {"n": 1}, 0.25, 7), _finished(b, [1, "two"], 1.5, 0), stale]
+    async with db.engine.connect() as conn:
+        statuses = await queue.complete_tasks_alone(conn, processor_id=PID, items=items)
+        fail = queue.Finished(d.id, d.attempt, queue.Finish.FAIL, error="x", ref=d.ref)
+        assert await queue.complete_tasks_alone(conn, processor_id=PID, items=[fail]) is None
+        twice = [items[0], queue.Finished(a.id, 9, queue.Finish.COMPLETE, ref=a.ref)]
+        assert await queue.complete_tasks_alone(conn, processor_id=PID, items=twice) is None
+    if db.dialect == "sqlite" or execution_path == "core":
+        assert statuses is None
+        return
+    assert statuses == ["completed", "completed", None]
+    for task, result, duration, tokens in ((a, {"n": 1}, 0.25, 7), (b, [1, "two"], 1.5, 0)):
+        row = await task_row(db, task.id)
+        assert (row.status, row.result, row.locked_by, row.lease_expires_at, row.error) == (
+            "completed",
+            result,
+            None,
+            None,
+            None,
+        )
+        assert (row.duration_seconds, row.token_usage) == (duration, tokens)
+        assert row.completed_at is not None and row.completed_at == row.updated_at
+    assert (await task_row(db, c.id)).status == "processing"
+    alone = await _completed_notes(db)
+    assert [n[0] for n in alone] == [a.id, b.id]
+    # the same end through finish_tasks (in a transaction) writes the same notification
+    async with db.write_transaction() as s:
+        await queue.finish_tasks(s, processor_id=PID, items=[_finished(d, None, 0.25, 7)])
+    by_python = [n for n in await _completed_notes(db) if n[0] == d.id]
+    assert [n[1:] for n in by_python] == [
+        (t, m, {**data, "task_id": d.id}, u, p) for _, t, m, data, u, p in alone[:1]
+    ]
+
+
+@pytest.mark.parametrize("engine_name", ["postgresql"])
+async def test_completions_alone_wait_for_the_feed_lock(db: Database, execution_path: str) -> None:
+    await enqueue(db)
+    [t] = await claim(db)
+
+    async def complete() -> list[queue.TaskStatus | None] | None:
+        async with db.engine.connect() as conn:
+            return await queue.complete_tasks_alone(
+                conn, processor_id=PID, items=[_finished(t, None, 0.1, 0)]
+            )
+
+    if execution_path == "core":
+        assert await complete() is None
+        return
+    async with db.write_transaction() as holder:
+        await holder.execute(select(func.pg_advisory_xact_lock(notifications.FEED_LOCK_KEY)))
+        completing = asyncio.ensure_future(complete())
+        await asyncio.sleep(0.3)
+        assert not completing.done()
+    assert await asyncio.wait_for(completing, 10) == ["completed"]
+
+
 async def test_stale_holder_cannot_write(db: Database) -> None:
     task_id = await enqueue(db)
     [t] = await claim(db)

@@ -165,8 +165,7 @@ async def add(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> None:
         deferred.extend(rows)
         return
     if dialect_of(session) == "postgresql":
-        params = {f"n_{name}": [row[name] for row in rows] for name in _ROW_KEYS}
-        await hotpath.fetch(session, _INSERT_AFTER_FEED_LOCK, params)
+        await hotpath.fetch(session, _INSERT_AFTER_FEED_LOCK, array_params(rows))
     else:
         clock = utcnow()
         await hotpath.execute_many(
@@ -177,7 +176,20 @@ async def add(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> None:
 # Built once (each call would otherwise build the statement and its cache key again).
 
 
-def _insert_after_feed_lock() -> Any:
+def array_params(rows: Sequence[dict[str, Any]]) -> dict[str, list[Any]]:
+    """PostgreSQL: the parameters of the one-statement INSERT of ``rows`` (``build``'s dicts),
+    a column an array (``add``, ``insert_for_tasks``)."""
+    return {f"n_{name}": [row[name] for row in rows] for name in _ROW_KEYS}
+
+
+def insert_for_tasks(task_ids: Any) -> Any:
+    """PostgreSQL: ``add``'s one-statement INSERT (``array_params``), keeping only the rows
+    whose task is among ``task_ids`` (a subquery: the ids a CTE updated), after the feed's
+    lock."""
+    return _insert_after_feed_lock(task_ids)
+
+
+def _insert_after_feed_lock(task_ids: Any = None) -> Any:
     """PostgreSQL: every row of the batch in ONE statement (arrays unnested), which first
     takes the feed's advisory lock: an uncorrelated subquery in WHERE is a one-time filter,
     evaluated before the first row reaches the insert and draws its id. One round trip
@@ -190,6 +202,8 @@ def _insert_after_feed_lock() -> Any:
     pick = select(*(rows.c[name] for name in _ROW_KEYS), false(), func.now()).where(
         _feed_lock_gate()
     )
+    if task_ids is not None:
+        pick = pick.where(rows.c.task_id.in_(task_ids))
     return insert(NOTIFICATIONS).from_select([*_ROW_KEYS, "is_read", "created_at"], pick)
 
 
