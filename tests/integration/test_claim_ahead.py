@@ -5,11 +5,13 @@ request reaches it without running it."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import select
 
+from app.config import parse_key_limits, parse_rate_limits
 from app.db import Database
 from app.models import PendingAnalysis
 from app.services import queue
@@ -19,27 +21,42 @@ from app.services.async_analysis_processor import (
     SlotPool,
 )
 from app.services.handlers import REGISTRY, import_handler_modules
+from app.services.processor.executor import Outcome
 from tests.helpers import eventually, notes_of, task_row
 
 import_handler_modules(["tests.e2e.job_handlers"])
 
 
 class _Probe(ProcessorEngine):
-    """Records the most handlers running at once, the largest claim and the most jobs
-    waiting in the claim-ahead buffer."""
+    """Records the most handlers running at once, the largest claim, the most jobs waiting
+    in the claim-ahead buffer, every start, and any running or waiting job missing from
+    the jobs whose leases the heartbeat renews."""
 
-    peak = 0
-    largest_claim = 0
-    most_waiting = 0
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.peak = self.largest_claim = self.most_waiting = 0
+        self.starts: Counter[int] = Counter()
+        self.unrenewed: list[tuple[str, list[int]]] = []
 
     def _start_job(self, task: queue.ClaimedTask, pool: SlotPool) -> None:
         super()._start_job(task, pool)
         self.peak = max(self.peak, self.in_flight)
+        self.starts[task.id] += 1
 
     def settle(self, slots: Any, claimed: Sequence[queue.ClaimedTask]) -> None:
         self.largest_claim = max(self.largest_claim, len(claimed))
         super().settle(slots, claimed)
         self.most_waiting = max(self.most_waiting, self.waiting)
+        self._check_held("settle")
+
+    def _on_written(self, outcome: Outcome, applied: bool) -> None:
+        super()._on_written(outcome, applied)
+        self._check_held(outcome.kind.value)
+
+    def _check_held(self, where: str) -> None:
+        live = set(self._running) | {e[2] for p in self._pools for e in p.waiting}
+        if live - set(self._held):
+            self.unrenewed.append((where, sorted(live - set(self._held))))
 
 
 def _engine(db: Database, database_url: str, **config: Any) -> _Probe:
@@ -143,6 +160,105 @@ async def test_a_cancel_request_reaches_a_waiting_job(db: Database, database_url
     row = await task_row(db, waiting)
     assert row.progress_total is None and row.locked_by is None
     assert [t for t, _ in await notes_of(db, waiting)] == ["started", "cancelled"]
+
+
+async def test_a_job_released_and_claimed_back_stays_held_and_runs_once(
+    db: Database, database_url: str
+) -> None:
+    """Short jobs first, then longer low-priority ones behind them: some wait past the
+    stale time while the pool still turns over. Whatever is released and claimed back
+    (possibly in the very transaction that wrote the release) stays among the jobs whose
+    leases are renewed, runs once, and every slot is given back."""
+    ids = await _enqueue(db, _fast_then_slow(60, 40, 0.15))
+    engine = _engine(db, database_url, concurrency=2, prefetch_window=0.1, lease_seconds=30)
+    await engine.start()
+    try:
+        await eventually(lambda: _all(db, ids, "completed"), within=60)
+    finally:
+        await engine.stop()
+    assert engine.unrenewed == []
+    assert set(engine.starts) == set(ids) and set(engine.starts.values()) == {1}
+    assert [p.running for p in engine._pools] == [0] and engine.processed == 100
+
+
+async def test_a_job_snoozed_for_no_time_is_claimed_back_and_stays_held(
+    db: Database, database_url: str, tmp_path: Any
+) -> None:
+    """Snooze(0): the job is pending again at once, so on SQLite the transaction that
+    writes the snooze may claim it back; its new run keeps its lease renewed."""
+    specs = [
+        {
+            "kind": "snooze_then_finish",
+            "payload": {"runs": str(tmp_path / f"runs{i}"), "snoozes": 2, "seconds": 0},
+        }
+        for i in range(6)
+    ]
+    ids = await _enqueue(db, specs)
+    engine = _engine(db, database_url, concurrency=2, prefetch_window=0.1, lease_seconds=30)
+    await engine.start()
+    try:
+        await eventually(lambda: _all(db, ids, "completed"), within=30)
+    finally:
+        await engine.stop()
+    assert engine.unrenewed == []
+    assert set(engine.starts.values()) == {3}
+
+
+async def test_kinds_with_rate_or_key_limits_are_never_claimed_ahead(
+    db: Database, database_url: str
+) -> None:
+    """Their starts are counted when they are claimed: a job claimed ahead would start
+    later than its window said. So they are claimed for free slots only."""
+    ids = await _enqueue(
+        db,
+        [{"kind": "noop", "payload": {"n": i}} for i in range(60)]
+        + [{"kind": "sleep", "payload": {"seconds": 0}, "chapter_id": f"c{i}"} for i in range(60)],
+    )
+    engine = _engine(
+        db,
+        database_url,
+        concurrency=3,
+        prefetch_window=0.1,
+        rate_limits=parse_rate_limits("noop=10000/1s"),
+        key_limits=parse_key_limits("sleep=chapter_id:1"),
+    )
+    await engine.start()
+    try:
+        await eventually(lambda: _all(db, ids, "completed"), within=60)
+    finally:
+        await engine.stop()
+    assert engine.largest_claim <= 3 and engine.most_waiting == 0, engine.largest_claim
+
+
+async def test_a_lease_at_risk_releases_what_waits(db: Database, database_url: str) -> None:
+    """The heartbeat could not renew for most of a lease: jobs claimed ahead must not start
+    on a lease that may be gone; they go back to pending, uncharged (fenced: a no-op if a
+    rescuer took them meanwhile)."""
+    ids = await _enqueue(db, _fast_then_slow(20, 6, 30.0))
+    engine = _engine(db, database_url, concurrency=2, prefetch_window=0.1, lease_seconds=30)
+    await engine.start()
+    try:
+        await eventually(lambda: _waiting_and_running(engine, 4, 2), within=15)
+        async with db.write_transaction() as s:  # what is released stays pending
+            await queue.set_queue_paused(s, "default", paused=True)
+
+        async def failing() -> Any:
+            raise OSError("database unreachable")
+
+        engine.heartbeat.run_once = failing  # type: ignore[method-assign]
+        engine.heartbeat.lease_at_risk = lambda: True  # type: ignore[method-assign]
+        try:
+            await engine._heartbeat_once()
+        except OSError:
+            pass
+        assert engine.waiting == 0
+        waiting = [i for i in ids[20:] if i not in engine._running]
+        assert len(waiting) == 4
+        await eventually(lambda: _all(db, waiting, "pending"), within=10)
+        for task_id in waiting:
+            assert (await task_row(db, task_id)).attempts == 0
+    finally:
+        await engine.stop(grace=0)
 
 
 async def _all(db: Database, ids: list[int], status: str) -> bool:

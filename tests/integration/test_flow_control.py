@@ -127,9 +127,11 @@ class _PoolProbe(ProcessorEngine):
         self.now[task.queue] += 1
         self.peaks[task.queue] = max(self.peaks[task.queue], self.now[task.queue])
 
-    def _job_done(self, task_id: int, started: float) -> None:
-        self.now[self.queue_of.pop(task_id)] -= 1  # first: the slot may start a waiting job
-        super()._job_done(task_id, started)
+    def _job_done(
+        self, task: queue.ClaimedTask, pool: SlotPool, job: asyncio.Task[None], started: float
+    ) -> None:
+        self.now[self.queue_of.pop(task.id)] -= 1  # first: the slot may start a waiting job
+        super()._job_done(task, pool, job, started)
 
 
 async def test_each_named_queue_has_its_own_slots(db: Database, database_url: str) -> None:

@@ -30,7 +30,7 @@ from app.db import Database
 from app.models import ProcessorState
 from app.services import faults, notifications, queue
 from app.services.handlers import HandlerRegistry, Schedule
-from app.services.processor.ahead import Ahead
+from app.services.processor.ahead import Ahead, Room
 from app.services.processor.completer import Completer, RetryPolicy
 from app.services.processor.executor import (
     REASON_TO_OUTCOME,
@@ -57,6 +57,8 @@ COMPLETER_BACKLOG_LIMIT = 4
 #: a job claimed ahead that has not started after this many seconds (or 10 windows, if
 #: longer) goes back to pending, uncharged, for any daemon to run
 STALE_AHEAD_SECONDS = 1.0
+#: a stale job in a pool still turning over is looked at again after this long
+STALE_RECHECK_SECONDS = 0.25
 
 #: a job waiting in a pool: (-priority, scheduled_at, id) orders it as the claim does
 Waiting = tuple[int, datetime, int, float, ClaimedTask]
@@ -180,7 +182,6 @@ class ProcessorEngine:
         self._capacity = sum(pool.limit for pool in self._pools)
         self._pool_of_queue = {q: p for p in self._pools for q in p.queues or ()}
         self._shared_pool = next((p for p in self._pools if p.queues is None), None)
-        self._job_pool: dict[int, SlotPool] = {}
         rates = {r.kind: r for r in config.rate_limits}
         keys = {k.kind: k for k in config.key_limits}
         self._limited = {kind: (rates.get(kind), keys.get(kind)) for kind in {*rates, *keys}}
@@ -344,6 +345,8 @@ class ProcessorEngine:
         self.wake()
         if self._claim_task is not None:
             await asyncio.gather(self._claim_task, return_exceptions=True)
+        if self._stale_timer is not None:
+            self._stale_timer.cancel()
         self._release_waiting(lambda _: True)
         await self._drain(grace)
         self._completer_stop.set()
@@ -394,7 +397,7 @@ class ProcessorEngine:
                 finally:
                     self.settle(slots, claimed)
                 backoff.succeeded()
-                if len(claimed) == sum(slots.values()):
+                if len(claimed) == sum(room.total for room in slots.values()):
                     continue
             await self._wait_for_wake(self.config.poll_interval)
 
@@ -409,30 +412,32 @@ class ProcessorEngine:
 
     # --- slots (the completer's Refill) ------------------------------------------------------
 
-    def reserve(self) -> dict[int, int]:
+    def reserve(self) -> dict[int, Room]:
         """Take the room of every pool for a claim: its free slots and its claim-ahead
         allowance (none while stopping)."""
         if self._stopping:
             return {}
-        slots: dict[int, int] = {}
+        slots: dict[int, Room] = {}
         for index, pool in enumerate(self._pools):
-            room = pool.room
+            free, room = pool.free, pool.room
             if room > 0:
-                slots[index] = room
+                slots[index] = Room(room, max(free, 0))
                 pool.reserved += room
         return slots
 
-    async def claim(self, session: AsyncSession, slots: Mapping[int, int]) -> list[ClaimedTask]:
-        """Claim up to the reserved slots of each pool, in the caller's transaction. It may
-        run on the database's write thread (Database.run_write): it reads the engine's
-        settings and leaves the rest to ``settle``."""
+    async def claim(self, session: AsyncSession, slots: Mapping[int, Room]) -> list[ClaimedTask]:
+        """Claim up to the reserved room of each pool, in the caller's transaction; kinds
+        with a rate or key limit only for free slots (their starts are counted when they are
+        claimed, so they are never claimed ahead). It may run on the database's write thread
+        (Database.run_write): it reads the engine's settings and leaves the rest to
+        ``settle``."""
         claimed: list[ClaimedTask] = []
-        for index, count in slots.items():
+        for index, room in slots.items():
             where = self._where(index)
             got = await queue.claim_tasks(
-                session, limit=count, exclude_kinds=tuple(self._limited), **where
+                session, limit=room.total, exclude_kinds=tuple(self._limited), **where
             )
-            left = count - len(got)
+            left = min(room.total, room.free) - len(got)
             for kind, (rate, key) in self._limited.items():
                 if left <= 0:
                     break
@@ -468,11 +473,11 @@ class ProcessorEngine:
             self._rate_timer.cancel()
         self._rate_timer = loop.call_at(due, self.wake)
 
-    def settle(self, slots: Mapping[int, int], claimed: Sequence[ClaimedTask]) -> None:
+    def settle(self, slots: Mapping[int, Room], claimed: Sequence[ClaimedTask]) -> None:
         """After a claim committed (or failed): give the slots back, start the jobs. A
         claim that lands after shutdown began is released at once, uncharged."""
-        for index, count in slots.items():
-            self._pools[index].reserved -= count
+        for index, room in slots.items():
+            self._pools[index].reserved -= room.total
         if self._rate_wait is not None:
             wait, self._rate_wait = self._rate_wait, None
             self._wake_after(wait)
@@ -502,13 +507,13 @@ class ProcessorEngine:
             raise RuntimeError(f"task {task.id} of queue {task.queue!r} has no slot pool")
         return pool
 
-    async def _claim(self, slots: Mapping[int, int]) -> list[ClaimedTask]:
+    async def _claim(self, slots: Mapping[int, Room]) -> list[ClaimedTask]:
         if len(slots) == 1 and not self._limited and self.db.dialect == "postgresql":
             # One pool, no rate limits: one autocommitted statement (a pick-up's round
             # trips: 1 instead of BEGIN, claim, notifications, COMMIT).
-            [(index, count)] = slots.items()
+            [(index, room)] = slots.items()
             async with self.db.engine.connect() as conn:
-                got = await queue.claim_tasks_alone(conn, limit=count, **self._where(index))
+                got = await queue.claim_tasks_alone(conn, limit=room.total, **self._where(index))
             if got is not None:
                 return got
 
@@ -538,12 +543,11 @@ class ProcessorEngine:
             task.attempt,
             extra={"action": "job_started", "task_id": task.id, "kind": task.kind},
         )
-        self._job_pool[task.id] = pool
         pool.running += 1
         job = asyncio.create_task(self._run_job(task), name=f"task-{task.id}")
         self._running[task.id] = job
         started = asyncio.get_running_loop().time()
-        job.add_done_callback(lambda _: self._job_done(task.id, started))
+        job.add_done_callback(lambda _: self._job_done(task, pool, job, started))
 
     async def _run_job(self, task: ClaimedTask) -> None:
         outcome = await self.executor.run(
@@ -554,24 +558,27 @@ class ProcessorEngine:
         faults.fault_point("after_handler_before_complete")
         self.completer.submit(outcome)
 
-    def _job_done(self, task_id: int, started: float) -> None:
-        self._running.pop(task_id, None)
-        pool = self._job_pool.pop(task_id, None)
-        self._stop_reasons.pop(task_id, None)
-        if pool is not None:
-            pool.running -= 1
-            pool.ahead.freed(asyncio.get_running_loop().time() - started)
-            if pool.waiting and not self._stopping:
-                self._start_job(heapq.heappop(pool.waiting)[-1], pool)
+    def _job_done(
+        self, task: ClaimedTask, pool: SlotPool, job: asyncio.Task[None], started: float
+    ) -> None:
+        if self._running.get(task.id) is job:  # not a later run of the same id
+            del self._running[task.id]
+            self._stop_reasons.pop(task.id, None)
+        pool.running -= 1
+        pool.ahead.freed(asyncio.get_running_loop().time() - started)
+        if pool.waiting and not self._stopping:
+            self._start_job(heapq.heappop(pool.waiting)[-1], pool)
         self.wake()
 
     # --- jobs claimed ahead --------------------------------------------------------------------
 
-    def _release_waiting(self, which: Callable[[Waiting], bool]) -> int:
-        """Hand the waiting jobs ``which`` selects back to pending, uncharged (through the
-        completer, fenced like every end)."""
+    def _release_waiting(
+        self, which: Callable[[Waiting], bool], pools: Sequence[SlotPool] | None = None
+    ) -> int:
+        """Hand the waiting jobs ``which`` selects (of ``pools``, default all) back to
+        pending, uncharged (through the completer, fenced like every end)."""
         released = 0
-        for pool in self._pools:
+        for pool in self._pools if pools is None else pools:
             keep = [entry for entry in pool.waiting if not which(entry)]
             if len(keep) == len(pool.waiting):
                 continue
@@ -594,18 +601,25 @@ class ProcessorEngine:
         return None
 
     def _watch_stale(self) -> None:
-        """Release, uncharged, jobs claimed ahead that waited ``_stale_after`` seconds (every
-        slot stuck in longer jobs than the claim-ahead allowance expected)."""
+        """Release, uncharged, jobs claimed ahead that waited ``_stale_after`` seconds in a
+        pool that is stuck (every slot in a longer job than the allowance expected: it
+        claims nothing ahead any more, so it does not claim them back). A pool still
+        turning over keeps them: they wait for their turn by priority, as they would in the
+        table."""
         if self._stale_timer is not None:
             return
         loop = asyncio.get_running_loop()
         oldest = min(entry[3] for pool in self._pools for entry in pool.waiting)
-        self._stale_timer = loop.call_at(oldest + self._stale_after, self._release_stale)
+        due = max(oldest + self._stale_after, loop.time() + STALE_RECHECK_SECONDS)
+        self._stale_timer = loop.call_at(due, self._release_stale)
 
     def _release_stale(self) -> None:
         self._stale_timer = None
+        if self._stopping:
+            return
         cutoff = asyncio.get_running_loop().time() - self._stale_after
-        released = self._release_waiting(lambda entry: entry[3] <= cutoff)
+        stuck = [pool for pool in self._pools if pool.ahead.allowance() == 0]
+        released = self._release_waiting(lambda entry: entry[3] <= cutoff, stuck)
         if released:
             logger.info(
                 "released %d jobs claimed ahead that waited %.1f s for a slot",
@@ -636,7 +650,9 @@ class ProcessorEngine:
         job.cancel()
 
     def _on_written(self, outcome: Outcome, applied: bool) -> None:
-        self._held.pop(outcome.task.id, None)
+        task = outcome.task
+        if self._held.get(task.id) is task:  # not a later claim of the same job (a release
+            del self._held[task.id]  # can be claimed back in the transaction that wrote it)
         if self._claims_alone:
             self.wake()  # the backlog shrank: the claim loop may be waiting on it
         if not applied:
@@ -645,7 +661,6 @@ class ProcessorEngine:
             self.processed += 1
         elif outcome.kind is OutcomeKind.FAILED:
             self.failed += 1
-        task = outcome.task
         logger.info(
             "task %s: %s in %.3f s%s",
             task.id,

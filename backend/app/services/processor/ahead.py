@@ -14,11 +14,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 #: weight of the newest job in the running mean of durations
 SMOOTHING = 0.2
 #: at most this many jobs ahead per slot
 CAP_PER_SLOT = 25
+
+
+class Room(NamedTuple):
+    """What one claim may take for a pool: ``total`` jobs (its free slots and its allowance),
+    of which kinds with a rate or key limit only ``free``."""
+
+    total: int
+    free: int
 
 
 class Ahead:

@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.db import Database
 from app.services import faults, notifications, queue
 from app.services.backoff import next_retry_delay
+from app.services.processor.ahead import Room
 from app.services.processor.executor import Outcome, OutcomeKind
 from app.services.processor.looper import ErrorBackoff, is_transient
 from app.services.queue import ClaimedTask
@@ -95,14 +96,15 @@ class Refill(Protocol):
     """Claims work for free slots inside the completer's transaction, so that a job's end
     and the start of the next share one commit (the engine implements it)."""
 
-    def reserve(self) -> Mapping[int, int]:
-        """Take the free slots, per pool (empty when none, or when the daemon is stopping)."""
+    def reserve(self) -> Mapping[int, Room]:
+        """Take the free slots and the claim-ahead room, per pool (empty when none, or when
+        the daemon is stopping)."""
 
-    async def claim(self, session: AsyncSession, slots: Mapping[int, int]) -> list[ClaimedTask]:
+    async def claim(self, session: AsyncSession, slots: Mapping[int, Room]) -> list[ClaimedTask]:
         """Claim up to ``slots`` tasks in the caller's transaction (possibly on the database's
         write thread: it must not touch the event loop's objects)."""
 
-    def settle(self, slots: Mapping[int, int], claimed: Sequence[ClaimedTask]) -> None:
+    def settle(self, slots: Mapping[int, Room], claimed: Sequence[ClaimedTask]) -> None:
         """After the commit (or a failure, with nothing claimed): give the slots back and
         start what was claimed."""
 
