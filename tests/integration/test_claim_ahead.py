@@ -5,6 +5,8 @@ request reaches it without running it."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -22,6 +24,7 @@ from app.services.async_analysis_processor import (
 )
 from app.services.handlers import REGISTRY, import_handler_modules
 from app.services.processor.executor import Outcome
+from app.services.processor.heartbeat import HeartbeatResult
 from tests.helpers import eventually, notes_of, task_row
 
 import_handler_modules(["tests.e2e.job_handlers"])
@@ -202,6 +205,36 @@ async def test_a_job_snoozed_for_no_time_is_claimed_back_and_stays_held(
         await engine.stop()
     assert engine.unrenewed == []
     assert set(engine.starts.values()) == {3}
+
+
+async def test_a_heartbeat_report_about_an_earlier_claim_spares_the_job_claimed_back(
+    db: Database, database_url: str
+) -> None:
+    """The heartbeat listed (X, n) as claim c1; before its report is handled, X was written
+    (say snoozed for no time) and claimed back as c2, with the same id and attempt. A
+    report that X was lost (its renewal ran while X was pending) is about c1: c2 keeps
+    running and stays held. The same report about the claim it listed stops the job."""
+    [task_id] = await _enqueue(db, [{"kind": "sleep", "payload": {"seconds": 30}}])
+    engine = _engine(db, database_url, concurrency=1, prefetch_window=0, lease_seconds=30)
+    await engine.start()
+    try:
+        await eventually(lambda: _waiting_and_running(engine, 0, 1), within=10)
+        c2 = engine._held[task_id]
+        lost = HeartbeatResult(frozenset(), frozenset({task_id}), frozenset({task_id}))
+
+        async def report() -> HeartbeatResult:
+            return lost
+
+        engine.heartbeat.run_once = report  # type: ignore[method-assign]
+        engine._renewing = {task_id: dataclasses.replace(c2)}  # the earlier claim c1
+        await engine._heartbeat_once()
+        await asyncio.sleep(0.1)
+        assert engine.in_flight == 1 and engine._held[task_id] is c2
+        engine._renewing = {task_id: c2}
+        await engine._heartbeat_once()
+        await eventually(lambda: _waiting_and_running(engine, 0, 0), within=5)
+    finally:
+        await engine.stop(grace=0)
 
 
 async def test_kinds_with_rate_or_key_limits_are_never_claimed_ahead(

@@ -189,7 +189,8 @@ class ProcessorEngine:
         self._rate_wait: float | None = None  # a claim found a rate limit spent (seconds)
         self._claiming_stopped = asyncio.Event()
         self._held: dict[int, ClaimedTask] = {}
-        self._stop_reasons: dict[int, StopReason] = {}
+        self._stop_reasons: dict[asyncio.Task[Any], StopReason] = {}  # per run
+        self._renewing: dict[int, ClaimedTask] = {}
         self._wake_event = asyncio.Event()
         self._loops_stop = asyncio.Event()
         self._completer_stop = asyncio.Event()
@@ -228,8 +229,11 @@ class ProcessorEngine:
 
     def held(self) -> list[tuple[int, int]]:
         """(id, attempt) of every job whose lease this daemon must keep renewing: running,
-        claimed ahead, or ended but not yet written."""
-        return [(t.id, t.attempt) for t in self._held.values()]
+        claimed ahead, or ended but not yet written. Remembers which claim each pair was:
+        the heartbeat's report names ids, and a job released (or snoozed for no time) and
+        claimed back meanwhile is the same id and attempt but another claim."""
+        self._renewing = dict(self._held)
+        return [(t.id, t.attempt) for t in self._renewing.values()]
 
     @property
     def waiting(self) -> int:
@@ -492,6 +496,9 @@ class ProcessorEngine:
             return
         now = asyncio.get_running_loop().time()
         for task in claimed:
+            if task.id in self._running:  # its last run (lease lost) has not stopped yet
+                self.completer.submit(Outcome(task, OutcomeKind.RELEASED, 0.0))
+                continue
             self._held[task.id] = task
             entry = (-task.priority, task.scheduled_at, task.id, now, task)
             heapq.heappush(self._pool_for(task).waiting, entry)
@@ -550,10 +557,11 @@ class ProcessorEngine:
         job.add_done_callback(lambda _: self._job_done(task, pool, job, started))
 
     async def _run_job(self, task: ClaimedTask) -> None:
+        run = asyncio.current_task()
         outcome = await self.executor.run(
             task,
             progress_sink=progress_sink(self.db, task, self.processor_id),
-            stop_reason=lambda: self._stop_reasons.get(task.id),
+            stop_reason=lambda: None if run is None else self._stop_reasons.get(run),
         )
         faults.fault_point("after_handler_before_complete")
         self.completer.submit(outcome)
@@ -563,7 +571,7 @@ class ProcessorEngine:
     ) -> None:
         if self._running.get(task.id) is job:  # not a later run of the same id
             del self._running[task.id]
-            self._stop_reasons.pop(task.id, None)
+        self._stop_reasons.pop(job, None)
         pool.running -= 1
         pool.ahead.freed(asyncio.get_running_loop().time() - started)
         if pool.waiting and not self._stopping:
@@ -637,9 +645,9 @@ class ProcessorEngine:
             if waiting is not None:  # never started: its end, without running it
                 self.completer.submit(Outcome(waiting, REASON_TO_OUTCOME[reason], 0.0))
             return
-        if task_id in self._stop_reasons:
+        if job in self._stop_reasons:
             return
-        self._stop_reasons[task_id] = reason
+        self._stop_reasons[job] = reason
         held = self._held.get(task_id)
         logger.warning(
             "task %s: stopping (%s)",
@@ -681,12 +689,16 @@ class ProcessorEngine:
                 for task_id in list(self._running):
                     self._stop_job(task_id, StopReason.LEASE_LOST)
             raise
+        renewed = self._renewing
         for task_id in result.lost:
+            if self._held.get(task_id) is not renewed.get(task_id):
+                continue  # written meanwhile, or claimed back: the report is not about it
             self._stop_job(task_id, StopReason.LEASE_LOST)
             if task_id not in self._running:
                 self._held.pop(task_id, None)
         for task_id in result.cancel_requested:
-            self._stop_job(task_id, StopReason.CANCEL_REQUESTED)
+            if self._held.get(task_id) is renewed.get(task_id):
+                self._stop_job(task_id, StopReason.CANCEL_REQUESTED)
         return result
 
     async def _drain(self, grace: float) -> None:
