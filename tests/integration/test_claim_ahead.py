@@ -84,11 +84,7 @@ async def test_short_jobs_are_claimed_ahead_and_each_runs_once(
 ) -> None:
     ids = await _enqueue(db, [{"kind": "noop", "payload": {"n": i}} for i in range(300)])
     engine = _engine(db, database_url, concurrency=4, prefetch_window=0.1)
-    await engine.start()
-    try:
-        await eventually(lambda: _all(db, ids, "completed"), within=30)
-    finally:
-        await engine.stop()
+    await _run_all(engine, db, ids, within=30)
     assert engine.processed == 300 and engine.peak == 4
     # claims took more than the free slots, and what waited stayed under the cap (25 a slot)
     assert 4 < engine.largest_claim <= 4 + 100, engine.largest_claim
@@ -102,11 +98,7 @@ async def test_long_jobs_are_not_claimed_ahead(db: Database, database_url: str) 
     """Two slots, 0.6 s jobs: 2 x 0.1 / 0.6 = 0.33 jobs within the window, so none ahead."""
     ids = await _enqueue(db, [{"kind": "sleep", "payload": {"seconds": 0.6}} for _ in range(6)])
     engine = _engine(db, database_url, concurrency=2, prefetch_window=0.1)
-    await engine.start()
-    try:
-        await eventually(lambda: _all(db, ids, "completed"), within=30)
-    finally:
-        await engine.stop()
+    await _run_all(engine, db, ids, within=30)
     assert engine.largest_claim == 2 and engine.most_waiting == 0
 
 
@@ -174,11 +166,7 @@ async def test_a_job_released_and_claimed_back_stays_held_and_runs_once(
     leases are renewed, runs once, and every slot is given back."""
     ids = await _enqueue(db, _fast_then_slow(60, 40, 0.15))
     engine = _engine(db, database_url, concurrency=2, prefetch_window=0.1, lease_seconds=30)
-    await engine.start()
-    try:
-        await eventually(lambda: _all(db, ids, "completed"), within=60)
-    finally:
-        await engine.stop()
+    await _run_all(engine, db, ids, within=60)
     assert engine.unrenewed == []
     assert set(engine.starts) == set(ids) and set(engine.starts.values()) == {1}
     assert [p.running for p in engine._pools] == [0] and engine.processed == 100
@@ -198,11 +186,7 @@ async def test_a_job_snoozed_for_no_time_is_claimed_back_and_stays_held(
     ]
     ids = await _enqueue(db, specs)
     engine = _engine(db, database_url, concurrency=2, prefetch_window=0.1, lease_seconds=30)
-    await engine.start()
-    try:
-        await eventually(lambda: _all(db, ids, "completed"), within=30)
-    finally:
-        await engine.stop()
+    await _run_all(engine, db, ids, within=30)
     assert engine.unrenewed == []
     assert set(engine.starts.values()) == {3}
 
@@ -255,11 +239,7 @@ async def test_kinds_with_rate_or_key_limits_are_never_claimed_ahead(
         rate_limits=parse_rate_limits("noop=10000/1s"),
         key_limits=parse_key_limits("sleep=chapter_id:1"),
     )
-    await engine.start()
-    try:
-        await eventually(lambda: _all(db, ids, "completed"), within=60)
-    finally:
-        await engine.stop()
+    await _run_all(engine, db, ids, within=60)
     assert engine.largest_claim <= 3 and engine.most_waiting == 0, engine.largest_claim
 
 
@@ -292,6 +272,15 @@ async def test_a_lease_at_risk_releases_what_waits(db: Database, database_url: s
             assert (await task_row(db, task_id)).attempts == 0
     finally:
         await engine.stop(grace=0)
+
+
+async def _run_all(engine: ProcessorEngine, db: Database, ids: list[int], within: float) -> None:
+    """Start the engine, wait until every job of ``ids`` completed, stop it."""
+    await engine.start()
+    try:
+        await eventually(lambda: _all(db, ids, "completed"), within=within)
+    finally:
+        await engine.stop()
 
 
 async def _all(db: Database, ids: list[int], status: str) -> bool:

@@ -843,9 +843,9 @@ _END = (
 )
 
 
-def _complete_unnested() -> Any:
-    """PostgreSQL: every completion of a batch in ONE fenced statement over unnested arrays
-    (one execution instead of one per row); the same values as ``_COMPLETE``."""
+def _unnested_ends(name: str) -> Any:
+    """PostgreSQL: a batch's completions as arrays unnested (``u_id``, ``u_attempt``,
+    ``u_result``, ``u_duration``, ``u_tokens``), a table named ``name``."""
     arrays = (
         ("id", T.id.type),
         ("attempt", T.attempts.type),
@@ -853,12 +853,32 @@ def _complete_unnested() -> Any:
         ("duration", T.duration_seconds.type),
         ("tokens", T.token_usage.type),
     )
-    v = (
+    return (
         func.unnest(*(bindparam(f"u_{name}", type_=ARRAY(kind)) for name, kind in arrays))
         .table_valued(*(name for name, _ in arrays))
-        .render_derived(name="v")
+        .render_derived(name=name)
     )
-    now = bindparam("b_now", type_=UTCDateTime())
+
+
+def _completed_values(v: Any, now: ColumnElement[datetime]) -> dict[str, Any]:
+    """The columns a completion writes, from a row of ``_unnested_ends``."""
+    return {
+        "status": TaskStatus.COMPLETED,
+        "result": v.c.result,
+        "error": None,
+        "locked_by": None,
+        "lease_expires_at": None,
+        "updated_at": now,
+        "completed_at": now,
+        "duration_seconds": v.c.duration,
+        "token_usage": T.token_usage + v.c.tokens,
+    }
+
+
+def _complete_unnested() -> Any:
+    """PostgreSQL: every completion of a batch in ONE fenced statement over unnested arrays
+    (one execution instead of one per row); the same values as ``_COMPLETE``."""
+    v = _unnested_ends("v")
     return (
         update(TASKS)
         .where(
@@ -867,17 +887,7 @@ def _complete_unnested() -> Any:
             T.locked_by == bindparam("b_locked_by", type_=String()),
             T.attempts == v.c.attempt,
         )
-        .values(
-            status=TaskStatus.COMPLETED,
-            result=v.c.result,
-            error=None,
-            locked_by=None,
-            lease_expires_at=None,
-            updated_at=now,
-            completed_at=now,
-            duration_seconds=v.c.duration,
-            token_usage=T.token_usage + v.c.tokens,
-        )
+        .values(**_completed_values(v, bindparam("b_now", type_=UTCDateTime())))
     )
 
 
@@ -892,18 +902,7 @@ def _complete_alone_statement() -> Any:
     only while it runs. The rows are locked in id order first, as ``finish_tasks`` and the
     heartbeat lock them; the fence is in the UPDATE's WHERE, as in ``_COMPLETE_UNNESTED``;
     a notification is inserted only for a row the UPDATE wrote."""
-    arrays = (
-        ("id", T.id.type),
-        ("attempt", T.attempts.type),
-        ("result", JSONB()),
-        ("duration", T.duration_seconds.type),
-        ("tokens", T.token_usage.type),
-    )
-    v = select(
-        func.unnest(*(bindparam(f"u_{name}", type_=ARRAY(kind)) for name, kind in arrays))
-        .table_valued(*(name for name, _ in arrays))
-        .render_derived(name="u")
-    ).cte("ends")
+    v = select(_unnested_ends("u")).cte("ends")
     owner = bindparam("b_locked_by", type_=String())
     held = and_(T.status == TaskStatus.PROCESSING, T.locked_by == owner)
     locked = select(T.id).where(held, T.id.in_(select(v.c.id))).order_by(T.id).with_for_update()
@@ -911,17 +910,7 @@ def _complete_alone_statement() -> Any:
         update(TASKS)
         .where(held, T.id == v.c.id, T.attempts == v.c.attempt)
         .where(T.id.in_(locked.scalar_subquery()))
-        .values(
-            status=TaskStatus.COMPLETED,
-            result=v.c.result,
-            error=None,
-            locked_by=None,
-            lease_expires_at=None,
-            updated_at=func.now(),
-            completed_at=func.now(),
-            duration_seconds=v.c.duration,
-            token_usage=T.token_usage + v.c.tokens,
-        )
+        .values(**_completed_values(v, func.now()))
         .returning(T.id)
         .cte("done")
     )
