@@ -13,10 +13,12 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
+import pytest
 from sqlalchemy import text
 
 from app.db import Database
-from app.services import hotpath, queue
+from app.models.types import utcnow
+from app.services import hotpath, notifications, queue
 
 FINISHED_ROWS = 100_000
 CLAIM = "ix_pending_analysis_claim"
@@ -168,3 +170,39 @@ async def test_claim_stays_on_a_pending_index_when_history_is_all_one_queue(db: 
     assert await _indexes(db, None) - {PK} == {CLAIM_ANY}
     used = await _indexes(db, ["default"]) - {PK}
     assert len(used) == 1 and used <= {CLAIM, CLAIM_ANY}, used
+
+
+@pytest.mark.parametrize("engine_name", ["postgresql"])
+async def test_completions_join_the_batch_by_primary_key(db: Database) -> None:
+    """The completer's statements (one-statement and in a transaction) find each end's row
+    by primary key. Statistics taken while nothing ran say one running row; if the fence's
+    constants were visible the planner scanned the partial index over running rows once per
+    end (quadratic in the rows a daemon holds)."""
+    await _fill(db, spread=False)
+    async with db.write_transaction() as s:
+        await queue.enqueue_tasks(s, [{"kind": "k"} for _ in range(150)])
+    async with db.write_transaction() as s:
+        held = await queue.claim_tasks(s, processor_id="p", limit=160, lease_seconds=30)
+    items = [
+        queue.Finished(t.id, t.attempt, queue.Finish.COMPLETE, duration_seconds=0.1, ref=t.ref)
+        for t in held
+    ]
+    params = {
+        "b_locked_by": "p",
+        "b_now": utcnow(),
+        "u_id": [i.task_id for i in items],
+        "u_attempt": [i.attempt for i in items],
+        "u_result": [None for _ in items],
+        "u_duration": [0.1 for _ in items],
+        "u_tokens": [0 for _ in items],
+        **notifications.array_params([queue._completed_note(t.ref, 0.1) for t in held]),
+    }
+    async with db.engine.connect() as conn:
+        dialect = conn.dialect
+    for statement in (queue._complete_alone_statement(), queue._COMPLETE_UNNESTED):
+        prepared = hotpath.prepared(statement, dialect)
+        sql, args = prepared.bind(params)
+        plan = await _pg_plan(db, sql, args)
+        reads = [n for n in plan if n.get("Relation Name") == "pending_analysis"]
+        assert not [n for n in reads if n["Node Type"] == "Seq Scan"], plan
+        assert {n["Index Name"] for n in reads if "Index Name" in n} == {PK}, plan

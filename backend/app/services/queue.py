@@ -32,6 +32,7 @@ from sqlalchemy import (
     delete,
     func,
     insert,
+    literal,
     literal_column,
     or_,
     select,
@@ -875,18 +876,34 @@ def _completed_values(v: Any, now: ColumnElement[datetime]) -> dict[str, Any]:
     }
 
 
+def _fenced_ends(owner: Any) -> tuple[Any, ColumnElement[bool]]:
+    """PostgreSQL: the batch's ends as a MATERIALIZED CTE carrying the fence's constants
+    (status ``processing``, this daemon), and the fence as a join of ``pending_analysis``
+    to it. As columns of a materialized CTE the constants cannot be matched to the partial
+    indexes over running rows. When they could, the planner (their statistics often say one
+    running row) scanned this daemon's running rows once per end: quadratic in what a
+    daemon holds, ~8 ms for 140 ends beside 1,000,000 finished rows, instead of one
+    primary-key lookup per end."""
+    v = (
+        select(
+            _unnested_ends("u"),
+            literal(TaskStatus.PROCESSING.value, String()).label("expected"),
+            owner.label("owner"),
+        )
+        .cte("ends")
+        .prefix_with("MATERIALIZED")
+    )
+    fence = and_(T.id == v.c.id, T.status == v.c.expected, T.locked_by == v.c.owner)
+    return v, fence
+
+
 def _complete_unnested() -> Any:
     """PostgreSQL: every completion of a batch in ONE fenced statement over unnested arrays
     (one execution instead of one per row); the same values as ``_COMPLETE``."""
-    v = _unnested_ends("v")
+    v, fence = _fenced_ends(bindparam("b_locked_by", type_=String()))
     return (
         update(TASKS)
-        .where(
-            T.id == v.c.id,
-            T.status == TaskStatus.PROCESSING,
-            T.locked_by == bindparam("b_locked_by", type_=String()),
-            T.attempts == v.c.attempt,
-        )
+        .where(fence, T.attempts == v.c.attempt)
         .values(**_completed_values(v, bindparam("b_now", type_=UTCDateTime())))
     )
 
@@ -901,14 +918,13 @@ def _complete_alone_statement() -> Any:
     outside BEGIN … COMMIT it is one round trip instead of five, and the feed's lock is held
     only while it runs. The rows are locked in id order first, as ``finish_tasks`` and the
     heartbeat lock them; the fence is in the UPDATE's WHERE, as in ``_COMPLETE_UNNESTED``;
-    a notification is inserted only for a row the UPDATE wrote."""
-    v = select(_unnested_ends("u")).cte("ends")
-    owner = bindparam("b_locked_by", type_=String())
-    held = and_(T.status == TaskStatus.PROCESSING, T.locked_by == owner)
-    locked = select(T.id).where(held, T.id.in_(select(v.c.id))).order_by(T.id).with_for_update()
+    a notification is inserted only for a row the UPDATE wrote (``_fenced_ends``: why the
+    fence joins the batch's rows)."""
+    v, held = _fenced_ends(bindparam("b_locked_by", type_=String()))
+    locked = select(T.id).where(held).order_by(T.id).with_for_update(of=TASKS).correlate(None)
     done = (
         update(TASKS)
-        .where(held, T.id == v.c.id, T.attempts == v.c.attempt)
+        .where(held, T.attempts == v.c.attempt)
         .where(T.id.in_(locked.scalar_subquery()))
         .values(**_completed_values(v, func.now()))
         .returning(T.id)
