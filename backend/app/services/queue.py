@@ -919,14 +919,31 @@ def _complete_alone_statement() -> Any:
     only while it runs. The rows are locked in id order first, as ``finish_tasks`` and the
     heartbeat lock them; the fence is in the UPDATE's WHERE, as in ``_COMPLETE_UNNESTED``;
     a notification is inserted only for a row the UPDATE wrote (``_fenced_ends``: why the
-    fence joins the batch's rows)."""
+    fence joins the batch's rows).
+
+    The locked rows carry their end's values (``locked``), so the UPDATE joins one row set
+    by primary key. Locking in a subquery and joining the ends again let the planner scan
+    the ends once per locked row when its statistics said few of either (beside 1,000,000
+    finished rows it did: quadratic in the batch, ~6 ms of a 100-row batch's 25 ms)."""
     v, held = _fenced_ends(bindparam("b_locked_by", type_=String()))
-    locked = select(T.id).where(held).order_by(T.id).with_for_update(of=TASKS).correlate(None)
+    locked = (
+        select(*v.c)
+        .select_from(v)
+        .join(TASKS, held)
+        .order_by(T.id)
+        .with_for_update(of=TASKS)
+        .cte("locked")
+    )
+    fence = and_(
+        T.id == locked.c.id,
+        T.status == locked.c.expected,
+        T.locked_by == locked.c.owner,
+        T.attempts == locked.c.attempt,
+    )
     done = (
         update(TASKS)
-        .where(held, T.attempts == v.c.attempt)
-        .where(T.id.in_(locked.scalar_subquery()))
-        .values(**_completed_values(v, func.now()))
+        .where(fence)
+        .values(**_completed_values(locked, func.now()))
         .returning(T.id)
         .cte("done")
     )
