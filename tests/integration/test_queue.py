@@ -111,28 +111,72 @@ async def test_enqueue_tasks_keeps_input_order_and_mixes_keys(db: Database) -> N
     assert payloads == [{"n": 0}, {}, {"n": 2}, {"n": 3}]
 
 
-async def test_bulk_enqueue_keeps_order_in_a_few_statements(db: Database) -> None:
-    """2,500 rows: ids come back in input order, and the rows go out as multi-row INSERTs
-    (a few pages), never one statement per row (SQLite's ordered-RETURNING fallback)."""
+async def test_bulk_enqueue_keeps_order_in_one_statement(db: Database) -> None:
+    """2,500 rows: ids come back in input order, and the rows go out in ONE statement
+    (PostgreSQL: arrays unnested; SQLite: one executemany), never one per row."""
     statements: list[str] = []
 
-    def count(conn: object, cursor: object, sql: str, *args: object) -> None:
+    def count(sql: str) -> None:
         if sql.lstrip().upper().startswith("INSERT INTO PENDING_ANALYSIS"):
             statements.append(sql)
 
-    event.listen(db.engine.sync_engine, "before_cursor_execute", count)
+    def on_cursor(conn: object, cursor: object, sql: str, *args: object) -> None:
+        count(sql)
+
+    event.listen(db.engine.sync_engine, "before_cursor_execute", on_cursor)
     try:
-        async with db.write_transaction() as s:
-            results = await queue.enqueue_tasks(
-                s, [{"kind": "k", "payload": {"n": n}} for n in range(2500)]
-            )
+        with hotpath.watch(lambda sql, _args, _seconds: count(sql)):
+            async with db.write_transaction() as s:
+                results = await queue.enqueue_tasks(
+                    s, [{"kind": "k", "payload": {"n": n}} for n in range(2500)]
+                )
     finally:
-        event.remove(db.engine.sync_engine, "before_cursor_execute", count)
-    assert 1 <= len(statements) <= 10
+        event.remove(db.engine.sync_engine, "before_cursor_execute", on_cursor)
+    assert len(statements) == 1, statements
     assert [r.created for r in results] == [True] * 2500
     async with db.read_transaction() as s:
         rows = dict((await s.execute(select(PendingAnalysis.id, PendingAnalysis.payload))).all())
     assert [rows[r.id] for r in results] == [{"n": n} for n in range(2500)]
+
+
+async def test_bulk_enqueue_writes_every_field_of_every_row(db: Database) -> None:
+    """Each row of a bulk enqueue gets its own fields and its own id, after ids were used
+    and deleted (SQLite never gives a deleted row's id again), beside rows another
+    transaction enqueued."""
+    async with db.write_transaction() as s:
+        old = await queue.enqueue_tasks(s, [{"kind": "k"} for _ in range(5)])
+        await s.execute(
+            PendingAnalysis.__table__.delete().where(PendingAnalysis.id.in_([r.id for r in old]))
+        )
+    later = datetime(2030, 1, 1, tzinfo=UTC)
+    specs = [
+        {
+            "kind": f"kind-{n % 3}",
+            "payload": {"n": n, "text": 'é ✓ "q"' if n == 4 else "x"},
+            "priority": 1 + n % 10,
+            "queue": "q2" if n % 2 else "default",
+            "max_retries": n % 4,
+            "timeout_seconds": 10 + n,
+            "scheduled_at": later + timedelta(seconds=n) if n % 3 == 0 else None,
+            "user_id": f"u{n}" if n % 2 else None,
+            "project_id": f"p{n}" if n % 4 else None,
+            "chapter_id": f"c{n}" if n % 5 else None,
+        }
+        for n in range(12)
+    ]
+    async with db.write_transaction() as s:
+        results = await queue.enqueue_tasks(s, specs)
+    assert min(r.id for r in results) > max(r.id for r in old)
+    assert len({r.id for r in results}) == len(specs)
+    for spec, result in zip(specs, results, strict=True):
+        row = await task_row(db, result.id)
+        got = {name: getattr(row, name) for name in spec if name != "scheduled_at"}
+        assert got == {k: v for k, v in spec.items() if k != "scheduled_at"}
+        assert (row.status, row.attempts, row.retry_count) == ("pending", 0, 0)
+        if spec["scheduled_at"] is not None:
+            assert row.scheduled_at == spec["scheduled_at"]
+        else:
+            assert abs((row.scheduled_at - row.created_at).total_seconds()) < 1
 
 
 @pytest.mark.parametrize(

@@ -139,9 +139,12 @@ class TaskSpec:
 
     def row(self) -> dict[str, Any]:
         """Insert parameters for this spec (``sched`` feeds the scheduled_at default)."""
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values = {name: getattr(self, name) for name in _SPEC_FIELDS}
         values["sched"] = values.pop("scheduled_at")
         return values
+
+
+_SPEC_FIELDS = tuple(f.name for f in fields(TaskSpec))
 
 
 def _check(ok: bool, name: str, value: object) -> None:
@@ -282,20 +285,26 @@ async def enqueue_tasks(
     return [results[i] for i in range(len(items))]
 
 
-def _insert_values(dialect: str, pinned: bool) -> dict[str, Any]:
-    # A host-side time is a per-row parameter (one name per use), not a literal and not a
-    # repeated name: several rows go out as one multi-VALUES statement, and either of those
-    # breaks its parameter count on asyncpg.
-    def clock(name: str) -> ColumnElement[datetime]:
-        if dialect == "postgresql" and not pinned:
-            return func.now()
-        return bindparam(name, type_=UTCDateTime())
+def _enqueue_clock(dialect: str, pinned: bool, name: str) -> ColumnElement[datetime]:
+    """The enqueue time: PostgreSQL's now() unless the caller pinned one. A host-side time
+    is a per-row parameter (one name per use), not a literal and not a repeated name:
+    several rows go out as one multi-VALUES statement, and either of those breaks its
+    parameter count on asyncpg."""
+    if dialect == "postgresql" and not pinned:
+        return func.now()
+    return bindparam(name, type_=UTCDateTime())
 
-    sched = func.coalesce(bindparam("sched", type_=UTCDateTime()), clock("enq_sched_now"))
+
+def _insert_values(
+    dialect: str, pinned: bool, sched: ColumnElement[Any] | None = None
+) -> dict[str, Any]:
+    """The enqueue's computed columns; ``sched`` is where the requested time comes from
+    (a parameter by default)."""
+    requested = bindparam("sched", type_=UTCDateTime()) if sched is None else sched
     return {
-        "scheduled_at": sched,
-        "created_at": clock("enq_created"),
-        "updated_at": clock("enq_updated"),
+        "scheduled_at": func.coalesce(requested, _enqueue_clock(dialect, pinned, "enq_sched_now")),
+        "created_at": _enqueue_clock(dialect, pinned, "enq_created"),
+        "updated_at": _enqueue_clock(dialect, pinned, "enq_updated"),
         "status": TaskStatus.PENDING.value,
         "retry_count": 0,
         "attempts": 0,
@@ -308,34 +317,89 @@ async def _insert_plain(
     session: AsyncSession, rows: list[dict[str, Any]], now: datetime | None
 ) -> list[int]:
     dialect = dialect_of(session)
-    # SQLite: SQLAlchemy can only keep RETURNING in parameter order there by sending one
-    # INSERT per row. It need not: the write transaction holds the database's only write
-    # lock and rowids are assigned in VALUES order, so the new ids sorted are the rows in
-    # order, and the rows go out as multi-row INSERTs.
-    ordered = dialect != "sqlite"
-    stmt = _insert_statement(dialect, now is not None, ordered)
+    pinned = now is not None
     params = _with_clock(rows, now)
     if len(params) == 1:  # the common enqueue: one row, on the bare driver
+        stmt = _insert_statement(dialect, pinned)
         return [row.id for row in await hotpath.fetch(session, stmt, params[0])]
-    ids = list((await session.scalars(stmt, params)).all())
-    return ids if ordered else sorted(ids)
+    if dialect == "postgresql":
+        # ONE statement whatever the count: the rows travel as arrays, unnested. Each row
+        # draws its id from the sequence in array order (the SELECT orders by it), so the
+        # new ids sorted are the rows in input order (other sessions' ids may interleave,
+        # never reorder them).
+        found = await hotpath.fetch(session, _bulk_insert_statement(pinned), _arrays(params))
+        return sorted(row.id for row in found)
+    # SQLite: one executemany of the one-row INSERT, on the bare driver. This transaction
+    # holds the database's only write lock and the table is AUTOINCREMENT (a new rowid is
+    # one more than the largest ever given), so the rows took consecutive ids, in order,
+    # ending at last_insert_rowid().
+    await hotpath.execute_many(session, _insert_statement(dialect, pinned, returning=False), params)
+    [(last,)] = await hotpath.fetch(session, _LAST_ROWID, {})
+    return list(range(last - len(params) + 1, last + 1))
+
+
+_LAST_ROWID = select(func.last_insert_rowid())
 
 
 @functools.cache
-def _insert_statement(dialect: str, pinned: bool, ordered: bool) -> Any:
-    """The plain enqueue INSERT, built once per shape (``pinned``: a caller's clock)."""
-    return (
-        insert(TASKS)
-        .values(**_insert_values(dialect, pinned))
-        .returning(T.id, sort_by_parameter_order=ordered)
+def _insert_statement(dialect: str, pinned: bool, returning: bool = True) -> Any:
+    """The plain enqueue INSERT of one row, built once per shape (``pinned``: a caller's
+    clock)."""
+    stmt = insert(TASKS).values(**_insert_values(dialect, pinned))
+    return stmt.returning(T.id) if returning else stmt
+
+
+#: The plain enqueue's columns (TaskSpec.row() without the idempotency key), and the
+#: array type each travels as in PostgreSQL's bulk INSERT.
+_BULK_COLUMNS = (
+    "kind",
+    "queue",
+    "priority",
+    "payload",
+    "max_retries",
+    "timeout_seconds",
+    "sched",
+    "user_id",
+    "project_id",
+    "chapter_id",
+)
+
+
+def _arrays(params: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {f"b_{name}": [row[name] for row in params] for name in _BULK_COLUMNS}
+    first = params[0]
+    out.update({name: first[name] for name in _CLOCKS})  # a pinned clock: one value
+    return out
+
+
+@functools.cache
+def _bulk_insert_statement(pinned: bool) -> Any:
+    """PostgreSQL: many plain enqueues in ONE INSERT … SELECT FROM unnest(arrays)."""
+    types: dict[str, Any] = {c: T[c].type for c in _BULK_COLUMNS if c != "sched"}
+    types.update(payload=JSONB(), sched=UTCDateTime())
+    arrays: list[Any] = [bindparam(f"b_{c}", type_=ARRAY(types[c])) for c in _BULK_COLUMNS]
+    rows = (
+        func.unnest(*arrays)
+        .table_valued(*_BULK_COLUMNS, with_ordinality="ord")
+        .render_derived(name="b")
     )
+    columns: dict[str, Any] = {c: rows.c[c] for c in _BULK_COLUMNS if c != "sched"}
+    for name, value in _insert_values("postgresql", pinned, sched=rows.c.sched).items():
+        columns[name] = value if isinstance(value, ColumnElement) else literal(value)
+    # ORDER BY the array position: the sequence is then drawn in that order (what
+    # SQLAlchemy's own ordered multi-row INSERT relies on), not only as a scan happens to go.
+    pick = select(*(expr.label(name) for name, expr in columns.items())).order_by(rows.c.ord)
+    return insert(TASKS).from_select(list(columns), pick).returning(T.id)
 
 
 def _with_clock(rows: list[dict[str, Any]], now: datetime | None) -> list[dict[str, Any]]:
     """Rows with the host-side enqueue time (unused by PostgreSQL's ``now()``)."""
     clock = now or utcnow()
-    times = {"enq_sched_now": clock, "enq_created": clock, "enq_updated": clock}
+    times = dict.fromkeys(_CLOCKS, clock)
     return [{**row, **times} for row in rows]
+
+
+_CLOCKS = ("enq_sched_now", "enq_created", "enq_updated")
 
 
 async def _insert_keyed(
