@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from weakref import WeakKeyDictionary
 
 from sqlalchemy import Interval, event, func, literal
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
@@ -22,7 +24,9 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 from sqlalchemy.orm import Session
+from sqlalchemy.pool import PoolResetState
 from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.util import await_only  # 2.1's await_; this name is in 2.0 too
 
 from app.models.types import UTCDateTime, utcnow
 from app.services import faults
@@ -68,13 +72,44 @@ def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def _on_sqlite_begin(conn: Any) -> None:
+def _on_sqlite_begin(conn: Connection) -> None:
     # A deferred transaction that later writes fails at once with "database is locked",
     # whatever busy_timeout says; write transactions therefore take the lock up front.
     mode = conn.get_execution_options().get(_BEGIN_OPTION, "DEFERRED")
     if faults.seeded("begin_immediate"):  # test-only seeded bug (app.services.faults)
         mode = "DEFERRED"
-    conn.exec_driver_sql(f"BEGIN {mode}")
+    sql = f"BEGIN {mode}"
+    driver: Any = conn.connection.driver_connection
+    inline = getattr(driver, "sqlite_connection", None)
+    try:
+        if isinstance(inline, sqlite3.Connection):  # the write thread: sqlite3 itself
+            inline.execute(sql)
+        elif type(driver).__module__.startswith("aiosqlite"):
+            # One trip to aiosqlite's thread; through a cursor (exec_driver_sql) it is three:
+            # open, execute, close.
+            await_only(driver.execute_fetchall(sql))
+        else:
+            conn.exec_driver_sql(sql)
+    except sqlite3.Error as error:
+        # SQLAlchemy wraps errors of its own BEGIN, not of this event's: as session.execute
+        # would raise it ("database is locked" after busy_timeout is an OperationalError).
+        raise sa_exc.DBAPIError.instance(
+            sql, None, error, sqlite3.Error, dialect=conn.dialect
+        ) from error
+
+
+def _on_sqlite_reset(_dbapi_connection: Any, record: Any, state: PoolResetState) -> None:
+    # Replaces the pool's rollback-on-return, which SQLAlchemy skips only when the
+    # connection is closed with its transaction still open: after every commit it would
+    # send a ROLLBACK, one more trip to aiosqlite's thread. Roll back only what SQLite says
+    # is open (sqlite3's in_transaction is the library's own autocommit flag).
+    if state.terminate_only or not state.asyncio_safe or state.transaction_was_reset:
+        return
+    driver = record.driver_connection
+    inline = getattr(driver, "sqlite_connection", None)
+    connection = inline if isinstance(inline, sqlite3.Connection) else driver
+    if getattr(connection, "in_transaction", True):
+        record.dbapi_connection.rollback()
 
 
 def make_engine(
@@ -104,6 +139,7 @@ def make_engine(
                 url,
                 echo=echo,
                 pool_size=1,
+                pool_reset_on_return=None,  # _on_sqlite_reset
                 async_creator=partial(
                     connect_inline, path.expanduser(), busy_seconds=SQLITE_CONNECT_TIMEOUT_SECONDS
                 ),
@@ -113,10 +149,12 @@ def make_engine(
                 url,
                 echo=echo,
                 pool_size=pool_size,
+                pool_reset_on_return=None,  # _on_sqlite_reset
                 connect_args={"timeout": SQLITE_CONNECT_TIMEOUT_SECONDS},
             )
         event.listen(engine.sync_engine, "connect", _on_sqlite_connect)
         event.listen(engine.sync_engine, "begin", _on_sqlite_begin)
+        event.listen(engine.sync_engine, "reset", _on_sqlite_reset)
         return engine
     return create_async_engine(
         url,

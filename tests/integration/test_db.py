@@ -7,6 +7,7 @@ import sqlite3
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import select, text
@@ -222,3 +223,85 @@ async def test_run_write_and_write_transaction_take_turns(threaded_db: Database)
 
     await asyncio.gather(*(one(i) for i in range(40)))
     assert await _count(threaded_db) == 40
+
+
+@pytest.fixture
+def aiosqlite_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The name of each function aiosqlite runs on its thread (one trip there and back)."""
+    import aiosqlite.core
+
+    calls: list[str] = []
+    original = aiosqlite.core.Connection._execute
+
+    async def counted(self: Any, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(f"{fn.__name__} {args[0] if args else ''}".strip())
+        return await original(self, fn, *args, **kwargs)
+
+    monkeypatch.setattr(aiosqlite.core.Connection, "_execute", counted)
+    return calls
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"])
+async def test_sqlite_begin_is_one_trip_and_a_commit_needs_no_rollback(
+    db: Database, aiosqlite_calls: list[str]
+) -> None:
+    """BEGIN IMMEDIATE in one trip to aiosqlite's thread (not a cursor's open, execute,
+    close), and no rollback when a committed connection goes back to the pool."""
+    async with db.write_transaction() as s:  # the pool's connection exists from here on
+        await s.execute(text("SELECT 1"))
+    aiosqlite_calls.clear()
+    async with db.write_transaction() as s:
+        await _insert_processor(s, "p1")
+    assert [c.split()[0] for c in aiosqlite_calls] == [
+        "_execute_fetchall",  # BEGIN IMMEDIATE
+        "cursor",  # the INSERT, through SQLAlchemy's cursor
+        "execute",
+        "close",
+        "commit",  # and nothing after it
+    ], aiosqlite_calls
+    assert aiosqlite_calls[0] == "_execute_fetchall BEGIN IMMEDIATE"
+    assert await _count(db) == 1
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"])
+async def test_sqlite_connection_back_in_the_pool_inside_a_transaction_is_rolled_back(
+    db: Database,
+) -> None:
+    """A transaction SQLAlchemy does not know of (begun on the driver) is rolled back when
+    the connection goes back to the pool: the next user never inherits it."""
+    async with db.engine.connect() as conn:
+        raw = await conn.get_raw_connection()
+        driver: Any = raw.driver_connection
+        await conn.commit()  # SQLAlchemy's own transaction ends; the driver's begins
+        await driver.execute("BEGIN IMMEDIATE")
+        await driver.execute(
+            "INSERT INTO processors (id, hostname, pid, version, started_at, last_seen_at,"
+            " concurrency, in_flight, state, processed, failed, queues)"
+            " VALUES ('p1', 'h', 1, 'v', '2026-01-01', '2026-01-01', 1, 0, 'running', 0, 0, '*')"
+        )
+        assert driver.in_transaction
+    assert not driver.in_transaction
+    assert await _count(db) == 0
+    async with db.write_transaction() as s:  # the write lock was given back
+        await _insert_processor(s, "p2")
+    assert await _count(db) == 1
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"])
+async def test_sqlite_begin_that_cannot_lock_raises_sqlalchemys_error(
+    db: Database, other_connection: sqlite3.Connection
+) -> None:
+    """BEGIN IMMEDIATE against a held write lock fails as session.execute would fail:
+    sqlalchemy.exc.OperationalError, which the daemon's loops treat as transient."""
+    from sqlalchemy.exc import OperationalError
+
+    other_connection.execute("BEGIN IMMEDIATE")
+    try:
+        async with db.engine.connect() as conn:
+            await conn.exec_driver_sql("PRAGMA busy_timeout=50")
+            await conn.commit()
+            await conn.execution_options(async_processor_begin="IMMEDIATE")
+            with pytest.raises(OperationalError, match="database is locked"):
+                await conn.begin()
+    finally:
+        other_connection.execute("ROLLBACK")
