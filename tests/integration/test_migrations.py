@@ -163,6 +163,45 @@ async def test_upgrade_matches_models_and_round_trips(empty_url: str) -> None:
         await db.dispose()
 
 
+def _filter_index_predicates(connection: Connection) -> dict[str, str | None]:
+    """The WHERE of each task-list filter index, as the database reports it."""
+    key = f"{connection.dialect.name}_where"
+    found: dict[str, str | None] = {}
+    for index in inspect(connection).get_indexes("pending_analysis"):
+        if index["name"] in FILTER_INDEXES:
+            where = index.get("dialect_options", {}).get(key)
+            found[str(index["name"])] = None if where is None else str(where)
+    return found
+
+
+FILTER_INDEXES = {f"ix_pending_analysis_{c}" for c in ("user_id", "project_id", "chapter_id")}
+
+
+async def _predicates(url: str) -> dict[str, str | None]:
+    db = Database.from_url(url)
+    try:
+        async with db.engine.connect() as conn:
+            return await conn.run_sync(_filter_index_predicates)
+    finally:
+        await db.dispose()
+
+
+async def test_filter_indexes_hold_only_rows_with_a_value(empty_url: str) -> None:
+    """0005: (user_id | project_id | chapter_id, id) skip the rows where that column is
+    NULL (a claim or a completion, both non-HOT updates, writes no entry there for them);
+    its downgrade restores the full indexes. The plans that read them: test_read_plans."""
+    await asyncio.to_thread(schema.upgrade, empty_url)
+    found = await _predicates(empty_url)
+    assert found.keys() == FILTER_INDEXES
+    for name, where in found.items():
+        column = name.removeprefix("ix_pending_analysis_")
+        assert where is not None and where.replace("(", "").replace(")", "").strip() == (
+            f"{column} IS NOT NULL"
+        ), (name, where)
+    await asyncio.to_thread(schema.downgrade, empty_url, "0004")
+    assert await _predicates(empty_url) == dict.fromkeys(FILTER_INDEXES)
+
+
 async def test_unmigrated_database_is_refused_with_a_hint(empty_url: str) -> None:
     db = Database.from_url(empty_url)
     try:
@@ -176,7 +215,7 @@ async def test_an_older_revision_is_refused_naming_both(empty_url: str) -> None:
     await asyncio.to_thread(schema.upgrade, empty_url, "0003")
     db = Database.from_url(empty_url)
     try:
-        with pytest.raises(schema.SchemaError, match="at revision 0003, this code needs 0004"):
+        with pytest.raises(schema.SchemaError, match="at revision 0003, this code needs 0005"):
             await schema.check_migrated(db.engine)
     finally:
         await db.dispose()

@@ -124,9 +124,19 @@ class PendingAnalysis(Base):
             sqlite_where=text("status = 'cancelled'"),
         ),
         Index("ix_pending_analysis_kind", "kind", "id"),
-        Index("ix_pending_analysis_user_id", "user_id", "id"),
-        Index("ix_pending_analysis_project_id", "project_id", "id"),
-        Index("ix_pending_analysis_chapter_id", "chapter_id", "id"),
+        # The three filter columns are often NULL, and a list filtered by one (``col = ?``)
+        # never reads those rows: their indexes hold only the rows that have a value, so a
+        # claim or a completion of a job without one (each a non-HOT update) skips them.
+        *(
+            Index(
+                f"ix_pending_analysis_{column}",
+                column,
+                "id",
+                postgresql_where=text(f"{column} IS NOT NULL"),
+                sqlite_where=text(f"{column} IS NOT NULL"),
+            )
+            for column in ("user_id", "project_id", "chapter_id")
+        ),
         # Heartbeat and rescuer read only running rows.
         Index(
             "ix_pending_analysis_lease",
