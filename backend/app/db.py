@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
@@ -112,6 +113,37 @@ def _on_sqlite_reset(_dbapi_connection: Any, record: Any, state: PoolResetState)
         record.dbapi_connection.rollback()
 
 
+#: A pooled PostgreSQL connection idle longer than this is pinged before it is handed out;
+#: one used more recently is trusted (HikariCP's aliveBypassWindowMs, 500 ms, is the same
+#: rule). A server that closed the socket is noticed without a ping (asyncpg's is_closed).
+PG_PING_AFTER_IDLE_SECONDS = 0.5
+_LAST_USED = "async_processor_last_used"
+
+
+def _mark_used(_dbapi_connection: Any, record: Any, *_: Any) -> None:
+    record.info[_LAST_USED] = time.monotonic()
+
+
+def _on_pg_checkout(_dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+    """Pre-ping, cheaper: SQLAlchemy's asyncpg ping is BEGIN, ``;``, ROLLBACK (three round
+    trips) on every checkout, the same count as the one-INSERT transaction it precedes.
+    This one is free for a connection asyncpg knows is closed, and one round trip
+    (``SELECT 1`` outside any transaction) only after PG_PING_AFTER_IDLE_SECONDS idle. A dead
+    connection invalidates the pool (a restarted server closed them all) and the pool
+    retries with a new one, as with pool_pre_ping."""
+    driver = record.driver_connection
+    if driver.is_closed():
+        raise sa_exc.InvalidatePoolError("the server closed the connection")
+    if time.monotonic() - record.info.get(_LAST_USED, 0.0) <= PG_PING_AFTER_IDLE_SECONDS:
+        return
+    from asyncpg import InterfaceError, PostgresError  # the postgres extra; loaded by now
+
+    try:  # no arguments: the simple query protocol, one round trip
+        await_only(driver.execute("SELECT 1", timeout=PG_CONNECT_TIMEOUT_SECONDS))
+    except (OSError, TimeoutError, InterfaceError, PostgresError) as error:
+        raise sa_exc.InvalidatePoolError(f"ping failed: {error!r}") from error
+
+
 def make_engine(
     url: str | URL,
     *,
@@ -122,9 +154,9 @@ def make_engine(
 ) -> AsyncEngine:
     """An async engine for sqlite+aiosqlite or postgresql+asyncpg, configured for the queue.
 
-    ``pre_ping`` tests a pooled PostgreSQL connection before each use (one round trip). The
-    daemon turns it off: its loops retry transient errors anyway, and a dead connection
-    costs it one failed transaction, not a failed user request.
+    ``pre_ping`` tests a pooled PostgreSQL connection before use when it has been idle
+    (_on_pg_checkout). The daemon turns it off: its loops retry transient errors anyway, and
+    a dead connection costs it one failed transaction, not a failed user request.
     ``inline`` (SQLite files): connections call sqlite3 in the calling thread instead of
     aiosqlite's (only for the write thread of app.sqlite_writer).
     """
@@ -156,12 +188,11 @@ def make_engine(
         event.listen(engine.sync_engine, "begin", _on_sqlite_begin)
         event.listen(engine.sync_engine, "reset", _on_sqlite_reset)
         return engine
-    return create_async_engine(
+    engine = create_async_engine(
         url,
         echo=echo,
         pool_size=pool_size,
         max_overflow=pool_size,
-        pool_pre_ping=pre_ping,
         pool_timeout=PG_CONNECT_TIMEOUT_SECONDS,
         connect_args={
             "timeout": PG_CONNECT_TIMEOUT_SECONDS,
@@ -169,6 +200,11 @@ def make_engine(
             "server_settings": {"application_name": "async-processor"},
         },
     )
+    if pre_ping:
+        for name in ("connect", "checkin"):
+            event.listen(engine.sync_engine, name, _mark_used)
+        event.listen(engine.sync_engine, "checkout", _on_pg_checkout)
+    return engine
 
 
 class Database:

@@ -305,3 +305,85 @@ async def test_sqlite_begin_that_cannot_lock_raises_sqlalchemys_error(
                 await conn.begin()
     finally:
         other_connection.execute("ROLLBACK")
+
+
+# --- PostgreSQL: the pooled connection's check before use --------------------------------------
+
+
+@pytest.fixture
+def asyncpg_round_trips(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The first word of each statement asyncpg sends (each one round trip): ``execute``
+    carries BEGIN, COMMIT and the ping, ``_execute`` every fetch."""
+    import asyncpg.connection
+
+    trips: list[str] = []
+    for name in ("execute", "_execute"):
+        original = getattr(asyncpg.connection.Connection, name)
+
+        def counted(original: Any) -> Any:
+            async def send(self: Any, query: str, *args: Any, **kwargs: Any) -> Any:
+                trips.append(query.split()[0] if query.split() else query)
+                return await original(self, query, *args, **kwargs)
+
+            return send
+
+        monkeypatch.setattr(asyncpg.connection.Connection, name, counted(original))
+    return trips
+
+
+async def _enqueue(db: Database) -> object:
+    """One library enqueue (the INSERT goes to asyncpg's ``_execute``); the asyncpg
+    connection it ran on."""
+    from app.services import queue
+
+    async with db.write_transaction() as s:
+        await queue.enqueue_task(s, kind="k", payload={})
+        return (await (await s.connection()).get_raw_connection()).driver_connection
+
+
+@pytest.mark.parametrize("engine_name", ["postgresql"])
+async def test_pg_connection_is_pinged_only_after_being_idle(
+    db: Database, asyncpg_round_trips: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection back from the pool moments ago goes straight to work: BEGIN, the
+    statement, COMMIT (SQLAlchemy's pre-ping added BEGIN, ``;``, ROLLBACK to each). One
+    idle past the window is pinged first, with one SELECT outside any transaction, and
+    stays in use."""
+    import app.db
+
+    first = await _enqueue(db)
+    asyncpg_round_trips.clear()
+    assert await _enqueue(db) is first
+    assert asyncpg_round_trips == ["BEGIN;", "INSERT", "COMMIT;"]
+
+    monkeypatch.setattr(app.db, "PG_PING_AFTER_IDLE_SECONDS", 0.05)
+    await asyncio.sleep(0.1)
+    asyncpg_round_trips.clear()
+    assert await _enqueue(db) is first
+    assert asyncpg_round_trips == ["SELECT", "BEGIN;", "INSERT", "COMMIT;"]
+
+
+@pytest.mark.parametrize("engine_name", ["postgresql"])
+async def test_pg_connection_the_server_closed_is_replaced_before_use(
+    db: Database, database_url: str
+) -> None:
+    """A pooled connection whose backend was terminated (a restart, an operator's
+    pg_terminate_backend) is never handed out: the next transaction gets a new one and
+    succeeds, though it comes inside the window in which no ping is sent."""
+    import asyncpg
+
+    async with db.write_transaction() as s:
+        first = int((await s.execute(text("SELECT pg_backend_pid()"))).scalar_one())
+        driver: Any = (await (await s.connection()).get_raw_connection()).driver_connection
+    other = await asyncpg.connect(database_url.replace("+asyncpg", ""))
+    try:
+        assert await other.fetchval("SELECT pg_terminate_backend($1)", first)
+    finally:
+        await other.close()
+    deadline = asyncio.get_running_loop().time() + 10
+    while not driver.is_closed():  # asyncpg reads the server's goodbye from the socket
+        assert asyncio.get_running_loop().time() < deadline, "asyncpg never saw the close"
+        await asyncio.sleep(0.01)
+    async with db.write_transaction() as s:
+        second = int((await s.execute(text("SELECT pg_backend_pid()"))).scalar_one())
+    assert second != first
