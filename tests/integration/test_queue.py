@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -191,12 +192,43 @@ async def test_bulk_enqueue_writes_every_field_of_every_row(db: Database) -> Non
         {"payload": [1, 2]},
         {"payload": {"x": float("nan")}},
         {"user_id": "u" * 256},
+        {"kind": "k" * 101},
+        {"queue": "q" * 101},
+        {"project_id": ""},
+        {"chapter_id": "c" * 256},
+        {"idempotency_key": ""},
+        {"payload": {"x": object()}},
+        {"payload": {"x": "a\x00b"}},
+        {"payload": {"a\x00": 1}},
+        {"kind": "k\x00"},
+        {"queue": "q\x00"},
+        {"user_id": "u\x00"},
+        {"project_id": "\x00"},
+        {"chapter_id": "c\x00"},
+        {"idempotency_key": "key\x00"},
     ],
 )
 def test_invalid_specs_are_rejected(bad: dict[str, object]) -> None:
     spec: dict[str, object] = {"kind": "k", **bad}
     with pytest.raises(queue.InvalidTaskError):
         TaskSpec(**spec)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "good",
+    [
+        {"payload": {"text": "\\u0000 written out"}},  # a backslash, then u0000: no NUL
+        {"priority": True},  # an int, as before the fast path
+        {"kind": "k" * 100, "user_id": "u" * 255, "idempotency_key": "x"},
+        {"payload": {"nested": [{"a": None}, 1.5, "é"]}},
+    ],
+)
+def test_valid_specs_are_accepted(good: dict[str, object]) -> None:
+    spec = TaskSpec(**{"kind": "k", **good})  # type: ignore[arg-type]
+    row = spec.row()
+    expected = {f.name: getattr(spec, f.name) for f in dataclasses.fields(TaskSpec)}
+    expected["sched"] = expected.pop("scheduled_at")
+    assert row == expected  # every field of the spec, nothing else
 
 
 # --- claim -----------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import hashlib
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
@@ -30,6 +30,7 @@ from sqlalchemy import (
     bindparam,
     case,
     delete,
+    false,
     func,
     insert,
     literal,
@@ -117,6 +118,49 @@ class TaskSpec:
     idempotency_key: str | None = None
 
     def __post_init__(self) -> None:
+        # The common case in one expression; any doubt takes the checks that say what is
+        # wrong (_explain). Bulk enqueues validate every row: this is per-row cost.
+        kind, queue, user, project, chapter, key = (
+            self.kind,
+            self.queue,
+            self.user_id,
+            self.project_id,
+            self.chapter_id,
+            self.idempotency_key,
+        )
+        text = None
+        if (
+            type(kind) is str
+            and type(queue) is str
+            and type(self.payload) is dict
+            and type(self.priority) is int
+            and type(self.max_retries) is int
+            and type(self.timeout_seconds) is int
+            and 0 < len(kind) <= MAX_NAME_LENGTH
+            and 0 < len(queue) <= MAX_NAME_LENGTH
+            and MIN_PRIORITY <= self.priority <= MAX_PRIORITY
+            and self.max_retries >= 0
+            and self.timeout_seconds > 0
+            and (user is None or (type(user) is str and 0 < len(user) <= MAX_ID_LENGTH))
+            and (project is None or (type(project) is str and 0 < len(project) <= MAX_ID_LENGTH))
+            and (chapter is None or (type(chapter) is str and 0 < len(chapter) <= MAX_ID_LENGTH))
+            and (key is None or (type(key) is str and 0 < len(key) <= MAX_ID_LENGTH))
+            and "\x00" not in kind
+            and "\x00" not in queue
+            and (user is None or "\x00" not in user)
+            and (project is None or "\x00" not in project)
+            and (chapter is None or "\x00" not in chapter)
+            and (key is None or "\x00" not in key)
+        ):
+            try:
+                text = json.dumps(self.payload, allow_nan=False)
+            except (TypeError, ValueError):
+                text = None
+        if text is None or ("u0000" in text and _NUL_IN_JSON.search(text)):
+            self._explain()
+
+    def _explain(self) -> None:
+        """Every check, each with its own message: raises InvalidTaskError."""
         _check(bool(self.kind) and len(self.kind) <= MAX_NAME_LENGTH, "kind", self.kind)
         _check(bool(self.queue) and len(self.queue) <= MAX_NAME_LENGTH, "queue", self.queue)
         _check(isinstance(self.payload, dict), "payload", "must be a JSON object")
@@ -139,12 +183,19 @@ class TaskSpec:
 
     def row(self) -> dict[str, Any]:
         """Insert parameters for this spec (``sched`` feeds the scheduled_at default)."""
-        values = {name: getattr(self, name) for name in _SPEC_FIELDS}
-        values["sched"] = values.pop("scheduled_at")
-        return values
-
-
-_SPEC_FIELDS = tuple(f.name for f in fields(TaskSpec))
+        return {
+            "kind": self.kind,
+            "payload": self.payload,
+            "priority": self.priority,
+            "queue": self.queue,
+            "max_retries": self.max_retries,
+            "timeout_seconds": self.timeout_seconds,
+            "sched": self.scheduled_at,
+            "user_id": self.user_id,
+            "project_id": self.project_id,
+            "chapter_id": self.chapter_id,
+            "idempotency_key": self.idempotency_key,
+        }
 
 
 def _check(ok: bool, name: str, value: object) -> None:
@@ -305,12 +356,16 @@ def _insert_values(
         "scheduled_at": func.coalesce(requested, _enqueue_clock(dialect, pinned, "enq_sched_now")),
         "created_at": _enqueue_clock(dialect, pinned, "enq_created"),
         "updated_at": _enqueue_clock(dialect, pinned, "enq_updated"),
-        "status": TaskStatus.PENDING.value,
-        "retry_count": 0,
-        "attempts": 0,
-        "token_usage": 0,
-        "cancel_requested": False,
+        # Constants are written into the SQL, not bound: no parameter to process per row.
+        "status": _PENDING_LITERAL,
+        "retry_count": _ZERO,
+        "attempts": _ZERO,
+        "token_usage": _ZERO,
+        "cancel_requested": false(),
     }
+
+
+_ZERO: ColumnElement[int] = literal_column("0", Integer())
 
 
 async def _insert_plain(
@@ -384,8 +439,7 @@ def _bulk_insert_statement(pinned: bool) -> Any:
         .render_derived(name="b")
     )
     columns: dict[str, Any] = {c: rows.c[c] for c in _BULK_COLUMNS if c != "sched"}
-    for name, value in _insert_values("postgresql", pinned, sched=rows.c.sched).items():
-        columns[name] = value if isinstance(value, ColumnElement) else literal(value)
+    columns.update(_insert_values("postgresql", pinned, sched=rows.c.sched))
     # ORDER BY the array position: the sequence is then drawn in that order (what
     # SQLAlchemy's own ordered multi-row INSERT relies on), not only as a scan happens to go.
     pick = select(*(expr.label(name) for name, expr in columns.items())).order_by(rows.c.ord)
