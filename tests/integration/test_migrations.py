@@ -174,7 +174,9 @@ def _filter_index_predicates(connection: Connection) -> dict[str, str | None]:
     return found
 
 
-FILTER_INDEXES = {f"ix_pending_analysis_{c}" for c in ("user_id", "project_id", "chapter_id")}
+FILTER_INDEXES = {
+    f"ix_pending_analysis_{c}" for c in ("user_id", "project_id", "chapter_id", "completed_at")
+}
 
 
 async def _predicates(url: str) -> dict[str, str | None]:
@@ -187,9 +189,10 @@ async def _predicates(url: str) -> dict[str, str | None]:
 
 
 async def test_filter_indexes_hold_only_rows_with_a_value(empty_url: str) -> None:
-    """0005: (user_id | project_id | chapter_id, id) skip the rows where that column is
-    NULL (a claim or a completion, both non-HOT updates, writes no entry there for them);
-    its downgrade restores the full indexes. The plans that read them: test_read_plans."""
+    """0005: (user_id | project_id | chapter_id, id) and completed_at skip the rows where
+    that column is NULL (an enqueue, a claim or a completion, the updates non-HOT, writes
+    no entry there for them); its downgrade restores the full indexes. The plans that read
+    them: test_read_plans."""
     await asyncio.to_thread(schema.upgrade, empty_url)
     found = await _predicates(empty_url)
     assert found.keys() == FILTER_INDEXES

@@ -137,6 +137,15 @@ class PendingAnalysis(Base):
             )
             for column in ("user_id", "project_id", "chapter_id")
         ),
+        # Finished rows by completion time (the last hour's figures, pruning): every read is a
+        # range of times, and unfinished rows (no time yet) are left out, so neither an
+        # enqueue nor a claim writes an entry here.
+        Index(
+            "ix_pending_analysis_completed_at",
+            "completed_at",
+            postgresql_where=text("completed_at IS NOT NULL"),
+            sqlite_where=text("completed_at IS NOT NULL"),
+        ),
         # Heartbeat and rescuer read only running rows.
         Index(
             "ix_pending_analysis_lease",
@@ -172,7 +181,7 @@ class PendingAnalysis(Base):
     scheduled_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     locked_by: Mapped[str | None] = mapped_column(String(255))
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
