@@ -13,9 +13,9 @@ never reads the NULL rows, so those entries were written only to be skipped. Lik
 ``completed_at`` is NULL until a task finishes and is only ever read as a range of times
 (the last hour, pruning): an enqueue and a claim wrote a NULL entry there. Both engines
 prove ``col IS NOT NULL`` from ``col = ?`` or ``col >= ?`` and read the partial index for
-the same queries (tests/integration/test_read_plans.py). On PostgreSQL the indexes are rebuilt in the
-migration's transaction, holding writes on the table: about a second per index per million
-rows (four here).
+the same queries (tests/integration/test_read_plans.py). On PostgreSQL the four indexes are
+rebuilt in the migration's transaction, holding writes on the table: about a second per
+index per million rows.
 """
 
 from __future__ import annotations
