@@ -144,6 +144,15 @@ def _on_pg_checkout(_dbapi_connection: Any, record: Any, _proxy: Any) -> None:
         raise sa_exc.InvalidatePoolError(f"ping failed: {error!r}") from error
 
 
+def _never_wait(dbapi_connection: Any, _record: Any) -> None:
+    # After _on_sqlite_connect: a locked database fails at once, and this connection's
+    # commits never run a checkpoint (milliseconds of I/O on the calling thread).
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA busy_timeout=0")
+    cursor.execute("PRAGMA wal_autocheckpoint=0")
+    cursor.close()
+
+
 def make_engine(
     url: str | URL,
     *,
@@ -151,6 +160,7 @@ def make_engine(
     echo: bool = False,
     pre_ping: bool = True,
     inline: bool = False,
+    wait_for_lock: bool = True,
 ) -> AsyncEngine:
     """An async engine for sqlite+aiosqlite or postgresql+asyncpg, configured for the queue.
 
@@ -158,7 +168,9 @@ def make_engine(
     (_on_pg_checkout). The daemon turns it off: its loops retry transient errors anyway, and
     a dead connection costs it one failed transaction, not a failed user request.
     ``inline`` (SQLite files): connections call sqlite3 in the calling thread instead of
-    aiosqlite's (only for the write thread of app.sqlite_writer).
+    aiosqlite's (only for the write thread of app.sqlite_writer, and for
+    ``Database.run_write(here_first=True)``, with ``wait_for_lock=False``: busy_timeout 0,
+    and no automatic checkpoint, which the write thread's commits run instead).
     """
     if is_sqlite_url(url):
         path = sqlite_path(url)
@@ -185,6 +197,8 @@ def make_engine(
                 connect_args={"timeout": SQLITE_CONNECT_TIMEOUT_SECONDS},
             )
         event.listen(engine.sync_engine, "connect", _on_sqlite_connect)
+        if not wait_for_lock:
+            event.listen(engine.sync_engine, "connect", _never_wait)
         event.listen(engine.sync_engine, "begin", _on_sqlite_begin)
         event.listen(engine.sync_engine, "reset", _on_sqlite_reset)
         return engine
@@ -229,6 +243,7 @@ class Database:
         )
         path = sqlite_path(engine.url)
         self._writer: WriteThread | None = None
+        self._here: Database | None = None  # run_write(here_first=True), built on first use
         if write_thread and path is not None:
             from app.sqlite_writer import WriteThread
 
@@ -243,17 +258,49 @@ class Database:
             make_engine(url, pool_size=pool_size, pre_ping=pre_ping), write_thread=write_thread
         )
 
-    async def run_write(self, fn: Callable[[AsyncSession], Awaitable[R]]) -> R:
+    async def run_write(
+        self, fn: Callable[[AsyncSession], Awaitable[R]], *, here_first: bool = False
+    ) -> R:
         """``await fn(session)`` in one write transaction, committed when it returns.
 
         With the write thread, ``fn`` runs on that thread's event loop: it must not touch
         this loop's objects (events, futures, tasks); plain data in and out.
+        ``here_first`` (a short transaction that is waited for: the claim of a job just
+        enqueued): first try it on this thread, on a sqlite3 connection of its own that
+        never waits for the lock; only if another process holds it does the transaction go
+        to the write thread, which may wait. It saves the two thread hand-offs, each
+        ~0.3 ms on a 2-core VM after an idle spell.
         """
         if self._writer is None:
             async with self.write_transaction() as session:
                 return await fn(session)
         async with self._write_lock():
+            if here_first:
+                done, result = await self._try_here(fn)
+                if done:
+                    return result  # type: ignore[return-value]
             return await self._writer.run(fn)
+
+    async def _try_here(self, fn: Callable[[AsyncSession], Awaitable[R]]) -> tuple[bool, R | None]:
+        """(True, result) when ``fn`` ran here; (False, None) when the write lock was taken
+        (BEGIN IMMEDIATE failed at once: nothing ran, nothing to undo)."""
+        if self._here is None:
+            self._here = Database(make_engine(self.engine.url, inline=True, wait_for_lock=False))
+        began = False
+
+        async def run(session: AsyncSession) -> R:
+            nonlocal began
+            began = True
+            return await fn(session)
+
+        try:
+            async with self._here.write_sessionmaker() as session, session.begin():
+                await session.connection()  # BEGIN IMMEDIATE, at once or "locked"
+                return True, await run(session)
+        except sa_exc.OperationalError as error:
+            if began or "locked" not in str(error.orig):
+                raise
+            return False, None
 
     def _write_lock(self) -> asyncio.Lock:
         if self._write_locks is None:
@@ -288,6 +335,8 @@ class Database:
         """Close every pooled connection (and the write thread)."""
         if self._writer is not None:
             await self._writer.close()
+        if self._here is not None:
+            await self._here.dispose()
         await self.engine.dispose()
 
 

@@ -210,6 +210,70 @@ async def test_run_write_waits_for_a_lock_off_the_event_loop(
     assert await _count(threaded_db) == 1
 
 
+async def _where_and_insert(s: AsyncSession, name: str) -> str:
+    import threading
+
+    await _insert_processor(s, name)
+    return threading.current_thread().name
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"])
+async def test_run_write_here_first_runs_on_this_thread_when_the_lock_is_free(
+    threaded_db: Database,
+) -> None:
+    """The claim's path: no hand-off when nobody holds the write lock; committed, and the
+    connection is reused for the next one."""
+    import threading
+
+    here = threading.current_thread().name
+    assert (
+        await threaded_db.run_write(lambda s: _where_and_insert(s, "p1"), here_first=True) == here
+    )
+    assert (
+        await threaded_db.run_write(lambda s: _where_and_insert(s, "p2"), here_first=True) == here
+    )
+    assert await _count(threaded_db) == 2
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"])
+async def test_run_write_here_first_goes_to_the_write_thread_when_locked(
+    threaded_db: Database, other_connection: sqlite3.Connection
+) -> None:
+    """Another process holds the write lock: the event loop is never blocked waiting for
+    it; the transaction goes to the write thread, waits there, and commits once."""
+    other_connection.execute("BEGIN IMMEDIATE")
+    write = asyncio.ensure_future(
+        threaded_db.run_write(lambda s: _where_and_insert(s, "p1"), here_first=True)
+    )
+    ticks = 0
+    while ticks < 20:  # the loop keeps turning while the write waits
+        await asyncio.sleep(0.01)
+        ticks += 1
+    assert not write.done()
+    other_connection.execute("ROLLBACK")
+    assert await asyncio.wait_for(write, 10) == "sqlite-writer"
+    assert await _count(threaded_db) == 1
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"])
+async def test_run_write_here_first_raises_errors_from_inside_the_transaction(
+    threaded_db: Database,
+) -> None:
+    """Only a lock that was never taken sends the transaction elsewhere: an error of the
+    transaction itself is raised as it is, rolled back, and not run twice."""
+    runs = []
+
+    async def fails(s: AsyncSession) -> None:
+        runs.append(1)
+        await _insert_processor(s, "p1")
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError, match="boom"):
+        await threaded_db.run_write(fails, here_first=True)
+    assert runs == [1]
+    assert await _count(threaded_db) == 0
+
+
 @pytest.mark.parametrize("engine_name", ["sqlite"])
 async def test_run_write_and_write_transaction_take_turns(threaded_db: Database) -> None:
     # Writers of one process queue on one lock, whichever path they take: none of them

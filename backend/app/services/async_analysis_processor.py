@@ -530,7 +530,9 @@ class ProcessorEngine:
             async with notifications.deferred(session):
                 return await self.claim(session, slots)
 
-        return await self.db.run_write(claim)
+        # Here first: a pick-up waits on this claim (the write thread's two hand-offs are
+        # ~0.6 ms of a ~2 ms pick-up after an idle spell).
+        return await self.db.run_write(claim, here_first=True)
 
     async def _wait_for_wake(self, seconds: float, *, wakeable: bool = True) -> None:
         if self._stopping:
