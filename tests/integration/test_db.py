@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator, Iterator
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import exc as sa_exc
 from sqlalchemy import select, text
+from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db import Database, later_sql, make_engine, now_sql, sqlite_path
@@ -217,33 +220,70 @@ async def _where_and_insert(s: AsyncSession, name: str) -> str:
     return threading.current_thread().name
 
 
+def _insert_here(name: str) -> Callable[[sqlite3.Connection, Dialect], str]:
+    """run_write's ``here`` form of _where_and_insert: the same row on a bare connection."""
+
+    def insert(conn: sqlite3.Connection, _dialect: Dialect) -> str:
+        conn.execute(
+            "INSERT INTO processors (id, hostname, pid, version, started_at, last_seen_at,"
+            " concurrency, in_flight, state, processed, failed, queues)"
+            " VALUES (?, 'h', 1, 'v', ?, ?, 1, 0, 'running', 0, 0, '*')",
+            (name, str(utcnow()), str(utcnow())),
+        )
+        return "here:" + threading.current_thread().name
+
+    return insert
+
+
 @pytest.mark.parametrize("engine_name", ["sqlite"])
-async def test_run_write_here_first_runs_on_this_thread_when_the_lock_is_free(
-    threaded_db: Database,
+@pytest.mark.parametrize("threaded", [True, False], ids=["write-thread", "no-write-thread"])
+async def test_run_write_here_runs_on_this_thread_when_the_lock_is_free(
+    threaded_db: Database, db: Database, threaded: bool
 ) -> None:
-    """The claim's path: no hand-off when nobody holds the write lock; committed, and the
-    connection is reused for the next one."""
-    import threading
+    """The claim's path: ``here`` runs, not ``fn``, on this thread when nobody holds the
+    write lock; committed, and the connection is reused for the next one."""
 
-    here = threading.current_thread().name
-    assert (
-        await threaded_db.run_write(lambda s: _where_and_insert(s, "p1"), here_first=True) == here
-    )
-    assert (
-        await threaded_db.run_write(lambda s: _where_and_insert(s, "p2"), here_first=True) == here
-    )
-    assert await _count(threaded_db) == 2
+    target = threaded_db if threaded else db
+    here = "here:" + threading.current_thread().name
+    for name in ("p1", "p2"):
+        found = await target.run_write(
+            lambda s, name=name: _where_and_insert(s, name), here=_insert_here(name)
+        )
+        assert found == here
+    assert await _count(target) == 2
 
 
 @pytest.mark.parametrize("engine_name", ["sqlite"])
-async def test_run_write_here_first_goes_to_the_write_thread_when_locked(
+async def test_run_write_here_never_waits_and_runs_no_checkpoint(threaded_db: Database) -> None:
+    """The bare connection has the application's pragmas, except that it never waits for
+    the lock and leaves checkpoints to the other connections (they would run on the event
+    loop)."""
+
+    def pragmas(conn: sqlite3.Connection, _dialect: Dialect) -> list[object]:
+        names = (
+            "journal_mode",
+            "synchronous",
+            "busy_timeout",
+            "foreign_keys",
+            "wal_autocheckpoint",
+        )
+        return [conn.execute(f"PRAGMA {name}").fetchone()[0] for name in names]
+
+    async def unused(_s: AsyncSession) -> list[object]:
+        raise AssertionError("the lock was free: here should have run")
+
+    assert await threaded_db.run_write(unused, here=pragmas) == ["wal", 1, 0, 1, 0]
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"])
+async def test_run_write_here_goes_to_the_write_thread_when_locked(
     threaded_db: Database, other_connection: sqlite3.Connection
 ) -> None:
     """Another process holds the write lock: the event loop is never blocked waiting for
-    it; the transaction goes to the write thread, waits there, and commits once."""
+    it; ``fn`` goes to the write thread, waits there, and commits once."""
     other_connection.execute("BEGIN IMMEDIATE")
     write = asyncio.ensure_future(
-        threaded_db.run_write(lambda s: _where_and_insert(s, "p1"), here_first=True)
+        threaded_db.run_write(lambda s: _where_and_insert(s, "p1"), here=_insert_here("p1"))
     )
     ticks = 0
     while ticks < 20:  # the loop keeps turning while the write waits
@@ -256,22 +296,34 @@ async def test_run_write_here_first_goes_to_the_write_thread_when_locked(
 
 
 @pytest.mark.parametrize("engine_name", ["sqlite"])
-async def test_run_write_here_first_raises_errors_from_inside_the_transaction(
-    threaded_db: Database,
+@pytest.mark.parametrize("failure", ["python", "sqlite"])
+async def test_run_write_here_raises_errors_from_inside_the_transaction(
+    threaded_db: Database, failure: str
 ) -> None:
     """Only a lock that was never taken sends the transaction elsewhere: an error of the
-    transaction itself is raised as it is, rolled back, and not run twice."""
+    transaction itself is raised (a database error as SQLAlchemy's, as ``fn``'s would be),
+    rolled back, and not run twice; the connection serves the next transaction."""
     runs = []
 
-    async def fails(s: AsyncSession) -> None:
+    def fails(conn: sqlite3.Connection, dialect: Dialect) -> None:
         runs.append(1)
-        await _insert_processor(s, "p1")
-        raise ValueError("boom")
+        _insert_here("p1")(conn, dialect)
+        if failure == "python":
+            raise ValueError("boom")
+        conn.execute("INSERT INTO no_such_table VALUES (1)")
 
-    with pytest.raises(ValueError, match="boom"):
-        await threaded_db.run_write(fails, here_first=True)
+    async def unused(_s: AsyncSession) -> None:
+        raise AssertionError("fn must not run after here failed")
+
+    expected = ValueError if failure == "python" else sa_exc.OperationalError
+    with pytest.raises(expected, match=r"boom|no such table"):
+        await threaded_db.run_write(unused, here=fails)
     assert runs == [1]
     assert await _count(threaded_db) == 0
+    assert await threaded_db.run_write(unused, here=_insert_here("p2")) == (
+        "here:" + threading.current_thread().name
+    )
+    assert await _count(threaded_db) == 1
 
 
 @pytest.mark.parametrize("engine_name", ["sqlite"])

@@ -322,6 +322,58 @@ async def test_a_claim_alone_is_one_statement_equal_to_claim_tasks(
     assert await _claim_alone(db, queues=["nope"]) == []
 
 
+@pytest.mark.parametrize("engine_name", ["sqlite"])
+async def test_a_bare_sqlite3_claim_equals_claim_tasks(db: Database, execution_path: str) -> None:
+    """SQLite's claim on a bare sqlite3 connection (the daemon's claim loop, through
+    run_write's ``here``): the same rows, order, lease and filters as claim_tasks, and the
+    very same started notifications. With the hot path off, the session's claim runs."""
+    ids = [await enqueue(db, priority=p, project_id="p1") for p in (3, 9, 5, 9)]
+    await enqueue(db, queue="ingest")
+    await enqueue(db, kind="other_kind")
+    filters: dict[str, Any] = {"exclude_queues": ["ingest"], "exclude_kinds": ["other_kind"]}
+    ran = []
+
+    async def in_session(s: Any) -> list[queue.ClaimedTask]:
+        ran.append("session")
+        return await queue.claim_tasks(s, processor_id=PID, limit=3, lease_seconds=30, **filters)
+
+    def bare(conn: Any, dialect: Any) -> list[queue.ClaimedTask]:
+        ran.append("bare")
+        return queue.claim_tasks_sqlite3(
+            conn, dialect, processor_id=PID, limit=3, lease_seconds=30, **filters
+        )
+
+    got = await db.run_write(in_session, here=bare)
+    assert ran == ["bare" if execution_path == "driver" else "session"]
+    assert [(t.id, t.attempt) for t in got] == [(ids[1], 1), (ids[3], 1), (ids[2], 1)]
+    assert got[0].payload == {} and got[0].project_id == "p1"
+    row = await task_row(db, ids[1])
+    assert (row.status, row.locked_by, row.attempts) == ("processing", PID, 1)
+    assert row.lease_expires_at is not None
+    assert 25 < (row.lease_expires_at - utcnow()).total_seconds() <= 31
+    bare_notes = await _started_notes(db)
+    [last] = await claim(db, limit=1, **filters)
+    assert last.id == ids[0]
+    by_session = [n for n in await _started_notes(db) if n[0] == ids[0]]
+    assert len(bare_notes) == 3 and len(by_session) == 1
+
+    def shape(note: tuple[Any, ...]) -> tuple[Any, ...]:
+        _task_id, kind, title, message, data, user, project = note
+        return (kind, title, message, tuple(sorted(data)), user, project)
+
+    assert {shape(n) for n in bare_notes} == {shape(n) for n in by_session}
+    assert all(
+        n[4] == {"task_id": n[0], "kind": "chapter_analysis", "attempt": 1} for n in bare_notes
+    )
+    nothing = await db.run_write(
+        in_session,
+        here=lambda c, d: queue.claim_tasks_sqlite3(
+            c, d, processor_id=PID, limit=5, lease_seconds=30, queues=["nope"]
+        ),
+    )
+    assert nothing == []
+
+
 async def test_a_claim_alone_waits_for_the_feed_lock(db: Database, execution_path: str) -> None:
     """It takes the feed's advisory lock, like every notification writer (ids commit in
     order); SQLite has no such statement (None: claim in a transaction)."""

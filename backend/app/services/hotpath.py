@@ -365,3 +365,49 @@ async def execute_many(
         raise await _failed(error, kind, adapter, dialect, sql, conn) from error
     if _WATCHERS:
         _watched(sql, args, started)
+
+
+# --- a bare sqlite3 connection (the caller's own transaction) ----------------------------
+
+
+def sqlite3_fetch(
+    conn: sqlite3.Connection, dialect: Dialect, statement: Any, params: Mapping[str, Any]
+) -> list[Any]:
+    """``fetch`` on a ``sqlite3`` connection of the caller's, inside its transaction (no
+    session: Database.run_write's ``here``); errors as SQLAlchemy's exceptions."""
+    stmt = prepared(statement, dialect, tuple(params) if statement.is_insert else None)
+    sql, args = stmt.bind(params)
+    started = time.perf_counter()
+    try:
+        raw = conn.execute(sql, args).fetchall()
+    except sqlite3.Error as error:
+        raise sqlite3_error(error, sql, dialect) from error
+    if _WATCHERS:
+        _watched(sql, args, started)
+    return stmt.rows(raw)
+
+
+def sqlite3_execute_many(
+    conn: sqlite3.Connection,
+    dialect: Dialect,
+    statement: Any,
+    rows: Sequence[Mapping[str, Any]],
+) -> None:
+    """``execute_many`` on a ``sqlite3`` connection of the caller's."""
+    if not rows:
+        return
+    keys = tuple(rows[0]) if statement.is_insert else None
+    sql, args = prepared(statement, dialect, keys).bind_many(rows)
+    started = time.perf_counter()
+    try:
+        conn.executemany(sql, args)
+    except sqlite3.Error as error:
+        raise sqlite3_error(error, sql, dialect) from error
+    if _WATCHERS:
+        _watched(sql, args, started)
+
+
+def sqlite3_error(error: sqlite3.Error, sql: str, dialect: Dialect | None) -> Exception:
+    """A ``sqlite3`` error as ``session.execute`` raises it ("database is locked" is an
+    ``sqlalchemy.exc.OperationalError``)."""
+    return sa_exc.DBAPIError.instance(sql, None, error, sqlite3.Error, dialect=dialect)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -25,6 +26,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db import dialect_of, now_sql
@@ -167,10 +169,18 @@ async def add(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> None:
     if dialect_of(session) == "postgresql":
         await hotpath.fetch(session, _INSERT_AFTER_FEED_LOCK, array_params(rows))
     else:
-        clock = utcnow()
-        await hotpath.execute_many(
-            session, _INSERT, [{**row, "n_created_at": clock} for row in rows]
-        )
+        await hotpath.execute_many(session, _INSERT, _stamped(rows))
+
+
+def add_sqlite3(conn: sqlite3.Connection, dialect: Dialect, rows: Sequence[dict[str, Any]]) -> None:
+    """``add`` on a bare ``sqlite3`` connection, in the caller's transaction."""
+    hotpath.sqlite3_execute_many(conn, dialect, _INSERT, _stamped(rows))
+
+
+def _stamped(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """SQLite: the rows with this host's clock as their created_at (one value for all)."""
+    clock = utcnow()
+    return [{**row, "n_created_at": clock} for row in rows]
 
 
 # Built once (each call would otherwise build the statement and its cache key again).

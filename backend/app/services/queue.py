@@ -12,6 +12,7 @@ import functools
 import hashlib
 import json
 import re
+import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -42,6 +43,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from app.config import KeyLimit, RateLimit
@@ -582,24 +584,60 @@ async def claim_tasks(
         "only_ids": only_ids,
     }
     db_clock = now is None and dialect_of(session) == "postgresql"
+    stmt, params = _claim_call(filters, processor_id, limit, lease_seconds, db_clock, now)
+    claimed = _in_claim_order(await hotpath.fetch(session, stmt, params))
+    await notifications.add(session, _started_notes(claimed))
+    return claimed
+
+
+def claim_tasks_sqlite3(
+    conn: sqlite3.Connection,
+    dialect: Dialect,
+    *,
+    processor_id: str,
+    limit: int,
+    lease_seconds: float,
+    queues: Sequence[str] | None = None,
+    exclude_queues: Sequence[str] | None = None,
+    exclude_kinds: Sequence[str] | None = None,
+) -> list[ClaimedTask]:
+    """``claim_tasks`` on a bare ``sqlite3`` connection, in the caller's write transaction
+    (the claim loop's pick-up, Database.run_write's ``here``): the same two statements,
+    without a session around them (~0.6 ms of a ~0.8 ms claim on this machine)."""
+    if limit <= 0:
+        return []
+    filters = {"queues": queues, "exclude_queues": exclude_queues, "exclude_kinds": exclude_kinds}
+    stmt, params = _claim_call(filters, processor_id, limit, lease_seconds, False, None)
+    claimed = _in_claim_order(hotpath.sqlite3_fetch(conn, dialect, stmt, params))
+    notifications.add_sqlite3(conn, dialect, _started_notes(claimed))
+    return claimed
+
+
+def _claim_call(
+    filters: Mapping[str, Sequence[Any] | None],
+    processor_id: str,
+    limit: int,
+    lease_seconds: float,
+    db_clock: bool,
+    now: datetime | None,
+) -> tuple[Any, dict[str, Any]]:
+    """The claim statement of this shape and its parameters, the clock's included."""
     used, params = _claim_params(filters, processor_id, limit)
     if db_clock:
         params["c_lease"] = timedelta(seconds=lease_seconds)
     else:
         clock = now or utcnow()
         params.update(c_now=clock, c_lease_until=clock + timedelta(seconds=lease_seconds))
-    stmt = _claim_statement(db_clock, used)
-    claimed = _in_claim_order(await hotpath.fetch(session, stmt, params))
-    await notifications.add(
-        session,
-        [
-            notifications.build(
-                NotificationType.STARTED, t.ref, notifications.started_message(t.attempt, t.kind)
-            )
-            for t in claimed
-        ],
-    )
-    return claimed
+    return _claim_statement(db_clock, used), params
+
+
+def _started_notes(claimed: Sequence[ClaimedTask]) -> list[dict[str, Any]]:
+    return [
+        notifications.build(
+            NotificationType.STARTED, t.ref, notifications.started_message(t.attempt, t.kind)
+        )
+        for t in claimed
+    ]
 
 
 @functools.cache
