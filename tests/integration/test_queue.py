@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import event, func, select, update
+from sqlalchemy import event, func, select, text, update
 
 from app.db import Database
 from app.models import AnalysisNotification, NotificationType, PendingAnalysis, Processor
@@ -114,7 +115,27 @@ async def test_enqueue_tasks_keeps_input_order_and_mixes_keys(db: Database) -> N
 
 async def test_bulk_enqueue_keeps_order_in_one_statement(db: Database) -> None:
     """2,500 rows: ids come back in input order, and the rows go out in ONE statement
-    (PostgreSQL: arrays unnested; SQLite: one executemany), never one per row."""
+    (PostgreSQL: arrays unnested; SQLite: one INSERT … SELECT FROM json_each), never one
+    per row."""
+    assert len(await _enqueue_2500_in_order(db)) == 1
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"])
+@pytest.mark.parametrize("form", ["chunked", "executemany"])
+async def test_sqlite_bulk_enqueue_other_forms_keep_order(
+    db: Database, form: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite splits its document only past SQLITE_DOCUMENT_BYTES of payload (ids still in
+    input order across the statements); before SQLite 3.38 one executemany does it."""
+    if form == "chunked":
+        monkeypatch.setattr(queue, "SQLITE_DOCUMENT_BYTES", 1000 * len('{"n": 1000}'))
+    else:
+        monkeypatch.setattr(queue, "SQLITE_JSON_ARROWS", False)
+    assert len(await _enqueue_2500_in_order(db)) == (3 if form == "chunked" else 1)
+
+
+async def _enqueue_2500_in_order(db: Database) -> list[str]:
+    """Enqueue 2,500 rows in one call, check their ids and rows; the INSERTs it sent."""
     statements: list[str] = []
 
     def count(sql: str) -> None:
@@ -133,11 +154,11 @@ async def test_bulk_enqueue_keeps_order_in_one_statement(db: Database) -> None:
                 )
     finally:
         event.remove(db.engine.sync_engine, "before_cursor_execute", on_cursor)
-    assert len(statements) == 1, statements
     assert [r.created for r in results] == [True] * 2500
     async with db.read_transaction() as s:
         rows = dict((await s.execute(select(PendingAnalysis.id, PendingAnalysis.payload))).all())
     assert [rows[r.id] for r in results] == [{"n": n} for n in range(2500)]
+    return statements
 
 
 async def test_bulk_enqueue_writes_every_field_of_every_row(db: Database) -> None:
@@ -180,6 +201,45 @@ async def test_bulk_enqueue_writes_every_field_of_every_row(db: Database) -> Non
             assert abs((row.scheduled_at - row.created_at).total_seconds()) < 1
 
 
+@pytest.mark.parametrize("engine_name", ["sqlite"])
+async def test_bulk_enqueue_stores_the_same_text_as_one_enqueue(db: Database) -> None:
+    """SQLite's bulk document carries each payload as the JSON text the column type binds
+    (not re-serialised by SQLite), and times in the stored format: the raw columns of a
+    bulk row equal those of the same task enqueued alone."""
+    at = datetime(2030, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+    spec = {
+        "kind": "k",
+        "payload": {"b": [1, 2.5, None, True], "a": 'é ✓ "q" \\ \n', "u": "\\u0000 as text"},
+        "scheduled_at": at,
+        "user_id": "ü",
+    }
+    async with db.write_transaction() as s:
+        [alone] = await queue.enqueue_tasks(s, [spec], now=at)
+        bulk = await queue.enqueue_tasks(s, [spec, spec], now=at)
+    columns = "kind, queue, status, priority, payload, max_retries, timeout_seconds, user_id,"
+    columns += " project_id, chapter_id, scheduled_at, created_at, updated_at, typeof(priority)"
+    async with db.read_transaction() as s:
+        raw = {
+            row[0]: tuple(row[1:])
+            for row in await s.execute(text(f"SELECT id, {columns} FROM pending_analysis"))
+        }
+    assert raw[bulk[0].id] == raw[alone.id] == raw[bulk[1].id]
+    assert raw[alone.id][4] == json.dumps(spec["payload"])
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"])
+async def test_bulk_enqueue_of_a_string_utf8_cannot_hold_inserts_nothing(db: Database) -> None:
+    """A lone surrogate in a column's string (only the library can pass one; JSON bodies
+    cannot) fails the whole call, as it fails a single enqueue: never a row stored with
+    text that cannot be read back."""
+    specs = [{"kind": "k"}, {"kind": "k", "user_id": "u\ud800"}, {"kind": "k"}]
+    with pytest.raises(UnicodeEncodeError):
+        async with db.write_transaction() as s:
+            await queue.enqueue_tasks(s, specs)
+    async with db.read_transaction() as s:
+        assert (await s.execute(select(func.count()).select_from(PendingAnalysis))).scalar() == 0
+
+
 @pytest.mark.parametrize(
     "bad",
     [
@@ -206,6 +266,10 @@ async def test_bulk_enqueue_writes_every_field_of_every_row(db: Database) -> Non
         {"project_id": "\x00"},
         {"chapter_id": "c\x00"},
         {"idempotency_key": "key\x00"},
+        {"max_retries": 2**31},  # the columns are 32-bit integers
+        {"timeout_seconds": 2**31},
+        {"max_retries": "3"},  # not an integer: a clear error, not a TypeError
+        {"priority": 5.0},
     ],
 )
 def test_invalid_specs_are_rejected(bad: dict[str, object]) -> None:
@@ -226,9 +290,10 @@ def test_invalid_specs_are_rejected(bad: dict[str, object]) -> None:
 def test_valid_specs_are_accepted(good: dict[str, object]) -> None:
     spec = TaskSpec(**{"kind": "k", **good})  # type: ignore[arg-type]
     row = spec.row()
-    expected = {f.name: getattr(spec, f.name) for f in dataclasses.fields(TaskSpec)}
+    expected = {f.name: getattr(spec, f.name) for f in dataclasses.fields(TaskSpec) if f.init}
     expected["sched"] = expected.pop("scheduled_at")
     assert row == expected  # every field of the spec, nothing else
+    assert spec.payload_json == json.dumps(spec.payload)  # what the column type would bind
 
 
 # --- claim -----------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import hashlib
 import json
 import re
 import sqlite3
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -78,6 +78,7 @@ DEFAULT_MAX_RETRIES = 3
 DEFAULT_TIMEOUT_SECONDS = 600
 MAX_NAME_LENGTH = 100
 MAX_ID_LENGTH = 255
+MAX_INT = 2**31 - 1  # max_retries and timeout_seconds are 32-bit integer columns
 PRUNE_BATCH_SIZE = 1_000
 LEASE_EXPIRED_ERROR = (
     "lease expired: the daemon running this attempt stopped renewing it "
@@ -90,6 +91,8 @@ REF_COLUMNS = (T.id, T.kind, T.user_id, T.project_id, T.chapter_id, T.attempts)
 
 #: A NUL character in JSON text: ``\u0000`` not preceded by an odd number of backslashes
 #: (``\\u0000`` is the six characters \u0000 written as plain text, which is fine).
+#: ``json.dumps(payload, allow_nan=False)``, without building an encoder for every call.
+_PAYLOAD_JSON = json.JSONEncoder(allow_nan=False)
 _NUL_IN_JSON = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
 
@@ -118,6 +121,8 @@ class TaskSpec:
     project_id: str | None = None
     chapter_id: str | None = None
     idempotency_key: str | None = None
+    #: The payload as JSON text (validation writes it anyway; SQLite's bulk insert sends it).
+    payload_json: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # The common case in one expression; any doubt takes the checks that say what is
@@ -141,8 +146,8 @@ class TaskSpec:
             and 0 < len(kind) <= MAX_NAME_LENGTH
             and 0 < len(queue) <= MAX_NAME_LENGTH
             and MIN_PRIORITY <= self.priority <= MAX_PRIORITY
-            and self.max_retries >= 0
-            and self.timeout_seconds > 0
+            and 0 <= self.max_retries <= MAX_INT
+            and 0 < self.timeout_seconds <= MAX_INT
             and (user is None or (type(user) is str and 0 < len(user) <= MAX_ID_LENGTH))
             and (project is None or (type(project) is str and 0 < len(project) <= MAX_ID_LENGTH))
             and (chapter is None or (type(chapter) is str and 0 < len(chapter) <= MAX_ID_LENGTH))
@@ -155,25 +160,30 @@ class TaskSpec:
             and (key is None or "\x00" not in key)
         ):
             try:
-                text = json.dumps(self.payload, allow_nan=False)
+                text = _PAYLOAD_JSON.encode(self.payload)
             except (TypeError, ValueError):
                 text = None
         if text is None or ("u0000" in text and _NUL_IN_JSON.search(text)):
-            self._explain()
+            text = self._explain()
+        object.__setattr__(self, "payload_json", text)
 
-    def _explain(self) -> None:
+    def _explain(self) -> str:
         """Every check, each with its own message: raises InvalidTaskError."""
         _check(bool(self.kind) and len(self.kind) <= MAX_NAME_LENGTH, "kind", self.kind)
         _check(bool(self.queue) and len(self.queue) <= MAX_NAME_LENGTH, "queue", self.queue)
         _check(isinstance(self.payload, dict), "payload", "must be a JSON object")
-        _check(MIN_PRIORITY <= self.priority <= MAX_PRIORITY, "priority", self.priority)
-        _check(self.max_retries >= 0, "max_retries", self.max_retries)
-        _check(self.timeout_seconds > 0, "timeout_seconds", self.timeout_seconds)
+        for name, low, high in (
+            ("priority", MIN_PRIORITY, MAX_PRIORITY),
+            ("max_retries", 0, MAX_INT),
+            ("timeout_seconds", 1, MAX_INT),
+        ):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and low <= value <= high, name, value)
         for name in ("user_id", "project_id", "chapter_id", "idempotency_key"):
             value = getattr(self, name)
             _check(value is None or 0 < len(value) <= MAX_ID_LENGTH, name, value)
         try:
-            text = json.dumps(self.payload, allow_nan=False)
+            text = _PAYLOAD_JSON.encode(self.payload)
         except (TypeError, ValueError) as exc:
             raise InvalidTaskError(f"payload is not JSON-serialisable: {exc}") from None
         # PostgreSQL stores neither NUL characters in text nor \u0000 in jsonb.
@@ -182,6 +192,7 @@ class TaskSpec:
             "\x00" in s for s in [*strings, self.idempotency_key] if s
         ):
             raise InvalidTaskError("strings must not contain NUL (\\u0000) characters")
+        return text
 
     def row(self) -> dict[str, Any]:
         """Insert parameters for this spec (``sched`` feeds the scheduled_at default)."""
@@ -322,19 +333,33 @@ async def enqueue_tasks(
 ) -> list[EnqueuedTask]:
     """Insert many pending tasks in the caller's transaction; results in the input order."""
     items = [s if isinstance(s, TaskSpec) else TaskSpec(**s) for s in specs]
+    if not items:
+        return []
+    keyed = [i for i, s in enumerate(items) if s.idempotency_key is not None]
+    if keyed:
+        results = await _enqueue_keyed_too(session, items, keyed, now)
+    else:  # the common call: every row new, ids in input order
+        results = [
+            EnqueuedTask(task_id, True) for task_id in await _insert_plain(session, items, now)
+        ]
+    if dialect_of(session) == "sqlite":
+        wake_daemons_at_commit(session)  # PostgreSQL: the insert trigger's NOTIFY
+    return results
+
+
+async def _enqueue_keyed_too(
+    session: AsyncSession, items: list[TaskSpec], keyed: list[int], now: datetime | None
+) -> list[EnqueuedTask]:
+    """Rows with idempotency keys (``keyed``: their positions) among plain ones."""
     results: dict[int, EnqueuedTask] = {}
     plain = [i for i, s in enumerate(items) if s.idempotency_key is None]
-    keyed = [i for i, s in enumerate(items) if s.idempotency_key is not None]
     if plain:
-        ids = await _insert_plain(session, [items[i].row() for i in plain], now)
+        ids = await _insert_plain(session, [items[i] for i in plain], now)
         results.update(
             {i: EnqueuedTask(task_id, True) for i, task_id in zip(plain, ids, strict=True)}
         )
-    if keyed:
-        by_key = await _insert_keyed(session, [items[i] for i in keyed], now)
-        results.update({i: by_key[items[i].idempotency_key or ""] for i in keyed})
-    if items and dialect_of(session) == "sqlite":
-        wake_daemons_at_commit(session)  # PostgreSQL: the insert trigger's NOTIFY
+    by_key = await _insert_keyed(session, [items[i] for i in keyed], now)
+    results.update({i: by_key[items[i].idempotency_key or ""] for i in keyed})
     return [results[i] for i in range(len(items))]
 
 
@@ -371,11 +396,13 @@ _ZERO: ColumnElement[int] = literal_column("0", Integer())
 
 
 async def _insert_plain(
-    session: AsyncSession, rows: list[dict[str, Any]], now: datetime | None
+    session: AsyncSession, specs: list[TaskSpec], now: datetime | None
 ) -> list[int]:
     dialect = dialect_of(session)
     pinned = now is not None
-    params = _with_clock(rows, now)
+    if len(specs) > 1 and dialect == "sqlite" and SQLITE_JSON_ARROWS:
+        return await _insert_sqlite_bulk(session, specs, now)
+    params = _with_clock([s.row() for s in specs], now)
     if len(params) == 1:  # the common enqueue: one row, on the bare driver
         stmt = _insert_statement(dialect, pinned)
         return [row.id for row in await hotpath.fetch(session, stmt, params[0])]
@@ -386,16 +413,97 @@ async def _insert_plain(
         # never reorder them).
         found = await hotpath.fetch(session, _bulk_insert_statement(pinned), _arrays(params))
         return sorted(row.id for row in found)
-    # SQLite: one executemany of the one-row INSERT, on the bare driver. This transaction
-    # holds the database's only write lock and the table is AUTOINCREMENT (a new rowid is
-    # one more than the largest ever given), so the rows took consecutive ids, in order,
-    # ending at last_insert_rowid().
+    # SQLite before 3.38 (no ->> operator for _insert_sqlite_bulk): one executemany of
+    # the one-row INSERT, ids as there.
     await hotpath.execute_many(session, _insert_statement(dialect, pinned, returning=False), params)
+    return await _last_ids(session, len(params))
+
+
+async def _insert_sqlite_bulk(
+    session: AsyncSession, specs: list[TaskSpec], now: datetime | None
+) -> list[int]:
+    """SQLite: the rows travel as one JSON document (an array of arrays) and ONE INSERT …
+    SELECT FROM json_each(document) ORDER BY the position inserts them all (an
+    executemany steps the one-row INSERT once per row, ~1.6x slower, with each row's
+    parameters processed in Python)."""
+    clock = now or utcnow()
+    clocks = dict.fromkeys(_CLOCKS, clock)
+    when = _sqlite_time_binder(session.get_bind().dialect)
+    statement = _sqlite_bulk_insert_statement()
+    for document in _sqlite_documents(specs, when):
+        await hotpath.fetch(session, statement, {**clocks, "b_rows": document})
+    return await _last_ids(session, len(specs))
+
+
+async def _last_ids(session: AsyncSession, count: int) -> list[int]:
+    """SQLite: the ids of the ``count`` rows this transaction just inserted. It holds the
+    database's only write lock and the table is AUTOINCREMENT (a new rowid is one more than
+    the largest ever given), so the rows took consecutive ids, in order, ending at
+    last_insert_rowid()."""
     [(last,)] = await hotpath.fetch(session, _LAST_ROWID, {})
-    return list(range(last - len(params) + 1, last + 1))
+    return list(range(last - count + 1, last + 1))
 
 
 _LAST_ROWID = select(func.last_insert_rowid())
+
+#: SQLite 3.38 brought the ``->>`` operator the bulk INSERT reads its document with.
+SQLITE_JSON_ARROWS = sqlite3.sqlite_version_info >= (3, 38, 0)
+
+#: One bulk document's payload text before another statement starts (SQLite's limit on a
+#: value is 1,000,000,000 bytes; the API's bulk request may carry 1,000 payloads of 1 MB).
+SQLITE_DOCUMENT_BYTES = 16 * 1024 * 1024
+
+
+@functools.cache
+def _sqlite_bulk_insert_statement() -> Any:
+    """SQLite: many plain enqueues in ONE INSERT … SELECT FROM json_each(document), each
+    row an array of the ``_BULK_COLUMNS`` values (as their types bind them), in order."""
+    rows = func.json_each(bindparam("b_rows", type_=Text())).table_valued("key", "value")
+    doc = rows.alias("b")
+    fields = {
+        name: doc.c.value.op("->>")(literal_column(str(i))) for i, name in enumerate(_BULK_COLUMNS)
+    }
+    columns: dict[str, Any] = {c: fields[c] for c in _BULK_COLUMNS if c != "sched"}
+    columns.update(_insert_values("sqlite", True, sched=fields["sched"]))
+    pick = select(*(expr.label(name) for name, expr in columns.items())).order_by(doc.c.key)
+    return insert(TASKS).from_select(list(columns), pick)
+
+
+@functools.cache
+def _sqlite_time_binder(dialect: Dialect) -> Callable[[datetime], Any]:
+    """A schedule as SQLite stores it (UTCDateTime's bind processing)."""
+    process = T.scheduled_at.type.dialect_impl(dialect).bind_processor(dialect)
+    return process if process is not None else (lambda value: value)
+
+
+def _sqlite_documents(specs: Sequence[TaskSpec], when: Callable[[datetime], Any]) -> Iterator[str]:
+    """The rows of _sqlite_bulk_insert_statement as JSON documents, with at most about
+    SQLITE_DOCUMENT_BYTES of payload each. ``ensure_ascii=False``: text stays UTF-8, and a
+    string no UTF-8 can hold (a lone surrogate) fails the insert as the one-row INSERT
+    does, never stored mangled."""
+    chunk: list[list[Any]] = []
+    size = 0
+    for s in specs:
+        chunk.append(
+            [
+                s.kind,
+                s.queue,
+                s.priority,
+                s.payload_json,
+                s.max_retries,
+                s.timeout_seconds,
+                None if s.scheduled_at is None else when(s.scheduled_at),
+                s.user_id,
+                s.project_id,
+                s.chapter_id,
+            ]
+        )
+        size += len(s.payload_json)
+        if size >= SQLITE_DOCUMENT_BYTES:
+            yield json.dumps(chunk, ensure_ascii=False)
+            chunk, size = [], 0
+    if chunk:
+        yield json.dumps(chunk, ensure_ascii=False)
 
 
 @functools.cache
