@@ -128,7 +128,7 @@ def processor(
 
 
 BULK_CHUNK = 1_000
-SPEC_FIELDS = frozenset(f.name for f in dataclasses.fields(queue.TaskSpec))
+SPEC_FIELDS = frozenset(f.name for f in dataclasses.fields(queue.TaskSpec) if f.init)
 
 
 def build_spec(conf: Settings, item: dict[str, Any], where: str) -> queue.TaskSpec:

@@ -305,7 +305,11 @@ class Database:
         )
         path = sqlite_path(engine.url)
         self._writer: WriteThread | None = None
-        self._here = None if path is None else _HereWriter(path.expanduser(), engine.dialect)
+        # Not for URLs with options (a file: URI, mode=ro …): sqlite3.connect(path) would
+        # not open the same database the engine does.
+        self._here = None
+        if path is not None and not engine.url.query:
+            self._here = _HereWriter(path.expanduser(), engine.dialect)
         if write_thread and path is not None:
             from app.sqlite_writer import WriteThread
 

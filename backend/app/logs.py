@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
+import os
 import sys
+import threading
+import time
+import weakref
 from datetime import UTC, datetime
 from typing import Any
 
@@ -31,26 +34,30 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-#: How long a line logged on an event loop may wait to be written with the lines after it.
+#: How long an INFO line may wait to be written with the lines after it.
 FLUSH_AFTER_SECONDS = 0.01
 
 
 class BatchedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """A StreamHandler that writes the lines of one event-loop iteration together.
+    """A StreamHandler that writes lines in batches, from a thread of its own.
 
     The daemon logs two INFO lines a job; one write(2) each was ~30 % of a SQLite drain at
     thousands of jobs a second (more than all of its SQL on the event loop's thread). Here
-    a record logged while an event loop runs waits for that loop's next iteration (a
-    ``call_soon``), and every line waiting then goes out in one write: order kept, nothing
-    dropped, at most one iteration late. A WARNING or worse, and any record logged where no
-    event loop runs, is written at once, after the lines before it. ``flush()`` (also at
-    interpreter exit, logging.shutdown) writes whatever waits.
+    a line below WARNING waits at most FLUSH_AFTER_SECONDS: the first one wakes a writer
+    thread, which sleeps that long and then writes every line waiting in one write: order
+    kept, nothing dropped, whatever the logging thread does meanwhile (a blocked event
+    loop, a loop that closed). A WARNING or worse is written at once, after the lines
+    before it; so is everything on ``flush()`` (logging.shutdown at exit). A SIGKILL loses
+    at most the last FLUSH_AFTER_SECONDS of INFO lines.
     """
 
-    def __init__(self, stream: Any = None) -> None:
+    def __init__(self, stream: Any = None, delay: float = FLUSH_AFTER_SECONDS) -> None:
         super().__init__(stream)
+        self._delay = delay
         self._pending: list[str] = []
-        self._scheduled: set[asyncio.AbstractEventLoop] = set()
+        self._wanted = threading.Event()
+        self._writer: threading.Thread | None = None
+        _HANDLERS.add(self)
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -59,41 +66,59 @@ class BatchedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
             self.handleError(record)
             return
         self._pending.append(line)  # Handler.handle holds self.lock around emit
-        loop = None if record.levelno >= logging.WARNING else _running_loop()
-        if loop is None:
-            self._write(record)
-        elif loop not in self._scheduled:
-            self._scheduled.add(loop)
-            loop.call_later(FLUSH_AFTER_SECONDS, self._flush_for, loop)
+        if record.levelno >= logging.WARNING:
+            self._write_pending()
+        elif len(self._pending) == 1:
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._run, name="log-writer", daemon=True)
+                self._writer.start()
+            self._wanted.set()
 
-    def _flush_for(self, loop: asyncio.AbstractEventLoop) -> None:
-        with self.lock:  # type: ignore[union-attr]
-            self._scheduled.discard(loop)
-            self._write(None)
+    def _run(self) -> None:
+        while True:
+            self._wanted.wait()
+            time.sleep(self._delay)
+            with self.lock:  # type: ignore[union-attr]
+                self._wanted.clear()
+                self._write_pending()
 
     def flush(self) -> None:
         with self.lock:  # type: ignore[union-attr]
-            self._write(None)
+            self._write_pending()
             super().flush()
 
-    def _write(self, record: logging.LogRecord | None) -> None:
-        if not self._pending:
+    def _write_pending(self) -> None:
+        lines, self._pending = self._pending, []
+        if not lines:
             return
-        text = self.terminator.join(self._pending) + self.terminator
-        self._pending.clear()
         try:
-            self.stream.write(text)
+            self.stream.write(self.terminator.join(lines) + self.terminator)
             self.stream.flush()
         except Exception:
-            if record is not None:
-                self.handleError(record)
+            self.handleError(_lost(len(lines)))
+
+    def _after_fork(self) -> None:
+        # The parent writes what it had; the child starts empty, with no writer thread.
+        self._pending = []
+        self._wanted = threading.Event()
+        self._writer = None
 
 
-def _running_loop() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
+def _lost(count: int) -> logging.LogRecord:
+    return logging.makeLogRecord(
+        {"msg": f"{count} log line(s) could not be written", "levelname": "ERROR"}
+    )
+
+
+_HANDLERS: weakref.WeakSet[BatchedStreamHandler] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for handler in list(_HANDLERS):
+        handler._after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def setup_logging(level: str = "INFO", fmt: str = "text") -> None:

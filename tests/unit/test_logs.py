@@ -4,21 +4,34 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+import time
+
+import pytest
 
 from app.logs import FLUSH_AFTER_SECONDS, BatchedStreamHandler
 
 
 class Stream:
-    """Records each write(2)-sized call the handler makes."""
+    """Records each write(2)-sized call the handler makes; ``fail`` makes writes raise."""
 
     def __init__(self) -> None:
         self.writes: list[str] = []
+        self.fail = False
+        self._lock = threading.Lock()
 
     def write(self, text: str) -> None:
-        self.writes.append(text)
+        if self.fail:
+            raise BlockingIOError("stderr is full")
+        with self._lock:
+            self.writes.append(text)
 
     def flush(self) -> None:
         pass
+
+    def text(self) -> str:
+        with self._lock:
+            return "".join(self.writes)
 
 
 def _logger(stream: Stream) -> logging.Logger:
@@ -31,38 +44,46 @@ def _logger(stream: Stream) -> logging.Logger:
     return logger
 
 
-def test_outside_an_event_loop_each_line_is_written_at_once() -> None:
-    stream = Stream()
-    log = _logger(stream)
-    log.info("one")
-    log.info("two")
-    assert stream.writes == ["INFO one\n", "INFO two\n"]
+def _written(stream: Stream, expected: str, within: float = 2.0) -> bool:
+    """Wait (blocking this thread, never yielding to an event loop) until ``expected``."""
+    deadline = time.monotonic() + within
+    while stream.text() != expected and time.monotonic() < deadline:
+        time.sleep(0.001)
+    return stream.text() == expected
 
 
-async def test_lines_logged_together_on_a_loop_go_out_in_one_write() -> None:
+def test_lines_logged_together_go_out_in_one_write_in_order() -> None:
     stream = Stream()
     log = _logger(stream)
     for n in range(5):
         log.info("job %d", n)
-    assert stream.writes == []  # waiting for the flush, at most FLUSH_AFTER_SECONDS
-    await asyncio.sleep(FLUSH_AFTER_SECONDS * 3)
-    assert stream.writes == ["".join(f"INFO job {n}\n" for n in range(5))]
+    assert _written(stream, "".join(f"INFO job {n}\n" for n in range(5)))
+    assert len(stream.writes) == 1
     log.info("later")
-    await asyncio.sleep(FLUSH_AFTER_SECONDS * 3)
-    assert stream.writes[1:] == ["INFO later\n"]
+    assert _written(stream, "".join(f"INFO job {n}\n" for n in range(5)) + "INFO later\n")
+    assert len(stream.writes) == 2
 
 
-async def test_a_warning_is_written_at_once_after_the_lines_before_it() -> None:
+def test_a_line_waits_at_most_about_the_flush_delay() -> None:
+    stream = Stream()
+    log = _logger(stream)
+    started = time.monotonic()
+    log.info("soon")
+    assert _written(stream, "INFO soon\n")
+    assert time.monotonic() - started >= FLUSH_AFTER_SECONDS * 0.9  # batched, not at once
+
+
+def test_a_warning_is_written_at_once_after_the_lines_before_it() -> None:
     stream = Stream()
     log = _logger(stream)
     log.info("started")
     log.warning("trouble")
     assert stream.writes == ["INFO started\nWARNING trouble\n"]
-    await asyncio.sleep(FLUSH_AFTER_SECONDS * 3)  # the scheduled flush finds nothing left
+    time.sleep(FLUSH_AFTER_SECONDS * 3)  # the writer wakes and finds nothing left
     assert stream.writes == ["INFO started\nWARNING trouble\n"]
 
 
-async def test_flush_writes_what_waits() -> None:
+def test_flush_writes_what_waits() -> None:
     """logging.shutdown() at exit flushes every handler: no line waits past the process."""
     stream = Stream()
     log = _logger(stream)
@@ -72,19 +93,52 @@ async def test_flush_writes_what_waits() -> None:
     assert stream.writes == ["INFO last words\n"]
 
 
-async def test_lines_from_another_thread_with_its_own_loop_are_written_too() -> None:
-    """The daemon's SQLite write thread runs an event loop of its own."""
+async def test_a_blocked_event_loop_does_not_hold_its_lines_back() -> None:
+    """A handler that blocks the loop right after "started" was logged: the line is still
+    written (a watchdog kill then loses nothing logged before)."""
+    stream = Stream()
+    log = _logger(stream)
+    log.info("task 1: started")
+    assert _written(stream, "INFO task 1: started\n")  # the loop never turned meanwhile
+
+
+def test_lines_of_a_loop_that_closed_at_once_are_written() -> None:
+    """Threads that run a short event loop of their own (asyncio.run in a sync handler)."""
     stream = Stream()
     log = _logger(stream)
 
-    def other_thread() -> None:
-        async def log_there() -> None:
-            log.info("from the write thread")
-            await asyncio.sleep(FLUSH_AFTER_SECONDS * 3)
+    async def log_there(n: int) -> None:
+        log.info("from loop %d", n)
 
-        asyncio.run(log_there())
+    threads = [threading.Thread(target=asyncio.run, args=(log_there(n),)) for n in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    deadline = time.monotonic() + 2
+    while stream.text().count("\n") < 20 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert sorted(stream.text().splitlines()) == sorted(f"INFO from loop {n}" for n in range(20))
 
-    log.info("from the main loop")
-    await asyncio.to_thread(other_thread)
-    await asyncio.sleep(FLUSH_AFTER_SECONDS * 3)
-    assert "".join(stream.writes) == "INFO from the main loop\nINFO from the write thread\n"
+
+def test_a_failed_write_is_reported_and_the_next_lines_still_go_out(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    stream = Stream()
+    log = _logger(stream)
+    stream.fail = True
+    log.warning("lost")
+    assert "1 log line(s) could not be written" in capsys.readouterr().err
+    stream.fail = False
+    log.info("after")
+    assert _written(stream, "INFO after\n")
+
+
+def test_a_failed_batch_says_how_many_lines_it_lost(capsys: pytest.CaptureFixture[str]) -> None:
+    stream = Stream()
+    log = _logger(stream)
+    stream.fail = True
+    log.info("one")
+    log.warning("two")
+    err = capsys.readouterr().err
+    assert "--- Logging error ---" in err and "2 log line(s) could not be written" in err

@@ -21,6 +21,7 @@ in an empty set.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -79,6 +80,8 @@ def _reached(name: str, armed: str, at_pass: int) -> None:
         return
     _passes += 1
     if _passes == at_pass:
+        for handler in logging.getLogger().handlers:  # the lines logged before it, first
+            handler.flush()
         sys.stderr.write(f"fault point {name} reached (pass {_passes}): SIGKILL\n")
         sys.stderr.flush()
         os.kill(os.getpid(), signal.SIGKILL)

@@ -121,8 +121,6 @@ class TaskSpec:
     project_id: str | None = None
     chapter_id: str | None = None
     idempotency_key: str | None = None
-    #: The payload as JSON text (validation writes it anyway; SQLite's bulk insert sends it).
-    payload_json: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # The common case in one expression; any doubt takes the checks that say what is
@@ -164,13 +162,13 @@ class TaskSpec:
             except (TypeError, ValueError):
                 text = None
         if text is None or ("u0000" in text and _NUL_IN_JSON.search(text)):
-            text = self._explain()
-        object.__setattr__(self, "payload_json", text)
+            self._explain()
 
-    def _explain(self) -> str:
+    def _explain(self) -> None:
         """Every check, each with its own message: raises InvalidTaskError."""
-        _check(bool(self.kind) and len(self.kind) <= MAX_NAME_LENGTH, "kind", self.kind)
-        _check(bool(self.queue) and len(self.queue) <= MAX_NAME_LENGTH, "queue", self.queue)
+        for name in ("kind", "queue"):
+            value = getattr(self, name)
+            _check(isinstance(value, str) and 0 < len(value) <= MAX_NAME_LENGTH, name, value)
         _check(isinstance(self.payload, dict), "payload", "must be a JSON object")
         for name, low, high in (
             ("priority", MIN_PRIORITY, MAX_PRIORITY),
@@ -181,7 +179,8 @@ class TaskSpec:
             _check(isinstance(value, int) and low <= value <= high, name, value)
         for name in ("user_id", "project_id", "chapter_id", "idempotency_key"):
             value = getattr(self, name)
-            _check(value is None or 0 < len(value) <= MAX_ID_LENGTH, name, value)
+            ok = value is None or (isinstance(value, str) and 0 < len(value) <= MAX_ID_LENGTH)
+            _check(ok, name, value)
         try:
             text = _PAYLOAD_JSON.encode(self.payload)
         except (TypeError, ValueError) as exc:
@@ -192,7 +191,6 @@ class TaskSpec:
             "\x00" in s for s in [*strings, self.idempotency_key] if s
         ):
             raise InvalidTaskError("strings must not contain NUL (\\u0000) characters")
-        return text
 
     def row(self) -> dict[str, Any]:
         """Insert parameters for this spec (``sched`` feeds the scheduled_at default)."""
@@ -428,9 +426,9 @@ async def _insert_sqlite_bulk(
     parameters processed in Python)."""
     clock = now or utcnow()
     clocks = dict.fromkeys(_CLOCKS, clock)
-    when = _sqlite_time_binder(session.get_bind().dialect)
+    payload, when = _sqlite_binders(session.get_bind().dialect)
     statement = _sqlite_bulk_insert_statement()
-    for document in _sqlite_documents(specs, when):
+    for document in _sqlite_documents(specs, payload, when):
         await hotpath.fetch(session, statement, {**clocks, "b_rows": document})
     return await _last_ids(session, len(specs))
 
@@ -470,13 +468,19 @@ def _sqlite_bulk_insert_statement() -> Any:
 
 
 @functools.cache
-def _sqlite_time_binder(dialect: Dialect) -> Callable[[datetime], Any]:
-    """A schedule as SQLite stores it (UTCDateTime's bind processing)."""
-    process = T.scheduled_at.type.dialect_impl(dialect).bind_processor(dialect)
-    return process if process is not None else (lambda value: value)
+def _sqlite_binders(dialect: Dialect) -> tuple[Callable[[Any], str], Callable[[datetime], Any]]:
+    """A payload and a schedule as SQLite stores them: the column types' own bind
+    processing (JSON text; UTCDateTime's text)."""
+    payload = T.payload.type.dialect_impl(dialect).bind_processor(dialect)
+    when = T.scheduled_at.type.dialect_impl(dialect).bind_processor(dialect)
+    if payload is None or when is None:
+        raise TypeError(f"{dialect.name}: the payload and time columns bind through Python")
+    return payload, when
 
 
-def _sqlite_documents(specs: Sequence[TaskSpec], when: Callable[[datetime], Any]) -> Iterator[str]:
+def _sqlite_documents(
+    specs: Sequence[TaskSpec], payload: Callable[[Any], str], when: Callable[[datetime], Any]
+) -> Iterator[str]:
     """The rows of _sqlite_bulk_insert_statement as JSON documents, with at most about
     SQLITE_DOCUMENT_BYTES of payload each. ``ensure_ascii=False``: text stays UTF-8, and a
     string no UTF-8 can hold (a lone surrogate) fails the insert as the one-row INSERT
@@ -484,12 +488,13 @@ def _sqlite_documents(specs: Sequence[TaskSpec], when: Callable[[datetime], Any]
     chunk: list[list[Any]] = []
     size = 0
     for s in specs:
+        text = payload(s.payload)
         chunk.append(
             [
                 s.kind,
                 s.queue,
                 s.priority,
-                s.payload_json,
+                text,
                 s.max_retries,
                 s.timeout_seconds,
                 None if s.scheduled_at is None else when(s.scheduled_at),
@@ -498,7 +503,7 @@ def _sqlite_documents(specs: Sequence[TaskSpec], when: Callable[[datetime], Any]
                 s.chapter_id,
             ]
         )
-        size += len(s.payload_json)
+        size += len(text)
         if size >= SQLITE_DOCUMENT_BYTES:
             yield json.dumps(chunk, ensure_ascii=False)
             chunk, size = [], 0
