@@ -126,8 +126,21 @@ class Deaths:
             "duplicated": sum(self.duplicated(ledger).values()),
             "reruns_after_kills": sum(n - 1 for n in ledger.starts().values()),
             "in_flight_at_kills": sum(len(hit) for _, _, hit in self.log),
+            "most_in_flight_at_a_kill": max((len(hit) for _, _, hit in self.log), default=0),
             "recovery_seconds": self.recovery(ledger),
         }
+
+
+CHAOS_CONCURRENCY = 16
+
+
+def chaos_recovery_bound(profile: Profile, most_in_flight: int) -> float:
+    """How long after a kill every job it interrupted may take to START again: rescued
+    (``rescue_within``), then a slot each, behind the restarted daemon's own work: one
+    longest job per round of ``CHAOS_CONCURRENCY`` (the daemon holds more than its slots:
+    it claims ahead)."""
+    rounds = -(-most_in_flight // CHAOS_CONCURRENCY)  # ceiling
+    return profile.rescue_within + rounds * profile.chaos_sleep[1]
 
 
 async def chaos(
@@ -149,7 +162,12 @@ async def chaos(
     lo, hi = profile.chaos_sleep
     payloads = [{"sleep": round(rng.uniform(lo, hi), 3)} for _ in range(jobs)]
     ids = await enqueue_payloads(db, ASYNC_KIND, payloads, max_retries=10)
-    sup = supervise("chaos", max_concurrent="16", extra_env=extra_env or {}, **profile.settings())
+    sup = supervise(
+        "chaos",
+        max_concurrent=str(CHAOS_CONCURRENCY),
+        extra_env=extra_env or {},
+        **profile.settings(),
+    )
     deaths = Deaths()
     for k in range(kills):
         run = await asyncio.to_thread(sup.wait_for_run, k)

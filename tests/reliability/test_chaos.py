@@ -7,7 +7,13 @@ import pytest
 from app.db import Database
 from tests.reliability.harness import Figures, Ledger, Profile
 from tests.reliability.invariants import describe
-from tests.reliability.scenarios import FAULT_POINTS, Supervise, chaos, fault_points
+from tests.reliability.scenarios import (
+    FAULT_POINTS,
+    Supervise,
+    chaos,
+    chaos_recovery_bound,
+    fault_points,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -24,7 +30,8 @@ async def test_random_sigkill_chaos(
     assert result.figures["lost"] == 0 and result.figures["duplicated"] == 0
     assert result.figures["max_restart_gap_seconds"] < 0.5
     assert result.figures["recovery_seconds"] is not None
-    assert result.figures["recovery_seconds"] <= profile.rescue_within
+    bound = chaos_recovery_bound(profile, result.figures["most_in_flight_at_a_kill"])
+    assert result.figures["recovery_seconds"] <= bound
 
 
 async def test_sigkill_at_each_fault_point(
