@@ -327,6 +327,34 @@ async def test_run_write_here_raises_errors_from_inside_the_transaction(
 
 
 @pytest.mark.parametrize("engine_name", ["sqlite"])
+async def test_run_write_here_a_failed_commit_is_raised_and_rolled_back(
+    threaded_db: Database,
+) -> None:
+    """COMMIT itself fails (a deferred foreign key check): SQLAlchemy's IntegrityError,
+    nothing of the transaction kept, the connection fine for the next one."""
+
+    def orphan_note(conn: sqlite3.Connection, dialect: Dialect) -> None:
+        _insert_here("p1")(conn, dialect)
+        conn.execute("PRAGMA defer_foreign_keys=ON")
+        conn.execute(
+            "INSERT INTO analysis_notifications (task_id, type, title, message, data, is_read,"
+            " created_at) VALUES (424242, 'started', 't', 'm', '{}', 0, ?)",
+            (str(utcnow()),),
+        )
+
+    async def unused(_s: AsyncSession) -> None:
+        raise AssertionError("fn must not run after here failed")
+
+    with pytest.raises(sa_exc.IntegrityError, match="FOREIGN KEY"):
+        await threaded_db.run_write(unused, here=orphan_note)
+    assert await _count(threaded_db) == 0
+    assert await threaded_db.run_write(unused, here=_insert_here("p2")) == (
+        "here:" + threading.current_thread().name
+    )
+    assert await _count(threaded_db) == 1
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"])
 async def test_run_write_and_write_transaction_take_turns(threaded_db: Database) -> None:
     # Writers of one process queue on one lock, whichever path they take: none of them
     # meets "database is locked" from its own process.
