@@ -176,6 +176,30 @@ async def test_nul_characters_are_refused_naming_the_field(
     assert ok.status_code == 202 and ok.json()["payload"] == fine["payload"]
 
 
+async def test_urls_with_nul_characters_are_refused(api: Api) -> None:
+    """In the path (decoded) or the query string: 400 with a detail, before any route."""
+    for url in (f"{P}/tasks/a%00b/latest", f"{P}/tasks?kind=a%00b"):
+        r = await api.client.get(url, headers=api.h("alice"))
+        assert r.status_code == 400, url
+        assert r.json() == {"detail": "NUL characters are not allowed in URLs"}
+    assert (await api.get("alice", "/tasks?kind=noop")).status_code == 200
+
+
+async def test_method_not_allowed_lists_every_method_of_the_path(api: Api) -> None:
+    """Starlette names only the first matching route's methods; the guard names them all."""
+    r = await api.client.delete(f"{P}/tasks", headers=api.h("alice"))
+    assert r.status_code == 405
+    assert r.headers["Allow"] == "GET, POST"
+    assert "detail" in r.json()
+    r = await api.client.put(f"{P}/tasks/1/retry", headers=api.h("alice"))
+    assert (r.status_code, r.headers["Allow"]) == (405, "POST")
+    r = await api.client.post(f"{P}/tasks/1", headers=api.h("alice"))
+    assert (r.status_code, r.headers["Allow"]) == (405, "GET")
+    for method in ("GET", "DELETE", "OPTIONS"):  # not read as a task id: POST only
+        r = await api.client.request(method, f"{P}/tasks/bulk", headers=api.h("alice"))
+        assert (r.status_code, r.headers["Allow"]) == (405, "POST"), method
+
+
 def test_openapi_declares_the_nul_rule_on_every_string_input() -> None:
     """Every string a request carries (query, path, body, payload keys and values) has the
     pattern that refuses NUL, so a schema-valid request is one the API accepts."""

@@ -16,13 +16,13 @@ bearer = HTTPBearer(auto_error=False, description="An API token: `async-processo
 UNAUTHORIZED_HEADERS = {"WWW-Authenticate": "Bearer"}
 
 
-def get_db(request: Request) -> Database:
-    """The app's Database."""
+async def get_db(request: Request) -> Database:
+    """The app's Database (async: FastAPI runs a plain ``def`` dependency in a thread)."""
     db: Database = request.app.state.db
     return db
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     """The app's Settings."""
     settings: Settings = request.app.state.settings
     return settings

@@ -142,7 +142,9 @@ async def create_tasks(
     return BulkResult(tasks=[TaskPublic.of(t) for t in tasks if t is not None])
 
 
-@router.api_route("/bulk", methods=["GET", "PUT", "PATCH", "DELETE"], include_in_schema=False)
+@router.api_route(
+    "/bulk", methods=["GET", "HEAD", "PUT", "PATCH", "DELETE", "OPTIONS"], include_in_schema=False
+)
 async def bulk_other_methods() -> JSONResponse:
     """/tasks/bulk takes POST only (without this, GET would read "bulk" as a task id)."""
     return JSONResponse(
