@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 from weakref import WeakKeyDictionary
 
+import aiosqlite
 from sqlalchemy import Interval, event, func, literal
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, Connection, Dialect, make_url
@@ -34,6 +35,7 @@ from sqlalchemy.util import await_only  # 2.1's await_; this name is in 2.0 too
 from app.models.types import UTCDateTime, utcnow
 from app.services import faults, hotpath
 from app.services.wakeups import Bell
+from app.sqlite_conn import connect_one_trip
 
 if TYPE_CHECKING:
     from app.sqlite_writer import WriteThread
@@ -87,7 +89,7 @@ def _on_sqlite_begin(conn: Connection) -> None:
     try:
         if isinstance(inline, sqlite3.Connection):  # the write thread: sqlite3 itself
             inline.execute(sql)
-        elif type(driver).__module__.startswith("aiosqlite"):
+        elif isinstance(driver, aiosqlite.Connection):
             # One trip to aiosqlite's thread; through a cursor (exec_driver_sql) it is three:
             # open, execute, close.
             await_only(driver.execute_fetchall(sql))
@@ -234,7 +236,9 @@ def make_engine(
     (_on_pg_checkout). The daemon turns it off: its loops retry transient errors anyway, and
     a dead connection costs it one failed transaction, not a failed user request.
     ``inline`` (SQLite files): connections call sqlite3 in the calling thread instead of
-    aiosqlite's (only for the write thread of app.sqlite_writer).
+    aiosqlite's (only for the write thread of app.sqlite_writer). Otherwise a SQLite file
+    is opened with app.sqlite_conn's one-trip cursors (one hand-off to aiosqlite's thread
+    a statement instead of four).
     """
     if is_sqlite_url(url):
         path = sqlite_path(url)
@@ -252,7 +256,17 @@ def make_engine(
                     connect_inline, path.expanduser(), busy_seconds=SQLITE_CONNECT_TIMEOUT_SECONDS
                 ),
             )
-        else:
+        elif path is not None and not make_url(url).query:
+            engine = create_async_engine(
+                url,
+                echo=echo,
+                pool_size=pool_size,
+                pool_reset_on_return=None,  # _on_sqlite_reset
+                async_creator=partial(
+                    connect_one_trip, path.expanduser(), busy_seconds=SQLITE_CONNECT_TIMEOUT_SECONDS
+                ),
+            )
+        else:  # in memory, or a URL with options (a file: URI): aiosqlite as SQLAlchemy opens it
             engine = create_async_engine(
                 url,
                 echo=echo,

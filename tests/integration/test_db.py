@@ -390,7 +390,8 @@ async def test_sqlite_begin_is_one_trip_and_a_commit_needs_no_rollback(
     db: Database, aiosqlite_calls: list[str]
 ) -> None:
     """BEGIN IMMEDIATE in one trip to aiosqlite's thread (not a cursor's open, execute,
-    close), and no rollback when a committed connection goes back to the pool."""
+    close), the INSERT in one (app.sqlite_conn), and no rollback when a committed
+    connection goes back to the pool."""
     async with db.write_transaction() as s:  # the pool's connection exists from here on
         await s.execute(text("SELECT 1"))
     aiosqlite_calls.clear()
@@ -398,13 +399,123 @@ async def test_sqlite_begin_is_one_trip_and_a_commit_needs_no_rollback(
         await _insert_processor(s, "p1")
     assert [c.split()[0] for c in aiosqlite_calls] == [
         "_execute_fetchall",  # BEGIN IMMEDIATE
-        "cursor",  # the INSERT, through SQLAlchemy's cursor
-        "execute",
-        "close",
+        "_run",  # the INSERT through SQLAlchemy's cursor: open, execute, close in one trip
         "commit",  # and nothing after it
     ], aiosqlite_calls
     assert aiosqlite_calls[0] == "_execute_fetchall BEGIN IMMEDIATE"
     assert await _count(db) == 1
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"])
+async def test_sqlite_statement_and_all_its_rows_in_one_trip(
+    db: Database, aiosqlite_calls: list[str]
+) -> None:
+    """A read: BEGIN, then the SELECT with every row it returns in one trip, then the
+    rollback; the rows come out whole however they are read (all, one by one, streamed)."""
+    async with db.write_transaction() as s:
+        for name in ("p1", "p2", "p3"):
+            await _insert_processor(s, name)
+    aiosqlite_calls.clear()
+    query = text("SELECT id FROM processors ORDER BY id")
+    async with db.read_transaction() as s:
+        assert (await s.execute(query)).scalars().all() == ["p1", "p2", "p3"]
+    assert [c.split()[0] for c in aiosqlite_calls] == ["_execute_fetchall", "_run", "rollback"]
+    async with db.read_transaction() as s:
+        result = await s.execute(query)
+        assert result.fetchone() == ("p1",)
+        assert result.fetchmany(1) == [("p2",)]
+        assert result.fetchall() == [("p3",)]
+        assert result.fetchone() is None
+        streamed = await s.stream(query)
+        assert [list(part) async for part in streamed.partitions(2)] == [
+            [("p1",), ("p2",)],
+            [("p3",)],
+        ]
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"])
+async def test_sqlite_one_trip_cursor_reports_counts_ids_and_errors(db: Database) -> None:
+    """What SQLAlchemy reads of a cursor after its statement: rowcount of an UPDATE and of
+    an executemany, lastrowid of an ORM insert, no rows for DML; a constraint error is
+    SQLAlchemy's IntegrityError and leaves the connection usable."""
+    from app.models import ApiToken
+
+    async with db.write_transaction() as s:
+        insert = text(
+            "INSERT INTO processors (id, hostname, pid, version, started_at, last_seen_at,"
+            " concurrency, in_flight, state, processed, failed, queues)"
+            " VALUES (:id, 'h', 1, 'v', :now, :now, 1, 0, 'running', 0, 0, '*')"
+        )
+        many = await s.execute(insert, [{"id": f"p{i}", "now": utcnow()} for i in range(4)])
+        assert many.rowcount == 4
+        updated = await s.execute(text("UPDATE processors SET pid = 2 WHERE id IN ('p0', 'p1')"))
+        assert updated.rowcount == 2
+        assert not updated.returns_rows
+        token = ApiToken(token_hash="h" * 64, user_id="u", is_admin=False, name=None)
+        s.add(token)
+        await s.flush()
+        assert token.id is not None and token.id >= 1
+    with pytest.raises(sa_exc.IntegrityError):
+        async with db.write_transaction() as s:
+            await _insert_processor(s, "p0")
+    assert await _count(db) == 4
+    async with db.write_transaction() as s:
+        await _insert_processor(s, "p9")
+    assert await _count(db) == 5
+
+
+async def test_sqlite_files_get_one_trip_connections_memory_does_not(tmp_path: Path) -> None:
+    """A SQLite file is opened with app.sqlite_conn's connection; a URL with options (a
+    ``file:`` URI) by SQLAlchemy's dialect, as given."""
+    import aiosqlite
+
+    from app.sqlite_conn import OneTripConnection
+
+    async def driver_of(url: str) -> object:
+        engine = make_engine(url)
+        try:
+            async with engine.connect() as conn:
+                raw = await conn.get_raw_connection()
+                return raw.driver_connection
+        finally:
+            await engine.dispose()
+
+    file_driver = await driver_of(f"sqlite+aiosqlite:///{tmp_path / 'a.db'}")
+    assert isinstance(file_driver, OneTripConnection)
+    uri_driver = await driver_of(f"sqlite+aiosqlite:///file:{tmp_path / 'b.db'}?mode=rwc&uri=true")
+    assert isinstance(uri_driver, aiosqlite.Connection)
+    assert not isinstance(uri_driver, OneTripConnection)
+    assert (tmp_path / "b.db").exists()
+
+
+async def test_one_trip_cursor_on_its_own(tmp_path: Path) -> None:
+    """The cursor as aiosqlite's callers use it: fetchone, fetchmany with arraysize,
+    iteration, executescript, and a description kept after close."""
+    from app.sqlite_conn import connect_one_trip
+
+    conn = await connect_one_trip(tmp_path / "c.db", busy_seconds=1)
+    try:
+        cursor = await conn.cursor()
+        await cursor.executescript(
+            "CREATE TABLE t (x INTEGER); INSERT INTO t VALUES (1), (2), (3);"
+        )
+        await cursor.execute("SELECT x FROM t ORDER BY x")
+        assert cursor.description[0][0] == "x"
+        cursor.arraysize = 2
+        assert await cursor.fetchone() == (1,)
+        assert await cursor.fetchmany() == [(2,), (3,)]
+        assert await cursor.fetchmany() == []
+        await cursor.execute("SELECT x FROM t ORDER BY x")
+        assert await cursor.fetchmany() == [(1,), (2,)]
+        assert await cursor.fetchall() == [(3,)]
+        await cursor.execute("SELECT x FROM t ORDER BY x")
+        assert [row async for row in cursor] == [(1,), (2,), (3,)]
+        async with conn.cursor() as inner:
+            await inner.execute("INSERT INTO t VALUES (?)", (4,))
+            assert (inner.rowcount, inner.lastrowid, inner.description) == (1, 4, None)
+        await conn.commit()
+    finally:
+        await conn.close()
 
 
 @pytest.mark.parametrize("engine_name", ["sqlite"])

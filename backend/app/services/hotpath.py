@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import aiosqlite
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import CursorResult, Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
@@ -246,7 +247,7 @@ async def _lookup(session: AsyncSession) -> _Driver | None:
         inline = getattr(driver, "sqlite_connection", None)
         if isinstance(inline, sqlite3.Connection):
             return "sqlite3", inline, adapter, dialect, conn
-        if type(driver).__module__.startswith("aiosqlite"):
+        if isinstance(driver, aiosqlite.Connection):
             return "aiosqlite", driver, adapter, dialect, conn
         return None
     if dialect.name == "postgresql" and type(driver).__module__.startswith("asyncpg"):
