@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -242,7 +243,7 @@ def make_engine(
     """
     if is_sqlite_url(url):
         path = sqlite_path(url)
-        if path is not None:
+        if path is not None and not path.as_posix().startswith("file:"):  # not a file: URI
             path.expanduser().parent.mkdir(parents=True, exist_ok=True)
         if inline and path is not None:
             from app.sqlite_writer import connect_inline
@@ -262,8 +263,10 @@ def make_engine(
                 echo=echo,
                 pool_size=pool_size,
                 pool_reset_on_return=None,  # _on_sqlite_reset
-                async_creator=partial(
-                    connect_one_trip, path.expanduser(), busy_seconds=SQLITE_CONNECT_TIMEOUT_SECONDS
+                async_creator=partial(  # absolute, as the dialect makes it: once, now
+                    connect_one_trip,
+                    Path(os.path.abspath(path.expanduser())),
+                    busy_seconds=SQLITE_CONNECT_TIMEOUT_SECONDS,
                 ),
             )
         else:  # in memory, or a URL with options (a file: URI): aiosqlite as SQLAlchemy opens it

@@ -83,7 +83,7 @@ class OneTripCursor(aiosqlite.Cursor):
 
     def _take(self, count: int | None) -> list[Any]:
         start = self._offset
-        end = len(self._rows) if count is None else min(len(self._rows), start + count)
+        end = len(self._rows) if count is None or count < 0 else min(len(self._rows), start + count)
         self._offset = end
         return self._rows[start:end]
 
@@ -124,6 +124,16 @@ class OneTripCursor(aiosqlite.Cursor):
     @property
     def connection(self) -> sqlite3.Connection:
         return self._conn._conn
+
+    @property
+    def row_factory(self) -> Any:  # the connection's: each statement's cursor is made from it
+        return self._conn._conn.row_factory
+
+    @row_factory.setter
+    def row_factory(self, factory: Any) -> None:
+        raise NotImplementedError(
+            "set row_factory on the connection (each statement has a cursor of its own)"
+        )
 
 
 class _NewCursor:

@@ -195,7 +195,7 @@ async def test_method_not_allowed_lists_every_method_of_the_path(api: Api) -> No
     assert (r.status_code, r.headers["Allow"]) == (405, "POST")
     r = await api.client.post(f"{P}/tasks/1", headers=api.h("alice"))
     assert (r.status_code, r.headers["Allow"]) == (405, "GET")
-    for method in ("GET", "DELETE", "OPTIONS"):  # not read as a task id: POST only
+    for method in ("GET", "HEAD", "DELETE", "OPTIONS", "TRACE"):  # POST only, not a task id
         r = await api.client.request(method, f"{P}/tasks/bulk", headers=api.h("alice"))
         assert (r.status_code, r.headers["Allow"]) == (405, "POST"), method
 
@@ -486,8 +486,11 @@ async def test_cors_is_off_unless_configured(
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            r = await client.options(
-                f"{P}/tasks",
-                headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST"},
-            )
+            preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
+            r = await client.options(f"{P}/tasks", headers=preflight)
+            bulk = await client.options(f"{P}/tasks/bulk", headers=preflight)
     assert (r.headers.get("access-control-allow-origin") == "https://app.example") is allowed
+    # /tasks/bulk serves POST only, and a browser may still ask before it POSTs
+    assert (bulk.headers.get("access-control-allow-origin") == "https://app.example") is allowed
+    if not allowed:
+        assert (bulk.status_code, bulk.headers["Allow"]) == (405, "POST")

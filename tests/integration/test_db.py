@@ -486,6 +486,7 @@ async def test_sqlite_files_get_one_trip_connections_memory_does_not(tmp_path: P
     assert isinstance(uri_driver, aiosqlite.Connection)
     assert not isinstance(uri_driver, OneTripConnection)
     assert (tmp_path / "b.db").exists()
+    assert not Path("file:").exists()  # noqa: ASYNC240 - no folder named after the URI
 
 
 async def test_one_trip_cursor_on_its_own(tmp_path: Path) -> None:
@@ -508,6 +509,9 @@ async def test_one_trip_cursor_on_its_own(tmp_path: Path) -> None:
         await cursor.execute("SELECT x FROM t ORDER BY x")
         assert await cursor.fetchmany() == [(1,), (2,)]
         assert await cursor.fetchall() == [(3,)]
+        await cursor.execute("SELECT x FROM t ORDER BY x")
+        assert await cursor.fetchone() == (1,)
+        assert await cursor.fetchmany(-1) == [(2,), (3,)]  # as sqlite3: every row left
         await cursor.execute("SELECT x FROM t ORDER BY x")
         assert [row async for row in cursor] == [(1,), (2,), (3,)]
         async with conn.cursor() as inner:

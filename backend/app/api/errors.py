@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -73,17 +74,28 @@ def allowed_methods(app: FastAPI, scope: Scope) -> list[str] | None:
     return [method for method in METHODS if served(method)]
 
 
+def _preflight(scope: Scope) -> bool:
+    """A CORS preflight: for the CORS middleware inside the guard to answer."""
+    return scope["method"] == "OPTIONS" and any(
+        name == b"access-control-request-method" for name, _ in scope.get("headers", ())
+    )
+
+
 class GuardMiddleware:
-    """Refuse URLs with NUL characters (400) and complete 405s' Allow header (Starlette
-    lists only the first matching route's methods).
+    """Refuse URLs with NUL characters (400), answer 405 for a path in ``only`` (path →
+    the methods it serves) asked with any other method, and complete 405s' Allow header
+    (Starlette lists only the first matching route's methods).
 
     A plain ASGI middleware: Starlette's ``BaseHTTPMiddleware`` (``@app.middleware``) runs
     every request through a task group and memory streams, which cost a POST /tasks ~15 %
     of its server time."""
 
-    def __init__(self, app: ASGIApp, routes: FastAPI) -> None:
+    def __init__(
+        self, app: ASGIApp, routes: FastAPI, only: Mapping[str, tuple[str, ...]] | None = None
+    ) -> None:
         self.app = app
         self.routes = routes
+        self.only = dict(only or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -94,10 +106,15 @@ class GuardMiddleware:
             response = JSONResponse({"detail": "NUL characters are not allowed in URLs"}, 400)
             await response(scope, receive, send)
             return
+        only = self.only.get(path.rstrip("/") or "/")
+        if only is not None and scope["method"] not in only and not _preflight(scope):
+            allow = {"Allow": ", ".join(only)}
+            await JSONResponse({"detail": "Method Not Allowed"}, 405, allow)(scope, receive, send)
+            return
 
         async def send_allow(message: Message) -> None:
             if message["type"] == "http.response.start" and message["status"] == 405:
-                allowed = allowed_methods(self.routes, scope)
+                allowed = list(only) if only is not None else allowed_methods(self.routes, scope)
                 if allowed is not None:
                     MutableHeaders(scope=message)["Allow"] = ", ".join(allowed)
             await send(message)
@@ -105,8 +122,9 @@ class GuardMiddleware:
         await self.app(scope, receive, send_allow)
 
 
-def install(app: FastAPI) -> None:
-    """Register the handlers that turn outages into 503s, and the URL guard."""
-    app.add_middleware(GuardMiddleware, routes=app)
+def install(app: FastAPI, only: Mapping[str, tuple[str, ...]] | None = None) -> None:
+    """Register the handlers that turn outages into 503s, and the URL guard (``only``: paths
+    that serve only these methods, whatever other routes their URL also matches)."""
+    app.add_middleware(GuardMiddleware, routes=app, only=only)
     for kind in (*UNAVAILABLE, DBAPIError):
         app.add_exception_handler(kind, _on_dbapi_error)

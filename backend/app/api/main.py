@@ -48,7 +48,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
             expose_headers=["Location", "Retry-After"],
         )
-    errors.install(app)
+    # /tasks/bulk takes POST only: without this, a GET would read "bulk" as a task id
+    errors.install(app, only={f"{API_PREFIX}/tasks/bulk": ("POST",)})
     for router in (tasks.router, notifications.router, status.router, queues.router):
         app.include_router(router, prefix=API_PREFIX)
     app.include_router(health.router)

@@ -142,16 +142,6 @@ async def create_tasks(
     return BulkResult(tasks=[TaskPublic.of(t) for t in tasks if t is not None])
 
 
-@router.api_route(
-    "/bulk", methods=["GET", "HEAD", "PUT", "PATCH", "DELETE", "OPTIONS"], include_in_schema=False
-)
-async def bulk_other_methods() -> JSONResponse:
-    """/tasks/bulk takes POST only (without this, GET would read "bulk" as a task id)."""
-    return JSONResponse(
-        {"detail": "Method Not Allowed"}, status_code=405, headers={"Allow": "POST"}
-    )
-
-
 @router.get("", response_model=TaskPage)
 async def list_tasks(
     caller: CallerDep,
