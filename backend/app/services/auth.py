@@ -7,7 +7,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db import dialect_of, now_sql
@@ -17,6 +17,11 @@ from app.models.types import utcnow
 TOKEN_PREFIX = "ap_"  # noqa: S105 - a prefix, not a secret
 TOKEN_BYTES = 32
 LAST_USED_RESOLUTION = timedelta(minutes=1)
+#: Built once: every API request runs it, and building a statement and its cache key each
+#: time cost about a fifth of the lookup's CPU.
+_BY_HASH = select(ApiToken).where(
+    ApiToken.token_hash == bindparam("token_hash"), ApiToken.revoked_at.is_(None)
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,13 +66,7 @@ async def authenticate(session: AsyncSession, token: str) -> Principal | None:
     """The caller behind ``token``, or None when it is unknown or revoked."""
     if not looks_like_token(token):
         return None
-    row = (
-        await session.scalars(
-            select(ApiToken).where(
-                ApiToken.token_hash == hash_token(token), ApiToken.revoked_at.is_(None)
-            )
-        )
-    ).first()
+    row = (await session.scalars(_BY_HASH, {"token_hash": hash_token(token)})).first()
     if row is None:
         return None
     return Principal(row.id, row.user_id, row.is_admin, needs_touch(row.last_used_at))

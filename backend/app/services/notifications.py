@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -11,6 +12,8 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
+    Integer,
+    Select,
     String,
     Table,
     Text,
@@ -288,29 +291,49 @@ async def list_for_user(
     ``user_id`` None means every user's (admin). ``max_id`` caps the ids served (the
     feed's commit horizon on PostgreSQL).
     """
+    stmt = _feed_statement(
+        user_id is not None,
+        unread_only,
+        max_id is not None,
+        task_id is not None,
+        after_id is not None,
+    )
+    params = {"user_id": user_id, "max_id": max_id, "task_id": task_id, "after_id": after_id}
+    bound = {name: value for name, value in params.items() if value is not None}
+    return list((await session.scalars(stmt, {**bound, "limit": limit})).all())
+
+
+@functools.cache
+def _feed_statement(
+    scoped: bool, unread_only: bool, capped: bool, one_task: bool, forward: bool
+) -> Select[AnalysisNotification]:
+    """The feed's SELECT for one combination of filters, built once (clients poll it)."""
     stmt = select(AnalysisNotification)
-    if user_id is not None:
-        stmt = stmt.where(N.user_id == user_id)
+    if scoped:
+        stmt = stmt.where(N.user_id == bindparam("user_id"))
     if unread_only:
         stmt = stmt.where(N.is_read.is_(False))
-    if max_id is not None:
-        stmt = stmt.where(N.id <= max_id)
-    if task_id is not None:
-        stmt = stmt.where(N.task_id == task_id)
-    if after_id is not None:
-        stmt = stmt.where(N.id > after_id).order_by(N.id)
+    if capped:
+        stmt = stmt.where(N.id <= bindparam("max_id"))
+    if one_task:
+        stmt = stmt.where(N.task_id == bindparam("task_id"))
+    if forward:
+        stmt = stmt.where(N.id > bindparam("after_id")).order_by(N.id)
     else:
         stmt = stmt.order_by(N.id.desc())
-    return list((await session.scalars(stmt.limit(limit))).all())
+    return stmt.limit(bindparam("limit", type_=Integer))
 
 
 async def unread_count(session: AsyncSession, *, user_id: str | None) -> int:
     """How many unread notifications the user has (every user's, for None): read from the
     partial index over unread rows, whose predicate ``is_read = false`` this repeats."""
-    stmt = select(func.count()).select_from(NOTIFICATIONS).where(N.is_read == false())
-    if user_id is not None:
-        stmt = stmt.where(N.user_id == user_id)
-    return int((await session.execute(stmt)).scalar_one())
+    if user_id is None:
+        return int((await session.execute(_UNREAD)).scalar_one())
+    return int((await session.execute(_USERS_UNREAD, {"user_id": user_id})).scalar_one())
+
+
+_UNREAD = select(func.count()).select_from(NOTIFICATIONS).where(N.is_read == false())
+_USERS_UNREAD = _UNREAD.where(N.user_id == bindparam("user_id"))
 
 
 async def mark_read(session: AsyncSession, notification_id: int, *, user_id: str | None) -> bool:

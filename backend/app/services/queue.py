@@ -1817,10 +1817,15 @@ async def get_task(
     session: AsyncSession, task_id: int, *, user_id: str | None = None
 ) -> PendingAnalysis | None:
     """One task; with ``user_id``, only if it belongs to that user."""
-    stmt = select(PendingAnalysis).where(T.id == task_id)
-    if user_id is not None:
-        stmt = stmt.where(T.user_id == user_id)
-    return (await session.scalars(stmt)).first()
+    if user_id is None:
+        return (await session.scalars(_TASK_BY_ID, {"task_id": task_id})).first()
+    params = {"task_id": task_id, "user_id": user_id}
+    return (await session.scalars(_USERS_TASK_BY_ID, params)).first()
+
+
+# Built once (the API reads a task on every status poll and after every enqueue).
+_TASK_BY_ID = select(PendingAnalysis).where(T.id == bindparam("task_id"))
+_USERS_TASK_BY_ID = _TASK_BY_ID.where(T.user_id == bindparam("user_id"))
 
 
 async def get_tasks(session: AsyncSession, task_ids: Sequence[int]) -> list[PendingAnalysis | None]:
