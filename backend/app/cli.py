@@ -605,6 +605,14 @@ def main() -> None:
 def api(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=64,
+            help="API processes sharing the port (uvicorn's workers); one is bound by one core.",
+        ),
+    ] = 1,
 ) -> None:
     """Run the HTTP API (uvicorn)."""
     import uvicorn
@@ -629,7 +637,19 @@ def api(
             fail(f"cannot start: {exc}")
         err.print(f"warning: {exc}; starting anyway (/readyz answers 503 until it is reachable)")
     setup_logging(conf.log_level, conf.log_format)
-    uvicorn.run(create_app(conf), host=host, port=port, log_config=None, access_log=False)
+    if workers == 1:
+        uvicorn.run(create_app(conf), host=host, port=port, log_config=None, access_log=False)
+        return
+    # Each worker is a new interpreter (spawned): it builds its own app from the environment.
+    uvicorn.run(
+        "app.api.main:worker_app",
+        factory=True,
+        workers=workers,
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+    )
 
 
 @token_cli.command("create")

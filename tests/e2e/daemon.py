@@ -54,10 +54,12 @@ class Api:
         log_dir: Path,
         name: str = "api",
         *,
+        args: tuple[str, ...] = (),
         extra_env: dict[str, str] | None = None,
         **env: str,
     ) -> None:
         self.log_path = log_dir / f"{name}.log"
+        self.args = args
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self._env = {
@@ -74,7 +76,7 @@ class Api:
         script = Path(sys.executable).with_name("async-processor")
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [str(script), "api", "--port", str(self.port)],
+                [str(script), "api", "--port", str(self.port), *self.args],
                 cwd=REPO,
                 env=self._env,
                 stdout=log,

@@ -185,3 +185,64 @@ async def test_queues_pause_list_resume(cli: Run, db: Database) -> None:
     assert r.returncode == 2 and "a=0" in r.stderr, r.stderr
     async with db.read_transaction() as s:
         assert set(await queue.queue_switches(s)) == {"reports"}
+
+
+def _workers(pid: int) -> set[int]:
+    """The multiprocessing workers among ``pid``'s children (not its resource tracker)."""
+    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False)
+    children = {int(line) for line in found.stdout.split()}
+    return {c for c in children if b"spawn_main" in _cmdline(c)}
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _running(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "zombie" not in status.lower()
+
+
+async def test_api_workers_share_the_port_and_stop_together(
+    database_url: str, db: Database, tmp_path: Path
+) -> None:
+    """`api --workers 2`: two processes answer on one port, every enqueue lands once, and
+    SIGTERM stops the parent and its workers with exit 0."""
+    import asyncio
+
+    import httpx
+
+    from tests.e2e.daemon import Api, create_token
+
+    token = await asyncio.to_thread(create_token, database_url, "alice")
+    api = Api(
+        database_url,
+        tmp_path,
+        args=("--workers", "2"),
+        handler_modules="app.services.analysis,tests.e2e.job_handlers",
+    )
+    await asyncio.to_thread(api.start)
+    assert api.proc is not None
+    workers: set[int] = set()
+    try:
+        headers = {"Authorization": f"Bearer {token}"}
+        body = {"kind": "chapter_analysis", "payload": {"text": "Hi."}}
+        async with httpx.AsyncClient(base_url=api.base, headers=headers, timeout=30) as client:
+            codes = await asyncio.gather(
+                *(client.post("/api/async-analysis/tasks", json=body) for _ in range(40))
+            )
+        assert [r.status_code for r in codes] == [202] * 40
+        assert len({r.json()["id"] for r in codes}) == 40
+        assert await count(db) == 40
+        workers = _workers(api.proc.pid)
+        assert len(workers) == 2, api.log()
+    finally:
+        api.proc.terminate()
+        assert await asyncio.to_thread(api.proc.wait, 30) == 0, api.log()
+    assert not any(_running(pid) for pid in workers)

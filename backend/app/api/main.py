@@ -58,6 +58,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
+def worker_app() -> FastAPI:
+    """The app of one ``async-processor api --workers N`` process: a fresh interpreter, so it
+    reads the settings from the environment and sets its own logging up, as the parent did."""
+    from app.logs import setup_logging
+
+    settings = get_settings()
+    setup_logging(settings.log_level, settings.log_format)
+    return create_app(settings)
+
+
 def _complete_openapi(app: FastAPI) -> None:
     """List the registered kinds in the OpenAPI document (TaskCreate.kind's enum), and add
     the JsonValue component that types a payload's values."""
