@@ -27,6 +27,8 @@ from app.services.handlers import REGISTRY, HandlerImportError, import_handler_m
 R = TypeVar("R")
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+#: seconds the API's running requests get after SIGTERM before they are cancelled
+API_SHUTDOWN_SECONDS = 10
 
 cli = typer.Typer(
     name="async-processor",
@@ -637,19 +639,20 @@ def api(
             fail(f"cannot start: {exc}")
         err.print(f"warning: {exc}; starting anyway (/readyz answers 503 until it is reachable)")
     setup_logging(conf.log_level, conf.log_format)
+    options: dict[str, Any] = {
+        "host": host,
+        "port": port,
+        "log_config": None,
+        "access_log": False,
+        # An open notification stream never ends by itself: after SIGTERM, requests still
+        # running get this long, then are cancelled (the unit's TimeoutStopSec is 30 s).
+        "timeout_graceful_shutdown": API_SHUTDOWN_SECONDS,
+    }
     if workers == 1:
-        uvicorn.run(create_app(conf), host=host, port=port, log_config=None, access_log=False)
+        uvicorn.run(create_app(conf), **options)
         return
     # Each worker is a new interpreter (spawned): it builds its own app from the environment.
-    uvicorn.run(
-        "app.api.main:worker_app",
-        factory=True,
-        workers=workers,
-        host=host,
-        port=port,
-        log_config=None,
-        access_log=False,
-    )
+    uvicorn.run("app.api.main:worker_app", factory=True, workers=workers, **options)
 
 
 @token_cli.command("create")

@@ -244,5 +244,12 @@ async def test_api_workers_share_the_port_and_stop_together(
         assert len(workers) == 2, api.log()
     finally:
         api.proc.terminate()
-        assert await asyncio.to_thread(api.proc.wait, 30) == 0, api.log()
+        try:
+            code = await asyncio.to_thread(api.proc.wait, 30)
+        finally:
+            if api.proc.poll() is None:  # never leave the parent or its workers behind
+                api.proc.kill()
+                for pid in workers:
+                    os.kill(pid, 9)
+    assert code == 0, api.log()
     assert not any(_running(pid) for pid in workers)

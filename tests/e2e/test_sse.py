@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import signal
+import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -49,3 +53,35 @@ async def test_stream_pushes_the_callers_notifications_and_resumes(
         async with client.stream("GET", url, headers=resume) as response:
             [(again, _)] = await read_events(response, 1)
     assert again == events[1][0]
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"])
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_sigterm_ends_the_api_with_a_stream_open(
+    db: Database, database_url: str, tmp_path: Path, workers: str
+) -> None:
+    """An open stream never ends by itself: after SIGTERM it gets API_SHUTDOWN_SECONDS,
+    then the API (one process, or the parent and its workers) exits."""
+    from app.cli import API_SHUTDOWN_SECONDS
+    from tests.e2e.daemon import Api
+
+    async with db.write_transaction() as s:
+        _, alice = await auth.create_token(s, user_id="alice")
+    api = Api(database_url, tmp_path, args=("--workers", workers))
+    await asyncio.to_thread(api.start)
+    assert api.proc is not None
+    try:
+        url = f"{api.base}/api/async-analysis/notifications/stream"
+        headers = {"Authorization": f"Bearer {alice}"}
+        async with httpx.AsyncClient(timeout=60) as client:
+            async with client.stream("GET", url, headers=headers) as response:
+                assert response.status_code == 200
+                started = time.monotonic()
+                api.proc.terminate()
+                code = await asyncio.to_thread(api.proc.wait, API_SHUTDOWN_SECONDS + 15)
+                took = time.monotonic() - started
+        assert code in (0, -signal.SIGTERM), api.log()  # uvicorn re-raises SIGTERM alone
+        assert took >= API_SHUTDOWN_SECONDS - 1  # the stream was given its time
+    finally:
+        if api.proc.poll() is None:
+            api.proc.kill()

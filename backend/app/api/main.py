@@ -61,9 +61,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 def worker_app() -> FastAPI:
     """The app of one ``async-processor api --workers N`` process: a fresh interpreter, so it
     reads the settings from the environment and sets its own logging up, as the parent did."""
-    from app.logs import setup_logging
+    import os
+
+    from app.logs import PROCESS_CONTEXT, setup_logging
 
     settings = get_settings()
+    PROCESS_CONTEXT["worker_pid"] = str(os.getpid())  # which worker wrote a JSON log line
     setup_logging(settings.log_level, settings.log_format)
     return create_app(settings)
 

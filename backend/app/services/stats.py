@@ -130,7 +130,8 @@ _FINISHED = text(FINISHED_WHERE)
 # (BASE_MAX_AGE_SECONDS later at most, or sooner once more than RECENT_ROWS_REFRESH tasks
 # finished after its cut-off): a task that finished before the cut-off and was since retried
 # or pruned by another process, and a finish committed more than the margin after its
-# completed_at. A retry through this process retakes it at once (``forget``).
+# completed_at. A retry through this process retakes it at once (``forget``); each of
+# ``api --workers N``'s processes keeps its own bases.
 BASE_MAX_AGE_SECONDS = 30.0
 REFRESH_MARGIN_SECONDS = 30.0
 RECENT_ROWS_REFRESH = 5_000
