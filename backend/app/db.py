@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 from weakref import WeakKeyDictionary
 
-import aiosqlite
 from sqlalchemy import Interval, event, func, literal
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, Connection, Dialect, make_url
@@ -36,7 +35,6 @@ from sqlalchemy.util import await_only  # 2.1's await_; this name is in 2.0 too
 from app.models.types import UTCDateTime, utcnow
 from app.services import faults, hotpath
 from app.services.wakeups import Bell
-from app.sqlite_conn import connect_one_trip
 
 if TYPE_CHECKING:
     from app.sqlite_writer import WriteThread
@@ -90,7 +88,7 @@ def _on_sqlite_begin(conn: Connection) -> None:
     try:
         if isinstance(inline, sqlite3.Connection):  # the write thread: sqlite3 itself
             inline.execute(sql)
-        elif isinstance(driver, aiosqlite.Connection):
+        elif hotpath.is_aiosqlite(driver):
             # One trip to aiosqlite's thread; through a cursor (exec_driver_sql) it is three:
             # open, execute, close.
             await_only(driver.execute_fetchall(sql))
@@ -258,6 +256,8 @@ def make_engine(
                 ),
             )
         elif path is not None and not make_url(url).query:
+            from app.sqlite_conn import connect_one_trip
+
             engine = create_async_engine(
                 url,
                 echo=echo,

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+import sys
 import time
 from collections import namedtuple
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-import aiosqlite
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import CursorResult, Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
@@ -237,6 +237,13 @@ async def _driver(session: AsyncSession) -> _Driver | None:
     return found
 
 
+def is_aiosqlite(driver: Any) -> bool:
+    """An aiosqlite connection (app.sqlite_conn's included); aiosqlite is not imported where
+    no SQLite engine was made."""
+    module = sys.modules.get("aiosqlite")
+    return module is not None and isinstance(driver, module.Connection)
+
+
 async def _lookup(session: AsyncSession) -> _Driver | None:
     conn = await session.connection()  # begins the transaction (BEGIN … on SQLite)
     dialect = conn.dialect
@@ -247,7 +254,7 @@ async def _lookup(session: AsyncSession) -> _Driver | None:
         inline = getattr(driver, "sqlite_connection", None)
         if isinstance(inline, sqlite3.Connection):
             return "sqlite3", inline, adapter, dialect, conn
-        if isinstance(driver, aiosqlite.Connection):
+        if is_aiosqlite(driver):
             return "aiosqlite", driver, adapter, dialect, conn
         return None
     if dialect.name == "postgresql" and type(driver).__module__.startswith("asyncpg"):
