@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from sqlalchemy import event, func, select, text, update
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from app.db import Database
 from app.models import AnalysisNotification, NotificationType, PendingAnalysis, Processor
@@ -225,6 +227,52 @@ async def test_bulk_enqueue_stores_the_same_text_as_one_enqueue(db: Database) ->
         }
     assert raw[bulk[0].id] == raw[alone.id] == raw[bulk[1].id]
     assert raw[alone.id][4] == json.dumps(spec["payload"])
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"])
+async def test_sqlite_bulk_enqueue_honours_an_engines_own_json_serializer(
+    database_url: str,
+) -> None:
+    """The bulk insert reuses the JSON text TaskSpec's validation made only where the
+    engine serializes JSON as json.dumps does; an application's engine with its own
+    json_serializer stores its text, as that engine's one-row INSERT does."""
+    compact = functools.partial(json.dumps, separators=(",", ":"))
+    db = Database(create_async_engine(database_url, json_serializer=compact))
+    try:
+        async with db.write_transaction() as s:
+            ids = [
+                r.id
+                for r in await queue.enqueue_tasks(s, [{"kind": "k", "payload": {"a": [1, 2]}}] * 2)
+            ]
+        async with db.read_transaction() as s:
+            stored = (await s.execute(text("SELECT DISTINCT payload FROM pending_analysis"))).all()
+    finally:
+        await db.dispose()
+    assert len(ids) == 2
+    assert stored == [('{"a":[1,2]}',)]
+
+
+async def test_bulk_enqueue_stores_each_payload_as_validated(db: Database) -> None:
+    """A TaskSpec carries its payload's JSON text from validation; the bulk insert stores
+    that text, on both engines: every payload comes back equal, unicode and escapes
+    included, and a spec made once and enqueued twice stores the same payload twice."""
+    payloads: list[dict[str, Any]] = [
+        {"n": n, "s": 'é ✓ "q" \\ \n \u2028', "nested": {"list": [1, 2.5, None, True, {}]}}
+        for n in range(3)
+    ]
+    spec = TaskSpec(kind="k", payload={"same": "spec"})
+    async with db.write_transaction() as s:
+        results = await queue.enqueue_tasks(
+            s, [*({"kind": "k", "payload": p} for p in payloads), spec, spec]
+        )
+    stored = [(await task_row(db, r.id)).payload for r in results]
+    assert stored == [*payloads, {"same": "spec"}, {"same": "spec"}]
+    assert spec.payload_json == json.dumps({"same": "spec"})
+
+    class Subclass(dict[str, Any]):
+        pass
+
+    assert TaskSpec(kind="k", payload=Subclass(a=1)).payload_json == '{"a": 1}'
 
 
 @pytest.mark.parametrize("engine_name", ["sqlite"])

@@ -30,6 +30,7 @@ from sqlalchemy import (
     and_,
     bindparam,
     case,
+    cast,
     delete,
     false,
     func,
@@ -121,6 +122,9 @@ class TaskSpec:
     project_id: str | None = None
     chapter_id: str | None = None
     idempotency_key: str | None = None
+    #: The payload as JSON text, encoded once by the validation and reused by the bulk
+    #: inserts: what is stored is the payload as it was validated.
+    payload_json: str = field(default="", init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # The common case in one expression; any doubt takes the checks that say what is
@@ -162,10 +166,12 @@ class TaskSpec:
             except (TypeError, ValueError):
                 text = None
         if text is None or ("u0000" in text and _NUL_IN_JSON.search(text)):
-            self._explain()
+            text = self._explain()  # raises, unless only a type was unusual (a dict subclass)
+        object.__setattr__(self, "payload_json", text)
 
-    def _explain(self) -> None:
-        """Every check, each with its own message: raises InvalidTaskError."""
+    def _explain(self) -> str:
+        """Every check, each with its own message: raises InvalidTaskError where one fails;
+        the payload's JSON text where none does."""
         for name in ("kind", "queue"):
             value = getattr(self, name)
             _check(isinstance(value, str) and 0 < len(value) <= MAX_NAME_LENGTH, name, value)
@@ -191,6 +197,7 @@ class TaskSpec:
             "\x00" in s for s in [*strings, self.idempotency_key] if s
         ):
             raise InvalidTaskError("strings must not contain NUL (\\u0000) characters")
+        return text
 
     def row(self) -> dict[str, Any]:
         """Insert parameters for this spec (``sched`` feeds the scheduled_at default)."""
@@ -409,7 +416,8 @@ async def _insert_plain(
         # draws its id from the sequence in array order (the SELECT orders by it), so the
         # new ids sorted are the rows in input order (other sessions' ids may interleave,
         # never reorder them).
-        found = await hotpath.fetch(session, _bulk_insert_statement(pinned), _arrays(params))
+        arrays = _arrays(specs, params)
+        found = await hotpath.fetch(session, _bulk_insert_statement(pinned), arrays)
         return sorted(row.id for row in found)
     # SQLite before 3.38 (no ->> operator for _insert_sqlite_bulk): one executemany of
     # the one-row INSERT, ids as there.
@@ -468,18 +476,29 @@ def _sqlite_bulk_insert_statement() -> Any:
 
 
 @functools.cache
-def _sqlite_binders(dialect: Dialect) -> tuple[Callable[[Any], str], Callable[[datetime], Any]]:
-    """A payload and a schedule as SQLite stores them: the column types' own bind
-    processing (JSON text; UTCDateTime's text)."""
-    payload = T.payload.type.dialect_impl(dialect).bind_processor(dialect)
+def _sqlite_binders(
+    dialect: Dialect,
+) -> tuple[Callable[[TaskSpec], str], Callable[[datetime], Any]]:
+    """A spec's payload and a schedule as SQLite stores them: the column types' own bind
+    processing (JSON text; UTCDateTime's text). With the default JSON serializer
+    (json.dumps, which TaskSpec's validation encodes with) the payload is the text that
+    validation made: no second encoding."""
+    bind = T.payload.type.dialect_impl(dialect).bind_processor(dialect)
     when = T.scheduled_at.type.dialect_impl(dialect).bind_processor(dialect)
-    if payload is None or when is None:
+    if bind is None or when is None:
         raise TypeError(f"{dialect.name}: the payload and time columns bind through Python")
-    return payload, when
+    if getattr(dialect, "_json_serializer", None) is None:
+        return _validated_text, when
+    payload = bind
+    return lambda spec: payload(spec.payload), when
+
+
+def _validated_text(spec: TaskSpec) -> str:
+    return spec.payload_json
 
 
 def _sqlite_documents(
-    specs: Sequence[TaskSpec], payload: Callable[[Any], str], when: Callable[[datetime], Any]
+    specs: Sequence[TaskSpec], payload: Callable[[TaskSpec], str], when: Callable[[datetime], Any]
 ) -> Iterator[str]:
     """The rows of _sqlite_bulk_insert_statement as JSON documents, with at most about
     SQLITE_DOCUMENT_BYTES of payload each. ``ensure_ascii=False``: text stays UTF-8, and a
@@ -488,7 +507,7 @@ def _sqlite_documents(
     chunk: list[list[Any]] = []
     size = 0
     for s in specs:
-        text = payload(s.payload)
+        text = payload(s)
         chunk.append(
             [
                 s.kind,
@@ -535,8 +554,9 @@ _BULK_COLUMNS = (
 )
 
 
-def _arrays(params: list[dict[str, Any]]) -> dict[str, Any]:
+def _arrays(specs: list[TaskSpec], params: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {f"b_{name}": [row[name] for row in params] for name in _BULK_COLUMNS}
+    out["b_payload"] = [s.payload_json for s in specs]  # JSON text, cast to jsonb by the server
     first = params[0]
     out.update({name: first[name] for name in _CLOCKS})  # a pinned clock: one value
     return out
@@ -546,7 +566,9 @@ def _arrays(params: list[dict[str, Any]]) -> dict[str, Any]:
 def _bulk_insert_statement(pinned: bool) -> Any:
     """PostgreSQL: many plain enqueues in ONE INSERT … SELECT FROM unnest(arrays)."""
     types: dict[str, Any] = {c: T[c].type for c in _BULK_COLUMNS if c != "sched"}
-    types.update(payload=JSONB(), sched=UTCDateTime())
+    # The payloads travel as the JSON text TaskSpec validated (one encoding per payload,
+    # none in the bind), cast to jsonb in the SELECT.
+    types.update(payload=Text(), sched=UTCDateTime())
     arrays: list[Any] = [bindparam(f"b_{c}", type_=ARRAY(types[c])) for c in _BULK_COLUMNS]
     rows = (
         func.unnest(*arrays)
@@ -554,6 +576,7 @@ def _bulk_insert_statement(pinned: bool) -> Any:
         .render_derived(name="b")
     )
     columns: dict[str, Any] = {c: rows.c[c] for c in _BULK_COLUMNS if c != "sched"}
+    columns["payload"] = cast(rows.c.payload, JSONB())
     columns.update(_insert_values("postgresql", pinned, sched=rows.c.sched))
     # ORDER BY the array position: the sequence is then drawn in that order (what
     # SQLAlchemy's own ordered multi-row INSERT relies on), not only as a scan happens to go.
