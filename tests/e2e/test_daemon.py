@@ -184,6 +184,54 @@ async def test_lost_lease_stops_jobs_without_completing_them(
     assert daemon.stop() == 0
 
 
+async def test_a_restarted_daemon_takes_back_its_killed_predecessors_jobs_at_once(
+    db: Database, spawn: Spawn, tmp_path: Path
+) -> None:
+    """A daemon SIGKILLed in the middle of two jobs whose leases run for 60 s: the daemon
+    started after it on this machine sees no process with its predecessor's pid and gives
+    the jobs back as it starts, so they are done long before any lease would have let
+    them be rescued; each run is charged and said: the "daemon gone" retrying note."""
+    ledger = tmp_path / "ledger.jsonl"
+    ids = await enqueue_many(db, "sleep", 2, payload={"seconds": 2, "ledger": str(ledger)})
+    first = spawn(lease_seconds="60", max_concurrent="2")
+
+    async def both_sleeping() -> bool:
+        return all([await _progress_is(db, task_id, "sleeping") for task_id in ids])
+
+    await eventually(both_sleeping, within=20)
+    first.kill()  # SIGKILL, and reaped: no process has its pid
+    second = spawn(lease_seconds="60", max_concurrent="2")
+    await eventually(lambda: all_in(db, "completed", 2), within=30)  # the leases: 60 s
+    second.wait_for_log(f"processor {_processor_of(first, second)} is gone")
+    assert second.stop() == 0
+    for task_id in ids:
+        row = await task_row(db, task_id)
+        assert (row.status, row.attempts, row.retry_count) == ("completed", 2, 1)
+    runs = [json.loads(line) for line in ledger.read_text().splitlines()]
+    for task_id in ids:
+        events = [(r["attempt"], r["event"]) for r in runs if r["task_id"] == task_id]
+        assert events == [(1, "start"), (2, "start"), (2, "end")]
+    async with db.read_transaction() as s:
+        retrying = (
+            await s.execute(
+                select(AnalysisNotification.task_id, AnalysisNotification.message).where(
+                    AnalysisNotification.type == "retrying"
+                )
+            )
+        ).all()
+        states = dict((await s.execute(select(Processor.pid, Processor.state))).all())
+    assert sorted(retrying) == [(t, queue.DAEMON_GONE_ERROR + "; retrying.") for t in ids]
+    assert states == {first.pid: "stopped", second.pid: "stopped"}
+
+
+def _processor_of(first: Daemon, second: Daemon) -> str:
+    """The processor id the first daemon logged at its start."""
+    for line in first.log().splitlines():
+        if "processor " in line and " started:" in line:
+            return line.split("processor ", 1)[1].split(" started:", 1)[0]
+    raise AssertionError(f"no start line in:\n{first.log()}\n---\n{second.log()}")
+
+
 @pytest.mark.parametrize("engine_name", ["sqlite"])
 async def test_json_logs_one_line_per_state_change(db: Database, spawn: Spawn) -> None:
     ids = await enqueue_many(db, "noop", 3)

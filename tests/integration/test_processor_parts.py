@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -10,11 +12,12 @@ import pytest
 from sqlalchemy import func, select, update
 
 from app.db import Database
-from app.models import PendingAnalysis, ProcessorState
+from app.models import AnalysisNotification, PendingAnalysis, Processor, ProcessorState
 from app.models.types import utcnow
 from app.services import queue
 from app.services.async_analysis_processor import EngineConfig, ProcessorEngine, SlotPool
 from app.services.handlers import REGISTRY, import_handler_modules
+from app.services.processor import host
 from app.services.processor.completer import Completer, RetryPolicy
 from app.services.processor.executor import Outcome, OutcomeKind
 from app.services.processor.heartbeat import Heartbeat, ProcessorStats
@@ -68,6 +71,100 @@ async def test_rescuer_and_pruner_run_once(db: Database) -> None:
         await s.execute(update(PendingAnalysis).values(completed_at=utcnow() - timedelta(days=30)))
     pruned = await Pruner(db, retention_days=14, batch_size=1).run_once()
     assert (pruned.tasks, pruned.notifications) == (1, 0)
+
+
+@pytest.fixture
+def pids() -> Iterator[tuple[int, int]]:
+    """A pid no process has (a child that ran and was reaped) and one a live child has."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    alive = subprocess.Popen(["sleep", "60"])
+    try:
+        yield dead.pid, alive.pid
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+async def test_rescuer_gives_back_at_once_the_jobs_of_a_daemon_gone_from_this_machine(
+    db: Database, pids: tuple[int, int]
+) -> None:
+    """Daemons on this machine (same host key) whose pid no process has lose their jobs at
+    the next sweep, long leases or not: back to pending, or failed when their attempts are
+    spent, each with the "daemon gone" reason in its row and its notification; the
+    processors row is stopped. A daemon whose process runs, one with another host key (a
+    container, another machine) and one without a key keep theirs, and an expired lease in
+    the same sweep keeps its own reason."""
+    key = host.host_key()
+    assert key is not None
+    dead, alive = pids
+    owners = {
+        "gone": (key, dead),
+        "alive": (key, alive),
+        "elsewhere": ("another-boot/0:0", dead),
+        "keyless": (None, dead),
+    }
+    async with db.write_transaction() as s:
+        for name, (owner_key, pid) in owners.items():
+            await queue.register_processor(
+                s,
+                processor_id=name,
+                hostname="h",
+                pid=pid,
+                version="v",
+                concurrency=3,
+                host_key=owner_key,
+            )
+    held: dict[str, list[int]] = {}
+    for name in owners:
+        async with db.write_transaction() as s:
+            specs = [{"kind": "noop", "user_id": "u", "max_retries": n} for n in (3, 0)]
+            await queue.enqueue_tasks(s, specs)
+            claimed = await queue.claim_tasks(s, processor_id=name, limit=2, lease_seconds=60)
+        held[name] = sorted(t.id for t in claimed)
+    async with db.write_transaction() as s:  # one lease of a live daemon ran out
+        await s.execute(
+            update(PendingAnalysis)
+            .where(PendingAnalysis.id == held["alive"][0])
+            .values(lease_expires_at=utcnow() - timedelta(seconds=1))
+        )
+    result = await Rescuer(db, lease_seconds=60, processor_id="me", host_key=key).run_once()
+    back, spent = held["gone"]
+    assert (sorted(result.rescued), result.failed) == (sorted([back, held["alive"][0]]), (spent,))
+    assert sorted(result.gone) == [back, spent]
+    row = await task_row(db, back)
+    assert (row.status, row.retry_count, row.locked_by) == ("pending", 1, None)
+    assert row.error == queue.DAEMON_GONE_ERROR
+    row = await task_row(db, spent)
+    assert (row.status, row.error) == ("failed", queue.DAEMON_GONE_ERROR + "; no attempts left")
+    expired = await task_row(db, held["alive"][0])
+    assert (expired.status, expired.error) == ("pending", queue.LEASE_EXPIRED_ERROR)
+    for name in ("alive", "elsewhere", "keyless"):
+        for task_id in held[name][name == "alive" :]:
+            row = await task_row(db, task_id)
+            assert (row.status, row.locked_by, row.error) == ("processing", name, None)
+    async with db.read_transaction() as s:
+        notes = dict(
+            (
+                await s.execute(
+                    select(AnalysisNotification.task_id, AnalysisNotification.message).where(
+                        AnalysisNotification.type.in_(["retrying", "failed"])
+                    )
+                )
+            ).all()
+        )
+        states = dict((await s.execute(select(Processor.id, Processor.state))).all())
+    assert notes == {
+        back: queue.DAEMON_GONE_ERROR + "; retrying.",
+        spent: queue.DAEMON_GONE_ERROR,
+        held["alive"][0]: queue.LEASE_EXPIRED_ERROR + "; retrying.",
+    }
+    assert states == {
+        "gone": "stopped",
+        "alive": "running",
+        "elsewhere": "running",
+        "keyless": "running",
+    }
 
 
 async def test_completer_writes_batches_and_reports_fenced(db: Database) -> None:

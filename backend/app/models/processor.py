@@ -40,3 +40,6 @@ class Processor(Base):
     state: Mapped[str] = mapped_column(String(16), default=ProcessorState.RUNNING)
     processed: Mapped[int] = mapped_column(Integer, default=0)
     failed: Mapped[int] = mapped_column(Integer, default=0)
+    #: boot id and PID namespace of the daemon's process (app.services.processor.host):
+    #: a daemon with the same key can tell from the pid alone whether this one is gone.
+    host_key: Mapped[str | None] = mapped_column(String(100), nullable=True)

@@ -42,6 +42,7 @@ from app.services.processor.executor import (
     StopReason,
 )
 from app.services.processor.heartbeat import Heartbeat, HeartbeatResult, ProcessorStats
+from app.services.processor.host import host_key
 from app.services.processor.looper import ErrorBackoff, guarded_loop, is_transient
 from app.services.processor.progress import progress_sink
 from app.services.processor.pruner import Pruner
@@ -168,7 +169,13 @@ class ProcessorEngine:
             held=self.held,
             stats=self.stats,
         )
-        self.rescuer = Rescuer(db, lease_seconds=config.lease_seconds)
+        self.host_key = host_key()
+        self.rescuer = Rescuer(
+            db,
+            lease_seconds=config.lease_seconds,
+            processor_id=self.processor_id,
+            host_key=self.host_key,
+        )
         self.pruner = Pruner(
             db,
             retention_days=config.retention_days,
@@ -314,6 +321,7 @@ class ProcessorEngine:
                         version=__version__,
                         concurrency=self.capacity,
                         queues=self.queues_label,
+                        host_key=self.host_key,
                     )
                 return
             except Exception as exc:

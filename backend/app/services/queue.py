@@ -85,6 +85,11 @@ LEASE_EXPIRED_ERROR = (
     "lease expired: the daemon running this attempt stopped renewing it "
     "(it died, hung or lost the database)"
 )
+_NO_ATTEMPTS_LEFT = "; no attempts left"
+DAEMON_GONE_ERROR = (
+    "daemon gone: the process running this attempt no longer exists "
+    "(killed or crashed; seen by a daemon on the same machine)"
+)
 
 _PENDING_LITERAL: ColumnElement[str] = literal_column(f"'{TaskStatus.PENDING.value}'", String())
 REF_COLUMNS = (T.id, T.kind, T.user_id, T.project_id, T.chapter_id, T.attempts)
@@ -316,6 +321,8 @@ class RescueResult:
     rescued: tuple[int, ...] = ()
     failed: tuple[int, ...] = ()
     cancelled: tuple[int, ...] = ()
+    #: those of the above whose daemon was gone (the rest: their leases expired)
+    gone: tuple[int, ...] = ()
 
 
 # --- enqueue -----------------------------------------------------------------------------
@@ -1674,12 +1681,21 @@ async def retry_tasks(
 # --- maintenance -------------------------------------------------------------------------------
 
 
-async def rescue_expired(session: AsyncSession, *, now: datetime | None = None) -> RescueResult:
-    """processing tasks whose lease expired (their daemon died or hung): → failed when
-    their attempts are spent (a poison job cannot crash-loop), else → pending (or
-    cancelled, when a cancel was requested), with notifications."""
+async def rescue_expired(
+    session: AsyncSession, *, now: datetime | None = None, gone: Sequence[str] = ()
+) -> RescueResult:
+    """processing tasks whose lease expired (their daemon died or hung), and those held by
+    the processors in ``gone`` (daemons seen dead on this machine, whatever their leases
+    say): → failed when their attempts are spent (a poison job cannot crash-loop), else →
+    pending (or cancelled, when a cancel was requested), with notifications."""
     current = now_sql(dialect_of(session), now)
-    expired = and_(T.status == TaskStatus.PROCESSING, T.lease_expires_at < current)
+    lapsed: ColumnElement[bool] = T.lease_expires_at < current
+    error: ColumnElement[str] = literal(LEASE_EXPIRED_ERROR, String())
+    if gone:
+        owner_gone = T.locked_by.in_(list(gone))
+        lapsed = or_(lapsed, owner_gone)
+        error = case((owner_gone, DAEMON_GONE_ERROR), else_=LEASE_EXPIRED_ERROR)
+    expired = and_(T.status == TaskStatus.PROCESSING, lapsed)
     common = _unlocked(current)
     spent = (
         update(TASKS)
@@ -1687,12 +1703,13 @@ async def rescue_expired(session: AsyncSession, *, now: datetime | None = None) 
         .values(
             status=TaskStatus.FAILED,
             completed_at=current,
-            error=LEASE_EXPIRED_ERROR + "; no attempts left",
+            error=error + _NO_ATTEMPTS_LEFT,
             **common,
         )
-        .returning(*REF_COLUMNS)
+        .returning(*REF_COLUMNS, T.error)
     )
-    failed = [TaskRef.from_row(r) for r in (await session.execute(spent)).all()]
+    spent_rows = (await session.execute(spent)).all()
+    failed = [TaskRef.from_row(r) for r in spent_rows]
     back = (
         update(TASKS)
         .where(expired)
@@ -1700,28 +1717,29 @@ async def rescue_expired(session: AsyncSession, *, now: datetime | None = None) 
             status=case((T.cancel_requested, TaskStatus.CANCELLED), else_=TaskStatus.PENDING),
             completed_at=case((T.cancel_requested, current), else_=None),
             retry_count=case((T.cancel_requested, T.retry_count), else_=T.retry_count + 1),
-            error=LEASE_EXPIRED_ERROR,
+            error=error,
             **common,
         )
-        .returning(*REF_COLUMNS, T.status)
+        .returning(*REF_COLUMNS, T.status, T.error)
     )
     rows = (await session.execute(back)).all()
-    rescued = [TaskRef.from_row(r) for r in rows if r.status == TaskStatus.PENDING]
+    rescued = [(TaskRef.from_row(r), r.error) for r in rows if r.status == TaskStatus.PENDING]
     cancelled = [TaskRef.from_row(r) for r in rows if r.status == TaskStatus.CANCELLED]
+    reasons = [r.error.removesuffix(_NO_ATTEMPTS_LEFT) for r in spent_rows]
     notes = [
-        notifications.build(
-            NotificationType.FAILED, t, LEASE_EXPIRED_ERROR, error=LEASE_EXPIRED_ERROR
-        )
-        for t in failed
+        notifications.build(NotificationType.FAILED, t, why, error=why)
+        for t, why in zip(failed, reasons, strict=True)
     ]
     notes += [
-        notifications.build(NotificationType.RETRYING, t, LEASE_EXPIRED_ERROR + "; retrying.")
-        for t in rescued
+        notifications.build(NotificationType.RETRYING, t, why + "; retrying.") for t, why in rescued
     ]
     notes += [_cancelled_note(t) for t in cancelled]
     await notifications.add(session, notes)
     return RescueResult(
-        tuple(t.id for t in rescued), tuple(t.id for t in failed), tuple(t.id for t in cancelled)
+        tuple(t.id for t, _ in rescued),
+        tuple(t.id for t in failed),
+        tuple(t.id for t in cancelled),
+        tuple(r.id for r in [*spent_rows, *rows] if r.error.startswith(DAEMON_GONE_ERROR)),
     )
 
 
@@ -1777,6 +1795,7 @@ async def register_processor(
     version: str,
     concurrency: int,
     queues: str = "*",
+    host_key: str | None = None,
 ) -> None:
     """Insert this daemon's processors row (state running)."""
     current = now_sql(dialect_of(session))
@@ -1784,6 +1803,7 @@ async def register_processor(
         insert(PROCESSORS).values(
             id=processor_id,
             hostname=hostname,
+            host_key=host_key,
             pid=pid,
             version=version,
             concurrency=concurrency,
@@ -1822,15 +1842,34 @@ async def touch_processor(
     return result.first() is not None
 
 
-async def reap_processors(session: AsyncSession, *, stale_before: datetime) -> int:
-    """Mark processors that stopped heartbeating before ``stale_before`` as stopped."""
+async def reap_processors(
+    session: AsyncSession, *, stale_before: datetime, gone: Sequence[str] = ()
+) -> int:
+    """Mark processors that stopped heartbeating before ``stale_before``, and those in
+    ``gone`` (seen dead on this machine), as stopped."""
+    dead: ColumnElement[bool] = P.last_seen_at < stale_before
+    if gone:
+        dead = or_(dead, P.id.in_(list(gone)))
     result = await session.execute(
         update(PROCESSORS)
-        .where(P.state != ProcessorState.STOPPED, P.last_seen_at < stale_before)
+        .where(P.state != ProcessorState.STOPPED, dead)
         .values(state=ProcessorState.STOPPED, in_flight=0)
         .returning(P.id)
     )
     return len(result.all())
+
+
+async def processors_on_host(
+    session: AsyncSession, *, host_key: str, besides: str
+) -> list[tuple[str, int]]:
+    """(id, pid) of the processors not stopped that run where ``host_key`` says (same boot,
+    same PID namespace: app.services.processor.host), other than ``besides``."""
+    rows = await session.execute(
+        select(P.id, P.pid).where(
+            P.host_key == host_key, P.state != ProcessorState.STOPPED, P.id != besides
+        )
+    )
+    return [(row.id, row.pid) for row in rows]
 
 
 # --- reads -----------------------------------------------------------------------------------

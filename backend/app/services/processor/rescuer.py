@@ -1,13 +1,21 @@
-"""Return jobs whose lease expired to pending, or fail them when their attempts are spent."""
+"""Return jobs whose lease expired to pending, or fail them when their attempts are spent.
+
+Jobs of a daemon that is gone from this machine (same boot, same PID namespace, no process
+with its pid: app.services.processor.host) go back at once, leases or not: a daemon that a
+supervisor restarts after a SIGKILL or a crash takes its predecessor's jobs back as it
+starts, instead of a lease and a half later."""
 
 from __future__ import annotations
 
 import logging
 from datetime import timedelta
 
+from sqlalchemy.ext.asyncio import AsyncSession
+
 from app.db import Database
 from app.models.types import utcnow
 from app.services import faults, queue
+from app.services.processor.host import pid_gone
 from app.services.queue import RescueResult
 
 logger = logging.getLogger("app.processor")
@@ -24,9 +32,20 @@ def rescue_interval(lease_seconds: float) -> float:
 class Rescuer:
     """Runs on every daemon; the statements are set-based, so running twice is harmless."""
 
-    def __init__(self, db: Database, *, lease_seconds: float) -> None:
+    def __init__(
+        self,
+        db: Database,
+        *,
+        lease_seconds: float,
+        processor_id: str = "",
+        host_key: str | None = None,
+    ) -> None:
+        """``processor_id`` and ``host_key``: this daemon's, for finding the daemons gone
+        from this machine (none are looked for without a key)."""
         self._db = db
         self._lease_seconds = lease_seconds
+        self._processor_id = processor_id
+        self._host_key = host_key
         self.interval = rescue_interval(lease_seconds)
 
     async def run_once(self) -> RescueResult:
@@ -35,18 +54,40 @@ class Rescuer:
             return RescueResult((), (), ())
         stale_before = utcnow() - timedelta(seconds=DEAD_PROCESSOR_LEASES * self._lease_seconds)
         async with self._db.write_transaction() as session:
-            result = await queue.rescue_expired(session)
-            await queue.reap_processors(session, stale_before=stale_before)
-        for task_id in result.rescued:
+            gone = await self._gone(session)
+            owners = [processor_id for processor_id, _ in gone]
+            result = await queue.rescue_expired(session, gone=owners)
+            await queue.reap_processors(session, stale_before=stale_before, gone=owners)
+        for processor_id, pid in gone:
             logger.warning(
-                "task %s: lease expired, back to pending",
+                "processor %s is gone (no process %d on this machine): its jobs go back now",
+                processor_id,
+                pid,
+                extra={"action": "processor_gone"},
+            )
+        for task_id in result.rescued:
+            why = "its daemon is gone" if task_id in result.gone else "lease expired"
+            logger.warning(
+                "task %s: %s, back to pending",
                 task_id,
+                why,
                 extra={"action": "rescued", "task_id": task_id},
             )
         for task_id in result.failed:
+            why = "its daemon is gone" if task_id in result.gone else "lease expired"
             logger.error(
-                "task %s: lease expired with no attempts left: failed",
+                "task %s: %s with no attempts left: failed",
                 task_id,
+                why,
                 extra={"action": "rescued_failed", "task_id": task_id},
             )
         return result
+
+    async def _gone(self, session: AsyncSession) -> list[tuple[str, int]]:
+        """(id, pid) of the processors of this machine whose process no longer exists."""
+        if self._host_key is None:
+            return []
+        found = await queue.processors_on_host(
+            session, host_key=self._host_key, besides=self._processor_id
+        )
+        return [(processor_id, pid) for processor_id, pid in found if pid_gone(pid)]
