@@ -202,7 +202,9 @@ async def test_a_restarted_daemon_takes_back_its_killed_predecessors_jobs_at_onc
     first.kill()  # SIGKILL, and reaped: no process has its pid
     second = spawn(lease_seconds="60", max_concurrent="2")
     await eventually(lambda: all_in(db, "completed", 2), within=30)  # the leases: 60 s
-    second.wait_for_log(f"processor {_processor_of(first, second)} is gone")
+    async with db.read_transaction() as s:
+        predecessor = await s.scalar(select(Processor.id).where(Processor.pid == first.pid))
+    second.wait_for_log(f"processor {predecessor} is gone")
     assert second.stop() == 0
     for task_id in ids:
         row = await task_row(db, task_id)
@@ -222,14 +224,6 @@ async def test_a_restarted_daemon_takes_back_its_killed_predecessors_jobs_at_onc
         states = dict((await s.execute(select(Processor.pid, Processor.state))).all())
     assert sorted(retrying) == [(t, queue.DAEMON_GONE_ERROR + "; retrying.") for t in ids]
     assert states == {first.pid: "stopped", second.pid: "stopped"}
-
-
-def _processor_of(first: Daemon, second: Daemon) -> str:
-    """The processor id the first daemon logged at its start."""
-    for line in first.log().splitlines():
-        if "processor " in line and " started:" in line:
-            return line.split("processor ", 1)[1].split(" started:", 1)[0]
-    raise AssertionError(f"no start line in:\n{first.log()}\n---\n{second.log()}")
 
 
 @pytest.mark.parametrize("engine_name", ["sqlite"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 from collections.abc import Iterator
 from datetime import timedelta
@@ -89,27 +90,32 @@ def pids() -> Iterator[tuple[int, int]]:
 async def test_rescuer_gives_back_at_once_the_jobs_of_a_daemon_gone_from_this_machine(
     db: Database, pids: tuple[int, int]
 ) -> None:
-    """Daemons on this machine (same host key) whose pid no process has lose their jobs at
-    the next sweep, long leases or not: back to pending, or failed when their attempts are
-    spent, each with the "daemon gone" reason in its row and its notification; the
-    processors row is stopped. A daemon whose process runs, one with another host key (a
-    container, another machine) and one without a key keep theirs, and an expired lease in
-    the same sweep keeps its own reason."""
+    """Daemons on this machine (same host key and hostname) whose pid no process has lose
+    their jobs at the next sweep, long leases or not: back to pending, or failed when their
+    attempts are spent, each with the "daemon gone" reason in its row and its
+    notification; the processors row is stopped. A daemon whose process runs, another
+    engine of this very process, one with another host key (a container, another
+    machine), one with another hostname (a clone of a memory snapshot), one without a key
+    and the sweeping daemon's own row keep theirs, and an expired lease in the same sweep
+    keeps its own reason."""
     key = host.host_key()
     assert key is not None
     dead, alive = pids
     owners = {
-        "gone": (key, dead),
-        "alive": (key, alive),
-        "elsewhere": ("another-boot/0:0", dead),
-        "keyless": (None, dead),
+        "gone": (key, dead, "h"),
+        "alive": (key, alive, "h"),
+        "twin": (key, os.getpid(), "h"),
+        "elsewhere": ("another-boot/0:0", dead, "h"),
+        "renamed": (key, dead, "clone"),
+        "keyless": (None, dead, "h"),
+        "me": (key, dead, "h"),
     }
     async with db.write_transaction() as s:
-        for name, (owner_key, pid) in owners.items():
+        for name, (owner_key, pid, hostname) in owners.items():
             await queue.register_processor(
                 s,
                 processor_id=name,
-                hostname="h",
+                hostname=hostname,
                 pid=pid,
                 version="v",
                 concurrency=3,
@@ -128,7 +134,8 @@ async def test_rescuer_gives_back_at_once_the_jobs_of_a_daemon_gone_from_this_ma
             .where(PendingAnalysis.id == held["alive"][0])
             .values(lease_expires_at=utcnow() - timedelta(seconds=1))
         )
-    result = await Rescuer(db, lease_seconds=60, processor_id="me", host_key=key).run_once()
+    rescuer = Rescuer(db, lease_seconds=60, processor_id="me", host_key=key, hostname="h")
+    result = await rescuer.run_once()
     back, spent = held["gone"]
     assert (sorted(result.rescued), result.failed) == (sorted([back, held["alive"][0]]), (spent,))
     assert sorted(result.gone) == [back, spent]
@@ -139,7 +146,7 @@ async def test_rescuer_gives_back_at_once_the_jobs_of_a_daemon_gone_from_this_ma
     assert (row.status, row.error) == ("failed", queue.DAEMON_GONE_ERROR + "; no attempts left")
     expired = await task_row(db, held["alive"][0])
     assert (expired.status, expired.error) == ("pending", queue.LEASE_EXPIRED_ERROR)
-    for name in ("alive", "elsewhere", "keyless"):
+    for name in ("alive", "twin", "elsewhere", "renamed", "keyless", "me"):
         for task_id in held[name][name == "alive" :]:
             row = await task_row(db, task_id)
             assert (row.status, row.locked_by, row.error) == ("processing", name, None)
@@ -159,12 +166,7 @@ async def test_rescuer_gives_back_at_once_the_jobs_of_a_daemon_gone_from_this_ma
         spent: queue.DAEMON_GONE_ERROR,
         held["alive"][0]: queue.LEASE_EXPIRED_ERROR + "; retrying.",
     }
-    assert states == {
-        "gone": "stopped",
-        "alive": "running",
-        "elsewhere": "running",
-        "keyless": "running",
-    }
+    assert states == {name: "stopped" if name == "gone" else "running" for name in owners}
 
 
 async def test_completer_writes_batches_and_reports_fenced(db: Database) -> None:

@@ -169,12 +169,14 @@ class ProcessorEngine:
             held=self.held,
             stats=self.stats,
         )
+        self.hostname = socket.gethostname()
         self.host_key = host_key()
         self.rescuer = Rescuer(
             db,
             lease_seconds=config.lease_seconds,
             processor_id=self.processor_id,
             host_key=self.host_key,
+            hostname=self.hostname,
         )
         self.pruner = Pruner(
             db,
@@ -316,7 +318,7 @@ class ProcessorEngine:
                     await queue.register_processor(
                         session,
                         processor_id=self.processor_id,
-                        hostname=socket.gethostname(),
+                        hostname=self.hostname,
                         pid=os.getpid(),
                         version=__version__,
                         concurrency=self.capacity,

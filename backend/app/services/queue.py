@@ -1860,13 +1860,17 @@ async def reap_processors(
 
 
 async def processors_on_host(
-    session: AsyncSession, *, host_key: str, besides: str
+    session: AsyncSession, *, host_key: str, hostname: str, besides: str
 ) -> list[tuple[str, int]]:
-    """(id, pid) of the processors not stopped that run where ``host_key`` says (same boot,
-    same PID namespace: app.services.processor.host), other than ``besides``."""
+    """(id, pid) of the processors not stopped that run where ``host_key`` and ``hostname``
+    say (same boot, same PID namespace, same name: app.services.processor.host), other
+    than ``besides``."""
     rows = await session.execute(
         select(P.id, P.pid).where(
-            P.host_key == host_key, P.state != ProcessorState.STOPPED, P.id != besides
+            P.host_key == host_key,
+            P.hostname == hostname,
+            P.state != ProcessorState.STOPPED,
+            P.id != besides,
         )
     )
     return [(row.id, row.pid) for row in rows]

@@ -5,7 +5,8 @@ A daemon killed outright (SIGKILL, the OOM killer, a crash) leaves its jobs in
 process — same kernel boot, same PID namespace — finds no process with its pid, the jobs
 can go back at once instead (app.services.processor.rescuer). The hostname alone is not
 enough: containers and cloned machines share hostnames, and a process in another PID
-namespace is invisible here although it runs.
+namespace is invisible here although it runs. A restarted container has a new PID
+namespace, so a new key: its predecessor's jobs wait for their leases.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ PID_NAMESPACE = Path("/proc/self/ns/pid")
 def host_key() -> str | None:
     """``<boot id>/<PID namespace>`` of this process: two processes with the same key run on
     one kernel, in this boot, and see each other's pids. None where the system does not
-    say (not Linux, /proc not mounted): the fast rescue is then off."""
+    say (not Linux, /proc not mounted): the fast rescue is then off. Machines cloned from
+    one memory snapshot share a boot id, so the rescuer also requires the same hostname."""
     try:
         boot = BOOT_ID.read_text().strip()
         namespace = os.stat(PID_NAMESPACE)
@@ -33,16 +35,15 @@ def host_key() -> str | None:
 
 def pid_gone(pid: int) -> bool:
     """Whether no process has ``pid`` in this PID namespace. Any doubt is "not gone": a
-    process of another user (EPERM), a zombie, or a pid a new process took since (the
-    jobs then wait for their leases, as without this check)."""
-    if pid <= 0:
+    process of another user (EPERM), a zombie, a pid a new process took since, this very
+    process (which may run several engines, each with its own processors row), a pid
+    that is no pid at all. Those jobs then wait for their leases, as without this check."""
+    if pid <= 0 or pid == os.getpid():
         return False
-    if pid == os.getpid():
-        return True  # this process has the pid now: the one that had it is gone
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return True
-    except OSError:
+    except (OSError, OverflowError, ValueError):
         return False
     return False

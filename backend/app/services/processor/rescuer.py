@@ -39,13 +39,15 @@ class Rescuer:
         lease_seconds: float,
         processor_id: str = "",
         host_key: str | None = None,
+        hostname: str = "",
     ) -> None:
-        """``processor_id`` and ``host_key``: this daemon's, for finding the daemons gone
-        from this machine (none are looked for without a key)."""
+        """``processor_id``, ``host_key`` and ``hostname``: this daemon's, for finding the
+        daemons gone from this machine (none are looked for without a key)."""
         self._db = db
         self._lease_seconds = lease_seconds
         self._processor_id = processor_id
         self._host_key = host_key
+        self._hostname = hostname
         self.interval = rescue_interval(lease_seconds)
 
     async def run_once(self) -> RescueResult:
@@ -88,6 +90,6 @@ class Rescuer:
         if self._host_key is None:
             return []
         found = await queue.processors_on_host(
-            session, host_key=self._host_key, besides=self._processor_id
+            session, host_key=self._host_key, hostname=self._hostname, besides=self._processor_id
         )
         return [(processor_id, pid) for processor_id, pid in found if pid_gone(pid)]
