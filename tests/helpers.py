@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import subprocess
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from sqlalchemy import func, select
@@ -78,3 +80,16 @@ async def statuses(db: Database) -> Counter[str]:
 async def all_in(db: Database, status: str, n: int) -> bool:
     """True when exactly ``n`` tasks are in ``status``."""
     return (await statuses(db))[status] == n
+
+
+@contextlib.contextmanager
+def reaped_and_running_pids() -> Iterator[tuple[int, int]]:
+    """The pid of a child that ran and was reaped (no process has it) and of a live one."""
+    reaped = subprocess.Popen(["true"])
+    reaped.wait()
+    running = subprocess.Popen(["sleep", "60"])
+    try:
+        yield reaped.pid, running.pid
+    finally:
+        running.kill()
+        running.wait()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
@@ -25,7 +24,7 @@ from app.services.processor.heartbeat import Heartbeat, ProcessorStats
 from app.services.processor.pruner import Pruner
 from app.services.processor.rescuer import Rescuer
 from app.services.processor.waker import make_waker
-from tests.helpers import eventually, notes_of, task_row
+from tests.helpers import eventually, notes_of, reaped_and_running_pids, task_row
 
 import_handler_modules(["tests.e2e.job_handlers"])
 PID = "proc-a"
@@ -76,15 +75,9 @@ async def test_rescuer_and_pruner_run_once(db: Database) -> None:
 
 @pytest.fixture
 def pids() -> Iterator[tuple[int, int]]:
-    """A pid no process has (a child that ran and was reaped) and one a live child has."""
-    dead = subprocess.Popen(["true"])
-    dead.wait()
-    alive = subprocess.Popen(["sleep", "60"])
-    try:
-        yield dead.pid, alive.pid
-    finally:
-        alive.kill()
-        alive.wait()
+    """A pid no process has and one a live child has."""
+    with reaped_and_running_pids() as found:
+        yield found
 
 
 async def test_rescuer_gives_back_at_once_the_jobs_of_a_daemon_gone_from_this_machine(

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from app.services.processor import host
+from tests.helpers import reaped_and_running_pids
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -51,14 +52,8 @@ def test_host_key_is_none_where_the_system_does_not_say(
 @pytest.fixture
 def children() -> Iterator[tuple[int, int]]:
     """The pid of a child that ran and was reaped, and of one that runs."""
-    done = subprocess.Popen(["true"])
-    done.wait()
-    running = subprocess.Popen(["sleep", "60"])
-    try:
-        yield done.pid, running.pid
-    finally:
-        running.kill()
-        running.wait()
+    with reaped_and_running_pids() as found:
+        yield found
 
 
 def test_pid_gone_only_when_no_process_has_it(children: tuple[int, int]) -> None:
