@@ -10,6 +10,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from functools import partial
@@ -45,6 +46,10 @@ PG_CONNECT_TIMEOUT_SECONDS = 3.0
 PG_COMMAND_TIMEOUT_SECONDS = 30.0
 SQLITE_CONNECT_TIMEOUT_SECONDS = 30.0
 _BEGIN_OPTION = "async_processor_begin"
+#: ``run_write``'s ``here`` commits between two checkpoints of their own (Database.
+#: _checkpoint_here). A one-row enqueue writes six or seven pages (the table's and its
+#: indexes'), so the WAL stays near SQLite's own 1,000-page threshold.
+HERE_CHECKPOINT_EVERY = 200
 R = TypeVar("R")
 _WAKE_KEY = "async_processor_wake"
 
@@ -158,6 +163,7 @@ class _HereWriter:
         self._path = path
         self._dialect = dialect
         self._connections: dict[int, sqlite3.Connection] = {}
+        self._checkpointing: sqlite3.Connection | None = None
 
     def _connection(self) -> sqlite3.Connection:
         thread = threading.get_ident()
@@ -215,10 +221,27 @@ class _HereWriter:
         with contextlib.suppress(sqlite3.Error):
             conn.close()
 
+    def checkpoint(self) -> None:
+        """One PASSIVE checkpoint (it waits for nobody), on a connection of its own; called
+        on one thread at a time. Best effort: a failure leaves the WAL to the next one, or
+        to another connection's automatic one."""
+        try:
+            if self._checkpointing is None:
+                self._checkpointing = sqlite3.connect(
+                    self._path, timeout=0, isolation_level=None, check_same_thread=False
+                )
+            self._checkpointing.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except sqlite3.Error as error:
+            logger.debug("checkpoint of %s failed: %s", self._path, error)
+
     def close(self) -> None:
-        """Close every thread's connection."""
+        """Close every thread's connection (no checkpoint may be running)."""
         for conn in list(self._connections.values()):
             self._close(conn)
+        if self._checkpointing is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._checkpointing.close()
+            self._checkpointing = None
 
 
 def make_engine(
@@ -321,10 +344,13 @@ class Database:
             WeakKeyDictionary() if self.dialect == "sqlite" else None
         )
         path = sqlite_path(engine.url)
+        self.sqlite_file = None if path is None else path.expanduser()
         self._writer: WriteThread | None = None
         # Not for URLs with options (a file: URI, mode=ro …): sqlite3.connect(path) would
         # not open the same database the engine does.
         self._here = None
+        self._here_commits = 0
+        self._checkpointer: ThreadPoolExecutor | None = None
         if path is not None and not engine.url.query:
             self._here = _HereWriter(path.expanduser(), engine.dialect)
         if write_thread and path is not None:
@@ -367,11 +393,28 @@ class Database:
             if here is not None and self._here is not None and hotpath.ENABLED:
                 done, result = self._here.run(here)
                 if done:
+                    self._here_commits += 1
+                    if self._writer is None and self._here_commits % HERE_CHECKPOINT_EVERY == 0:
+                        await self._checkpoint_here()
                     return result  # type: ignore[return-value]
             if self._writer is not None:
                 return await self._writer.run(fn)
             async with self._immediate() as session:
                 return await fn(session)
+
+    async def _checkpoint_here(self) -> None:
+        """The bare connection's commits never checkpoint (I/O on the event loop). Without
+        the write thread, whose commits do, every HERE_CHECKPOINT_EVERY of them this
+        process checkpoints on a thread of its own, holding its write lock: a checkpoint
+        running beside writers never catches up with them, and the WAL restarts from its
+        beginning only after one that did (SQLite's own automatic checkpoint also runs in
+        the committing connection)."""
+        if self._here is None:
+            return
+        if self._checkpointer is None:
+            self._checkpointer = ThreadPoolExecutor(1, thread_name_prefix="sqlite-checkpoint")
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._checkpointer, self._here.checkpoint)
 
     def _write_lock(self) -> asyncio.Lock:
         if self._write_locks is None:
@@ -407,10 +450,20 @@ class Database:
         async with self.sessionmaker() as session:
             yield session
 
+    def wake_daemons(self) -> None:
+        """SQLite: ring the daemons' doorbells after committing new work outside a session
+        (a session's enqueue rings them itself, at its commit). PostgreSQL: nothing to do,
+        the insert trigger's NOTIFY wakes them."""
+        if self.sqlite_file is not None:
+            ring_daemons(self.sqlite_file)
+
     async def dispose(self) -> None:
         """Close every pooled connection (and the write thread)."""
         if self._writer is not None:
             await self._writer.close()
+        if self._checkpointer is not None:
+            await asyncio.to_thread(self._checkpointer.shutdown)  # a checkpoint may be running
+            self._checkpointer = None
         if self._here is not None:
             self._here.close()
         await self.engine.dispose()
@@ -430,18 +483,23 @@ def wake_daemons_at_commit(session: AsyncSession) -> None:
 _BELLS: dict[Path, Bell] = {}  # one per SQLite file, for the process's lifetime
 
 
-@event.listens_for(Session, "after_commit")
-def _ring_after_commit(session: Session) -> None:
-    path = session.info.pop(_WAKE_KEY, None)
-    if path is None:
-        return
-    try:  # best effort, and never an error out of a commit that succeeded
+def ring_daemons(path: Path) -> None:
+    """Ring the doorbells of the daemons on the SQLite file ``path`` (work was committed).
+    Best effort, and never an error out of a commit that succeeded."""
+    try:
         bell = _BELLS.get(path)
         if bell is None:
             bell = _BELLS[path] = Bell(path)
         bell.ring()
     except Exception as exc:  # pragma: no cover - the bell only saves a poll
         logger.warning("could not ring the daemons' doorbell for %s (%s)", path, exc)
+
+
+@event.listens_for(Session, "after_commit")
+def _ring_after_commit(session: Session) -> None:
+    path = session.info.pop(_WAKE_KEY, None)
+    if path is not None:
+        ring_daemons(path)
 
 
 @event.listens_for(Session, "after_soft_rollback")

@@ -6,6 +6,8 @@ import asyncio
 import dataclasses
 import functools
 import json
+import os
+import sqlite3
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -120,6 +122,138 @@ async def test_bulk_enqueue_keeps_order_in_one_statement(db: Database) -> None:
     (PostgreSQL: arrays unnested; SQLite: one INSERT … SELECT FROM json_each), never one
     per row."""
     assert len(await _enqueue_2500_in_order(db)) == 1
+
+
+_RAW_COLUMNS = (
+    "kind, queue, status, priority, payload, max_retries, timeout_seconds, user_id, project_id,"
+    " chapter_id, idempotency_key, scheduled_at, created_at, updated_at, retry_count, attempts,"
+    " token_usage, cancel_requested, locked_by, lease_expires_at"
+)
+
+
+async def _raw_rows(db: Database) -> dict[int, tuple[Any, ...]]:
+    async with db.read_transaction() as s:
+        found = await s.execute(text(f"SELECT id, {_RAW_COLUMNS} FROM pending_analysis"))
+        return {row[0]: tuple(row[1:]) for row in found}
+
+
+def _count_begins(db: Database) -> list[int]:
+    """How many transactions SQLAlchemy begins on the engine (the list's length)."""
+    begins: list[int] = []
+    event.listen(db.engine.sync_engine, "begin", lambda _conn: begins.append(1))
+    return begins
+
+
+async def test_an_enqueue_alone_stores_what_an_enqueue_in_a_session_does(
+    db: Database, execution_path: str
+) -> None:
+    """enqueue_task_alone (a transaction of its own: PostgreSQL's one autocommitted
+    statement, SQLite's bare connection) writes the very same raw row as enqueue_task in a
+    session, committed when it returns; no session transaction on the driver path."""
+    at = datetime(2030, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+    spec: dict[str, Any] = {
+        "kind": "k",
+        "payload": {"b": [1, 2.5, None, True], "a": 'é ✓ "q" \\ \n'},
+        "priority": 8,
+        "queue": "ingest",
+        "max_retries": 7,
+        "timeout_seconds": 42,
+        "scheduled_at": at + timedelta(hours=1),
+        "user_id": "ü",
+        "project_id": "p",
+        "chapter_id": "c",
+    }
+    async with db.write_transaction() as s:
+        in_session = await queue.enqueue_task(s, now=at, **spec)
+    begins = _count_begins(db)
+    alone = await queue.enqueue_task_alone(db, now=at, **spec)
+    assert len(begins) == (0 if execution_path == "driver" else 1)
+    assert alone.created and alone.id == in_session.id + 1
+    raw = await _raw_rows(db)
+    assert raw[alone.id] == raw[in_session.id]
+    # The database's clock when none is pinned, as enqueue_task.
+    unpinned = await queue.enqueue_task_alone(db, kind="k")
+    row = await task_row(db, unpinned.id)
+    assert (row.status, row.priority, row.queue, row.user_id) == ("pending", 5, "default", None)
+    assert abs((row.created_at - utcnow()).total_seconds()) < 5
+    assert row.scheduled_at == row.created_at
+
+
+async def test_enqueue_tasks_alone_keeps_order_and_keys_in_one_transaction(
+    db: Database, execution_path: str
+) -> None:
+    """Many specs: ONE transaction of their own, ids in input order (PostgreSQL: the one
+    unnest statement, autocommitted); with idempotency keys, an ordinary write transaction
+    that answers created=False for a known key."""
+    with hotpath.watch(lambda sql, args, seconds: None):
+        ids = await queue.enqueue_tasks_alone(
+            db, [{"kind": "k", "payload": {"n": n}} for n in range(300)]
+        )
+    assert [r.created for r in ids] == [True] * 300
+    assert [r.id for r in ids] == sorted(r.id for r in ids)
+    payloads = {r.id: (await task_row(db, r.id)).payload for r in ids[:3] + ids[-3:]}
+    assert list(payloads.values()) == [{"n": n} for n in (0, 1, 2, 297, 298, 299)]
+    first = await queue.enqueue_task_alone(db, kind="k", idempotency_key="dup")
+    mixed = await queue.enqueue_tasks_alone(
+        db,
+        [
+            TaskSpec(kind="k", payload={"n": 0}),
+            {"kind": "k", "idempotency_key": "dup", "priority": 9},
+            TaskSpec(kind="k", idempotency_key="new"),
+        ],
+    )
+    assert [r.created for r in mixed] == [True, False, True]
+    assert mixed[1].id == first.id and (await task_row(db, first.id)).priority == 5
+    assert await queue.enqueue_tasks_alone(db, []) == []
+
+
+async def test_an_enqueue_alone_that_fails_keeps_nothing(db: Database, execution_path: str) -> None:
+    """A bad spec is refused before any SQL; a statement the database refuses (here a
+    lone surrogate, which no UTF-8 can hold) leaves no row and no open transaction: the
+    next enqueue on the same connection goes through."""
+    with pytest.raises(queue.InvalidTaskError, match="priority"):
+        await queue.enqueue_task_alone(db, kind="k", priority=11)
+    with pytest.raises(Exception, match="surrogates not allowed"):
+        await queue.enqueue_task_alone(db, kind="k", user_id="u\ud800")
+    with pytest.raises(Exception, match="surrogates not allowed"):
+        await queue.enqueue_tasks_alone(db, [{"kind": "k"}, {"kind": "k", "user_id": "u\ud800"}])
+    assert await _raw_rows(db) == {}
+    done = await queue.enqueue_task_alone(db, kind="k")
+    assert list(await _raw_rows(db)) == [done.id]
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"])
+async def test_enqueues_alone_keep_the_wal_short(db: Database, execution_path: str) -> None:
+    """The bare connection's commits never checkpoint; every HERE_CHECKPOINT_EVERY of them
+    the Database checkpoints while no writer of its own runs, so a process whose every
+    write is an enqueue alone still keeps its WAL near SQLite's 1,000-page threshold (one
+    that did not would pass 4,000 pages here: six or seven a commit)."""
+    wal = f"{db.engine.url.database}-wal"
+    for n in range(700):
+        await queue.enqueue_task_alone(db, kind="k", payload={"n": n})
+    pages = await asyncio.to_thread(os.path.getsize, wal) // 4096
+    assert pages < 2_500, pages
+    assert len(await _raw_rows(db)) == 700
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"])
+async def test_an_enqueue_alone_waits_for_another_processs_lock(
+    db: Database, execution_path: str
+) -> None:
+    """The bare connection never waits for the write lock: while another connection holds
+    it, the enqueue takes the usual path, which waits (the event loop keeps turning), and
+    commits once the lock is free."""
+    other = sqlite3.connect(db.engine.url.database or "", isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        pending = asyncio.create_task(queue.enqueue_task_alone(db, kind="k"))
+        await asyncio.sleep(0.3)
+        assert not pending.done()
+        other.execute("COMMIT")
+        done = await asyncio.wait_for(pending, timeout=10)
+    finally:
+        other.close()
+    assert list(await _raw_rows(db)) == [done.id]
 
 
 @pytest.mark.parametrize("engine_name", ["sqlite"])

@@ -102,6 +102,33 @@ async def test_an_applications_own_session_rings_the_bell_at_commit(
         await runner
 
 
+async def test_enqueues_alone_ring_the_bell_once_each(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An enqueue as a transaction of its own rings after its commit, whichever way it went:
+    one row on the bare connection, many through a session, a keyed one through
+    enqueue_tasks (which rings at its commit, not twice)."""
+    db_file = Path(db.engine.url.database or "")
+    waker, woke, stop, runner = await _waker_with_slow_poll(db_file, monkeypatch)
+    try:
+        for rings, call in enumerate(
+            [
+                lambda: queue.enqueue_task_alone(db, kind="noop"),
+                lambda: queue.enqueue_tasks_alone(db, [{"kind": "noop"}] * 3),
+                lambda: queue.enqueue_tasks_alone(db, [{"kind": "noop", "idempotency_key": "k"}]),
+            ],
+            start=1,
+        ):
+            await call()
+            await asyncio.wait_for(woke.wait(), timeout=5)
+            woke.clear()
+            await asyncio.sleep(0.1)  # a second datagram would have arrived by now
+            assert waker.rings == rings
+    finally:
+        stop.set()
+        await runner
+
+
 async def test_a_manual_retry_rings_the_bell(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
     async with db.write_transaction() as s:
         task = await queue.enqueue_task(s, kind="noop")

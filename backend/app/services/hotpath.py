@@ -338,7 +338,7 @@ async def fetch_autocommit(
     if getattr(adapter, "_transaction", _UNSET) is not None:
         return None  # a transaction is open (or SQLAlchemy's adapter changed)
     dialect = conn.dialect
-    stmt = prepared(statement, dialect)
+    stmt = prepared(statement, dialect, tuple(params) if statement.is_insert else None)
     sql, args = stmt.bind(params)
     started = time.perf_counter()
     try:

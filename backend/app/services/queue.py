@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
+from functools import partial
 from typing import Any
 
 from sqlalchemy import (
@@ -48,7 +49,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from app.config import KeyLimit, RateLimit
-from app.db import dialect_of, later_sql, now_sql, wake_daemons_at_commit
+from app.db import Database, dialect_of, later_sql, now_sql, wake_daemons_at_commit
 from app.models import (
     FINISHED_STATUSES,
     NotificationType,
@@ -359,6 +360,71 @@ async def enqueue_tasks(
     return results
 
 
+async def enqueue_task_alone(
+    db: Database, *, now: datetime | None = None, **spec: Any
+) -> EnqueuedTask:
+    """``enqueue_task`` as a transaction of its own, committed when it returns: for a
+    caller with no transaction to share (a script, a request that writes nothing else).
+    The daemons are woken as by any enqueue."""
+    [result] = await enqueue_tasks_alone(db, [TaskSpec(**spec)], now=now)
+    return result
+
+
+async def enqueue_tasks_alone(
+    db: Database,
+    specs: Sequence[TaskSpec | Mapping[str, Any]],
+    *,
+    now: datetime | None = None,
+) -> list[EnqueuedTask]:
+    """``enqueue_tasks`` as ONE transaction of its own (all or none), committed when it
+    returns; results in the input order.
+
+    Without a session to share it takes the shortest way there is: on PostgreSQL one
+    autocommitted statement (one round trip, where BEGIN, INSERT, COMMIT take three); on a
+    SQLite file, one plain enqueue runs on a bare ``sqlite3`` connection on this thread,
+    inside BEGIN IMMEDIATE … COMMIT, when the write lock is free at once (no thread
+    hand-off, no session), and waits the usual way when another process holds it. Rows
+    with idempotency keys take an ordinary write transaction."""
+    items = [s if isinstance(s, TaskSpec) else TaskSpec(**s) for s in specs]
+    if not items:
+        return []
+    if any(s.idempotency_key is not None for s in items):
+        return await db.run_write(partial(enqueue_tasks, specs=items, now=now))
+    if db.dialect == "postgresql":
+        ids = await _insert_plain_alone(db, items, now)
+        if ids is None:  # not asyncpg
+            return await db.run_write(partial(enqueue_tasks, specs=items, now=now))
+    else:
+        here = partial(_insert_one_sqlite3, spec=items[0], now=now) if len(items) == 1 else None
+        ids = await db.run_write(partial(_insert_plain, specs=items, now=now), here=here)
+        db.wake_daemons()
+    return [EnqueuedTask(task_id, True) for task_id in ids]
+
+
+async def _insert_plain_alone(
+    db: Database, specs: list[TaskSpec], now: datetime | None
+) -> list[int] | None:
+    """PostgreSQL: _insert_plain as one autocommitted statement (None: not possible here)."""
+    pinned = now is not None
+    params = _with_clock([s.row() for s in specs], now)
+    if len(specs) == 1:
+        statement, args = _insert_statement("postgresql", pinned), params[0]
+    else:
+        statement, args = _bulk_insert_statement(pinned), _arrays(specs, params)
+    async with db.engine.connect() as conn:
+        rows = await hotpath.fetch_autocommit(conn, statement, args)
+    return None if rows is None else sorted(row.id for row in rows)
+
+
+def _insert_one_sqlite3(
+    conn: sqlite3.Connection, dialect: Dialect, *, spec: TaskSpec, now: datetime | None
+) -> list[int]:
+    """SQLite: one plain enqueue on a bare connection, in the caller's transaction."""
+    [params] = _with_clock([spec.row()], now)
+    statement = _insert_statement("sqlite", now is not None)
+    return [row.id for row in hotpath.sqlite3_fetch(conn, dialect, statement, params)]
+
+
 async def _enqueue_keyed_too(
     session: AsyncSession, items: list[TaskSpec], keyed: list[int], now: datetime | None
 ) -> list[EnqueuedTask]:
@@ -439,13 +505,19 @@ async def _insert_sqlite_bulk(
     SELECT FROM json_each(document) ORDER BY the position inserts them all (an
     executemany steps the one-row INSERT once per row, ~1.6x slower, with each row's
     parameters processed in Python)."""
-    clock = now or utcnow()
-    clocks = dict.fromkeys(_CLOCKS, clock)
-    payload, when = _sqlite_binders(session.get_bind().dialect)
     statement = _sqlite_bulk_insert_statement()
-    for document in _sqlite_documents(specs, payload, when):
-        await hotpath.fetch(session, statement, {**clocks, "b_rows": document})
+    for params in _sqlite_bulk_params(session.get_bind().dialect, specs, now):
+        await hotpath.fetch(session, statement, params)
     return await _last_ids(session, len(specs))
+
+
+def _sqlite_bulk_params(
+    dialect: Dialect, specs: list[TaskSpec], now: datetime | None
+) -> Iterator[dict[str, Any]]:
+    clocks = dict.fromkeys(_CLOCKS, now or utcnow())
+    payload, when = _sqlite_binders(dialect)
+    for document in _sqlite_documents(specs, payload, when):
+        yield {**clocks, "b_rows": document}
 
 
 async def _last_ids(session: AsyncSession, count: int) -> list[int]:
