@@ -525,6 +525,26 @@ async def asyncpg_enqueue(dsn: str, count: int, rows: int, bulk_size: int) -> tu
         await conn.close()
 
 
+async def asyncpg_enqueue_alone(dsn: str, count: int, writers: int) -> float:
+    """Seconds for ``count`` one-row inserts, each its own autocommitted statement (one
+    round trip), spread over ``writers`` connections inserting at once."""
+    conns = [await asyncpg_connect(dsn) for _ in range(writers)]
+    try:
+        insert = PG_INSERT + " RETURNING id"
+        numbers = iter(range(count))
+
+        async def writer(conn: Any) -> None:
+            for i in numbers:
+                await conn.fetchval(insert, "bench_noop", json.dumps({"n": i}), "bench")
+
+        started = time.perf_counter()
+        await asyncio.gather(*(writer(c) for c in conns))
+        return time.perf_counter() - started
+    finally:
+        for conn in conns:
+            await conn.close()
+
+
 async def asyncpg_claim_times(dsn: str, iterations: int, limit: int) -> list[float]:
     """Seconds taken by the claim statement alone, each in a transaction rolled back."""
     conn = await asyncpg_connect(dsn)

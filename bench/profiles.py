@@ -39,6 +39,8 @@ class Profile:
     floor_large_batch: int
     # PostgreSQL synchronous_commit=off beside the durable figures
     relaxed: bool
+    # W1: enqueues alone from this many tasks at once (a web application's requests)
+    enqueue_writers: int = 4
 
 
 PROFILES = {

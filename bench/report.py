@@ -137,6 +137,20 @@ def _pickup_driver(engine: dict[str, Any]) -> str:
     return "sqlite3" if "sqlite3" in (dig(engine, "floors", "pickup") or {}) else "asyncpg"
 
 
+def _alone_floor(engine: dict[str, Any], asyncpg_key: str) -> tuple[str, float | None]:
+    """enqueue_task_alone's floor: PostgreSQL's bare autocommitted INSERT (as many writers);
+    SQLite's bare sqlite3 BEGIN IMMEDIATE, INSERT, COMMIT on one connection (SQLite takes
+    one writer at a time: more connections only wait for each other)."""
+    if _floor_driver(engine) == "asyncpg":
+        writers = dig(engine, "floors", "enqueue", "asyncpg", "writers")
+        many = f", {writers} connections" if asyncpg_key.startswith("autocommit_w") else ""
+        return (
+            f"bare asyncpg autocommit insert{many}",
+            dig(engine, "floors", "enqueue", "asyncpg", asyncpg_key),
+        )
+    return "bare sqlite3 insert", dig(engine, "floors", "enqueue", "sqlite3", "single_per_second")
+
+
 def _claim(engine: dict[str, Any], where: str) -> float | None:
     measure = dig(engine, "W5", "claim_measure") or "statement"
     value = dig(engine, "W5", where, measure, "p50_ms")
@@ -185,9 +199,30 @@ GOALS = (
         False,
     ),
     Goal(
+        "w1_alone",
+        "W1",
+        "single enqueue, library API, one transaction each: enqueue_task_alone, one writer",
+        "jobs/s",
+        lambda e: dig(e, "W1", "library_alone", "per_second"),
+        lambda e: _alone_floor(e, "autocommit_per_second"),
+        {"sqlite": 8_000, "postgres": 3_500},
+        True,
+    ),
+    Goal(
+        "w1_alone_writers",
+        "W1",
+        "single enqueue, library API, one transaction each: enqueue_task_alone,"
+        " {enqueue_writers} writers at once",
+        "jobs/s",
+        lambda e: dig(e, "W1", "library_alone_writers", "per_second"),
+        lambda e: _alone_floor(e, "autocommit_writers_per_second"),
+        {"sqlite": 8_000, "postgres": 3_500},
+        True,
+    ),
+    Goal(
         "w1_single",
         "W1",
-        "single enqueue, library API, one transaction each",
+        "single enqueue, library API, one transaction each: enqueue_task in a session, one writer",
         "jobs/s",
         lambda e: dig(e, "W1", "library_single", "per_second"),
         lambda e: (
@@ -412,6 +447,17 @@ def details_table(report: dict[str, Any]) -> list[str]:
             f"{fmt(e['W1']['library_single']['p95_ms'])} ms)"
         ),
     )
+    for key, title in (
+        ("library_alone", "W1 single enqueue alone, one writer (p50 / p95 latency)"),
+        ("library_alone_writers", "W1 single enqueue alone, writers at once (p50 / p95 latency)"),
+    ):
+        row(
+            title,
+            lambda e, key=key: (
+                f"{fmt(e['W1'][key]['per_second'], '/s')} "
+                f"({fmt(e['W1'][key]['p50_ms'])} / {fmt(e['W1'][key]['p95_ms'])} ms)"
+            ),
+        )
     row(
         "W1 bulk enqueue, library, 1,000 per call",
         lambda e: fmt(e["W1"]["library_bulk"]["per_second"], "/s"),
@@ -487,6 +533,13 @@ def details_table(report: dict[str, Any]) -> list[str]:
         row(f"floor {driver}: enqueue single / executemany", enqueue_cell)
         row(f"floor {driver}: drain jobs/s, median (runs; process RSS)", drain_cell)
     row(
+        "floor asyncpg: autocommitted insert, one connection / writers at once",
+        lambda e: (
+            f"{fmt(e['floors']['enqueue']['asyncpg']['autocommit_per_second'], '/s')} / "
+            f"{fmt(e['floors']['enqueue']['asyncpg']['autocommit_writers_per_second'], '/s')}"
+        ),
+    )
+    row(
         "floor drain with larger batches (driver, batch): jobs/s",
         lambda e: (
             f"{fmt(e['floors']['drain_large_batch']['jobs_per_second'], '/s')} "
@@ -560,8 +613,11 @@ How each figure is measured (see `bench/workloads.py`):
   (ready when it sends systemd's `READY=1`), default settings except
   `MAX_CONCURRENT=10` and `HANDLER_MODULES=bench.handlers`; it does the whole protocol:
   claim with lease, handler, result, notifications, heartbeat, fenced writes.
-- W1: enqueue through `app.services.queue.enqueue_task` / `enqueue_tasks` with
-  `app.db.Database`, one transaction per call, no daemon running; POST /tasks against
+- W1: enqueue through `app.services.queue.enqueue_task` / `enqueue_tasks` in a
+  `app.db.Database` session, one transaction per call, no daemon running; and through
+  `enqueue_task_alone` (a transaction of its own: PostgreSQL's one autocommitted statement,
+  SQLite's bare connection), from one task and from several at once (a web application's
+  concurrent requests; PostgreSQL commits their WAL flushes together); POST /tasks against
   `async-processor api` (uvicorn) with an httpx client pool on the same 2 cores.
 - W2: jobs enqueued before the daemon starts; jobs/s = jobs ÷ (last `completed_at` - first
   `started_at`), read from the rows. Each round drains on an empty table, then with W5's
@@ -582,7 +638,9 @@ How each figure is measured (see `bench/workloads.py`):
   fenced `UPDATE … FROM` for the batch's results plus `completed` notifications (after the
   feed's advisory lock on PostgreSQL), each a transaction; the pick-up floors wait on
   `PRAGMA data_version` every 1 ms (sqlite3) or LISTEN (asyncpg). Enqueue floors: one
-  `INSERT … RETURNING` per transaction; `executemany` 1,000 per transaction.
+  `INSERT … RETURNING` per transaction; `executemany` 1,000 per transaction; on
+  PostgreSQL also one autocommitted `INSERT … RETURNING` a statement, from one connection
+  and from as many as the library's writers.
 - Ratio = figure ÷ floor: for throughput 1.0 means as fast as the bare loop, for times and
   memory 1.0 means as small. W5's bars apply to the ratio (history ÷ empty).
 - Figures are noisy: 2 shared cores, other work running; drains are medians of rounds."""

@@ -249,6 +249,14 @@ class EngineBench:
         async with self.clone("w1-lib") as url, database(url) as db:
             out["library_single"] = await self.library_single(db, p.single_enqueues)
             self.log(f"W1 single enqueue: {out['library_single']['per_second']:,.0f}/s")
+            out["library_alone"] = await self.library_alone(db, p.single_enqueues, 1)
+            out["library_alone_writers"] = await self.library_alone(
+                db, p.single_enqueues, p.enqueue_writers
+            )
+            self.log(
+                f"W1 single enqueue alone: {out['library_alone']['per_second']:,.0f}/s, "
+                f"{p.enqueue_writers} writers {out['library_alone_writers']['per_second']:,.0f}/s"
+            )
             payloads = [{"n": i} for i in range(p.bulk_size)]
             started = time.perf_counter()
             for _ in range(p.bulk_calls):
@@ -294,6 +302,16 @@ class EngineBench:
                 "bulk_size": p.bulk_size,
                 "bulk_rows": rows,
             }
+            if driver == "asyncpg":  # enqueue_task_alone's form: one autocommitted INSERT
+                async with self.clone("floor-enq-autocommit") as url:
+                    target = self.target.driver_target(url)
+                    alone = await floors.asyncpg_enqueue_alone(target, p.single_enqueues, 1)
+                    many = await floors.asyncpg_enqueue_alone(
+                        target, p.single_enqueues, p.enqueue_writers
+                    )
+                out[driver]["autocommit_per_second"] = p.single_enqueues / alone
+                out[driver]["autocommit_writers_per_second"] = p.single_enqueues / many
+                out[driver]["writers"] = p.enqueue_writers
             self.log(
                 f"floor {driver} enqueue: single {p.single_enqueues / single:,.0f}/s, "
                 f"bulk {rows / bulk:,.0f}/s"
@@ -313,6 +331,31 @@ class EngineBench:
         seconds = time.perf_counter() - started
         return {
             "count": count,
+            "seconds": round(seconds, 4),
+            "per_second": count / seconds,
+            **summary_ms(latencies),
+        }
+
+    async def library_alone(self, db: Database, count: int, writers: int) -> dict[str, Any]:
+        """``count`` enqueue_task_alone calls (each a transaction of its own) from
+        ``writers`` tasks at once."""
+        for i in range(HTTP_WARMUP):
+            await queue.enqueue_task_alone(db, kind=NOOP, payload={"n": -i}, user_id="bench")
+        latencies: list[float] = []
+        numbers = iter(range(count))
+
+        async def writer() -> None:
+            for i in numbers:
+                t0 = time.perf_counter()
+                await queue.enqueue_task_alone(db, kind=NOOP, payload={"n": i}, user_id="bench")
+                latencies.append(time.perf_counter() - t0)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(writer() for _ in range(writers)))
+        seconds = time.perf_counter() - started
+        return {
+            "count": count,
+            "writers": writers,
             "seconds": round(seconds, 4),
             "per_second": count / seconds,
             **summary_ms(latencies),

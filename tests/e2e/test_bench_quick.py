@@ -55,9 +55,14 @@ def test_bench_smoke_profile_measures_every_workload(tmp_path: Path, pg_availabl
         assert engine["W3"]["samples"] == report["sizes"]["pickup_jobs"]
         assert engine["W6"]["rss_mb"] > 0
         assert engine["floors"]["drain"] and engine["floors"]["pickup"]
+        assert (
+            engine["W1"]["library_alone_writers"]["writers"] == report["sizes"]["enqueue_writers"]
+        )
     measured = {(g["key"], g["engine"]) for g in report["goals"] if g["met"] is not None}
     assert {key for key, _ in measured} >= {
         "w1_single",
+        "w1_alone",
+        "w1_alone_writers",
         "w1_bulk",
         "w2_drain",
         "w3_p50",
