@@ -95,29 +95,21 @@ async def create_task(
     """Enqueue a task: 202 with the task, or 200 with the existing one for a known key."""
     try:
         spec = to_spec(body, caller, settings)
-        if spec.idempotency_key is None:
-            # A transaction of its own (PostgreSQL: one autocommitted statement; SQLite: the
-            # bare connection), then the task as it is now (a daemon may hold it already).
-            [result] = await queue.enqueue_tasks_alone(db, [spec])
-            task = None
-        else:  # the key's owner is checked in the transaction that finds it
-            async with db.write_transaction() as session:
-                [result] = await queue.enqueue_tasks(session, [spec])
-                task = await queue.get_task(session, result.id)
-                if not result.created:
-                    task = _owned_or_conflict(task, spec)
+        async with db.write_transaction() as session:
+            [result] = await queue.enqueue_tasks(session, [spec])
+            task = await queue.get_task(session, result.id)
+            if not result.created:
+                task = _owned_or_conflict(task, spec)
     except BadTask as exc:
         return JSONResponse({"detail": exc.detail}, status_code=exc.code)
     if result.created and settings.inline:
         from app.services.inline import run_inline
 
         await run_inline(db, REGISTRY, result.id, settings)
-        task = None
-    if task is None:
         task = await _load(db, result.id, caller)
     response.status_code = 202 if result.created else 200
     response.headers["Location"] = request.app.url_path_for("get_task", task_id=str(result.id))
-    return TaskPublic.of(task)
+    return TaskPublic.of(task)  # type: ignore[arg-type]
 
 
 @router.post(
