@@ -157,7 +157,7 @@ class _HereWriter:
     bare ``sqlite3`` connection of its own per thread. It never waits for the write lock
     (busy_timeout 0: a lock held elsewhere is reported at once, and the caller takes the
     usual path) and its commits never run a checkpoint (milliseconds of I/O on the event
-    loop; the other connections' commits run them)."""
+    loop): the other connections' commits run them, or Database._checkpoint_here."""
 
     def __init__(self, path: Path, dialect: Dialect) -> None:
         self._path = path
@@ -351,8 +351,11 @@ class Database:
         self._here = None
         self._here_commits = 0
         self._checkpointer: ThreadPoolExecutor | None = None
-        if path is not None and not engine.url.query:
-            self._here = _HereWriter(path.expanduser(), engine.dialect)
+        self._checkpoint_guard = threading.Lock()  # event loops of several threads
+        self._checkpoint_running: asyncio.Future[None] | None = None
+        self._closed = False
+        if path is not None and not engine.url.query:  # absolute now, as the engine's
+            self._here = _HereWriter(Path(os.path.abspath(path.expanduser())), engine.dialect)
         if write_thread and path is not None:
             from app.sqlite_writer import WriteThread
 
@@ -391,11 +394,13 @@ class Database:
                 return await fn(session)
         async with self._write_lock():
             if here is not None and self._here is not None and hotpath.ENABLED:
+                if self._here_commits >= HERE_CHECKPOINT_EVERY and self._writer is None:
+                    # Before this transaction, never after a commit: a cancellation while
+                    # it runs then leaves nothing written by this call.
+                    await self._checkpoint_here()
                 done, result = self._here.run(here)
                 if done:
                     self._here_commits += 1
-                    if self._writer is None and self._here_commits % HERE_CHECKPOINT_EVERY == 0:
-                        await self._checkpoint_here()
                     return result  # type: ignore[return-value]
             if self._writer is not None:
                 return await self._writer.run(fn)
@@ -404,17 +409,38 @@ class Database:
 
     async def _checkpoint_here(self) -> None:
         """The bare connection's commits never checkpoint (I/O on the event loop). Without
-        the write thread, whose commits do, every HERE_CHECKPOINT_EVERY of them this
-        process checkpoints on a thread of its own, holding its write lock: a checkpoint
-        running beside writers never catches up with them, and the WAL restarts from its
-        beginning only after one that did (SQLite's own automatic checkpoint also runs in
-        the committing connection)."""
-        if self._here is None:
-            return
-        if self._checkpointer is None:
-            self._checkpointer = ThreadPoolExecutor(1, thread_name_prefix="sqlite-checkpoint")
+        the write thread, whose commits do, after every HERE_CHECKPOINT_EVERY of them this
+        Database checkpoints on a thread of its own while it holds its write lock (on this
+        event loop): a checkpoint running beside writers never catches up with them, and
+        the WAL restarts from its beginning only after one that did (SQLite's own
+        automatic checkpoint also runs in the committing connection). Best effort: a
+        failure leaves it due for the next transaction."""
+        with self._checkpoint_guard:
+            if self._here is None or self._closed:
+                return
+            if self._checkpointer is None:
+                self._checkpointer = ThreadPoolExecutor(1, thread_name_prefix="sqlite-checkpoint")
+            checkpointer = self._checkpointer
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._checkpointer, self._here.checkpoint)
+        running = self._checkpoint_running
+        if running is None or running.done() or running.get_loop() is not loop:
+            try:
+                running = loop.run_in_executor(checkpointer, self._here.checkpoint)
+            except RuntimeError as error:  # the executor shut down by dispose()
+                logger.debug("checkpoint skipped: %s", error)
+                return
+            running.add_done_callback(self._checkpointed)
+            self._checkpoint_running = running
+        # Shielded: a caller cut short leaves the checkpoint to finish (and count) on its
+        # own; the next transaction waits for it instead of starting another.
+        try:
+            await asyncio.shield(running)
+        except Exception as error:  # best effort: never an enqueue's failure
+            logger.warning("checkpoint of %s failed: %r", self.sqlite_file, error)
+
+    def _checkpointed(self, done: asyncio.Future[None]) -> None:
+        if not done.cancelled() and done.exception() is None:
+            self._here_commits = 0
 
     def _write_lock(self) -> asyncio.Lock:
         if self._write_locks is None:
@@ -461,9 +487,11 @@ class Database:
         """Close every pooled connection (and the write thread)."""
         if self._writer is not None:
             await self._writer.close()
-        if self._checkpointer is not None:
-            await asyncio.to_thread(self._checkpointer.shutdown)  # a checkpoint may be running
-            self._checkpointer = None
+        with self._checkpoint_guard:
+            self._closed = True
+            checkpointer, self._checkpointer = self._checkpointer, None
+        if checkpointer is not None:
+            await asyncio.to_thread(checkpointer.shutdown)  # a checkpoint may be running
         if self._here is not None:
             self._here.close()
         await self.engine.dispose()

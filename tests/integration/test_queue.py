@@ -8,6 +8,7 @@ import functools
 import json
 import os
 import sqlite3
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -15,6 +16,7 @@ import pytest
 from sqlalchemy import event, func, select, text, update
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from app import db as db_module
 from app.db import Database
 from app.models import AnalysisNotification, NotificationType, PendingAnalysis, Processor
 from app.models.types import utcnow
@@ -185,14 +187,21 @@ async def test_enqueue_tasks_alone_keeps_order_and_keys_in_one_transaction(
     """Many specs: ONE transaction of their own, ids in input order (PostgreSQL: the one
     unnest statement, autocommitted); with idempotency keys, an ordinary write transaction
     that answers created=False for a known key."""
-    with hotpath.watch(lambda sql, args, seconds: None):
+    inserts: list[str] = []
+
+    def count(sql: str) -> None:
+        if sql.lstrip().upper().startswith("INSERT INTO PENDING_ANALYSIS"):
+            inserts.append(sql)
+
+    event.listen(db.engine.sync_engine, "before_cursor_execute", lambda *a: count(a[2]))
+    with hotpath.watch(lambda sql, _args, _seconds: count(sql)):
         ids = await queue.enqueue_tasks_alone(
             db, [{"kind": "k", "payload": {"n": n}} for n in range(300)]
         )
+    assert len(inserts) == 1
     assert [r.created for r in ids] == [True] * 300
-    assert [r.id for r in ids] == sorted(r.id for r in ids)
-    payloads = {r.id: (await task_row(db, r.id)).payload for r in ids[:3] + ids[-3:]}
-    assert list(payloads.values()) == [{"n": n} for n in (0, 1, 2, 297, 298, 299)]
+    payloads = {r.id: (await task_row(db, r.id)).payload for r in ids}
+    assert list(payloads.values()) == [{"n": n} for n in range(300)]
     first = await queue.enqueue_task_alone(db, kind="k", idempotency_key="dup")
     mixed = await queue.enqueue_tasks_alone(
         db,
@@ -234,6 +243,33 @@ async def test_enqueues_alone_keep_the_wal_short(db: Database, execution_path: s
     pages = await asyncio.to_thread(os.path.getsize, wal) // 4096
     assert pages < 2_500, pages
     assert len(await _raw_rows(db)) == 700
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"])
+async def test_an_enqueue_alone_cut_short_never_leaves_a_job_behind(
+    db: Database, execution_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every call under a timeout that fires while a (slow) checkpoint runs: a call that
+    returned made exactly one job, a call cut short made none; the checkpoint runs before
+    a transaction, never between a commit and the call's return."""
+    monkeypatch.setattr(db_module, "HERE_CHECKPOINT_EVERY", 2)
+    real = db_module._HereWriter.checkpoint
+
+    def slow_checkpoint(self: Any) -> None:
+        time.sleep(0.4)
+        real(self)
+
+    monkeypatch.setattr(db_module._HereWriter, "checkpoint", slow_checkpoint)
+    returned = cut = 0
+    for _ in range(7):
+        try:
+            await asyncio.wait_for(queue.enqueue_task_alone(db, kind="k"), timeout=0.2)
+            returned += 1
+        except TimeoutError:
+            cut += 1
+        await asyncio.sleep(0.3)  # the cut-short checkpoint's thread finishes
+    assert len(await _raw_rows(db)) == returned
+    assert returned >= 2 and (cut > 0) == (execution_path == "driver")
 
 
 @pytest.mark.parametrize("engine_name", ["sqlite"])

@@ -379,12 +379,13 @@ async def enqueue_tasks_alone(
     """``enqueue_tasks`` as ONE transaction of its own (all or none), committed when it
     returns; results in the input order.
 
-    Without a session to share it takes the shortest way there is: on PostgreSQL one
-    autocommitted statement (one round trip, where BEGIN, INSERT, COMMIT take three); on a
-    SQLite file, one plain enqueue runs on a bare ``sqlite3`` connection on this thread,
-    inside BEGIN IMMEDIATE … COMMIT, when the write lock is free at once (no thread
-    hand-off, no session), and waits the usual way when another process holds it. Rows
-    with idempotency keys take an ordinary write transaction."""
+    Without a session to share it takes the shortest way there is: on PostgreSQL with
+    asyncpg one autocommitted statement (one round trip, where BEGIN, INSERT, COMMIT take
+    three); on a SQLite file, one plain enqueue runs on a bare ``sqlite3`` connection on
+    this thread, inside BEGIN IMMEDIATE … COMMIT, when the write lock is free at once (no
+    thread hand-off, no session), and waits the usual way when another connection holds
+    it. Rows with idempotency keys, other drivers and the hot path turned off
+    (hotpath.ENABLED) take an ordinary write transaction."""
     items = [s if isinstance(s, TaskSpec) else TaskSpec(**s) for s in specs]
     if not items:
         return []
@@ -405,6 +406,8 @@ async def _insert_plain_alone(
     db: Database, specs: list[TaskSpec], now: datetime | None
 ) -> list[int] | None:
     """PostgreSQL: _insert_plain as one autocommitted statement (None: not possible here)."""
+    if not hotpath.ENABLED:
+        return None
     pinned = now is not None
     params = _with_clock([s.row() for s in specs], now)
     if len(specs) == 1:
