@@ -16,7 +16,7 @@ from app.api.main import API_PREFIX, create_app
 from app.config import load_settings
 from app.db import Database
 from app.models import PendingAnalysis
-from app.services import auth, queue
+from app.services import auth, hotpath, queue
 
 P = API_PREFIX
 
@@ -58,7 +58,11 @@ async def api(db: Database, database_url: str) -> AsyncIterator[Api]:
             yield Api(client, db, tokens)
 
 
-async def test_enqueue_and_read_back(api: Api) -> None:
+@pytest.mark.parametrize("hot", [True, False])
+async def test_enqueue_and_read_back(api: Api, hot: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """POST /tasks answers the task as GET reads it, whether its INSERT returned the row
+    (a transaction of its own) or a write transaction read it back (the hot path off)."""
+    monkeypatch.setattr(hotpath, "ENABLED", hot)
     r = await api.post(
         "alice",
         "/tasks",

@@ -402,6 +402,40 @@ async def enqueue_tasks_alone(
     return [EnqueuedTask(task_id, True) for task_id in ids]
 
 
+async def enqueue_task_alone_row(
+    db: Database, spec: TaskSpec, *, now: datetime | None = None
+) -> Any | None:
+    """``enqueue_task_alone`` for a spec without an idempotency key, answering the whole new
+    row (every column of the task, as a named tuple) from the INSERT itself: for a caller
+    that shows the task it made (POST /tasks) without a second transaction to read it back,
+    whose failure would report an error for a job that exists. None where this way does
+    not apply (a key, another driver, the hot path off): the caller enqueues and reads in
+    one transaction instead."""
+    if spec.idempotency_key is not None or not hotpath.ENABLED:
+        return None
+    pinned = now is not None
+    [params] = _with_clock([spec.row()], now)
+    statement = _insert_returning_all(db.dialect, pinned)
+    if db.dialect == "postgresql":
+        async with db.engine.connect() as conn:
+            rows = await hotpath.fetch_autocommit(conn, statement, params)
+        return None if rows is None else rows[0]
+
+    def here(conn: sqlite3.Connection, dialect: Dialect) -> list[Any]:
+        return hotpath.sqlite3_fetch(conn, dialect, statement, params)
+
+    [row] = await db.run_write(
+        partial(hotpath.fetch, statement=statement, params=params), here=here
+    )
+    db.wake_daemons()
+    return row
+
+
+@functools.cache
+def _insert_returning_all(dialect: str, pinned: bool) -> Any:
+    return insert(TASKS).values(**_insert_values(dialect, pinned)).returning(*TASKS.c)
+
+
 async def _insert_plain_alone(
     db: Database, specs: list[TaskSpec], now: datetime | None
 ) -> list[int] | None:

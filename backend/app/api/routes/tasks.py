@@ -95,11 +95,16 @@ async def create_task(
     """Enqueue a task: 202 with the task, or 200 with the existing one for a known key."""
     try:
         spec = to_spec(body, caller, settings)
-        async with db.write_transaction() as session:
-            [result] = await queue.enqueue_tasks(session, [spec])
-            task = await queue.get_task(session, result.id)
-            if not result.created:
-                task = _owned_or_conflict(task, spec)
+        # Without a key: a transaction of its own whose INSERT returns the whole task.
+        task = await queue.enqueue_task_alone_row(db, spec)
+        if task is not None:
+            result = queue.EnqueuedTask(task.id, True)
+        else:  # a key (its owner is checked where it is found), or no such path here
+            async with db.write_transaction() as session:
+                [result] = await queue.enqueue_tasks(session, [spec])
+                task = await queue.get_task(session, result.id)
+                if not result.created:
+                    task = _owned_or_conflict(task, spec)
     except BadTask as exc:
         return JSONResponse({"detail": exc.detail}, status_code=exc.code)
     if result.created and settings.inline:
