@@ -33,11 +33,14 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import CursorResult, Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.sql import Select
+from sqlalchemy.sql.cache_key import NO_CACHE
 
 #: Off: every statement goes through ``session.execute`` (tests compare both paths).
 ENABLED = True
 
-_Binder = list[tuple[str, Callable[[Any], Any] | None]]
+#: Each position's parameter name, bind processor, and the last earlier position whose
+#: processor is the same (equal types), or -1.
+_Binder = list[tuple[str, Callable[[Any], Any] | None, int]]
 Watcher = Callable[[str, Any, float], None]
 _WATCHERS: list[Watcher] = []
 _MAX_SHAPES = 64  # expanded IN-list sizes kept per statement
@@ -83,19 +86,30 @@ class Prepared:
     ) -> _Binder:
         """Each position's parameter name and processor: a bind's own type's, or, for the
         members of an expanded IN list, the one SQLAlchemy's expansion gave it (none for
-        plain integers)."""
+        plain integers). Positions whose types are equal (the same cache key: SQLAlchemy
+        compiles them alike) share one processor and point back at the previous such
+        position, so ``bind`` processes a value repeated there (an enqueue's three clock
+        parameters) once."""
         if positions is None:
             raise TypeError(f"{self.dialect.name}: only positional paramstyles are supported")
         binder: _Binder = []
-        for name in positions:
+        shared: dict[Any, tuple[Callable[[Any], Any], int]] = {}
+        for i, name in enumerate(positions):
             bind = self._binds.get(name)
             if bind is not None and not bind.expanding:
-                proc = bind.type.dialect_impl(self.dialect).bind_processor(self.dialect)
+                impl = bind.type.dialect_impl(self.dialect)
+                proc = impl.bind_processor(self.dialect)
+                key = _type_key(impl)
+                if proc is not None and key is not None:
+                    proc, before = shared.get(key, (proc, -1))
+                    shared[key] = (proc, i)
+                    binder.append((name, proc, before))
+                    continue
             elif expanded is not None:
                 proc = expanded.get(name)
             else:
                 raise KeyError(name)
-            binder.append((name, proc))
+            binder.append((name, proc, -1))
         return binder
 
     def _shape(self, params: Mapping[str, Any]) -> tuple[str, _Binder, dict[str, list[str]]]:
@@ -120,7 +134,16 @@ class Prepared:
             for name, expanded in expansion.items():
                 flat = [v for item in params[name] for v in _items(item)]
                 values.update(zip(expanded, flat, strict=True))
-        return sql, [values[n] if p is None else p(values[n]) for n, p in binder]
+        out: list[Any] = []
+        for name, proc, before in binder:
+            value = values[name]
+            if proc is None:
+                out.append(value)
+            elif before >= 0 and values[binder[before][0]] is value:
+                out.append(out[before])  # the same object, already processed alike
+            else:
+                out.append(proc(value))
+        return sql, out
 
     def bind_many(self, rows: Sequence[Mapping[str, Any]]) -> tuple[str, list[list[Any]]]:
         """The SQL and its arguments for an executemany (no expanding parameters). A value
@@ -133,7 +156,7 @@ class Prepared:
         for row in rows:
             values = {**defaults, **row} if defaults else row
             out = []
-            for i, (name, proc) in enumerate(binder):
+            for i, (name, proc, _) in enumerate(binder):
                 value = values[name]
                 if proc is None:
                     out.append(value)
@@ -155,6 +178,21 @@ class Prepared:
         return [
             make([v if p is None else p(v) for p, v in zip(procs, r, strict=True)]) for r in raw
         ]
+
+
+def _type_key(type_: Any) -> Any:
+    """A hashable key equal for types that process values alike, or None (a type that
+    opted out of SQLAlchemy's caching, or whose key cannot be hashed)."""
+    if getattr(type_, "cache_ok", True) is not True:  # a TypeDecorator that did not opt in
+        return None
+    try:
+        key = type_._static_cache_key
+        if key is NO_CACHE or not isinstance(key, tuple):
+            return None
+        hash(key)
+    except (AttributeError, TypeError):
+        return None
+    return (type(type_), key)
 
 
 def _result_processor(type_: Any, dialect: Dialect) -> Callable[[Any], Any] | None:
