@@ -71,6 +71,24 @@ PG_INSERT = (
     " VALUES ($1, 'default', 'pending', 5, $2::jsonb, 0, 3, 0, 600, $3, now(), now(), now(),"
     " false, 0)"
 )
+#: The engine's own ceiling for a bulk enqueue: the same rows, made by the database itself
+#: in one INSERT … SELECT (no driver, no client encoding, no transfer), ``bulk_size`` per
+#: transaction. No client can insert faster than this into the same table and indexes.
+SQLITE_ROWS_MADE_HERE = (
+    "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i + 1 < ?)"
+    " INSERT INTO pending_analysis (kind, queue, status, priority, payload, retry_count,"
+    " max_retries, attempts, timeout_seconds, user_id, scheduled_at, created_at, updated_at,"
+    " cancel_requested, token_usage)"
+    " SELECT 'bench_noop', 'default', 'pending', 5, json_object('n', ? + i), 0, 3, 0, 600,"
+    " 'bench', ?, ?, ?, 0, 0 FROM n"
+)
+PG_ROWS_MADE_HERE = (
+    "INSERT INTO pending_analysis (kind, queue, status, priority, payload, retry_count,"
+    " max_retries, attempts, timeout_seconds, user_id, scheduled_at, created_at, updated_at,"
+    " cancel_requested, token_usage)"
+    " SELECT 'bench_noop', 'default', 'pending', 5, jsonb_build_object('n', $1 + i), 0, 3, 0,"
+    " 600, 'bench', now(), now(), now(), false, 0 FROM generate_series(0, $2 - 1) AS g(i)"
+)
 PG_CLAIM = (
     "UPDATE pending_analysis SET status = 'processing', attempts = attempts + 1,"
     " started_at = now(), updated_at = now(), locked_by = $1,"
@@ -277,6 +295,24 @@ def sqlite3_enqueue(path: str, count: int, rows: int, bulk_size: int) -> tuple[f
             conn.executemany(SQLITE_INSERT, chunk)
             conn.execute("COMMIT")
         return single, time.perf_counter() - started
+    finally:
+        conn.close()
+
+
+def sqlite3_rows_made_here(path: str, rows: int, bulk_size: int) -> float:
+    """Seconds for ``rows`` rows made by SQLite itself, ``bulk_size`` per transaction
+    (SQLITE_ROWS_MADE_HERE)."""
+    conn = sqlite3_connect(path)
+    try:
+        started = time.perf_counter()
+        for first in range(0, rows, bulk_size):
+            now = sqlite_time()
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute(
+                SQLITE_ROWS_MADE_HERE, (min(bulk_size, rows - first), first, now, now, now)
+            )
+            conn.execute("COMMIT")
+        return time.perf_counter() - started
     finally:
         conn.close()
 
@@ -543,6 +579,26 @@ async def asyncpg_enqueue_alone(dsn: str, count: int, writers: int) -> float:
     finally:
         for conn in conns:
             await conn.close()
+
+
+async def asyncpg_rows_made_here(dsn: str, rows: int, bulk_size: int) -> float:
+    """Seconds for ``rows`` rows made by PostgreSQL itself, ``bulk_size`` per transaction
+    (PG_ROWS_MADE_HERE, autocommitted: one statement, one transaction)."""
+    conn = await asyncpg_connect(dsn)
+    try:
+        started = time.perf_counter()
+        for first in range(0, rows, bulk_size):
+            await conn.execute(PG_ROWS_MADE_HERE, first, min(bulk_size, rows - first))
+        return time.perf_counter() - started
+    finally:
+        await conn.close()
+
+
+async def rows_made_here(driver: str, target: str, rows: int, bulk_size: int) -> float:
+    """The engine's bulk-enqueue ceiling through ``driver`` (sqlite3 or asyncpg)."""
+    if driver == "sqlite3":
+        return await asyncio.to_thread(sqlite3_rows_made_here, target, rows, bulk_size)
+    return await asyncpg_rows_made_here(target, rows, bulk_size)
 
 
 async def asyncpg_claim_times(dsn: str, iterations: int, limit: int) -> list[float]:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import socket
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -62,6 +64,50 @@ def memory_kb(pid: int) -> dict[str, int]:
             if key in ("VmRSS", "VmHWM"):
                 found[key] = int(value.split()[0])
     return found
+
+
+#: W6's breakdown: what importing each layer of the daemon's stack adds to a fresh
+#: process's RSS, in the order the daemon comes to need them.
+IMPORT_STEPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("python", ()),
+    ("asyncio (with ssl)", ("asyncio", "ssl")),
+    ("sqlalchemy (Core)", ("sqlalchemy",)),
+    ("sqlalchemy.ext.asyncio (with the ORM)", ("sqlalchemy.ext.asyncio",)),
+    ("pydantic-settings (with pydantic)", ("pydantic_settings",)),
+)
+
+_IMPORT_RSS = """\
+import importlib, json, sys
+def rss():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmRSS:"))
+out = []
+for label, modules in json.loads(sys.argv[1]):
+    for name in modules:
+        importlib.import_module(name)
+    out.append([label, rss()])
+print(json.dumps(out))
+"""
+
+
+async def import_rss(
+    steps: Sequence[tuple[str, Sequence[str]]], env: dict[str, str]
+) -> list[tuple[str, float]]:
+    """RSS (MB) of a fresh ``python`` after each step's imports, cumulatively: what the
+    daemon's RSS is made of before it does anything."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _IMPORT_RSS,
+        json.dumps([[label, list(modules)] for label, modules in steps]),
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise ProcessError(f"import_rss: {err.decode(errors='replace')[-2000:]}")
+    return [(label, kb / 1024) for label, kb in json.loads(out)]
 
 
 def cpu_seconds(pid: int) -> float:

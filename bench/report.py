@@ -463,6 +463,13 @@ def details_table(report: dict[str, Any]) -> list[str]:
         lambda e: fmt(e["W1"]["library_bulk"]["per_second"], "/s"),
     )
     row(
+        "W1 bulk: the engine's own ceiling (the same rows made by the database, 1,000 per "
+        "transaction; no client)",
+        lambda e: fmt(
+            dig(e, "floors", "enqueue", _ceiling_driver(e), "rows_made_here_per_second"), "/s"
+        ),
+    )
+    row(
         "W1 POST /tasks through uvicorn: 202s per second (clients; p50 / p95; other answers)",
         lambda e: (
             f"{fmt(e['W1']['http']['per_second'], 'req/s')} "
@@ -523,6 +530,10 @@ def details_table(report: dict[str, Any]) -> list[str]:
         lambda e: f"{fmt(e['W6']['rss_mb'], 'MB')} ({fmt(e['W6']['peak_rss_mb'], 'MB')})",
     )
     row(
+        "W6 RSS of a fresh process importing the daemon's stack, cumulative",
+        lambda e: " → ".join(f"{label} {fmt(mb, 'MB')}" for label, mb in e["W6"]["import_rss_mb"]),
+    )
+    row(
         "W6 idle CPU over the idle window",
         lambda e: (
             f"{fmt(e['W6']['idle_cpu_percent'], '%')} over {fmt(e['W6']['idle_seconds'], 's')}"
@@ -553,6 +564,11 @@ def details_table(report: dict[str, Any]) -> list[str]:
 
 
 Cell = Callable[[dict[str, Any]], str]
+
+
+def _ceiling_driver(engine: dict[str, Any]) -> str:
+    """The driver the engine-ceiling figure was measured with."""
+    return "asyncpg" if _floor_driver(engine) == "asyncpg" else "sqlite3"
 
 
 def _floor_cells(driver: str) -> tuple[Cell, Cell]:
@@ -640,7 +656,13 @@ How each figure is measured (see `bench/workloads.py`):
   `PRAGMA data_version` every 1 ms (sqlite3) or LISTEN (asyncpg). Enqueue floors: one
   `INSERT … RETURNING` per transaction; `executemany` 1,000 per transaction; on
   PostgreSQL also one autocommitted `INSERT … RETURNING` a statement, from one connection
-  and from as many as the library's writers.
+  and from as many as the library's writers. The engine's own bulk ceiling: the same rows
+  made by the database itself in one `INSERT … SELECT` per 1,000 (a recursive CTE on
+  SQLite, `generate_series` on PostgreSQL), on the floor's table right after it: no driver
+  round trips, no client encoding, so no client can insert faster.
+- W6's stack: a fresh `python` importing, one layer after another, what the daemon
+  imports (asyncio, SQLAlchemy Core, its asyncio extension with the ORM, pydantic-settings,
+  the driver, then the daemon's own modules); VmRSS after each layer.
 - Ratio = figure ÷ floor: for throughput 1.0 means as fast as the bare loop, for times and
   memory 1.0 means as small. W5's bars apply to the ratio (history ÷ empty).
 - Figures are noisy: 2 shared cores, other work running; drains are medians of rounds."""

@@ -30,7 +30,17 @@ from app.models import FINISHED_STATUSES, PendingAnalysis, TaskStatus
 from app.services import hotpath, queue
 from bench import floors
 from bench.handlers import NOOP, SLEEP, STAMP
-from bench.procs import Api, Daemon, FloorWorker, ProcessError, cpu_seconds, create_token, memory_kb
+from bench.procs import (
+    IMPORT_STEPS,
+    Api,
+    Daemon,
+    FloorWorker,
+    ProcessError,
+    cpu_seconds,
+    create_token,
+    import_rss,
+    memory_kb,
+)
 from bench.profiles import Profile
 from bench.stats import median, summary_ms
 from bench.targets import Target
@@ -293,15 +303,23 @@ class EngineBench:
         for driver in self.target.floor_drivers:
             async with self.clone(f"floor-enq-{driver}") as url:
                 rows = p.bulk_calls * p.bulk_size
+                target = self.target.driver_target(url)
                 single, bulk = await floors.enqueue_floor(
-                    driver, self.target.driver_target(url), p.single_enqueues, rows, p.bulk_size
+                    driver, target, p.single_enqueues, rows, p.bulk_size
                 )
+                # The engine's own ceiling, on the same table right after: the same rows
+                # made by the database in one INSERT … SELECT per transaction.
+                made = None
+                if driver in ("sqlite3", "asyncpg"):
+                    made = await floors.rows_made_here(driver, target, rows, p.bulk_size)
             out[driver] = {
                 "single_per_second": p.single_enqueues / single,
                 "bulk_per_second": rows / bulk,
                 "bulk_size": p.bulk_size,
                 "bulk_rows": rows,
             }
+            if made is not None:
+                out[driver]["rows_made_here_per_second"] = rows / made
             if driver == "asyncpg":  # enqueue_task_alone's form: one autocommitted INSERT
                 async with self.clone("floor-enq-autocommit") as url:
                     target = self.target.driver_target(url)
@@ -488,9 +506,17 @@ class EngineBench:
         await asyncio.sleep(idle)
         used = cpu_seconds(daemon.pid) - before
         daemon.check_alive()
+        steps = [
+            *IMPORT_STEPS,
+            (f"{self.target.floor_driver} (the driver)", (self.target.floor_driver,)),
+            ("the daemon's modules", ("app.background_processor", "bench.handlers")),
+        ]
         return {
             "rss_mb": mem["VmRSS"] / 1024,
             "peak_rss_mb": mem["VmHWM"] / 1024,
+            "import_rss_mb": await import_rss(
+                steps, {k: v for k, v in daemon.env.items() if k != "NOTIFY_SOCKET"}
+            ),
             "idle_seconds": idle,
             "idle_cpu_seconds": used,
             "idle_cpu_percent": 100.0 * used / idle,

@@ -54,6 +54,10 @@ def test_bench_smoke_profile_measures_every_workload(tmp_path: Path, pg_availabl
         assert engine["W2"]["jobs_per_second"] > 0
         assert engine["W3"]["samples"] == report["sizes"]["pickup_jobs"]
         assert engine["W6"]["rss_mb"] > 0
+        stack = [mb for _, mb in engine["W6"]["import_rss_mb"]]
+        assert len(stack) == 7 and stack[-1] > stack[0] > 0
+        ceiling = "sqlite3" if name == "sqlite" else "asyncpg"
+        assert engine["floors"]["enqueue"][ceiling]["rows_made_here_per_second"] > 0
         assert engine["floors"]["drain"] and engine["floors"]["pickup"]
         assert (
             engine["W1"]["library_alone_writers"]["writers"] == report["sizes"]["enqueue_writers"]
@@ -75,3 +79,4 @@ def test_bench_smoke_profile_measures_every_workload(tmp_path: Path, pg_availabl
     }
     text = md.read_text()
     assert "<!-- bench:begin -->" in text and "| W2 |" in text
+    assert "the engine's own ceiling" in text and "importing the daemon's stack" in text
