@@ -7,7 +7,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Dialect, String, bindparam, select
-from sqlalchemy.dialects import sqlite
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.types import TypeDecorator
 
 from app.models.types import UTCDateTime
@@ -86,3 +87,15 @@ def test_enqueue_clocks_bind_as_before() -> None:
         "2026-12-06 03:04:05.123456",
         None,
     ]
+
+
+def test_types_holding_an_uncacheable_type_are_never_shared() -> None:
+    """ARRAY(Uncached()) twice: equal outer keys, but the inner type opted out of caching,
+    so its state may differ: each position keeps its own processor."""
+    statement = select(
+        bindparam("a", type_=ARRAY(Uncached())), bindparam("b", type_=ARRAY(Uncached()))
+    )
+    assert hotpath._type_key(ARRAY(Uncached())) is None
+    assert hotpath._type_key(ARRAY(Counted())) is not None
+    prepared = hotpath.Prepared(statement, postgresql.dialect(paramstyle="numeric_dollar"))
+    assert [before for _, _, before in prepared._shapes[()][1]] == [-1, -1]

@@ -187,12 +187,19 @@ def _type_key(type_: Any) -> Any:
         return None
     try:
         key = type_._static_cache_key
-        if key is NO_CACHE or not isinstance(key, tuple):
+        if not isinstance(key, tuple) or _uncacheable(key):
             return None
         hash(key)
     except (AttributeError, TypeError):
         return None
     return (type(type_), key)
+
+
+def _uncacheable(key: Any) -> bool:
+    """Whether a cache key holds NO_CACHE anywhere (an ARRAY of a type that opted out)."""
+    if key is NO_CACHE:
+        return True
+    return isinstance(key, tuple) and any(_uncacheable(part) for part in key)
 
 
 def _result_processor(type_: Any, dialect: Dialect) -> Callable[[Any], Any] | None:
