@@ -73,9 +73,9 @@ class Batch:
 
 
 @contextlib.asynccontextmanager
-async def database(url: str) -> AsyncIterator[Database]:
+async def database(url: str, pool_size: int = 2) -> AsyncIterator[Database]:
     """The application's Database over ``url``, disposed afterwards."""
-    db = Database.from_url(url, pool_size=2)
+    db = Database.from_url(url, pool_size=pool_size)
     try:
         yield db
     finally:
@@ -256,7 +256,11 @@ class EngineBench:
     async def w1(self) -> None:
         p = self.profile
         out: dict[str, Any] = {}
-        async with self.clone("w1-lib") as url, database(url) as db:
+        # A pool that holds every writer's connection, as an application sizes its pool to
+        # its concurrency: beyond pool_size SQLAlchemy opens an overflow connection per
+        # checkout and closes it on return (a new PostgreSQL connection per enqueue).
+        pool = max(2, p.enqueue_writers)
+        async with self.clone("w1-lib") as url, database(url, pool) as db:
             out["library_single"] = await self.library_single(db, p.single_enqueues)
             self.log(f"W1 single enqueue: {out['library_single']['per_second']:,.0f}/s")
             out["library_alone"] = await self.library_alone(db, p.single_enqueues, 1)
