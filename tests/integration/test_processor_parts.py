@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import Iterator
 from datetime import timedelta
@@ -370,3 +371,38 @@ async def _completed_count_is(db: Database, n: int) -> bool:
             .where(PendingAnalysis.status == "completed")
         )
     return done == n
+
+
+async def test_a_failed_run_logs_a_warning_a_completed_one_info(
+    db: Database, database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """LOG_LEVEL=WARNING (a busy daemon's setting) still shows every failure."""
+    async with db.write_transaction() as s:
+        ok, bad = await queue.enqueue_tasks(
+            s, [{"kind": "noop"}, {"kind": "fail", "payload": {"permanent": True}}]
+        )
+    engine = ProcessorEngine(
+        db,
+        REGISTRY,
+        EngineConfig(database_url=database_url, concurrency=2, lease_seconds=3, shutdown_grace=1),
+    )
+    caplog.set_level(logging.INFO, logger="app.processor")
+    await engine.start()
+    try:
+        await eventually(lambda: _all_ended(db, [ok.id, bad.id]), within=30)
+    finally:
+        await engine.stop()
+    ends = {
+        (r.levelname, r.getMessage().split(" in ")[0])
+        for r in caplog.records
+        if getattr(r, "action", "") in ("job_completed", "job_failed")
+    }
+    assert ends == {
+        ("INFO", f"task {ok.id}: completed"),
+        ("WARNING", f"task {bad.id}: failed"),
+    }
+
+
+async def _all_ended(db: Database, ids: list[int]) -> bool:
+    rows = [await task_row(db, i) for i in ids]
+    return all(r.status in ("completed", "failed") for r in rows)

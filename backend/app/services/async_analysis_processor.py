@@ -691,7 +691,10 @@ class ProcessorEngine:
             self.processed += 1
         elif outcome.kind is OutcomeKind.FAILED:
             self.failed += 1
-        logger.info(
+        # A run that failed is a WARNING (retried or not), so LOG_LEVEL=WARNING, which a
+        # busy daemon runs with (two INFO lines a job), still shows every failure.
+        logger.log(
+            logging.WARNING if outcome.kind is OutcomeKind.FAILED else logging.INFO,
             "task %s: %s in %.3f s%s",
             task.id,
             outcome.kind.value,
