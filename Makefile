@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml
 		apt-get update -qq && apt-get install -y -qq python3-venv && $(PYTHON) -m venv $(VENV); }
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[postgres,dev]"
+	$(PY) -m compileall -q backend    # bytecode, as a pip-installed deployment has it
 	@touch $(STAMP)
 
 install: $(STAMP)

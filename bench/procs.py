@@ -48,6 +48,23 @@ def child_env(database_url: str, **settings: str) -> dict[str, str]:
     return env
 
 
+def compile_bytecode() -> None:
+    """Byte-compile backend/ and bench/ (files whose bytecode is missing or stale), as
+    ``pip install`` does for a deployment: a daemon started from this checkout then loads
+    its modules as a deployed one does, not compiled from source at every start (which
+    costs ~4.5 MB of RSS and ~0.1 s, and happens here when PYTHONDONTWRITEBYTECODE is set)."""
+    import compileall
+    import io
+    from contextlib import redirect_stdout
+
+    for folder in (REPO / "backend", REPO / "bench"):
+        out = io.StringIO()
+        with redirect_stdout(out):
+            ok = compileall.compile_dir(folder, quiet=1)
+        if not ok:
+            raise ProcessError(f"compileall {folder} failed:\n{out.getvalue()[-2000:]}")
+
+
 def tail(path: Path, lines: int = 40) -> str:
     """The last lines of a log file."""
     if not path.exists():

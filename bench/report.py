@@ -628,7 +628,8 @@ How each figure is measured (see `bench/workloads.py`):
 - Every daemon figure comes from a separate `python -m app.background_processor` process
   (ready when it sends systemd's `READY=1`), default settings except
   `MAX_CONCURRENT=10` and `HANDLER_MODULES=bench.handlers`; it does the whole protocol:
-  claim with lease, handler, result, notifications, heartbeat, fenced writes.
+  claim with lease, handler, result, notifications, heartbeat, fenced writes. `backend/`
+  and `bench/` are byte-compiled before the run, as `pip install` does for a deployment.
 - W1: enqueue through `app.services.queue.enqueue_task` / `enqueue_tasks` in a
   `app.db.Database` session, one transaction per call, no daemon running; and through
   `enqueue_task_alone` (a transaction of its own: PostgreSQL's one autocommitted statement,

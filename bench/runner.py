@@ -18,7 +18,7 @@ from typing import Any
 
 from app.services.notifications import FEED_LOCK_KEY
 from bench import floors, report
-from bench.procs import REPO
+from bench.procs import REPO, compile_bytecode
 from bench.profiles import PROFILES
 from bench.targets import DEFAULT_PG_URL, PostgresTarget, SQLiteTarget, Target
 from bench.workloads import EngineBench
@@ -70,6 +70,7 @@ async def run(args: argparse.Namespace) -> int:
         say(f"PostgreSQL at {args.pg_url} is not reachable (use --engines sqlite to skip it)")
         return 2
     started = time.monotonic()
+    compile_bytecode()  # the daemons load bytecode, as a deployed (pip-installed) one does
     workdir = BENCH / "out" / f"run-{datetime.now(UTC):%Y%m%d-%H%M%S}-{os.getpid()}"
     workdir.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {
