@@ -223,16 +223,20 @@ class _HereWriter:
 
     def checkpoint(self) -> None:
         """One PASSIVE checkpoint (it waits for nobody), on a connection of its own; called
-        on one thread at a time. Best effort: a failure leaves the WAL to the next one, or
-        to another connection's automatic one."""
+        on one thread at a time. Raises sqlite3.Error when it could not run (the
+        connection is then closed, and opened again by the next one)."""
         try:
             if self._checkpointing is None:
                 self._checkpointing = sqlite3.connect(
                     self._path, timeout=0, isolation_level=None, check_same_thread=False
                 )
             self._checkpointing.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-        except sqlite3.Error as error:
-            logger.debug("checkpoint of %s failed: %s", self._path, error)
+        except sqlite3.Error:
+            if self._checkpointing is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    self._checkpointing.close()
+                self._checkpointing = None
+            raise
 
     def close(self) -> None:
         """Close every thread's connection (no checkpoint may be running)."""
@@ -393,7 +397,8 @@ class Database:
             async with self.write_transaction() as session:
                 return await fn(session)
         async with self._write_lock():
-            if here is not None and self._here is not None and hotpath.ENABLED:
+            if here is not None and self._here is not None and hotpath.ENABLED and not self._closed:
+                # (After dispose() the usual path: no bare connection is opened again.)
                 if self._here_commits >= HERE_CHECKPOINT_EVERY and self._writer is None:
                     # Before this transaction, never after a commit: a cancellation while
                     # it runs then leaves nothing written by this call.
@@ -414,7 +419,8 @@ class Database:
         event loop): a checkpoint running beside writers never catches up with them, and
         the WAL restarts from its beginning only after one that did (SQLite's own
         automatic checkpoint also runs in the committing connection). Best effort: a
-        failure leaves it due for the next transaction."""
+        failure is logged (a WARNING) and the next try comes after as many commits again,
+        never an enqueue's error."""
         with self._checkpoint_guard:
             if self._here is None or self._closed:
                 return
@@ -433,14 +439,23 @@ class Database:
             self._checkpoint_running = running
         # Shielded: a caller cut short leaves the checkpoint to finish (and count) on its
         # own; the next transaction waits for it instead of starting another.
-        try:
+        with contextlib.suppress(Exception):  # logged by _checkpointed
             await asyncio.shield(running)
-        except Exception as error:  # best effort: never an enqueue's failure
-            logger.warning("checkpoint of %s failed: %r", self.sqlite_file, error)
 
     def _checkpointed(self, done: asyncio.Future[None]) -> None:
-        if not done.cancelled() and done.exception() is None:
-            self._here_commits = 0
+        """A checkpoint ended (on this event loop): count again from zero, after a failure
+        too (one that cannot run would otherwise be tried before every transaction)."""
+        if done.cancelled():
+            return
+        self._here_commits = 0
+        error = done.exception()
+        if error is not None:
+            logger.warning(
+                "checkpoint of %s failed (%r); the next try in %d commits",
+                self.sqlite_file,
+                error,
+                HERE_CHECKPOINT_EVERY,
+            )
 
     def _write_lock(self) -> asyncio.Lock:
         if self._write_locks is None:

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import functools
 import json
+import logging
 import os
 import sqlite3
 import time
@@ -270,6 +271,47 @@ async def test_an_enqueue_alone_cut_short_never_leaves_a_job_behind(
         await asyncio.sleep(0.3)  # the cut-short checkpoint's thread finishes
     assert len(await _raw_rows(db)) == returned
     assert returned >= 2 and (cut > 0) == (execution_path == "driver")
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"])
+async def test_a_checkpoint_that_fails_is_logged_and_tried_again_later(
+    db: Database,
+    execution_path: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A checkpoint that cannot run never fails an enqueue; it is a WARNING, and the next
+    try comes after HERE_CHECKPOINT_EVERY more commits, not before every transaction."""
+    monkeypatch.setattr(db_module, "HERE_CHECKPOINT_EVERY", 3)
+    tries = 0
+
+    def broken(self: Any) -> None:
+        nonlocal tries
+        tries += 1
+        raise sqlite3.OperationalError("unable to open database file")
+
+    monkeypatch.setattr(db_module._HereWriter, "checkpoint", broken)
+    caplog.set_level(logging.WARNING, logger=db_module.logger.name)
+    for _ in range(10):
+        await queue.enqueue_task_alone(db, kind="k")
+    assert len(await _raw_rows(db)) == 10
+    expected = 3 if execution_path == "driver" else 0  # before the 4th, 7th and 10th
+    assert tries == expected
+    failures = [r for r in caplog.records if "checkpoint of" in r.getMessage()]
+    assert len(failures) == expected and all(r.levelname == "WARNING" for r in failures)
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"])
+async def test_an_enqueue_alone_after_dispose_opens_no_bare_connection(
+    db: Database, execution_path: str
+) -> None:
+    """A Database used again after dispose() writes the usual way (its engine reconnects);
+    the bare connection dispose() closed is not opened again, unmanaged."""
+    await queue.enqueue_task_alone(db, kind="k")
+    await db.dispose()
+    done = await queue.enqueue_task_alone(db, kind="k")
+    assert db._here is None or db._here._connections == {}
+    assert done.id in await _raw_rows(db)
 
 
 @pytest.mark.parametrize("engine_name", ["sqlite"])

@@ -1,14 +1,26 @@
-"""hotpath.Prepared.bind: a value repeated in positions of equal types is processed once,
-and nothing else is shared."""
+"""hotpath.Prepared.bind: a value repeated in positions of a type that declares
+``shares_bind_processor`` is processed once, and nothing else is shared."""
 
 from __future__ import annotations
 
+import enum
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Dialect, String, bindparam, select
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy import (
+    Column,
+    Dialect,
+    Enum,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    bindparam,
+    insert,
+    select,
+)
+from sqlalchemy.dialects import sqlite
+from sqlalchemy.dialects.sqlite import DATETIME
 from sqlalchemy.types import TypeDecorator
 
 from app.models.types import UTCDateTime
@@ -16,10 +28,12 @@ from app.services import hotpath
 
 
 class Counted(TypeDecorator[str]):
-    """Upper-cases bound strings and counts every call of its bind processor."""
+    """Upper-cases bound strings and counts every call of its bind processor; declares
+    that its processors are interchangeable."""
 
     impl = String
     cache_ok = True
+    shares_bind_processor = True
     calls = 0
 
     def process_bind_param(self, value: str | None, dialect: Dialect) -> str | None:
@@ -27,24 +41,26 @@ class Counted(TypeDecorator[str]):
         return None if value is None else value.upper()
 
 
-class Uncached(Counted):
-    """The same, but not safe to cache: never shared."""
+class Undeclared(TypeDecorator[str]):
+    """The same processing, not declared shareable: never shared."""
 
-    cache_ok = False
+    impl = String
+    cache_ok = True
+    calls = 0
+
+    def process_bind_param(self, value: str | None, dialect: Dialect) -> str | None:
+        Undeclared.calls += 1
+        return None if value is None else value.upper()
 
 
 def _bind(statement: Any, params: dict[str, Any]) -> list[Any]:
     return hotpath.Prepared(statement, sqlite.dialect()).bind(params)[1]
 
 
-def test_the_same_object_in_equal_types_is_processed_once() -> None:
+def test_the_same_object_in_a_shared_type_is_processed_once() -> None:
     Counted.calls = 0
     word = "clock"
-    statement = select(
-        bindparam("a", type_=Counted()),
-        bindparam("b", type_=Counted()),
-        bindparam("c", type_=Counted()),
-    )
+    statement = select(*(bindparam(n, type_=Counted()) for n in "abc"))
     assert _bind(statement, {"a": word, "b": word, "c": word}) == ["CLOCK"] * 3
     assert Counted.calls == 1
 
@@ -65,37 +81,57 @@ def test_a_run_is_processed_once_and_a_different_value_breaks_it() -> None:
     assert Counted.calls == 3  # a, b (c repeats b), d (its neighbour differs)
 
 
-def test_unequal_or_uncacheable_types_are_never_shared() -> None:
-    Counted.calls = 0
+def test_types_that_do_not_declare_it_are_never_shared() -> None:
+    Undeclared.calls = 0
     word = "w"
-    statement = select(
-        bindparam("a", type_=Counted()),
-        bindparam("b", type_=String(5)),
-        bindparam("c", type_=Uncached()),
-        bindparam("d", type_=Uncached()),
+    statement = select(*(bindparam(n, type_=Undeclared()) for n in "ab"))
+    assert _bind(statement, {"a": word, "b": word}) == ["W", "W"]
+    assert Undeclared.calls == 2
+
+
+class Color(enum.Enum):
+    R = "r"
+
+
+class Size(enum.Enum):
+    S = "s"
+
+
+def test_enums_with_equal_cache_keys_bind_through_their_own_enum() -> None:
+    """Enum's cache key leaves out its enum class: equal keys, different processing."""
+    table = Table(
+        "t",
+        MetaData(),
+        Column("id", Integer, primary_key=True),
+        Column("color", Enum(Color, length=10)),
+        Column("size", Enum(Size, length=10)),
     )
-    assert _bind(statement, {"a": word, "b": word, "c": word, "d": word}) == ["W", "w", "W", "W"]
-    assert Counted.calls == 3
+    assert table.c.color.type._static_cache_key == table.c.size.type._static_cache_key
+    prepared = hotpath.Prepared(insert(table), sqlite.dialect(), ("color", "size"))
+    assert prepared.bind({"color": Color.R, "size": Size.S})[1] == ["R", "S"]
+
+
+def test_sqlite_datetimes_with_different_formats_keep_their_own() -> None:
+    """SQLite DATETIME's storage format is not in its cache key."""
+    when = datetime(2024, 1, 1, 1, 1, 1, 123456)
+    statement = select(
+        bindparam("full", type_=DATETIME()),
+        bindparam("short", type_=DATETIME(truncate_microseconds=True)),
+    )
+    assert _bind(statement, {"full": when, "short": when}) == [
+        "2024-01-01 01:01:01.123456",
+        "2024-01-01 01:01:01",
+    ]
 
 
 def test_enqueue_clocks_bind_as_before() -> None:
     """UTCDateTime (the enqueue's three clocks): naive UTC text on SQLite, each position."""
     now = datetime(2026, 12, 6, 3, 4, 5, 123456, tzinfo=UTC)
     statement = select(*(bindparam(n, type_=UTCDateTime()) for n in ("s", "c", "u")))
-    assert _bind(statement, {"s": now, "c": now, "u": None}) == [
+    prepared = hotpath.Prepared(statement, sqlite.dialect())
+    assert [before for _, _, before in prepared._shapes[()][1]] == [-1, 0, 1]
+    assert prepared.bind({"s": now, "c": now, "u": None})[1] == [
         "2026-12-06 03:04:05.123456",
         "2026-12-06 03:04:05.123456",
         None,
     ]
-
-
-def test_types_holding_an_uncacheable_type_are_never_shared() -> None:
-    """ARRAY(Uncached()) twice: equal outer keys, but the inner type opted out of caching,
-    so its state may differ: each position keeps its own processor."""
-    statement = select(
-        bindparam("a", type_=ARRAY(Uncached())), bindparam("b", type_=ARRAY(Uncached()))
-    )
-    assert hotpath._type_key(ARRAY(Uncached())) is None
-    assert hotpath._type_key(ARRAY(Counted())) is not None
-    prepared = hotpath.Prepared(statement, postgresql.dialect(paramstyle="numeric_dollar"))
-    assert [before for _, _, before in prepared._shapes[()][1]] == [-1, -1]

@@ -23,6 +23,9 @@ class UTCDateTime(TypeDecorator[datetime]):
 
     impl = DateTime(timezone=True)
     cache_ok = True
+    #: Its processing depends on the dialect alone (no arguments): the hot path may bind a
+    #: value repeated in one statement once (app.services.hotpath).
+    shares_bind_processor = True
 
     def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:

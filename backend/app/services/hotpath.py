@@ -33,13 +33,12 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import CursorResult, Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.sql import Select
-from sqlalchemy.sql.cache_key import NO_CACHE
 
 #: Off: every statement goes through ``session.execute`` (tests compare both paths).
 ENABLED = True
 
 #: Each position's parameter name, bind processor, and the last earlier position whose
-#: processor is the same (equal types), or -1.
+#: processor is the same (a shared type's, see _type_key), or -1.
 _Binder = list[tuple[str, Callable[[Any], Any] | None, int]]
 Watcher = Callable[[str, Any, float], None]
 _WATCHERS: list[Watcher] = []
@@ -86,10 +85,9 @@ class Prepared:
     ) -> _Binder:
         """Each position's parameter name and processor: a bind's own type's, or, for the
         members of an expanded IN list, the one SQLAlchemy's expansion gave it (none for
-        plain integers). Positions whose types are equal (the same cache key: SQLAlchemy
-        compiles them alike) share one processor and point back at the previous such
-        position, so ``bind`` processes a value repeated there (an enqueue's three clock
-        parameters) once."""
+        plain integers). Positions of a type that declares ``shares_bind_processor`` share
+        one processor per type and point back at the previous such position, so ``bind``
+        processes a value repeated there (an enqueue's three clock parameters) once."""
         if positions is None:
             raise TypeError(f"{self.dialect.name}: only positional paramstyles are supported")
         binder: _Binder = []
@@ -181,25 +179,13 @@ class Prepared:
 
 
 def _type_key(type_: Any) -> Any:
-    """A hashable key equal for types that process values alike, or None (a type that
-    opted out of SQLAlchemy's caching, or whose key cannot be hashed)."""
-    if getattr(type_, "cache_ok", True) is not True:  # a TypeDecorator that did not opt in
-        return None
-    try:
-        key = type_._static_cache_key
-        if not isinstance(key, tuple) or _uncacheable(key):
-            return None
-        hash(key)
-    except (AttributeError, TypeError):
-        return None
-    return (type(type_), key)
-
-
-def _uncacheable(key: Any) -> bool:
-    """Whether a cache key holds NO_CACHE anywhere (an ARRAY of a type that opted out)."""
-    if key is NO_CACHE:
-        return True
-    return isinstance(key, tuple) and any(_uncacheable(part) for part in key)
+    """A key equal for types whose bind processors are interchangeable, or None. Only a
+    type that declares it (``shares_bind_processor = True``: its processing is defined by
+    its class and the dialect alone, like UTCDateTime's) is shared. An equal SQLAlchemy
+    cache key is not enough: Enum's leaves out its enum class, SQLite DATETIME's its
+    storage format."""
+    kind = type(type_)
+    return kind if getattr(kind, "shares_bind_processor", False) is True else None
 
 
 def _result_processor(type_: Any, dialect: Dialect) -> Callable[[Any], Any] | None:
