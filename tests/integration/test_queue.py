@@ -302,6 +302,27 @@ async def test_a_checkpoint_that_fails_is_logged_and_tried_again_later(
 
 
 @pytest.mark.parametrize("engine_name", ["sqlite"])
+async def test_a_large_payload_is_not_written_on_the_event_loop(
+    db: Database, execution_path: str
+) -> None:
+    """SQLite: a payload above HERE_MAX_PAYLOAD_CHARS goes the usual way (a driver thread),
+    both forms; a small one takes the bare connection on the loop (hot path on)."""
+    big = {"text": "x" * (queue.HERE_MAX_PAYLOAD_CHARS + 1)}
+    first = await queue.enqueue_task_alone(db, kind="k", payload=big)
+    row = await queue.enqueue_task_alone_row(db, queue.TaskSpec(kind="k", payload=big))
+    assert db._here is not None and db._here._connections == {}
+    small = await queue.enqueue_task_alone(db, kind="k", payload={"n": 1})
+    assert len(db._here._connections) == (1 if execution_path == "driver" else 0)
+    ids = {first.id, small.id}
+    if execution_path == "driver":
+        assert row is not None and row.payload == big
+        ids.add(row.id)
+    else:
+        assert row is None  # the hot path off: the caller enqueues in a transaction
+    assert set(await _raw_rows(db)) == ids
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"])
 async def test_an_enqueue_alone_after_dispose_opens_no_bare_connection(
     db: Database, execution_path: str
 ) -> None:

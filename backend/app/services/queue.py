@@ -396,7 +396,9 @@ async def enqueue_tasks_alone(
         if ids is None:  # not asyncpg
             return await db.run_write(partial(enqueue_tasks, specs=items, now=now))
     else:
-        here = partial(_insert_one_sqlite3, spec=items[0], now=now) if len(items) == 1 else None
+        here = None
+        if len(items) == 1 and _small(items[0]):
+            here = partial(_insert_one_sqlite3, spec=items[0], now=now)
         ids = await db.run_write(partial(_insert_plain, specs=items, now=now), here=here)
         db.wake_daemons()
     return [EnqueuedTask(task_id, True) for task_id in ids]
@@ -421,11 +423,12 @@ async def enqueue_task_alone_row(
             rows = await hotpath.fetch_autocommit(conn, statement, params)
         return None if rows is None else rows[0]
 
-    def here(conn: sqlite3.Connection, dialect: Dialect) -> list[Any]:
+    def on_the_loop(conn: sqlite3.Connection, dialect: Dialect) -> list[Any]:
         return hotpath.sqlite3_fetch(conn, dialect, statement, params)
 
     [row] = await db.run_write(
-        partial(hotpath.fetch, statement=statement, params=params), here=here
+        partial(hotpath.fetch, statement=statement, params=params),
+        here=on_the_loop if _small(spec) else None,
     )
     db.wake_daemons()
     return row
@@ -451,6 +454,16 @@ async def _insert_plain_alone(
     async with db.engine.connect() as conn:
         rows = await hotpath.fetch_autocommit(conn, statement, args)
     return None if rows is None else sorted(row.id for row in rows)
+
+
+#: SQLite: a payload larger than this is written the usual way (on a driver thread), not
+#: on the bare connection on the event loop, where writing a megabyte would hold the loop
+#: for milliseconds.
+HERE_MAX_PAYLOAD_CHARS = 64 * 1024
+
+
+def _small(spec: TaskSpec) -> bool:
+    return len(spec.payload_json) <= HERE_MAX_PAYLOAD_CHARS
 
 
 def _insert_one_sqlite3(
