@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import exc as sa_exc
-from sqlalchemy import select, text
+from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db import Database
@@ -184,3 +184,33 @@ async def test_a_lost_connection_is_invalidated_not_handed_out_again(
         return await queue.claim_tasks(s, processor_id=PID, limit=1, lease_seconds=30)
 
     assert len(await _in_write(hot_db, claim)) == 1  # a fresh connection, first time
+
+
+@pytest.mark.parametrize("engine_name", ["postgresql"])
+async def test_an_autocommit_on_a_pooled_connection_that_died_invalidates_it(
+    database_url: str,
+) -> None:
+    """fetch_autocommit_pooled (an enqueue alone's one greenlet hop): a connection the
+    server dropped comes out as SQLAlchemy's error, flagged invalidated, and the pool hands
+    out a fresh one next time, not the dead one again."""
+    db = Database.from_url(database_url, pool_size=1, pre_ping=False)
+    pid_of = select(func.pg_backend_pid())
+    try:
+        [(pid,)] = await hotpath.fetch_autocommit_pooled(db.engine, pid_of, {}) or [()]
+        other = Database.from_url(database_url, pool_size=1)
+        try:
+            async with other.write_transaction() as killer:
+                await killer.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        finally:
+            await other.dispose()
+        with pytest.raises(sa_exc.DBAPIError) as caught:
+            await hotpath.fetch_autocommit_pooled(db.engine, pid_of, {})
+        assert caught.value.connection_invalidated
+        [(fresh,)] = await hotpath.fetch_autocommit_pooled(db.engine, pid_of, {}) or [()]
+        assert fresh != pid
+        done = await queue.enqueue_task_alone(db, kind="chapter_analysis", user_id="u")
+        async with db.read_transaction() as s:
+            found = await s.get(PendingAnalysis, done.id)
+        assert found is not None and found.status == "pending"
+    finally:
+        await db.dispose()

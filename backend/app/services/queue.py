@@ -419,8 +419,7 @@ async def enqueue_task_alone_row(
     [params] = _with_clock([spec.row()], now)
     statement = _insert_returning_all(db.dialect, pinned)
     if db.dialect == "postgresql":
-        async with db.engine.connect() as conn:
-            rows = await hotpath.fetch_autocommit(conn, statement, params)
+        rows = await hotpath.fetch_autocommit_pooled(db.engine, statement, params)
         return None if rows is None else rows[0]
 
     def on_the_loop(conn: sqlite3.Connection, dialect: Dialect) -> list[Any]:
@@ -451,8 +450,7 @@ async def _insert_plain_alone(
         statement, args = _insert_statement("postgresql", pinned), params[0]
     else:
         statement, args = _bulk_insert_statement(pinned), _arrays(specs, params)
-    async with db.engine.connect() as conn:
-        rows = await hotpath.fetch_autocommit(conn, statement, args)
+    rows = await hotpath.fetch_autocommit_pooled(db.engine, statement, args)
     return None if rows is None else sorted(row.id for row in rows)
 
 
