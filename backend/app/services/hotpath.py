@@ -363,6 +363,19 @@ async def fetch(session: AsyncSession, statement: Any, params: Mapping[str, Any]
     return stmt.rows(raw)
 
 
+def _autocommit_driver(raw: Any) -> tuple[Any, Any] | None:
+    """(SQLAlchemy's adapter, the asyncpg connection) of a pooled connection with no
+    transaction open; None otherwise (another driver, a transaction open, or SQLAlchemy's
+    adapter changed)."""
+    adapter: Any = raw.dbapi_connection
+    driver: Any = raw.driver_connection
+    if not type(driver).__module__.startswith("asyncpg"):
+        return None
+    if getattr(adapter, "_transaction", _UNSET) is not None:
+        return None
+    return adapter, driver
+
+
 async def fetch_autocommit(
     conn: AsyncConnection, statement: Any, params: Mapping[str, Any]
 ) -> list[Any] | None:
@@ -371,13 +384,10 @@ async def fetch_autocommit(
     asyncpg only: None where that is not possible (the caller uses a transaction)."""
     if not ENABLED or conn.in_transaction() or conn.dialect.name != "postgresql":
         return None
-    raw = await conn.get_raw_connection()
-    adapter: Any = raw.dbapi_connection
-    driver: Any = raw.driver_connection
-    if not type(driver).__module__.startswith("asyncpg"):
+    found = _autocommit_driver(await conn.get_raw_connection())
+    if found is None:
         return None
-    if getattr(adapter, "_transaction", _UNSET) is not None:
-        return None  # a transaction is open (or SQLAlchemy's adapter changed)
+    adapter, driver = found
     dialect = conn.dialect
     stmt = prepared(statement, dialect, tuple(params) if statement.is_insert else None)
     sql, args = stmt.bind(params)
@@ -411,13 +421,10 @@ async def fetch_autocommit_pooled(
 
 def _autocommit_in_greenlet(sync_engine: Any, sql: str, args: list[Any]) -> Any:
     with sync_engine.connect() as conn:
-        proxied = conn.connection
-        adapter: Any = proxied.dbapi_connection
-        driver: Any = proxied.driver_connection
-        if not type(driver).__module__.startswith("asyncpg"):
+        found = _autocommit_driver(conn.connection)
+        if found is None:
             return _UNSET
-        if getattr(adapter, "_transaction", _UNSET) is not None:
-            return _UNSET  # a transaction is open (or SQLAlchemy's adapter changed)
+        adapter, driver = found
         started = time.perf_counter()
         try:
             rows = await_only(driver.fetch(sql, *args))
