@@ -19,7 +19,7 @@ release = threading.Event()
 
 def make_task(kind: str, timeout: int = 5) -> ClaimedTask:
     now = datetime.now(UTC)
-    return ClaimedTask(1, kind, "default", {"x": 1}, 5, 1, 0, 3, timeout, "u", None, None, now, now)
+    return ClaimedTask(1, kind, "default", {"x": 1}, 5, 1, 0, 3, timeout, "u", None, None, now)
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from app.logs import FLUSH_AFTER_SECONDS, BatchedStreamHandler
+from app.logs import FLUSH_AFTER_SECONDS, BatchedStreamHandler, TextFormatter
 
 
 class Stream:
@@ -142,3 +142,14 @@ def test_a_failed_batch_says_how_many_lines_it_lost(capsys: pytest.CaptureFixtur
     log.warning("two")
     err = capsys.readouterr().err
     assert "--- Logging error ---" in err and "2 log line(s) could not be written" in err
+
+
+def test_the_text_format_reuses_a_seconds_stamp_and_writes_what_logging_writes() -> None:
+    plain = logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    cached = TextFormatter()
+    base = 1_800_000_000.0  # within a second, across its end, the next, and back again
+    for created in (base + 0.001, base + 0.5, base + 0.999, base + 1.0, base + 1.25, base + 0.75):
+        record = logging.makeLogRecord({"name": "app.x", "levelname": "INFO", "msg": "m"})
+        record.created, record.msecs = created, (created - int(created)) * 1000
+        assert cached.format(record) == plain.format(record)
+        assert cached.formatTime(record, "%H:%M") == plain.formatTime(record, "%H:%M")

@@ -252,7 +252,6 @@ class ClaimedTask:
     project_id: str | None
     chapter_id: str | None
     scheduled_at: datetime
-    created_at: datetime
 
     @classmethod
     def from_row(cls, row: Any) -> ClaimedTask:
@@ -271,7 +270,6 @@ class ClaimedTask:
             project_id=row.project_id,
             chapter_id=row.chapter_id,
             scheduled_at=row.scheduled_at,
-            created_at=row.created_at,
         )
 
     @property
@@ -814,7 +812,6 @@ def _claim_statement(db_clock: bool, filters: frozenset[str]) -> Any:
             T.max_retries,
             T.timeout_seconds,
             T.scheduled_at,
-            T.created_at,
         )
     )
 
