@@ -97,7 +97,7 @@ async def test_rows_match_the_core_path(hot_db: Database, monkeypatch: pytest.Mo
     assert [t.id for t in fast + core] == ids
     for a, b in zip(fast, core, strict=True):
         assert a.payload["a"] == b.payload["a"] == [1, 2.5, "x"]
-        assert a.created_at.tzinfo is not None and b.created_at.tzinfo is not None
+        assert a.scheduled_at.tzinfo is not None and b.scheduled_at.tzinfo is not None
         assert (a.attempt, a.kind, a.timeout_seconds) == (b.attempt, b.kind, b.timeout_seconds)
     for enabled, batch in ((True, fast), (False, core)):
         monkeypatch.setattr(hotpath, "ENABLED", enabled)
