@@ -91,6 +91,7 @@ async def test_enqueue_show_list_status(cli: Run, db: Database, tmp_path: Path) 
         (("enqueue", "nope"), "unknown kind 'nope'"),
         (("enqueue", "noop", "--payload", "{bad"), "not valid JSON"),
         (("enqueue", "noop", "--payload", "[1]"), "must be a JSON object"),
+        (("enqueue", "noop", "--payload", '{"t": "\\ud800"}'), "must be valid Unicode"),
         (("enqueue", "noop", "--priority", "11"), "Invalid value for '--priority'"),
         (("enqueue",), "give a KIND, or --bulk"),
         (("tasks", "retry"), "give task ids, or --status"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -498,3 +499,39 @@ async def test_cors_is_off_unless_configured(
     assert (bulk.headers.get("access-control-allow-origin") == "https://app.example") is allowed
     if not allowed:
         assert (bulk.status_code, bulk.headers["Allow"]) == (405, "POST")
+
+
+LONE = "a \ud800 b"  # a lone surrogate: no UTF-8 encodes it, PostgreSQL's json refuses it
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"kind": "noop", "payload": {"text": LONE}},
+        {"kind": "noop", "payload": {LONE: 1}},
+        {"kind": "noop", "chapter_id": LONE},
+        {"kind": "noop", "project_id": LONE},
+        {"kind": "noop", "idempotency_key": LONE},
+        {"kind": "noop", "queue": LONE},
+    ],
+)
+async def test_lone_surrogates_are_refused_and_nothing_is_stored(
+    api: Api, body: dict[str, Any]
+) -> None:
+    """A JSON body may escape half a surrogate pair (\\ud800): 422 with a detail, never a
+    500, and no row (a client retrying a 500 would otherwise enqueue twice)."""
+    content = json.dumps(body)  # ASCII, the surrogate as the escape \ud800
+    headers = {**api.h("alice"), "Content-Type": "application/json"}
+    r = await api.client.post(f"{P}/tasks", content=content, headers=headers)
+    assert r.status_code == 422, r.text
+    assert "detail" in r.json()
+    bulk = json.dumps({"tasks": [{"kind": "noop"}, body]})
+    r = await api.client.post(f"{P}/tasks/bulk", content=bulk, headers=headers)
+    assert r.status_code == 422, r.text
+    async with api.db.read_transaction() as s:
+        assert (
+            await s.execute(select(func.count()).select_from(PendingAnalysis))
+        ).scalar_one() == 0
+    # A pair is one character (U+1F600), and fine.
+    ok = await api.post("alice", "/tasks", json={"kind": "noop", "payload": {"e": "\U0001f600"}})
+    assert ok.status_code == 202 and ok.json()["payload"] == {"e": "\U0001f600"}

@@ -53,6 +53,12 @@ def registry() -> HandlerRegistry:
     async def not_json(ctx: JobContext) -> object:
         return {1, 2}
 
+    async def lone_surrogate(ctx: JobContext) -> object:
+        return {"text": "a \ud800 b"}
+
+    async def emoji(ctx: JobContext) -> object:
+        return {"text": "\U0001f600 \u00e9", "escaped": "\\ud800"}
+
     for name, func in list(locals().items()):
         if callable(func) and name != "reg":
             reg.register(name, func)
@@ -118,6 +124,7 @@ async def _noop(current: int, total: int | None, message: str | None) -> None:
     [
         ("perm", OutcomeKind.FAILED, "PermanentError: no text", True),
         ("not_json", OutcomeKind.FAILED, "handler returned a value that is not JSON", True),
+        ("lone_surrogate", OutcomeKind.FAILED, "handler returned a string that is not", True),
         ("missing", OutcomeKind.FAILED, "no handler registered for kind 'missing'", True),
         ("snooze", OutcomeKind.SNOOZED, None, False),
     ],
@@ -158,3 +165,9 @@ async def test_engine_stops_map_to_outcomes(
     job.cancel()
     outcome = await job
     assert outcome.kind is expected
+
+
+async def test_a_result_with_text_outside_ascii_is_kept(registry: HandlerRegistry) -> None:
+    outcome, _ = await run(registry, make_task("emoji"))
+    assert outcome.kind is OutcomeKind.COMPLETED
+    assert outcome.result == {"text": "\U0001f600 \u00e9", "escaped": "\\ud800"}

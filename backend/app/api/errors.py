@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Mapping
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.datastructures import MutableHeaders
@@ -122,9 +125,27 @@ class GuardMiddleware:
         await self.app(scope, receive, send_allow)
 
 
+class AsciiJSONResponse(JSONResponse):
+    """JSON with every non-ASCII character escaped: text that cannot be UTF-8 (a lone
+    surrogate, ``\\ud800``, which a JSON body may escape) is written as its escape instead
+    of failing the response."""
+
+    def render(self, content: object) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode("ascii")
+
+
+async def _on_invalid_request(request: Request, exc: Exception) -> Response:
+    """FastAPI's 422, whose details echo the input, written so that any input can be."""
+    if not isinstance(exc, RequestValidationError):
+        raise exc
+    errors = jsonable_encoder(exc.errors())
+    return AsciiJSONResponse({"detail": errors}, 422)
+
+
 def install(app: FastAPI, only: Mapping[str, tuple[str, ...]] | None = None) -> None:
     """Register the handlers that turn outages into 503s, and the URL guard (``only``: paths
     that serve only these methods, whatever other routes their URL also matches)."""
     app.add_middleware(GuardMiddleware, routes=app, only=only)
     for kind in (*UNAVAILABLE, DBAPIError):
         app.add_exception_handler(kind, _on_dbapi_error)
+    app.add_exception_handler(RequestValidationError, _on_invalid_request)

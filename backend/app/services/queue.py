@@ -109,6 +109,17 @@ def has_nul(value: object) -> bool:
     return _NUL_IN_JSON.search(json.dumps(value)) is not None
 
 
+def is_unicode(value: object) -> bool:
+    """Whether every string and key in a JSON value is valid Unicode text: no lone
+    surrogate (``"\\ud800"`` in JSON), which UTF-8 cannot encode, PostgreSQL's json
+    refuses, and a response could not be written from."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class InvalidTaskError(ValueError):
     """A task spec that can never be valid (bad priority, timeout, names …)."""
 
@@ -171,7 +182,16 @@ class TaskSpec:
                 text = _PAYLOAD_JSON.encode(self.payload)
             except (TypeError, ValueError):
                 text = None
-        if text is None or ("u0000" in text and _NUL_IN_JSON.search(text)):
+        if (
+            text is None
+            or ("u0000" in text and _NUL_IN_JSON.search(text))
+            or ("\\ud" in text and not is_unicode(self.payload))
+            or not all(
+                s.isascii() or is_unicode(s)
+                for s in (kind, queue, user, project, chapter, key)
+                if s
+            )
+        ):
             text = self._explain()  # raises, unless only a type was unusual (a dict subclass)
         object.__setattr__(self, "payload_json", text)
 
@@ -203,6 +223,10 @@ class TaskSpec:
             "\x00" in s for s in [*strings, self.idempotency_key] if s
         ):
             raise InvalidTaskError("strings must not contain NUL (\\u0000) characters")
+        if not is_unicode([self.payload, *strings, self.idempotency_key]):
+            raise InvalidTaskError(
+                "strings must be valid Unicode: a lone surrogate (\\ud800-\\udfff) cannot be stored"
+            )
         return text
 
     def row(self) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from app.services.handlers import (
     ProgressSink,
     Snooze,
 )
-from app.services.queue import ClaimedTask
+from app.services.queue import ClaimedTask, is_unicode
 
 logger = logging.getLogger("app.processor")
 MAX_TRACEBACK_CHARS = 8_000
@@ -184,9 +184,14 @@ class _NotJSONError(Exception):
 
 def _jsonable(value: Any) -> Any:
     try:
-        json.dumps(value, allow_nan=False)
+        text = json.dumps(value, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise _NotJSONError(f"handler returned a value that is not JSON: {exc}") from None
+    if "\\ud" in text and not is_unicode(value):
+        raise _NotJSONError(
+            "handler returned a string that is not valid Unicode (a lone surrogate, "
+            "\\ud800-\\udfff), which cannot be stored"
+        )
     return value
 
 
