@@ -535,3 +535,15 @@ async def test_lone_surrogates_are_refused_and_nothing_is_stored(
     # A pair is one character (U+1F600), and fine.
     ok = await api.post("alice", "/tasks", json={"kind": "noop", "payload": {"e": "\U0001f600"}})
     assert ok.status_code == 202 and ok.json()["payload"] == {"e": "\U0001f600"}
+
+
+@pytest.mark.parametrize("when", ["0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59-14:00"])
+async def test_a_schedule_with_no_utc_instant_is_a_422(api: Api, when: str) -> None:
+    """A time at the calendar's edge whose UTC instant Python cannot hold: a 422 naming the
+    field, not an OverflowError's 500."""
+    r = await api.post("alice", "/tasks", json={"kind": "noop", "scheduled_at": when})
+    assert r.status_code == 422 and "scheduled_at" in str(r.json()["detail"]), r.text
+    async with api.db.read_transaction() as s:
+        assert (
+            await s.execute(select(func.count()).select_from(PendingAnalysis))
+        ).scalar_one() == 0

@@ -15,7 +15,7 @@ import re
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from functools import partial
 from typing import Any
@@ -193,6 +193,8 @@ class TaskSpec:
             )
         ):
             text = self._explain()  # raises, unless only a type was unusual (a dict subclass)
+        if self.scheduled_at is not None:
+            _check_schedule(self.scheduled_at)
         object.__setattr__(self, "payload_json", text)
 
     def _explain(self) -> str:
@@ -244,6 +246,19 @@ class TaskSpec:
             "chapter_id": self.chapter_id,
             "idempotency_key": self.idempotency_key,
         }
+
+
+def _check_schedule(when: object) -> None:
+    """A time the columns can hold: a datetime whose UTC instant exists (0001-01-01 at
+    +14:00 does not: Python cannot represent it), with an offset or naive (read as UTC)."""
+    if not isinstance(when, datetime):
+        return  # left to the column's own binding, as before
+    try:
+        (when if when.tzinfo is not None else when.replace(tzinfo=UTC)).astimezone(UTC)
+    except (OverflowError, ValueError):
+        raise InvalidTaskError(
+            f"invalid scheduled_at: {when.isoformat()} is outside the range of dates in UTC"
+        ) from None
 
 
 def _check(ok: bool, name: str, value: object) -> None:
