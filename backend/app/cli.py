@@ -47,6 +47,11 @@ out = Console()
 err = Console(stderr=True, soft_wrap=True)
 
 
+#: Ids are 64-bit: a larger number is bad input (exit 2), never a driver's overflow.
+MAX_ID = 2**63 - 1
+TASK_ID = typer.Argument(min=1, max=MAX_ID, help="Task id.")
+
+
 def fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
     """Print ``message`` to stderr and exit with ``code``."""
     err.print(f"[bold red]error:[/] {message}", highlight=False)
@@ -114,7 +119,9 @@ def migrate() -> None:
 
 @cli.command()
 def processor(
-    concurrency: Annotated[int | None, typer.Option(min=1, help="Jobs run at once.")] = None,
+    concurrency: Annotated[
+        int | None, typer.Option(min=1, max=10_000, help="Jobs run at once.")
+    ] = None,
     poll_interval: Annotated[
         float | None, typer.Option(min=0.001, help="Seconds between fallback polls.")
     ] = None,
@@ -272,7 +279,9 @@ def _task_dict(task: PendingAnalysis) -> dict[str, Any]:
 
 
 @tasks_cli.command("show")
-def tasks_show(task_id: int, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def tasks_show(
+    task_id: Annotated[int, TASK_ID], as_json: Annotated[bool, typer.Option("--json")] = False
+) -> None:
     """Everything about one task."""
 
     async def work(db: Database) -> PendingAnalysis | None:
@@ -337,7 +346,9 @@ def tasks_list(
 
 @tasks_cli.command("retry")
 def tasks_retry(
-    task_ids: Annotated[list[int] | None, typer.Argument(help="Task ids.")] = None,
+    task_ids: Annotated[
+        list[int] | None, typer.Argument(min=1, max=MAX_ID, help="Task ids.")
+    ] = None,
     status: Annotated[
         str | None, typer.Option(help="Retry every task in this status (failed or cancelled).")
     ] = None,
@@ -384,7 +395,7 @@ def _retry_matching(status: str, kind: str | None, yes: bool) -> None:
 
 
 @tasks_cli.command("cancel")
-def tasks_cancel(task_ids: list[int]) -> None:
+def tasks_cancel(task_ids: Annotated[list[int], TASK_ID]) -> None:
     """Cancel pending tasks at once; ask daemons to cancel running ones."""
 
     async def work(db: Database) -> list[queue.CancelOutcome]:
@@ -712,7 +723,7 @@ def token_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None
 
 
 @token_cli.command("revoke")
-def token_revoke(token_id: int) -> None:
+def token_revoke(token_id: Annotated[int, typer.Argument(min=1, max=MAX_ID)]) -> None:
     """Revoke a token by id (see `token list`)."""
     from app.services import auth
 

@@ -71,8 +71,12 @@ def parse_queues(spec: str) -> QueueSpec:
         if not part:
             continue
         name, sep, limit = (x.strip() for x in part.partition("="))
-        if not name or len(name) > 100 or (sep and not (limit.isdigit() and int(limit) > 0)):
-            raise ValueError(f"{part!r} is not QUEUE or QUEUE=N with N >= 1")
+        if (
+            not name
+            or len(name) > 100
+            or (sep and not (limit.isdigit() and 0 < int(limit) <= 10_000))
+        ):
+            raise ValueError(f"{part!r} is not QUEUE or QUEUE=N with 1 <= N <= 10000")
         if name in (n for n, _ in parsed):
             raise ValueError(f"queue {name!r} is listed twice")
         parsed.append((name, int(limit) if sep else None))

@@ -97,6 +97,11 @@ async def test_enqueue_show_list_status(cli: Run, db: Database, tmp_path: Path) 
         (("tasks", "retry"), "give task ids, or --status"),
         (("tasks", "retry", "--status", "completed", "--yes"), "only failed or cancelled"),
         (("processor", "--queues", "a,=3"), "is not QUEUE or QUEUE=N"),
+        (("processor", "--queues", "a=99999999999999999999"), "1 <= N <= 10000"),
+        (("processor", "--concurrency", "10001"), "Invalid value for"),
+        (("tasks", "show", "99999999999999999999"), "Invalid value for"),
+        (("tasks", "cancel", "1", "99999999999999999999"), "Invalid value for"),
+        (("token", "revoke", "99999999999999999999"), "Invalid value for"),
         (("token", "create"), "Missing option"),
     ],
 )
