@@ -18,7 +18,7 @@ from rich.table import Table
 from sqlalchemy.exc import SQLAlchemyError
 
 from app import schema
-from app.config import QueueSpec, Settings, SettingsError, load_settings, parse_queues
+from app.config import MAX_SECONDS, QueueSpec, Settings, SettingsError, load_settings, parse_queues
 from app.db import Database
 from app.models import PendingAnalysis
 from app.services import queue
@@ -123,7 +123,8 @@ def processor(
         int | None, typer.Option(min=1, max=10_000, help="Jobs run at once.")
     ] = None,
     poll_interval: Annotated[
-        float | None, typer.Option(min=0.001, help="Seconds between fallback polls.")
+        float | None,
+        typer.Option(min=0.001, max=MAX_SECONDS, help="Seconds between fallback polls."),
     ] = None,
     queues: Annotated[str | None, typer.Option(help="Q1,Q2=4: queues to serve.")] = None,
 ) -> None:

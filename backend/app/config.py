@@ -32,7 +32,11 @@ DEFAULT_MAX_PAYLOAD_BYTES = 1_048_576
 
 SUPPORTED_DRIVERS = ("sqlite+aiosqlite", "postgresql+asyncpg")
 
-PositiveSeconds = Annotated[float, Field(gt=0)]
+#: Durations are finite and at most a year (days: a century): a larger one (or inf) would
+#: overflow a datetime or an event loop timer at run time instead of being refused here.
+MAX_SECONDS = 366 * 24 * 3600
+PositiveSeconds = Annotated[float, Field(gt=0, le=MAX_SECONDS, allow_inf_nan=False)]
+PositiveDays = Annotated[float, Field(gt=0, le=36_600, allow_inf_nan=False)]
 QueueSpec = tuple[tuple[str, int | None], ...]
 ScheduleSpec = tuple[tuple[str, str], ...]
 SCHEDULE_OFF = "off"
@@ -161,19 +165,23 @@ class Settings(BaseSettings):
     max_concurrent: int = Field(default=DEFAULT_MAX_CONCURRENT, ge=1, le=10_000)
     poll_interval: PositiveSeconds = DEFAULT_POLL_INTERVAL_SECONDS
     prefetch_window: float = Field(default=DEFAULT_PREFETCH_WINDOW_SECONDS, ge=0, le=60)
-    processing_timeout: int = Field(default=DEFAULT_PROCESSING_TIMEOUT_SECONDS, gt=0)
+    processing_timeout: int = Field(
+        default=DEFAULT_PROCESSING_TIMEOUT_SECONDS, gt=0, le=MAX_SECONDS
+    )
     max_retries: int = Field(default=DEFAULT_MAX_RETRIES, ge=0, le=1000)
     retry_backoff_base: PositiveSeconds = DEFAULT_RETRY_BACKOFF_BASE_SECONDS
     retry_backoff_max: PositiveSeconds = DEFAULT_RETRY_BACKOFF_MAX_SECONDS
     lease_seconds: PositiveSeconds = DEFAULT_LEASE_SECONDS
-    shutdown_grace: float = Field(default=DEFAULT_SHUTDOWN_GRACE_SECONDS, ge=0)
+    shutdown_grace: float = Field(
+        default=DEFAULT_SHUTDOWN_GRACE_SECONDS, ge=0, le=MAX_SECONDS, allow_inf_nan=False
+    )
     handler_modules: Annotated[tuple[str, ...], NoDecode] = DEFAULT_HANDLER_MODULES
     queues: Annotated[QueueSpec, NoDecode] = ()
     rate_limits: Annotated[tuple[RateLimit, ...], NoDecode] = ()
     key_limits: Annotated[tuple[KeyLimit, ...], NoDecode] = ()
     inline: bool = False
-    retention_days: PositiveSeconds = DEFAULT_RETENTION_DAYS
-    failed_retention_days: PositiveSeconds = DEFAULT_FAILED_RETENTION_DAYS
+    retention_days: PositiveDays = DEFAULT_RETENTION_DAYS
+    failed_retention_days: PositiveDays = DEFAULT_FAILED_RETENTION_DAYS
     max_payload_bytes: int = Field(default=DEFAULT_MAX_PAYLOAD_BYTES, gt=0)
     cors_origins: Annotated[tuple[str, ...], NoDecode] = ()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

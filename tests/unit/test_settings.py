@@ -114,6 +114,13 @@ def test_handler_modules_are_comma_separated(
         ({"MAX_CONCURRENT": "zero"}, "MAX_CONCURRENT", "'zero'"),
         ({"POLL_INTERVAL": "-1"}, "POLL_INTERVAL", "'-1'"),
         ({"LEASE_SECONDS": "abc"}, "LEASE_SECONDS", "'abc'"),
+        # Finite and at most a year (days: a century), or they overflow at run time.
+        ({"LEASE_SECONDS": "inf"}, "LEASE_SECONDS", "'inf'"),
+        ({"POLL_INTERVAL": "1e400"}, "POLL_INTERVAL", "'1e400'"),
+        ({"RETRY_BACKOFF_MAX": "1e300"}, "RETRY_BACKOFF_MAX", "'1e300'"),
+        ({"RETENTION_DAYS": "99999999999"}, "RETENTION_DAYS", "'99999999999'"),
+        ({"SHUTDOWN_GRACE": "nan"}, "SHUTDOWN_GRACE", "'nan'"),
+        ({"PROCESSING_TIMEOUT": "99999999999"}, "PROCESSING_TIMEOUT", "'99999999999'"),
         ({"MAX_RETRIES": "-1"}, "MAX_RETRIES", "'-1'"),
         ({"DATABASE_URL": "nonsense"}, "DATABASE_URL", "'nonsense'"),
         ({"DATABASE_URL": "mysql://x"}, "DATABASE_URL", "'mysql://x'"),
