@@ -547,3 +547,19 @@ async def test_a_schedule_with_no_utc_instant_is_a_422(api: Api, when: str) -> N
         assert (
             await s.execute(select(func.count()).select_from(PendingAnalysis))
         ).scalar_one() == 0
+
+
+async def test_the_payload_limit_counts_utf8_bytes(api: Api) -> None:
+    """MAX_PAYLOAD_BYTES (1000 here) counts the JSON text's UTF-8 bytes: 400 "é" are
+    ~800 bytes (their \\u00e9 escapes would be 2,400)."""
+    fits = await api.post("alice", "/tasks", json={"kind": "noop", "payload": {"x": "é" * 400}})
+    assert fits.status_code == 202, fits.text
+    over = await api.post("alice", "/tasks", json={"kind": "noop", "payload": {"x": "é" * 600}})
+    assert over.status_code == 413 and over.json()["detail"].startswith("payload is 1208 bytes")
+
+
+async def test_an_unknown_status_filter_is_a_422(api: Api) -> None:
+    r = await api.get("alice", "/tasks?status=bogus")
+    assert r.status_code == 422 and "detail" in r.json()
+    ok = await api.get("alice", "/tasks?status=pending")
+    assert ok.status_code == 200 and ok.json()["items"] == []

@@ -13,7 +13,7 @@ from app.api.errors import ERRORS
 from app.api.schemas import NO_NUL, BulkCreate, BulkResult, TaskCreate, TaskPage, TaskPublic
 from app.config import Settings
 from app.db import Database
-from app.models import PendingAnalysis
+from app.models import PendingAnalysis, TaskStatus
 from app.services import queue, stats
 from app.services.auth import Principal
 from app.services.handlers import REGISTRY
@@ -36,7 +36,10 @@ def to_spec(body: TaskCreate, caller: Principal, settings: Settings) -> queue.Ta
     if body.kind not in REGISTRY:
         known = ", ".join(REGISTRY.kinds()) or "none"
         raise BadTask(422, f"unknown kind {body.kind!r}; registered kinds: {known}")
-    size = len(json.dumps(body.payload, separators=(",", ":")).encode())
+    # The JSON text in UTF-8 bytes (an "é" is 2 bytes, not its 6-character escape); a lone
+    # surrogate is counted here and refused by the TaskSpec below.
+    text = json.dumps(body.payload, separators=(",", ":"), ensure_ascii=False)
+    size = len(text.encode("utf-8", "surrogatepass"))
     if size > settings.max_payload_bytes:
         raise BadTask(413, f"payload is {size} bytes; the limit is {settings.max_payload_bytes}")
     if body.user_id is not None and not caller.is_admin:
@@ -151,7 +154,7 @@ async def create_tasks(
 async def list_tasks(
     caller: CallerDep,
     db: DbDep,
-    status_: Annotated[str | None, Query(alias="status", max_length=16, pattern=NO_NUL)] = None,
+    status_: Annotated[TaskStatus | None, Query(alias="status")] = None,
     kind: Annotated[str | None, Query(max_length=100, pattern=NO_NUL)] = None,
     project_id: Annotated[str | None, Query(max_length=255, pattern=NO_NUL)] = None,
     chapter_id: Annotated[str | None, Query(max_length=255, pattern=NO_NUL)] = None,
