@@ -20,7 +20,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from app import schema
 from app.config import MAX_SECONDS, QueueSpec, Settings, SettingsError, load_settings, parse_queues
 from app.db import Database
-from app.models import PendingAnalysis
+from app.models import PendingAnalysis, TaskStatus
 from app.services import queue
 from app.services.handlers import REGISTRY, HandlerImportError, import_handler_modules
 
@@ -98,12 +98,18 @@ def load_handlers(conf: Settings) -> None:
 
 def parse_queue_option(spec: str | None) -> QueueSpec | None:
     """``--queues Q1,Q2=4`` → the parsed spec; exit 2 with the reason when malformed."""
-    if not spec:
+    if spec is None:
         return None
     try:
-        return parse_queues(spec)
+        parsed = parse_queues(spec)
     except ValueError as exc:
         fail(f"--queues: {exc}", EXIT_USAGE)
+    if not parsed:  # "" or ",": not a way to say "every queue" (leave the flag out)
+        fail(
+            f"--queues: {spec!r} names no queue; leave --queues out to serve every queue",
+            EXIT_USAGE,
+        )
+    return parsed
 
 
 @cli.command()
@@ -311,7 +317,7 @@ def tasks_show(
 
 @tasks_cli.command("list")
 def tasks_list(
-    status: Annotated[str | None, typer.Option()] = None,
+    status: Annotated[TaskStatus | None, typer.Option()] = None,
     kind: Annotated[str | None, typer.Option()] = None,
     user: Annotated[str | None, typer.Option()] = None,
     chapter: Annotated[str | None, typer.Option()] = None,
@@ -660,11 +666,19 @@ def api(
         # running get this long, then are cancelled (the unit's TimeoutStopSec is 30 s).
         "timeout_graceful_shutdown": API_SHUTDOWN_SECONDS,
     }
-    if workers == 1:
-        uvicorn.run(create_app(conf), **options)
-        return
-    # Each worker is a new interpreter (spawned): it builds its own app from the environment.
-    uvicorn.run("app.api.main:worker_app", factory=True, workers=workers, **options)
+    try:
+        if workers == 1:
+            uvicorn.run(create_app(conf), **options)
+            return
+        # Each worker is a new interpreter (spawned): it builds its own app from the
+        # environment.
+        uvicorn.run("app.api.main:worker_app", factory=True, workers=workers, **options)
+    except SystemExit as exc:
+        if exc.code in (0, None):
+            raise
+        # uvicorn exits 3 when it cannot start (address in use, a host that does not
+        # resolve): its message is in the log above; the contract's code is 1.
+        fail(f"the API could not start on {host}:{port} (see the message above)")
 
 
 @token_cli.command("create")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -98,6 +99,9 @@ async def test_enqueue_show_list_status(cli: Run, db: Database, tmp_path: Path) 
         (("tasks", "retry", "--status", "completed", "--yes"), "only failed or cancelled"),
         (("processor", "--queues", "a,=3"), "is not QUEUE or QUEUE=N"),
         (("processor", "--queues", "a=99999999999999999999"), "1 <= N <= 10000"),
+        (("processor", "--queues", ""), "names no queue"),
+        (("processor", "--queues", " , "), "names no queue"),
+        (("tasks", "list", "--status", "bogus"), "Invalid value for"),
         (("processor", "--concurrency", "10001"), "Invalid value for"),
         (("tasks", "show", "99999999999999999999"), "Invalid value for"),
         (("tasks", "cancel", "1", "99999999999999999999"), "Invalid value for"),
@@ -259,3 +263,14 @@ async def test_api_workers_share_the_port_and_stop_together(
                     os.kill(pid, 9)
     assert code == 0, api.log()
     assert not any(_running(pid) for pid in workers)
+
+
+def test_an_api_that_cannot_bind_exits_1_saying_so(cli: Run) -> None:
+    """uvicorn's own exit code for a failed start is 3; the contract's error code is 1."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = cli("api", "--port", str(port))
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert f"the API could not start on 127.0.0.1:{port}" in r.stderr
