@@ -217,16 +217,46 @@ async def test_enqueue_tasks_alone_keeps_order_and_keys_in_one_transaction(
     assert await queue.enqueue_tasks_alone(db, []) == []
 
 
+async def _refuse_kind(db: Database, kind: str) -> None:
+    """A trigger that makes the database itself refuse any row of this kind: a statement
+    that passes every check in Python and still fails in SQL."""
+    async with db.write_transaction() as s:
+        if db.dialect == "sqlite":
+            await s.execute(
+                text(
+                    "CREATE TRIGGER refuse BEFORE INSERT ON pending_analysis "
+                    f"WHEN NEW.kind = '{kind}' BEGIN SELECT RAISE(ABORT, 'refused by trigger'); END"
+                )
+            )
+        else:
+            await s.execute(
+                text(
+                    "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                    f"IF NEW.kind = '{kind}' THEN RAISE EXCEPTION 'refused by trigger'; END IF; "
+                    "RETURN NEW; END $$"
+                )
+            )
+            await s.execute(
+                text(
+                    "CREATE TRIGGER refuse BEFORE INSERT ON pending_analysis "
+                    "FOR EACH ROW EXECUTE FUNCTION refuse()"
+                )
+            )
+
+
 async def test_an_enqueue_alone_that_fails_keeps_nothing(db: Database, execution_path: str) -> None:
-    """A bad spec is refused before any SQL; a statement the database refuses (here a
-    lone surrogate, which no UTF-8 can hold) leaves no row and no open transaction: the
-    next enqueue on the same connection goes through."""
+    """A bad spec (a priority out of range, a lone surrogate no UTF-8 can hold) is refused
+    before any SQL; a statement the database refuses (here by a trigger) leaves no row and
+    no open transaction: the next enqueue on the same connection goes through."""
     with pytest.raises(queue.InvalidTaskError, match="priority"):
         await queue.enqueue_task_alone(db, kind="k", priority=11)
-    with pytest.raises(Exception, match="surrogates not allowed"):
+    with pytest.raises(queue.InvalidTaskError, match="lone surrogate"):
         await queue.enqueue_task_alone(db, kind="k", user_id="u\ud800")
-    with pytest.raises(Exception, match="surrogates not allowed"):
-        await queue.enqueue_tasks_alone(db, [{"kind": "k"}, {"kind": "k", "user_id": "u\ud800"}])
+    await _refuse_kind(db, "refused")
+    with pytest.raises(Exception, match="refused by trigger"):
+        await queue.enqueue_task_alone(db, kind="refused")
+    with pytest.raises(Exception, match="refused by trigger"):
+        await queue.enqueue_tasks_alone(db, [{"kind": "k"}, {"kind": "refused"}])
     assert await _raw_rows(db) == {}
     done = await queue.enqueue_task_alone(db, kind="k")
     assert list(await _raw_rows(db)) == [done.id]
@@ -508,13 +538,12 @@ async def test_bulk_enqueue_stores_each_payload_as_validated(db: Database) -> No
     assert TaskSpec(kind="k", payload=Subclass(a=1)).payload_json == '{"a": 1}'
 
 
-@pytest.mark.parametrize("engine_name", ["sqlite"])
 async def test_bulk_enqueue_of_a_string_utf8_cannot_hold_inserts_nothing(db: Database) -> None:
     """A lone surrogate in a column's string (only the library can pass one; JSON bodies
-    cannot) fails the whole call, as it fails a single enqueue: never a row stored with
-    text that cannot be read back."""
+    cannot) fails the whole call before any SQL, as it fails a single enqueue: never a row
+    stored with text that cannot be read back."""
     specs = [{"kind": "k"}, {"kind": "k", "user_id": "u\ud800"}, {"kind": "k"}]
-    with pytest.raises(UnicodeEncodeError):
+    with pytest.raises(queue.InvalidTaskError, match="lone surrogate"):
         async with db.write_transaction() as s:
             await queue.enqueue_tasks(s, specs)
     async with db.read_transaction() as s:
