@@ -541,9 +541,9 @@ def queues_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> Non
 
 def _switch_queue(name: str, *, paused: bool) -> None:
     try:
-        queue.TaskSpec(kind="-", queue=name)
+        queue.check_queue_name(name)
     except queue.InvalidTaskError as exc:
-        fail(f"bad queue name: {exc}", EXIT_USAGE)
+        fail(str(exc), EXIT_USAGE)
 
     async def work(db: Database) -> None:
         async with db.write_transaction() as session:

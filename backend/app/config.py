@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Annotated, Literal, Self
@@ -43,6 +44,20 @@ SCHEDULE_OFF = "off"
 DEFAULT_SCHEDULE_CATCH_UP = 1
 
 
+#: A queue name is what ``--queues``/``QUEUES`` can name: 1-100 characters, none of them
+#: whitespace, a comma, "=" or a control character. The same pattern for Python's ``re``
+#: and the API's JSON Schema (pydantic's Rust regex).
+QUEUE_NAME_PATTERN = r"^[^\s,=\x00-\x1f\x7f-\x9f]{1,100}$"
+QUEUE_NAME_RULE = "1-100 characters, no whitespace, comma, '=' or control character"
+_QUEUE_NAME = re.compile(QUEUE_NAME_PATTERN)
+
+
+@lru_cache(maxsize=4096)
+def is_queue_name(name: str) -> bool:
+    """Whether ``name`` can be a queue's name (cached: a process uses few)."""
+    return _QUEUE_NAME.fullmatch(name) is not None
+
+
 def parse_schedules(spec: str) -> ScheduleSpec:
     """``report=0 3 * * *;sync=*/5 * * * *`` → ((kind, cron), …); ``kind=off`` turns off a
     schedule declared in code. Entries are separated by ``;`` (cron uses spaces and commas).
@@ -75,12 +90,11 @@ def parse_queues(spec: str) -> QueueSpec:
         if not part:
             continue
         name, sep, limit = (x.strip() for x in part.partition("="))
-        if (
-            not name
-            or len(name) > 100
-            or (sep and not (limit.isdigit() and 0 < int(limit) <= 10_000))
-        ):
-            raise ValueError(f"{part!r} is not QUEUE or QUEUE=N with 1 <= N <= 10000")
+        if not is_queue_name(name) or (sep and not (limit.isdigit() and 0 < int(limit) <= 10_000)):
+            raise ValueError(
+                f"{part!r} is not QUEUE or QUEUE=N with 1 <= N <= 10000"
+                f" (a queue's name: {QUEUE_NAME_RULE})"
+            )
         if name in (n for n, _ in parsed):
             raise ValueError(f"queue {name!r} is listed twice")
         parsed.append((name, int(limit) if sep else None))

@@ -102,6 +102,8 @@ async def test_enqueue_and_read_back(api: Api, hot: bool, monkeypatch: pytest.Mo
         ({"kind": "noop", "timeout_seconds": 0}, 422, None),
         ({"kind": "noop", "user_id": "bob"}, 422, "user_id may only be set by admin tokens"),
         ({"kind": "noop", "surprise": 1}, 422, None),
+        ({"kind": "noop", "queue": "a,b"}, 422, "no whitespace, comma"),
+        ({"kind": "noop", "queue": "a b"}, 422, "no whitespace, comma"),
     ],
 )
 async def test_enqueue_validation(
@@ -111,11 +113,18 @@ async def test_enqueue_validation(
     assert r.status_code == code
     assert "detail" in r.json()
     if detail:
-        assert detail in r.json()["detail"]
+        assert detail in str(r.json()["detail"])
     async with api.db.read_transaction() as s:
         assert (
             await s.execute(select(func.count()).select_from(PendingAnalysis))
         ).scalar_one() == 0
+
+
+@pytest.mark.parametrize("name", ["a%2Cb", "a%20b", "a=2", "a%09b"])
+async def test_pausing_a_queue_no_daemon_could_name_is_422(api: Api, name: str) -> None:
+    r = await api.post("root", f"/queues/{name}/pause")
+    assert r.status_code == 422 and "detail" in r.json()
+    assert (await api.get("root", "/queues")).json() == []
 
 
 async def test_admin_enqueues_for_a_user(api: Api) -> None:

@@ -105,11 +105,37 @@ async def test_a_paused_queue_is_not_claimed_until_resumed(db: Database) -> None
         assert (await queue.queue_switches(s))["a"].paused is False
 
 
+BAD_QUEUE_NAMES = ("", "x" * 101, "a\x00b", "a,b", "a=2", "a b", " a", "a\n", "a\tb", "a\x85b")
+
+
 async def test_pause_rejects_a_bad_queue_name(db: Database) -> None:
-    for bad in ("", "x" * 101, "a\x00b"):
+    for bad in BAD_QUEUE_NAMES:
         async with db.write_transaction() as s:
-            with pytest.raises(queue.InvalidTaskError):
+            with pytest.raises(queue.InvalidTaskError, match="queue"):
                 await queue.set_queue_paused(s, bad, paused=True)
+    async with db.read_transaction() as s:
+        assert await queue.queue_switches(s) == {}
+
+
+async def test_a_queue_name_that_queues_could_not_name_is_refused_at_enqueue(
+    db: Database,
+) -> None:
+    """A queue no daemon's QUEUES/--queues could list (a comma, "=", whitespace, a control
+    character) is refused with the rule, before anything is stored; names with other
+    punctuation and non-ASCII letters are fine, and --queues lists them."""
+    for bad in BAD_QUEUE_NAMES:
+        with pytest.raises(queue.InvalidTaskError, match="no whitespace, comma, '='"):
+            queue.TaskSpec(kind="noop", queue=bad)
+        with pytest.raises(queue.InvalidTaskError, match="queue"):
+            async with db.write_transaction() as s:
+                await queue.enqueue_tasks(s, [{"kind": "noop"}, {"kind": "noop", "queue": bad}])
+    for bad in ("x" * 101, "a\x00b", "a b", "a\tb", "a\x85b", "=2"):  # what survives the split
+        with pytest.raises(ValueError, match="is not QUEUE or QUEUE=N"):
+            parse_queues(f"ok,{bad}=2")
+    good = ["reports.v2", "ingest:eu-west/1", "é-queue", "x" * 100]
+    ids = [(await enqueue(db, name, 1))[0] for name in good]
+    assert [(await task_row(db, i)).queue for i in ids] == good
+    assert parse_queues(",".join(good)) == tuple((name, None) for name in good)
 
 
 class _PoolProbe(ProcessorEngine):

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
+from app.config import QUEUE_NAME_PATTERN, QUEUE_NAME_RULE, is_queue_name
 from app.models import AnalysisNotification, PendingAnalysis
 from app.services import notifications, queue
 
@@ -52,7 +53,13 @@ class TaskCreate(BaseModel):
     max_retries: int | None = Field(default=None, ge=0, le=1000)
     timeout_seconds: int | None = Field(default=None, gt=0, le=7 * 24 * 3600)
     scheduled_at: datetime | None = Field(default=None, description="Not before (ISO 8601)")
-    queue: str = Field(default=queue.DEFAULT_QUEUE, min_length=1, max_length=100, pattern=NO_NUL)
+    queue: str = Field(
+        default=queue.DEFAULT_QUEUE,
+        min_length=1,
+        max_length=100,
+        json_schema_extra={"pattern": QUEUE_NAME_PATTERN},
+        description=f"The queue's name: {QUEUE_NAME_RULE}.",
+    )
     project_id: str | None = Field(default=None, min_length=1, max_length=255, pattern=NO_NUL)
     chapter_id: str | None = Field(default=None, min_length=1, max_length=255, pattern=NO_NUL)
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=255, pattern=NO_NUL)
@@ -81,6 +88,13 @@ class TaskCreate(BaseModel):
     def _json_strings(cls, value: object) -> object:
         if value is not None and not isinstance(value, str):
             raise ValueError("must be a string")
+        return value
+
+    @field_validator("queue")
+    @classmethod
+    def _queue_name(cls, value: str) -> str:
+        if not is_queue_name(value):
+            raise ValueError(f"a queue's name is {QUEUE_NAME_RULE}")
         return value
 
     @field_validator("payload")

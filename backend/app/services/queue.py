@@ -48,7 +48,7 @@ from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
-from app.config import KeyLimit, RateLimit
+from app.config import QUEUE_NAME_RULE, KeyLimit, RateLimit, is_queue_name
 from app.db import Database, dialect_of, later_sql, now_sql, wake_daemons_at_commit
 from app.models import (
     FINISHED_STATUSES,
@@ -163,7 +163,7 @@ class TaskSpec:
             and type(self.max_retries) is int
             and type(self.timeout_seconds) is int
             and 0 < len(kind) <= MAX_NAME_LENGTH
-            and 0 < len(queue) <= MAX_NAME_LENGTH
+            and is_queue_name(queue)
             and MIN_PRIORITY <= self.priority <= MAX_PRIORITY
             and 0 <= self.max_retries <= MAX_INT
             and 0 < self.timeout_seconds <= MAX_INT
@@ -172,7 +172,6 @@ class TaskSpec:
             and (chapter is None or (type(chapter) is str and 0 < len(chapter) <= MAX_ID_LENGTH))
             and (key is None or (type(key) is str and 0 < len(key) <= MAX_ID_LENGTH))
             and "\x00" not in kind
-            and "\x00" not in queue
             and (user is None or "\x00" not in user)
             and (project is None or "\x00" not in project)
             and (chapter is None or "\x00" not in chapter)
@@ -200,9 +199,10 @@ class TaskSpec:
     def _explain(self) -> str:
         """Every check, each with its own message: raises InvalidTaskError where one fails;
         the payload's JSON text where none does."""
-        for name in ("kind", "queue"):
-            value = getattr(self, name)
-            _check(isinstance(value, str) and 0 < len(value) <= MAX_NAME_LENGTH, name, value)
+        _check(
+            isinstance(self.kind, str) and 0 < len(self.kind) <= MAX_NAME_LENGTH, "kind", self.kind
+        )
+        check_queue_name(self.queue)
         _check(isinstance(self.payload, dict), "payload", "must be a JSON object")
         for name, low, high in (
             ("priority", MIN_PRIORITY, MAX_PRIORITY),
@@ -259,6 +259,12 @@ def _check_schedule(when: object) -> None:
         raise InvalidTaskError(
             f"invalid scheduled_at: {when.isoformat()} is outside the range of dates in UTC"
         ) from None
+
+
+def check_queue_name(name: object) -> None:
+    """InvalidTaskError unless ``name`` can be a queue's name (config.QUEUE_NAME_RULE)."""
+    if not (isinstance(name, str) and is_queue_name(name)):
+        raise InvalidTaskError(f"invalid queue: {name!r} (a queue's name: {QUEUE_NAME_RULE})")
 
 
 def _check(ok: bool, name: str, value: object) -> None:
@@ -2124,7 +2130,7 @@ async def set_queue_paused(
 ) -> QueueSwitch:
     """Pause (or resume) ``name`` for every daemon at once: daemons claim nothing from a
     paused queue; running jobs finish. Resuming wakes the daemons."""
-    _check(bool(name) and len(name) <= MAX_NAME_LENGTH and "\x00" not in name, "queue", name)
+    check_queue_name(name)
     dialect = dialect_of(session)
     current = now_sql(dialect, now)
     ins = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(QUEUE_STATES)

@@ -8,7 +8,7 @@ from fastapi import APIRouter, HTTPException, Path, status
 
 from app.api.deps import CallerDep, DbDep
 from app.api.errors import ERRORS
-from app.api.schemas import NO_NUL
+from app.config import QUEUE_NAME_PATTERN, QUEUE_NAME_RULE
 from app.services import queue
 from app.services.auth import Principal
 
@@ -16,7 +16,15 @@ router = APIRouter(
     tags=["queues"],
     responses={**ERRORS, 403: {"description": "An admin token is required"}},
 )
-QueueName = Annotated[str, Path(min_length=1, max_length=queue.MAX_NAME_LENGTH, pattern=NO_NUL)]
+QueueName = Annotated[
+    str,
+    Path(
+        min_length=1,
+        max_length=queue.MAX_NAME_LENGTH,
+        pattern=QUEUE_NAME_PATTERN,
+        description=f"The queue's name: {QUEUE_NAME_RULE}.",
+    ),
+]
 
 
 def _admin(caller: Principal) -> None:
