@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import func, select
 
 from app.api.main import API_PREFIX, create_app
-from app.config import load_settings
+from app.config import QUEUE_NAME_PATTERN, load_settings
 from app.db import Database
 from app.models import PendingAnalysis
 from app.services import auth, hotpath, queue
@@ -89,6 +89,17 @@ async def test_enqueue_and_read_back(api: Api, hot: bool, monkeypatch: pytest.Mo
     assert got.status_code == 200 and got.json() == body
     latest = await api.get("alice", "/tasks/c1/latest")
     assert latest.json()["id"] == body["id"]
+
+
+async def test_latest_for_a_chapter_whose_id_holds_a_slash(api: Api) -> None:
+    """A chapter id is any string: one with "/" is reached as %2F (or a bare "/")."""
+    r = await api.post("alice", "/tasks", json={"kind": "noop", "chapter_id": "vol/1"})
+    assert r.status_code == 202
+    for path in ("/tasks/vol%2F1/latest", "/tasks/vol/1/latest"):
+        got = await api.get("alice", path)
+        assert (got.status_code, got.json()["id"]) == (200, r.json()["id"])
+    assert (await api.get("alice", "/tasks/vol/latest")).status_code == 404
+    assert (await api.get("alice", "/tasks//latest")).status_code == 422
 
 
 @pytest.mark.parametrize(
@@ -250,7 +261,8 @@ def test_openapi_declares_the_nul_rule_on_every_string_input() -> None:
     assert len(inputs) > 15
     for where, schema in inputs:
         if "enum" not in schema and "format" not in schema:  # those cannot hold a NUL
-            assert schema.get("pattern") == NO_NUL, where
+            # a queue's name has its own pattern, which holds no NUL either
+            assert schema.get("pattern") in (NO_NUL, QUEUE_NAME_PATTERN), where
 
 
 async def test_idempotency_key(api: Api) -> None:

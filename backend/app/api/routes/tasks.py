@@ -227,11 +227,14 @@ async def cancel_task(
     return TaskPublic.of(await _load(db, task_id, caller))
 
 
-@router.get("/{chapter_id}/latest", response_model=TaskPublic, responses=NOT_FOUND)
+# ":path": a chapter id may hold "/" (sent as %2F, which the router sees decoded).
+@router.get("/{chapter_id:path}/latest", response_model=TaskPublic, responses=NOT_FOUND)
 async def latest_for_chapter(
-    chapter_id: Annotated[str, Path(pattern=NO_NUL)], caller: CallerDep, db: DbDep
+    chapter_id: Annotated[str, Path(min_length=1, max_length=255, pattern=NO_NUL)],
+    caller: CallerDep,
+    db: DbDep,
 ) -> TaskPublic:
-    """The newest task of a chapter."""
+    """The newest task of a chapter (a "/" in its id is sent as %2F)."""
     async with db.read_transaction() as session:
         task = await queue.latest_for_chapter(session, chapter_id, user_id=caller.scope)
     if task is None:
