@@ -107,7 +107,7 @@ async def serve(settings: Settings, config: EngineConfig) -> int:
         import_handler_modules(settings.handler_modules)
     except HandlerImportError as exc:
         logger.critical("%s", exc)
-        return 2 if isinstance(exc.__cause__, ScheduleError) else 1
+        return 2 if exc.bad_setting or isinstance(exc.__cause__, ScheduleError) else 1
     try:
         periodic = resolve_schedules(
             REGISTRY, settings.schedules, default_catch_up=settings.schedule_catch_up

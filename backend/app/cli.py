@@ -93,7 +93,7 @@ def load_handlers(conf: Settings) -> None:
     try:
         import_handler_modules(conf.handler_modules)
     except HandlerImportError as exc:
-        fail(str(exc))
+        fail(str(exc), EXIT_USAGE if exc.bad_setting else EXIT_ERROR)
 
 
 def parse_queue_option(spec: str | None) -> QueueSpec | None:

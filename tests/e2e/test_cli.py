@@ -31,10 +31,12 @@ def cli(database_url: str) -> Run:
     }
     script = str(Path(sys.executable).with_name("async-processor"))
 
-    def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    def run(
+        *args: str, stdin: str | None = None, **overrides: str
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [script, *args],
-            env=env,
+            env={**env, **{f"ASYNC_PROCESSOR_{k.upper()}": v for k, v in overrides.items()}},
             input=stdin,
             capture_output=True,
             text=True,
@@ -118,6 +120,20 @@ async def test_bad_input_exits_2_and_changes_nothing(
     r = cli(*args)
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert message in r.stderr
+    assert await count(db) == 0
+
+
+@pytest.mark.parametrize(
+    ("module", "code"), [("no_such_package.handlers", 2), ("tests.e2e.broken_handlers", 1)]
+)
+async def test_a_handler_module_that_cannot_be_imported_stops_the_cli(
+    cli: Run, db: Database, module: str, code: int
+) -> None:
+    """A HANDLER_MODULES entry that names no module is a bad setting (2); one that exists
+    and fails while importing is an error (1). Either way the message names the module."""
+    r = cli("enqueue", "noop", handler_modules=module)
+    assert r.returncode == code, (r.stdout, r.stderr)
+    assert f"cannot import handler module {module!r}" in r.stderr
     assert await count(db) == 0
 
 

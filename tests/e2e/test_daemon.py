@@ -154,12 +154,23 @@ async def test_sd_notify_ready_watchdog_stopping(database_url: str, tmp_path: Pa
 
 
 @pytest.mark.parametrize("engine_name", ["sqlite"])
+@pytest.mark.parametrize(
+    ("module", "code", "cause"),
+    [
+        # the setting names a module that does not exist: a bad setting, 2
+        ("tests.e2e.no_such_module", 2, "No module named 'tests.e2e.no_such_module'"),
+        ("no_such_package.handlers", 2, "No module named 'no_such_package'"),
+        # the module exists and fails while importing: an error, 1
+        ("tests.e2e.broken_handlers", 1, "No module named 'no_such_dependency_of_the_handlers'"),
+    ],
+)
 async def test_handler_module_that_fails_to_import_stops_the_daemon(
-    database_url: str, tmp_path: Path
+    database_url: str, tmp_path: Path, module: str, code: int, cause: str
 ) -> None:
-    daemon = Daemon(database_url, tmp_path, handler_modules="tests.e2e.no_such_module").start()
-    assert daemon.wait(30) == 1
-    assert "cannot import handler module 'tests.e2e.no_such_module'" in daemon.log()
+    daemon = Daemon(database_url, tmp_path, handler_modules=module).start()
+    assert daemon.wait(30) == code
+    assert f"cannot import handler module {module!r}" in daemon.log()
+    assert cause in daemon.log()
 
 
 @pytest.mark.parametrize("engine_name", ["sqlite"])

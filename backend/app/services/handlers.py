@@ -41,7 +41,13 @@ class Snooze(Exception):
 
 
 class HandlerImportError(RuntimeError):
-    """A module named in HANDLER_MODULES could not be imported."""
+    """A module named in HANDLER_MODULES could not be imported. ``bad_setting``: the
+    module itself does not exist (the setting is wrong, exit 2), as opposed to a module
+    that exists and failed while importing (its code or what it imports: exit 1)."""
+
+    def __init__(self, message: str, *, bad_setting: bool = False) -> None:
+        super().__init__(message)
+        self.bad_setting = bad_setting
 
 
 class ScheduleError(ValueError):
@@ -254,7 +260,9 @@ def import_handler_modules(modules: Iterable[str]) -> None:
         try:
             importlib.import_module(name)
         except Exception as exc:
+            missing = getattr(exc, "name", None) if isinstance(exc, ModuleNotFoundError) else None
             raise HandlerImportError(
                 f"cannot import handler module {name!r} (from HANDLER_MODULES): "
-                f"{exc.__class__.__name__}: {exc}"
+                f"{exc.__class__.__name__}: {exc}",
+                bad_setting=missing is not None and f"{name}.".startswith(f"{missing}."),
             ) from exc
