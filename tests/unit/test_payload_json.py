@@ -1,0 +1,61 @@
+"""The payload's JSON text: the encoder built once gives json.dumps's text byte for byte,
+and whatever it cannot encode still gets the checks' own message."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from app.services import queue
+from app.services.queue import InvalidTaskError, TaskSpec, encode_payload
+
+SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text()
+)
+VALUES = st.recursive(
+    SCALARS,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@given(st.dictionaries(st.text() | st.integers() | st.booleans(), VALUES, max_size=6))
+def test_the_text_is_json_dumps_byte_for_byte(payload: dict[Any, Any]) -> None:
+    assert encode_payload(payload) == json.dumps(payload, allow_nan=False)
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        ({"x": math.nan}, "Out of range float values"),
+        ({"x": math.inf}, "Out of range float values"),
+        ({"x": object()}, "is not JSON serializable"),
+        ({"x": {1, 2}}, "is not JSON serializable"),
+    ],
+)
+def test_what_cannot_be_encoded_is_refused_with_the_reason(
+    payload: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(InvalidTaskError, match=message):
+        TaskSpec(kind="k", payload=payload)
+
+
+def test_a_cycle_is_refused_as_a_cycle_and_the_encoder_stays_usable() -> None:
+    cycle: dict[str, Any] = {}
+    cycle["self"] = cycle
+    with pytest.raises(InvalidTaskError, match="Circular reference detected"):
+        TaskSpec(kind="k", payload={"a": [cycle]})
+    shared = {"n": 1}  # the same object twice is not a cycle
+    assert TaskSpec(kind="k", payload={"a": shared, "b": shared}).payload_json == (
+        '{"a": {"n": 1}, "b": {"n": 1}}'
+    )
+    assert queue.encode_payload({"after": "errors"}) == '{"after": "errors"}'
