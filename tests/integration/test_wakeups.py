@@ -7,13 +7,16 @@ import asyncio
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
 from app.db import Database
 from app.services import queue
+from app.services import wakeups as wakeups_module
 from app.services.processor import waker as waker_module
 from app.services.processor.waker import SQLiteWaker
 from app.services.wakeups import MAX_SOCKET_PATH, Bell, Doorbell, bell_dir
@@ -181,3 +184,43 @@ def test_a_long_path_is_reached_through_proc_and_dead_doorbells_are_reaped(
     assert list(bell_dir(db_file).glob("*.sock")) == []
     # No daemon, no directory: ringing is a no-op.
     assert Bell(tmp_path / "other.db").ring() == 0
+
+
+def test_the_bell_lists_the_directory_again_whenever_it_changes(
+    tmp_path: Path, engine_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ring reuses its listing while the directory is unchanged, and only once the
+    directory's last change is settled (older than the filesystem's timestamp tick could
+    hide); a daemon that starts or stops in between is seen by the very next ring."""
+    db_file = tmp_path / "queue.db"
+    scans: list[int] = []
+    real_scandir = os.scandir
+
+    def counting_scandir(path: Any) -> Any:
+        scans.append(1)
+        return real_scandir(path)
+
+    monkeypatch.setattr(wakeups_module.os, "scandir", counting_scandir)
+    first = Doorbell(db_file)
+    assert first.open()
+    bell = Bell(db_file)
+    try:
+        scans.clear()
+        assert (bell.ring(), bell.ring()) == (1, 1)
+        assert len(scans) == 2  # the change is fresh: not trusted yet, listed each time
+        settled = time.time_ns() - 10 * wakeups_module.TRUST_AFTER_NS
+        os.utime(bell_dir(db_file), ns=(settled, settled))
+        assert (bell.ring(), bell.ring(), bell.ring()) == (1, 1, 1)
+        assert len(scans) == 3  # settled: listed once, then reused
+        second = Doorbell(db_file)
+        assert second.open()
+        try:
+            assert bell.ring() == 2  # a new daemon: the directory changed
+            assert (first.drain(), second.drain()) == (6, 1)
+        finally:
+            second.close()
+        assert bell.ring() == 1  # it left: changed again
+        assert first.drain() == 1
+    finally:
+        bell.close()
+        first.close()

@@ -19,6 +19,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 import uuid
 from pathlib import Path
 
@@ -72,26 +73,48 @@ def _sender() -> socket.socket:
     return _SENDER
 
 
+#: A directory listing is reused only once the directory's last change is this far in the
+#: past: a filesystem stamps changes with a coarse clock, so an entry added in the same
+#: tick as the listing could leave the modification time unchanged ("racy git").
+TRUST_AFTER_NS = 1_000_000_000
+
+
 class Bell:
-    """Rings every daemon's doorbell of one database (the enqueuing side)."""
+    """Rings every daemon's doorbell of one database (the enqueuing side).
+
+    Every enqueue rings, so the directory is listed only when it changed: one stat instead
+    of a scandir and an address per socket (~25 → ~10 µs a ring). A daemon that starts or
+    stops changes the directory, and the next ring lists it again.
+    """
 
     def __init__(self, database: Path) -> None:
         self._dir = _Dir(bell_dir(database))
+        # ((st_ino, st_mtime_ns) of the listing when it can be trusted, else None; addresses)
+        self._listing: tuple[tuple[int, int] | None, list[str]] = (None, [])
+
+    def _addresses(self) -> list[str]:
+        stat = os.stat(self._dir.path)  # OSError: no daemon has made the directory
+        seen = (stat.st_ino, stat.st_mtime_ns)
+        trusted, addresses = self._listing
+        if trusted == seen:
+            return addresses
+        names = [e.name for e in os.scandir(self._dir.path) if e.name.endswith(SOCKET_SUFFIX)]
+        addresses = [a for a in map(self._dir.address, names) if a is not None]
+        settled = time.time_ns() - stat.st_mtime_ns > TRUST_AFTER_NS
+        self._listing = (seen if settled else None, addresses)
+        return addresses
 
     def ring(self) -> int:
         """Send one datagram to each doorbell; how many were delivered."""
         try:
-            names = [e.name for e in os.scandir(self._dir.path) if e.name.endswith(SOCKET_SUFFIX)]
+            addresses = self._addresses()
         except OSError:
             return 0  # no daemon has made the directory: nobody to wake
-        if not names:
+        if not addresses:
             return 0
         sender = _sender()
         delivered = 0
-        for name in names:
-            address = self._dir.address(name)
-            if address is None:
-                continue
+        for address in addresses:
             try:
                 sender.sendto(b"", address)
                 delivered += 1
