@@ -825,6 +825,46 @@ async def test_release_returns_tasks_without_charging(db: Database) -> None:
 # --- outcomes ---------------------------------------------------------------------------------
 
 
+async def test_token_usage_saturates_at_the_columns_maximum(
+    db: Database, execution_path: str
+) -> None:
+    """Token usage adds up across attempts in a 32-bit column: a total beyond it is stored
+    as the maximum (PostgreSQL would refuse the whole write, and the job's end with it);
+    one attempt's figure out of range is brought into it. Every end path: a failure, a
+    completion in a transaction, the one-statement completion."""
+    top = queue.MAX_INT
+    task_id = await enqueue(db, max_retries=3)
+    [t] = await claim(db)
+    async with db.write_transaction() as s:
+        failed = await queue.fail_task(
+            s,
+            task_id=t.id,
+            processor_id=PID,
+            attempt=t.attempt,
+            error="x",
+            retry_delay=0,
+            token_usage=top - 5,
+        )
+    assert failed is FailOutcome.RETRYING
+    assert (await task_row(db, task_id)).token_usage == top - 5
+    [t] = await claim(db)
+    async with db.write_transaction() as s:
+        assert await queue.complete_task(
+            s, task_id=t.id, processor_id=PID, attempt=t.attempt, result=None, token_usage=100
+        )
+    assert (await task_row(db, task_id)).token_usage == top
+    other = await enqueue(db)
+    [u] = await claim(db)
+    items = [_finished(u, None, 0.1, 10**30)]
+    async with db.engine.connect() as conn:
+        statuses = await queue.complete_tasks_alone(conn, processor_id=PID, items=items)
+    if statuses is None:  # not the one-statement path here: the transaction's
+        async with db.write_transaction() as s:
+            await queue.finish_tasks(s, processor_id=PID, items=items)
+    row = await task_row(db, other)
+    assert (row.status, row.token_usage) == ("completed", top)
+
+
 async def test_complete_task_writes_result_and_notification(db: Database) -> None:
     task_id = await enqueue(db)
     [t] = await claim(db)

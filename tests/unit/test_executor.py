@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 import time
 from datetime import UTC, datetime
@@ -10,7 +11,13 @@ from typing import Any
 
 import pytest
 
-from app.services.handlers import HandlerRegistry, JobContext, PermanentError, Snooze
+from app.services.handlers import (
+    TOKEN_USAGE_MAX,
+    HandlerRegistry,
+    JobContext,
+    PermanentError,
+    Snooze,
+)
 from app.services.processor.executor import Executor, OutcomeKind, StopReason
 from app.services.queue import ClaimedTask
 
@@ -58,6 +65,25 @@ def registry() -> HandlerRegistry:
 
     async def emoji(ctx: JobContext) -> object:
         return {"text": "\U0001f600 \u00e9", "escaped": "\\ud800"}
+
+    async def cancelled_elsewhere(ctx: JobContext) -> None:
+        # what an HTTP client does when its own request future is cancelled under it
+        future = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_later(0.01, future.cancel)
+        await future
+
+    async def exits(ctx: JobContext) -> None:
+        sys.exit("usage: tool [options]")
+
+    def sync_exits(ctx: JobContext) -> None:
+        raise SystemExit(3)
+
+    def sync_interrupted(ctx: JobContext) -> None:
+        raise KeyboardInterrupt
+
+    async def huge_tokens(ctx: JobContext) -> None:
+        ctx.add_token_usage(10**30)
+        ctx.add_token_usage(5)
 
     for name, func in list(locals().items()):
         if callable(func) and name != "reg":
@@ -171,3 +197,58 @@ async def test_a_result_with_text_outside_ascii_is_kept(registry: HandlerRegistr
     outcome, _ = await run(registry, make_task("emoji"))
     assert outcome.kind is OutcomeKind.COMPLETED
     assert outcome.result == {"text": "\U0001f600 \u00e9", "escaped": "\\ud800"}
+
+
+@pytest.mark.parametrize(
+    ("kind", "error"),
+    [
+        ("cancelled_elsewhere", "CancelledError"),
+        ("exits", "SystemExit: usage: tool [options]"),
+        ("sync_exits", "SystemExit: 3"),
+        ("sync_interrupted", "KeyboardInterrupt"),
+    ],
+)
+async def test_base_exceptions_from_a_handler_are_its_failure(
+    registry: HandlerRegistry, kind: str, error: str
+) -> None:
+    """A CancelledError nobody asked for (the job is not being stopped), sys.exit() or a
+    KeyboardInterrupt from a handler end its job as a retryable failure: they neither leave
+    the job without an outcome nor escape into the event loop (which would stop the
+    daemon and run all of its jobs again)."""
+    outcome, _ = await run(registry, make_task(kind))
+    assert (outcome.kind, outcome.permanent) == (OutcomeKind.FAILED, False)
+    assert outcome.error is not None and outcome.error.startswith(error)
+    assert asyncio.current_task() is not None  # the caller's task goes on
+
+
+async def test_a_cancelled_job_task_still_raises_when_nobody_stopped_it(
+    registry: HandlerRegistry,
+) -> None:
+    """The engine tearing down cancels job tasks with no stop reason: that cancellation is
+    not swallowed as a failure."""
+    job = asyncio.create_task(run(registry, make_task("hang")))
+    await asyncio.sleep(0.05)
+    job.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await job
+
+
+async def test_token_usage_saturates_and_takes_integers_only(registry: HandlerRegistry) -> None:
+    outcome, _ = await run(registry, make_task("huge_tokens"))
+    assert (outcome.kind, outcome.token_usage) == (OutcomeKind.COMPLETED, TOKEN_USAGE_MAX)
+    ctx = JobContext(
+        task_id=1,
+        kind="k",
+        payload={},
+        attempt=1,
+        queue="default",
+        user_id=None,
+        project_id=None,
+        chapter_id=None,
+        progress_sink=_noop,
+        loop=asyncio.get_running_loop(),
+    )
+    for bad in (-1, True, 2.5, "3"):
+        with pytest.raises(ValueError, match="tokens must be an integer >= 0"):
+            ctx.add_token_usage(bad)  # type: ignore[arg-type]
+    assert ctx.token_usage == 0

@@ -26,6 +26,10 @@ ProgressSink = Callable[[int, int | None, str | None], Awaitable[None]]
 HandlerFunc = Callable[["JobContext"], Any]
 
 
+#: The largest token usage a task stores (its column is a 32-bit integer); totals saturate.
+TOKEN_USAGE_MAX = 2**31 - 1
+
+
 class PermanentError(Exception):
     """Raise from a handler to fail the job at once, without retries."""
 
@@ -97,10 +101,11 @@ class JobContext:
         return self._token_usage
 
     def add_token_usage(self, tokens: int) -> None:
-        """Add ``tokens`` to the job's token usage (stored when the job ends)."""
-        if tokens < 0:
-            raise ValueError(f"tokens must be >= 0, got {tokens}")
-        self._token_usage += tokens
+        """Add ``tokens`` to the job's token usage (stored when the job ends). The column is
+        a 32-bit integer: a total beyond TOKEN_USAGE_MAX is stored as TOKEN_USAGE_MAX."""
+        if type(tokens) is not int or tokens < 0:
+            raise ValueError(f"tokens must be an integer >= 0, got {tokens!r}")
+        self._token_usage = min(self._token_usage + tokens, TOKEN_USAGE_MAX)
 
     async def progress(
         self, current: int, total: int | None = None, message: str | None = None

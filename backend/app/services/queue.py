@@ -1301,13 +1301,27 @@ if faults.seeded("fence"):  # test-only seeded bug: by id alone (the parameters 
         bindparam("b_locked_by", type_=String()).is_not(None),
         bindparam("b_attempt", type_=Integer()).is_not(None),
     )
+
+
+def _token_count(tokens: int) -> int:
+    """One attempt's token usage as the column can add it (0..MAX_INT)."""
+    return tokens if 0 <= tokens <= MAX_INT else min(max(int(tokens), 0), MAX_INT)
+
+
+def _tokens_added(tokens: Any) -> ColumnElement[int]:
+    """The row's token usage plus ``tokens`` (0..MAX_INT), saturating at MAX_INT, computed
+    without overflowing the 32-bit column (PostgreSQL would refuse the whole write)."""
+    ceiling = literal_column(str(MAX_INT), Integer())
+    return case((T.token_usage > ceiling - tokens, ceiling), else_=T.token_usage + tokens)
+
+
 _UNLOCKED_VALUES: dict[str, Any] = {
     "locked_by": None,
     "lease_expires_at": None,
     "updated_at": bindparam("b_now", type_=UTCDateTime()),
     "completed_at": bindparam("b_completed_at", type_=UTCDateTime()),
     "duration_seconds": bindparam("b_duration", type_=Float()),
-    "token_usage": T.token_usage + bindparam("b_tokens", type_=Integer()),
+    "token_usage": _tokens_added(bindparam("b_tokens", type_=Integer())),
 }
 # The hot path: one executemany for every completion of a batch.
 _COMPLETE = (
@@ -1363,7 +1377,7 @@ def _completed_values(v: Any, now: ColumnElement[datetime]) -> dict[str, Any]:
         "updated_at": now,
         "completed_at": now,
         "duration_seconds": v.c.duration,
-        "token_usage": T.token_usage + v.c.tokens,
+        "token_usage": _tokens_added(v.c.tokens),
     }
 
 
@@ -1469,7 +1483,7 @@ async def complete_tasks_alone(
         "u_attempt": [i.attempt for i in items],
         "u_result": [i.result for i in items],
         "u_duration": [i.duration_seconds for i in items],
-        "u_tokens": [i.token_usage for i in items],
+        "u_tokens": [_token_count(i.token_usage) for i in items],
         **notifications.array_params(notes),
     }
     rows = await hotpath.fetch_autocommit(conn, _complete_alone_statement(), params)
@@ -1588,7 +1602,7 @@ def _decide(
         "b_duration": row.duration_seconds
         if item.duration_seconds is None
         else item.duration_seconds,
-        "b_tokens": item.token_usage,
+        "b_tokens": _token_count(item.token_usage),
         "b_status": None,
         "b_error": row.error,
         "b_retry_count": row.retry_count,

@@ -122,11 +122,16 @@ class Executor:
         except TimeoutError:
             error = f"timed out after {task.timeout_seconds} s"
             return outcome(OutcomeKind.FAILED, error=error)
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as exc:
             reason = stop_reason()
-            if reason is None:
-                raise
             current = asyncio.current_task()
+            if reason is None:
+                if current is not None and current.cancelling():
+                    raise  # this job's task is being cancelled: the engine is torn down
+                # The handler's own CancelledError (it awaited something that another
+                # party cancelled): nobody stops this job, so it is the handler's failure.
+                # Re-raised it would end the job with no outcome, held and renewed forever.
+                return outcome(OutcomeKind.FAILED, error=_describe(exc, with_traceback=True))
             if current is not None:
                 current.uncancel()
             return outcome(REASON_TO_OUTCOME[reason], error=f"stopped: {reason.value}")
@@ -136,7 +141,10 @@ class Executor:
             return outcome(OutcomeKind.FAILED, error=_describe(exc), permanent=True)
         except _NotJSONError as exc:
             return outcome(OutcomeKind.FAILED, error=str(exc), permanent=True)
-        except Exception as exc:
+        except (Exception, SystemExit, KeyboardInterrupt) as exc:
+            # SystemExit and KeyboardInterrupt from a handler (a library's sys.exit(), a
+            # sync handler's thread) are its failure: escaping the job's task they would
+            # stop the event loop, and every job of this daemon would run again.
             return outcome(OutcomeKind.FAILED, error=_describe(exc, with_traceback=True))
 
     async def _in_thread(self, func: Callable[[JobContext], Any], ctx: JobContext) -> Any:
