@@ -102,6 +102,10 @@ async def test_latest_for_a_chapter_whose_id_holds_a_slash(api: Api) -> None:
     assert (await api.get("alice", "/tasks//latest")).status_code == 422
 
 
+#: 300 levels (deeper than a response could show: pydantic stops at 255) in 600 bytes
+DEEP: dict[str, Any] = {"a": json.loads("[" * 299 + "]" * 299)}
+
+
 @pytest.mark.parametrize(
     ("body", "code", "detail"),
     [
@@ -113,6 +117,7 @@ async def test_latest_for_a_chapter_whose_id_holds_a_slash(api: Api) -> None:
         ({"kind": "noop", "timeout_seconds": 0}, 422, None),
         ({"kind": "noop", "user_id": "bob"}, 422, "user_id may only be set by admin tokens"),
         ({"kind": "noop", "surprise": 1}, 422, None),
+        ({"kind": "noop", "payload": DEEP}, 422, "more than 100 levels deep"),
         ({"kind": "noop", "queue": "a,b"}, 422, "no whitespace, comma"),
         ({"kind": "noop", "queue": "a b"}, 422, "no whitespace, comma"),
     ],

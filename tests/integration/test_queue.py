@@ -586,6 +586,8 @@ async def test_bulk_enqueue_of_a_string_utf8_cannot_hold_inserts_nothing(db: Dat
         {"chapter_id": 7},
         {"idempotency_key": b"k"},
         {"priority": 5.0},
+        {"priority": True},  # a bool is an int to Python, not to the API or the CLI
+        {"max_retries": False},
     ],
 )
 def test_invalid_specs_are_rejected(bad: dict[str, object]) -> None:
@@ -598,7 +600,6 @@ def test_invalid_specs_are_rejected(bad: dict[str, object]) -> None:
     "good",
     [
         {"payload": {"text": "\\u0000 written out"}},  # a backslash, then u0000: no NUL
-        {"priority": True},  # an int, as before the fast path
         {"kind": "k" * 100, "user_id": "u" * 255, "idempotency_key": "x"},
         {"payload": {"nested": [{"a": None}, 1.5, "é"]}},
     ],

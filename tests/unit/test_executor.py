@@ -19,7 +19,7 @@ from app.services.handlers import (
     Snooze,
 )
 from app.services.processor.executor import Executor, OutcomeKind, StopReason
-from app.services.queue import ClaimedTask
+from app.services.queue import MAX_JSON_DEPTH, ClaimedTask
 
 release = threading.Event()
 
@@ -85,10 +85,30 @@ def registry() -> HandlerRegistry:
         ctx.add_token_usage(10**30)
         ctx.add_token_usage(5)
 
+    async def too_deep(ctx: JobContext) -> object:
+        return nested(MAX_JSON_DEPTH + 1)
+
+    async def deep_enough(ctx: JobContext) -> object:
+        return nested(MAX_JSON_DEPTH)
+
+    async def huge_int(ctx: JobContext) -> object:
+        return 10**400
+
+    async def huge_int_inside(ctx: JobContext) -> object:
+        return {"n": 10**400}
+
     for name, func in list(locals().items()):
         if callable(func) and name != "reg":
             reg.register(name, func)
     return reg
+
+
+def nested(levels: int) -> object:
+    """``levels`` objects and arrays, one inside the other."""
+    value: object = 1
+    for i in range(levels):
+        value = {"a": value} if i % 2 else [value]
+    return value
 
 
 async def run(
@@ -152,6 +172,8 @@ async def _noop(current: int, total: int | None, message: str | None) -> None:
         ("not_json", OutcomeKind.FAILED, "handler returned a value that is not JSON", True),
         ("lone_surrogate", OutcomeKind.FAILED, "handler returned a string that is not", True),
         ("missing", OutcomeKind.FAILED, "no handler registered for kind 'missing'", True),
+        ("too_deep", OutcomeKind.FAILED, "handler returned a value that nests objects", True),
+        ("huge_int", OutcomeKind.FAILED, "handler returned an integer outside the 64-bit", True),
         ("snooze", OutcomeKind.SNOOZED, None, False),
     ],
 )
@@ -252,3 +274,9 @@ async def test_token_usage_saturates_and_takes_integers_only(registry: HandlerRe
         with pytest.raises(ValueError, match="tokens must be an integer >= 0"):
             ctx.add_token_usage(bad)  # type: ignore[arg-type]
     assert ctx.token_usage == 0
+
+
+@pytest.mark.parametrize("kind", ["deep_enough", "huge_int_inside"])
+async def test_results_at_the_limits_complete(registry: HandlerRegistry, kind: str) -> None:
+    outcome, _ = await run(registry, make_task(kind))
+    assert outcome.kind is OutcomeKind.COMPLETED

@@ -59,3 +59,25 @@ def test_a_cycle_is_refused_as_a_cycle_and_the_encoder_stays_usable() -> None:
         '{"a": {"n": 1}, "b": {"n": 1}}'
     )
     assert queue.encode_payload({"after": "errors"}) == '{"after": "errors"}'
+
+
+def _nested(levels: int) -> dict[str, Any]:
+    value: Any = 1
+    for i in range(levels - 1):
+        value = {"a": value} if i % 2 else [value]
+    return {"top": value}
+
+
+def test_payloads_nest_at_most_max_json_depth_levels() -> None:
+    assert TaskSpec(kind="k", payload=_nested(queue.MAX_JSON_DEPTH)).payload_json
+    with pytest.raises(InvalidTaskError, match="more than 100 levels deep"):
+        TaskSpec(kind="k", payload=_nested(queue.MAX_JSON_DEPTH + 1))
+    # many brackets, little depth (and brackets inside strings) are fine
+    flat = {"rows": [[i, [i]] for i in range(500)], "text": "{[" * 300}
+    assert TaskSpec(kind="k", payload=flat).payload_json == json.dumps(flat)
+
+
+@pytest.mark.parametrize("field", ["priority", "max_retries", "timeout_seconds"])
+def test_a_boolean_is_not_an_integer_field(field: str) -> None:
+    with pytest.raises(InvalidTaskError, match=field):
+        TaskSpec(kind="k", **{field: True})

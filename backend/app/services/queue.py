@@ -150,6 +150,33 @@ def is_unicode(value: object) -> bool:
     return True
 
 
+#: How deeply a payload or a result may nest (objects and arrays). Responses that show
+#: them are serialised with a depth limit of their own (pydantic's, 255 with the
+#: response's own levels), and no real payload comes near this.
+MAX_JSON_DEPTH = 100
+
+
+def nests_deeper_than(value: object, limit: int, text: str | None = None) -> bool:
+    """Whether a JSON value has more than ``limit`` levels of objects and arrays. With its
+    JSON ``text``, the walk is skipped when the text holds too few brackets to nest so
+    deep (the common case: one C-speed count)."""
+    if text is not None and text.count("{") + text.count("[") <= limit:
+        return False
+    stack: list[tuple[object, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Iterable[object] = item.values()
+        elif isinstance(item, list | tuple):
+            children = item
+        else:
+            continue
+        if depth + 1 > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
 class InvalidTaskError(ValueError):
     """A task spec that can never be valid (bad priority, timeout, names …)."""
 
@@ -214,6 +241,7 @@ class TaskSpec:
         if (
             text is None
             or ("u0000" in text and _NUL_IN_JSON.search(text))
+            or nests_deeper_than(self.payload, MAX_JSON_DEPTH, text)
             or ("\\ud" in text and not is_unicode(self.payload))
             or not all(
                 s.isascii() or is_unicode(s)
@@ -240,7 +268,8 @@ class TaskSpec:
             ("timeout_seconds", 1, MAX_INT),
         ):
             value = getattr(self, name)
-            _check(isinstance(value, int) and low <= value <= high, name, value)
+            ok = isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+            _check(ok, name, value)
         for name in ("user_id", "project_id", "chapter_id", "idempotency_key"):
             value = getattr(self, name)
             ok = value is None or (isinstance(value, str) and 0 < len(value) <= MAX_ID_LENGTH)
@@ -258,6 +287,10 @@ class TaskSpec:
         if not is_unicode([self.payload, *strings, self.idempotency_key]):
             raise InvalidTaskError(
                 "strings must be valid Unicode: a lone surrogate (\\ud800-\\udfff) cannot be stored"
+            )
+        if nests_deeper_than(self.payload, MAX_JSON_DEPTH, text):
+            raise InvalidTaskError(
+                f"payload nests objects and arrays more than {MAX_JSON_DEPTH} levels deep"
             )
         return text
 

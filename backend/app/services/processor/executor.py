@@ -21,7 +21,7 @@ from app.services.handlers import (
     ProgressSink,
     Snooze,
 )
-from app.services.queue import ClaimedTask, is_unicode
+from app.services.queue import MAX_JSON_DEPTH, ClaimedTask, is_unicode, nests_deeper_than
 
 logger = logging.getLogger("app.processor")
 MAX_TRACEBACK_CHARS = 8_000
@@ -186,6 +186,9 @@ class Executor:
             raise
 
 
+MIN_INT64, MAX_INT64 = -(2**63), 2**63 - 1
+
+
 class _NotJSONError(Exception):
     pass
 
@@ -199,6 +202,18 @@ def _jsonable(value: Any) -> Any:
         raise _NotJSONError(
             "handler returned a string that is not valid Unicode (a lone surrogate, "
             "\\ud800-\\udfff), which cannot be stored"
+        )
+    if nests_deeper_than(value, MAX_JSON_DEPTH, text):
+        raise _NotJSONError(
+            f"handler returned a value that nests objects and arrays more than "
+            f"{MAX_JSON_DEPTH} levels deep"
+        )
+    if type(value) is int and not MIN_INT64 <= value <= MAX_INT64:
+        # Alone (not inside an object or array), SQLite's column would keep it as a
+        # floating-point number: not the value returned.
+        raise _NotJSONError(
+            "handler returned an integer outside the 64-bit range on its own; "
+            "return it inside an object, or as a string"
         )
     return value
 
