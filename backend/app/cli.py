@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -13,6 +14,7 @@ from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress
 from rich.table import Table
 from sqlalchemy.exc import SQLAlchemyError
@@ -153,7 +155,7 @@ def build_spec(conf: Settings, item: dict[str, Any], where: str) -> queue.TaskSp
     if unknown:
         fail(f"{where}: unknown field(s) {', '.join(sorted(unknown))}", EXIT_USAGE)
     kind = item.get("kind")
-    if kind not in REGISTRY:
+    if not isinstance(kind, str) or kind not in REGISTRY:
         known = ", ".join(REGISTRY.kinds()) or "none"
         fail(f"{where}: unknown kind {kind!r}; registered kinds: {known}", EXIT_USAGE)
     values = {
@@ -161,6 +163,13 @@ def build_spec(conf: Settings, item: dict[str, Any], where: str) -> queue.TaskSp
         "timeout_seconds": conf.processing_timeout,
         **{k: v for k, v in item.items() if v is not None},
     }
+    for name, most in (
+        ("max_retries", queue.USER_MAX_RETRIES),
+        ("timeout_seconds", queue.USER_MAX_TIMEOUT_SECONDS),
+    ):
+        value = item.get(name)  # as given (the settings' defaults are the operator's)
+        if type(value) is int and value > most:  # as the API; other types are TaskSpec's
+            fail(f"{where}: {name} must be at most {most}, got {value}", EXIT_USAGE)
     try:
         if isinstance(values.get("scheduled_at"), str):
             values["scheduled_at"] = datetime.fromisoformat(values["scheduled_at"])
@@ -175,14 +184,14 @@ def read_payload(payload: str | None, payload_file: Path | None) -> dict[str, An
         fail("give --payload or --payload-file, not both", EXIT_USAGE)
     if payload_file is not None:
         try:
-            text = payload_file.read_text()
-        except OSError as exc:
+            text = payload_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
             fail(f"--payload-file: {exc}", EXIT_USAGE)
     else:
         text = sys.stdin.read() if payload == "-" else (payload or "{}")
     try:
         data = json.loads(text)
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:  # JSONDecodeError, and an integer over Python's digit limit
         fail(f"the payload is not valid JSON: {exc}", EXIT_USAGE)
     if not isinstance(data, dict):
         fail("the payload must be a JSON object", EXIT_USAGE)
@@ -192,8 +201,8 @@ def read_payload(payload: str | None, payload_file: Path | None) -> dict[str, An
 def read_bulk(conf: Settings, path: Path) -> list[queue.TaskSpec]:
     """Every line of a JSONL file as a TaskSpec; the first bad line stops everything."""
     try:
-        lines = (sys.stdin if str(path) == "-" else path.open()).read().splitlines()
-    except OSError as exc:
+        lines = (sys.stdin if str(path) == "-" else path.open(encoding="utf-8")).read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
         fail(f"--bulk: {exc}", EXIT_USAGE)
     specs = []
     for number, line in enumerate(lines, start=1):
@@ -201,7 +210,7 @@ def read_bulk(conf: Settings, path: Path) -> list[queue.TaskSpec]:
             continue
         try:
             item = json.loads(line)
-        except json.JSONDecodeError as exc:
+        except ValueError as exc:  # JSONDecodeError, and an integer over Python's digit limit
             fail(f"line {number}: not valid JSON: {exc}", EXIT_USAGE)
         if not isinstance(item, dict):
             fail(f"line {number}: must be a JSON object", EXIT_USAGE)
@@ -245,8 +254,10 @@ def enqueue(
     project: Annotated[str | None, typer.Option(help="project_id")] = None,
     chapter: Annotated[str | None, typer.Option(help="chapter_id")] = None,
     queue_name: Annotated[str, typer.Option("--queue")] = queue.DEFAULT_QUEUE,
-    max_retries: Annotated[int | None, typer.Option(min=0)] = None,
-    timeout: Annotated[int | None, typer.Option(min=1, help="Seconds.")] = None,
+    max_retries: Annotated[int | None, typer.Option(min=0, max=queue.USER_MAX_RETRIES)] = None,
+    timeout: Annotated[
+        int | None, typer.Option(min=1, max=queue.USER_MAX_TIMEOUT_SECONDS, help="Seconds.")
+    ] = None,
     idempotency_key: Annotated[str | None, typer.Option()] = None,
 ) -> None:
     """Enqueue one task and print its id, or many with --bulk."""
@@ -615,6 +626,13 @@ def _safe_url(url: str) -> str:
 
 def main() -> None:
     """Console-script entry point."""
+    for arg in sys.argv[1:]:
+        # The shell can pass any bytes; Python keeps the undecodable ones as surrogates,
+        # which no database (nor the output) can take further down.
+        if not arg.isascii() and not queue.is_unicode(arg):
+            shown = escape(repr(os.fsencode(arg)))
+            err.print(f"[bold red]error:[/] argument {shown} is not valid UTF-8 text")
+            sys.exit(EXIT_USAGE)
     try:
         cli(standalone_mode=True)
     except KeyboardInterrupt:

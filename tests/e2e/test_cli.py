@@ -137,6 +137,45 @@ async def test_a_handler_module_that_cannot_be_imported_stops_the_cli(
     assert await count(db) == 0
 
 
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b'{"kind": "noop", "scheduled_at": 12}\n', "line 1: invalid scheduled_at: 12"),
+        (b'{"kind": ["noop"]}\n', "line 1: unknown kind ['noop']"),
+        (b'{"kind": "noop", "max_retries": true}\n', "line 1: invalid max_retries: True"),
+        (b'{"kind": "noop", "max_retries": 100000}\n', "max_retries must be at most 1000"),
+        (b'{"kind": "noop", "payload": {"n": ' + b"9" * 5000 + b"}}\n", "line 1: not valid"),
+        (b'\xff\xfe{"kind": "noop"}\n', "--bulk: 'utf-8' codec can't decode"),
+    ],
+)
+async def test_a_bad_bulk_line_exits_2_saying_why(
+    cli: Run, db: Database, tmp_path: Path, content: bytes, message: str
+) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(content)
+    r = cli("enqueue", "--bulk", str(bad))
+    assert (r.returncode, "Traceback" in r.stderr) == (2, False), r.stderr
+    assert message in r.stderr
+    assert await count(db) == 0
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("tasks", "list", "--kind", "\udcff"),  # the byte 0xff, as Python keeps it
+        ("queues", "pause", "a\udcffb"),
+        ("enqueue", "noop", "--payload", '{"n": ' + "9" * 5000 + "}"),
+        ("enqueue", "noop", "--max-retries", "100000"),
+    ],
+)
+async def test_bad_arguments_exit_2_without_a_traceback(
+    cli: Run, db: Database, args: tuple[str, ...]
+) -> None:
+    r = cli(*args)
+    assert (r.returncode, "Traceback" in r.stderr) == (2, False), r.stderr
+    assert await count(db) == 0
+
+
 async def test_bulk_enqueue_is_checked_before_anything_is_written(
     cli: Run, db: Database, tmp_path: Path
 ) -> None:

@@ -50,8 +50,8 @@ class TaskCreate(BaseModel):
     kind: str = Field(min_length=1, max_length=100, pattern=NO_NUL)
     payload: Annotated[dict[str, Any], WithJsonSchema(PAYLOAD_SCHEMA)] = Field(default_factory=dict)
     priority: int = Field(default=queue.DEFAULT_PRIORITY, ge=1, le=10)
-    max_retries: int | None = Field(default=None, ge=0, le=1000)
-    timeout_seconds: int | None = Field(default=None, gt=0, le=7 * 24 * 3600)
+    max_retries: int | None = Field(default=None, ge=0, le=queue.USER_MAX_RETRIES)
+    timeout_seconds: int | None = Field(default=None, gt=0, le=queue.USER_MAX_TIMEOUT_SECONDS)
     scheduled_at: datetime | None = Field(default=None, description="Not before (ISO 8601)")
     queue: str = Field(
         default=queue.DEFAULT_QUEUE,

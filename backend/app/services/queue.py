@@ -81,6 +81,9 @@ DEFAULT_TIMEOUT_SECONDS = 600
 MAX_NAME_LENGTH = 100
 MAX_ID_LENGTH = 255
 MAX_INT = 2**31 - 1  # max_retries and timeout_seconds are 32-bit integer columns
+#: What the API and the CLI accept (the library takes up to MAX_INT).
+USER_MAX_RETRIES = 1000
+USER_MAX_TIMEOUT_SECONDS = 7 * 24 * 3600
 PRUNE_BATCH_SIZE = 1_000
 LEASE_EXPIRED_ERROR = (
     "lease expired: the daemon running this attempt stopped renewing it "
@@ -315,7 +318,7 @@ def _check_schedule(when: object) -> None:
     """A time the columns can hold: a datetime whose UTC instant exists (0001-01-01 at
     +14:00 does not: Python cannot represent it), with an offset or naive (read as UTC)."""
     if not isinstance(when, datetime):
-        return  # left to the column's own binding, as before
+        raise InvalidTaskError(f"invalid scheduled_at: {when!r} is not a datetime")
     try:
         (when if when.tzinfo is not None else when.replace(tzinfo=UTC)).astimezone(UTC)
     except (OverflowError, ValueError):
