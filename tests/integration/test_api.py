@@ -16,8 +16,9 @@ from sqlalchemy import func, select
 from app.api.main import API_PREFIX, create_app
 from app.config import QUEUE_NAME_PATTERN, load_settings
 from app.db import Database
-from app.models import PendingAnalysis
+from app.models import ApiToken, PendingAnalysis
 from app.services import auth, hotpath, queue
+from tests.helpers import eventually
 
 P = API_PREFIX
 
@@ -589,3 +590,30 @@ async def test_an_unknown_status_filter_is_a_422(api: Api) -> None:
     assert r.status_code == 422 and "detail" in r.json()
     ok = await api.get("alice", "/tasks?status=pending")
     assert ok.status_code == 200 and ok.json()["items"] == []
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"])
+async def test_a_read_does_not_wait_for_the_write_lock_to_record_a_tokens_use(
+    api: Api, database_url: str
+) -> None:
+    """Recording a token's last use (once a minute at most) is written after the answer:
+    while another process holds SQLite's write lock, a read still answers at once, and the
+    use is recorded once the lock is free."""
+    import sqlite3
+
+    path = database_url.split("///", 1)[1]
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        r = await api.get("alice", "/tasks?limit=1")
+        assert r.status_code == 200  # not 503 after the 5 s busy timeout
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+
+    async def used() -> bool:
+        async with api.db.read_transaction() as s:
+            rows = await s.execute(select(ApiToken.last_used_at).where(ApiToken.user_id == "alice"))
+            return rows.scalar_one() is not None
+
+    await eventually(used, within=10)

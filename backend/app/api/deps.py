@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Path, Request, status
@@ -12,6 +14,7 @@ from app.db import Database
 from app.services import auth
 from app.services.auth import Principal
 
+logger = logging.getLogger("app.api")
 bearer = HTTPBearer(auto_error=False, description="An API token: `async-processor token create`")
 UNAUTHORIZED_HEADERS = {"WWW-Authenticate": "Bearer"}
 
@@ -54,10 +57,34 @@ async def current_principal(
         principal = await auth.authenticate(session, credentials.credentials)
     if principal is None:
         raise _unauthorized("unknown or revoked token")
-    if principal.needs_touch:
-        async with db.write_transaction() as session:
-            await auth.touch_token(session, principal.token_id)
+    key = (id(db), principal.token_id)
+    if principal.needs_touch and key not in _TOUCHING:
+        # Best effort, after the answer is on its way: a request that only reads must not
+        # wait for (or fail on) the write lock another process holds (SQLite: 503 after
+        # the busy timeout), for a bookkeeping column written once a minute at most.
+        _TOUCHING[key] = asyncio.create_task(_touch(db, key))
     return principal
+
+
+#: (database, token id) whose last_used_at is being written; the task is kept until it ends.
+_TOUCHING: dict[tuple[int, int], asyncio.Task[None]] = {}
+
+
+async def _touch(db: Database, key: tuple[int, int]) -> None:
+    try:
+        async with db.write_transaction() as session:
+            await auth.touch_token(session, key[1])
+    except Exception as exc:  # the next request tries again
+        logger.info("could not record the use of token %s: %s", key[1], exc)
+    finally:
+        _TOUCHING.pop(key, None)
+
+
+async def finish_touches(db: Database) -> None:
+    """Wait for this database's last_used_at writes (before it is closed)."""
+    pending = [task for (owner, _), task in list(_TOUCHING.items()) if owner == id(db)]
+    if pending:
+        await asyncio.wait(pending, timeout=10)
 
 
 CallerDep = Annotated[Principal, Depends(current_principal)]

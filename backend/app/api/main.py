@@ -11,6 +11,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from app import __version__
 from app.api import errors
+from app.api.deps import finish_touches
 from app.api.routes import dashboard, health, notifications, queues, status, tasks
 from app.api.schemas import JSON_VALUE, JSON_VALUE_SCHEMA
 from app.config import Settings, get_settings
@@ -31,6 +32,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            await finish_touches(app.state.db)
             await app.state.db.dispose()
 
     app = FastAPI(
