@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
+import json
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -293,3 +295,36 @@ async def _all(db: Database, ids: list[int], status: str) -> bool:
 
 async def _waiting_and_running(engine: ProcessorEngine, waiting: int, running: int) -> bool:
     return engine.waiting == waiting and engine.in_flight == running
+
+
+async def test_retries_and_snoozes_run_when_due_not_at_the_next_poll(
+    db: Database, database_url: str, tmp_path: Any
+) -> None:
+    """A job this daemon snoozes or retries wakes it when the job is due: with a poll
+    interval of a minute, two snoozes of 0.3 s and two retries (backoff base 0.2 s) all run
+    within seconds, each no earlier than it was due."""
+    runs = tmp_path / "runs"
+    [snoozed] = await _enqueue(
+        db,
+        [
+            {
+                "kind": "snooze_then_finish",
+                "payload": {"runs": str(runs), "snoozes": 2, "seconds": 0.3},
+            }
+        ],
+    )
+    [failing] = await _enqueue(db, [{"kind": "fail", "max_retries": 2}])
+    engine = _engine(
+        db, database_url, concurrency=2, poll_interval=60, backoff_base=0.2, backoff_max=0.2
+    )
+    await engine.start()
+    try:
+        await eventually(lambda: _all(db, [snoozed], "completed"), within=20)
+        await eventually(lambda: _all(db, [failing], "failed"), within=20)
+    finally:
+        await engine.stop()
+    starts = [json.loads(line)["at"] for line in runs.read_text().splitlines()]
+    assert len(starts) == 3
+    assert all(b - a >= 0.3 for a, b in itertools.pairwise(starts))
+    assert (await task_row(db, failing)).attempts == 3
+    assert engine.starts[failing] == 3

@@ -63,6 +63,11 @@ STALE_AHEAD_SECONDS = 1.0
 #: a stale job in a pool still turning over is looked at again after this long
 STALE_RECHECK_SECONDS = 0.25
 
+#: Jobs this daemon retries or snoozes wake it when they are due, a little after (the
+#: database's clock and this one's may differ by that much), up to this many at once.
+DUE_SLACK_SECONDS = 0.005
+MAX_DUE_TIMERS = 10_000
+
 #: a job waiting in a pool: (-priority, scheduled_at, id) orders it as the claim does
 Waiting = tuple[int, datetime, int, float, ClaimedTask]
 
@@ -198,6 +203,8 @@ class ProcessorEngine:
         self._limited = {kind: (rates.get(kind), keys.get(kind)) for kind in {*rates, *keys}}
         self._rate_timer: asyncio.TimerHandle | None = None
         self._rate_wait: float | None = None  # a claim found a rate limit spent (seconds)
+        self._due: list[float] = []  # loop times when jobs this daemon wrote back are due
+        self._due_timer: asyncio.TimerHandle | None = None
         self._claiming_stopped = asyncio.Event()
         self._held: dict[int, ClaimedTask] = {}
         self._stop_reasons: dict[asyncio.Task[Any], StopReason] = {}  # per run
@@ -363,6 +370,8 @@ class ProcessorEngine:
             await asyncio.gather(self._claim_task, return_exceptions=True)
         if self._stale_timer is not None:
             self._stale_timer.cancel()
+        if self._due_timer is not None:
+            self._due_timer.cancel()
         self._release_waiting(lambda _: True)
         await self._drain(grace)
         self._completer_stop.set()
@@ -488,6 +497,35 @@ class ProcessorEngine:
                 return
             self._rate_timer.cancel()
         self._rate_timer = loop.call_at(due, self.wake)
+
+    def _wake_when_due(self, seconds: float) -> None:
+        """A job this daemon wrote back (a retry, a snooze) is due in ``seconds``: wake the
+        claim loop then, not at the next poll (another daemon may claim it first: then
+        this wake finds nothing, as any)."""
+        if self._stopping or len(self._due) >= MAX_DUE_TIMERS:
+            return  # the poll still finds it
+        loop = asyncio.get_running_loop()
+        heapq.heappush(self._due, loop.time() + seconds + DUE_SLACK_SECONDS)
+        self._arm_due()
+
+    def _arm_due(self) -> None:
+        if not self._due:
+            return
+        first = self._due[0]
+        timer = self._due_timer
+        if timer is not None and not timer.cancelled():
+            if timer.when() <= first:
+                return
+            timer.cancel()
+        self._due_timer = asyncio.get_running_loop().call_at(first, self._on_due)
+
+    def _on_due(self) -> None:
+        self._due_timer = None
+        now = asyncio.get_running_loop().time()
+        while self._due and self._due[0] <= now + DUE_SLACK_SECONDS:
+            heapq.heappop(self._due)
+        self.wake()
+        self._arm_due()
 
     def settle(self, slots: Mapping[int, Room], claimed: Sequence[ClaimedTask]) -> None:
         """After a claim committed (or failed): give the slots back, start the jobs. A
@@ -691,6 +729,10 @@ class ProcessorEngine:
             self.processed += 1
         elif outcome.kind is OutcomeKind.FAILED:
             self.failed += 1
+            if outcome.retry_delay is not None:  # retried (or failed for good: no harm)
+                self._wake_when_due(outcome.retry_delay)
+        elif outcome.kind is OutcomeKind.SNOOZED:
+            self._wake_when_due(outcome.snooze_seconds)
         # A run that failed is a WARNING (retried or not), so LOG_LEVEL=WARNING, which a
         # busy daemon runs with (two INFO lines a job), still shows every failure.
         logger.log(

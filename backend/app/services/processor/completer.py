@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 from collections.abc import Callable, Mapping, Sequence
@@ -53,7 +54,9 @@ def _finished(outcome: Outcome, policy: RetryPolicy) -> queue.Finished:
         result=outcome.result,
         error=(outcome.error or "failed") if outcome.kind is OutcomeKind.FAILED else None,
         permanent=outcome.permanent,
-        retry_delay=policy.delay(t.retry_count + 1),
+        retry_delay=(
+            policy.delay(t.retry_count + 1) if outcome.retry_delay is None else outcome.retry_delay
+        ),
         snooze_seconds=outcome.snooze_seconds,
         duration_seconds=None if outcome.kind is OutcomeKind.SNOOZED else outcome.duration,
         token_usage=outcome.token_usage,
@@ -154,6 +157,9 @@ class Completer:
         if outcome.kind is OutcomeKind.LOST:
             self._on_written(outcome, False)
             return
+        if outcome.kind is OutcomeKind.FAILED and not outcome.permanent:
+            delay = self._policy.delay(outcome.task.retry_count + 1)
+            outcome = dataclasses.replace(outcome, retry_delay=delay)
         self._pending.append(outcome)
         self._idle.clear()
         self._ready.set()

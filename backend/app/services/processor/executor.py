@@ -65,6 +65,9 @@ class Outcome:
     permanent: bool = False
     token_usage: int = 0
     snooze_seconds: float = 0.0
+    #: FAILED: the seconds before its retry, drawn once when the completer takes it (the
+    #: write and the daemon's wake-up timer use the same figure)
+    retry_delay: float | None = None
 
 
 class Executor:
