@@ -97,6 +97,12 @@ async def current_revision(engine: AsyncEngine) -> str | None:
 
 async def check_migrated(engine: AsyncEngine) -> None:
     """Raise SchemaError, saying what to run, unless the database is at head."""
+    from app.db import sqlite_path
+
+    path = sqlite_path(engine.url)
+    if path is not None and not path.expanduser().exists():
+        # Checked before connecting: SQLite would create an empty file there.
+        raise SchemaError(f"no database file at {path}; {MIGRATE_HINT}")
     try:
         current = await current_revision(engine)
     except SQLAlchemyError as exc:

@@ -223,6 +223,8 @@ def test_unmigrated_database_says_what_to_run(tmp_path: Path) -> None:
         [script, "status"], env=env, capture_output=True, text=True, timeout=60, check=False
     )
     assert r.returncode == 1 and "async-processor migrate" in r.stderr
+    assert "no database file at" in r.stderr
+    assert not (tmp_path / "x.db").exists()  # a read leaves no empty database behind
     r = subprocess.run(
         [script, "migrate"], env=env, capture_output=True, text=True, timeout=60, check=False
     )

@@ -124,6 +124,7 @@ async def test_unmigrated_database_exits_with_a_hint(tmp_path: Path) -> None:
     daemon = Daemon(f"sqlite+aiosqlite:///{tmp_path}/empty.db", tmp_path).start()
     assert daemon.wait(30) == 1
     assert "async-processor migrate" in daemon.log()
+    assert not (tmp_path / "empty.db").exists()
 
 
 @pytest.mark.parametrize("engine_name", ["sqlite"])
