@@ -412,6 +412,19 @@ class Database:
             async with self._immediate() as session:
                 return await fn(session)
 
+    async def write_if_free(self, here: Callable[[sqlite3.Connection, Dialect], R]) -> bool:
+        """SQLite files: ``here`` in a write transaction on the bare connection, only when
+        neither this process nor another holds the write lock right now; False when it
+        was skipped (it never waits, and never delays this process's other writers)."""
+        if self._write_locks is None or self._here is None or self._closed:
+            return False
+        lock = self._write_lock()
+        if lock.locked():
+            return False
+        async with lock:
+            done, _ = self._here.run(here)
+        return done
+
     async def _checkpoint_here(self) -> None:
         """The bare connection's commits never checkpoint (I/O on the event loop). Without
         the write thread, whose commits do, after every HERE_CHECKPOINT_EVERY of them this

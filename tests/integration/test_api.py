@@ -596,9 +596,10 @@ async def test_an_unknown_status_filter_is_a_422(api: Api) -> None:
 async def test_a_read_does_not_wait_for_the_write_lock_to_record_a_tokens_use(
     api: Api, database_url: str
 ) -> None:
-    """Recording a token's last use (once a minute at most) is written after the answer:
-    while another process holds SQLite's write lock, a read still answers at once, and the
-    use is recorded once the lock is free."""
+    """Recording a token's last use (once a minute at most) is written after the answer,
+    and on SQLite only when the write lock is free: while another process holds it, a read
+    still answers at once (and no writer of this process waits behind the bookkeeping);
+    the next request after the lock is free records the use."""
     import sqlite3
 
     path = database_url.split("///", 1)[1]
@@ -610,6 +611,7 @@ async def test_a_read_does_not_wait_for_the_write_lock_to_record_a_tokens_use(
     finally:
         holder.execute("ROLLBACK")
         holder.close()
+    assert (await api.get("alice", "/tasks?limit=1")).status_code == 200  # the lock is free
 
     async def used() -> bool:
         async with api.db.read_transaction() as s:

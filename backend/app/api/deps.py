@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from functools import partial
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Path, Request, status
@@ -72,6 +73,11 @@ _TOUCHING: dict[tuple[int, int], asyncio.Task[None]] = {}
 
 async def _touch(db: Database, key: tuple[int, int]) -> None:
     try:
+        if db.dialect == "sqlite":
+            # Only when the write lock is free now: waiting for it would hold this
+            # process's own writers (an enqueue) behind a bookkeeping column.
+            await db.write_if_free(partial(auth.touch_token_sqlite3, token_id=key[1]))
+            return
         async with db.write_transaction() as session:
             await auth.touch_token(session, key[1])
     except Exception as exc:  # the next request tries again

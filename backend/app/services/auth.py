@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import sqlite3
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import Integer, bindparam, select, update
+from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db import dialect_of, now_sql
 from app.models import ApiToken
-from app.models.types import utcnow
+from app.models.types import UTCDateTime, utcnow
+from app.services import hotpath
 
 TOKEN_PREFIX = "ap_"  # noqa: S105 - a prefix, not a secret
 TOKEN_BYTES = 32
@@ -86,6 +89,25 @@ async def touch_token(session: AsyncSession, token_id: int) -> None:
         .where((ApiToken.last_used_at.is_(None)) | (ApiToken.last_used_at < cutoff))
         .values(last_used_at=now_sql(dialect_of(session)))
     )
+
+
+#: touch_token's statement with its values bound (for a bare sqlite3 connection).
+_TOUCH = (
+    update(ApiToken)
+    .where(ApiToken.id == bindparam("t_id", type_=Integer()))
+    .where(
+        ApiToken.last_used_at.is_(None)
+        | (ApiToken.last_used_at < bindparam("t_cutoff", type_=UTCDateTime()))
+    )
+    .values(last_used_at=bindparam("t_now", type_=UTCDateTime()))
+)
+
+
+def touch_token_sqlite3(conn: sqlite3.Connection, dialect: Dialect, token_id: int) -> None:
+    """``touch_token`` on a bare sqlite3 connection (Database.write_if_free)."""
+    now = utcnow()
+    params = {"t_id": token_id, "t_cutoff": now - LAST_USED_RESOLUTION, "t_now": now}
+    hotpath.sqlite3_fetch(conn, dialect, _TOUCH, params)
 
 
 async def list_tokens(session: AsyncSession) -> list[ApiToken]:
