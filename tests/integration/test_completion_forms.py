@@ -1,0 +1,122 @@
+"""finish_tasks writes a batch of completions in one statement on either engine (SQLite: a
+json_each document; PostgreSQL: unnested arrays), fenced per row, with the same values the
+one-row UPDATE writes; SQLite before 3.38 and results strict JSON cannot carry take the
+executemany. Every form is checked row by row."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from app.db import Database
+from app.models import AnalysisNotification, PendingAnalysis, TaskStatus
+from app.services import hotpath, queue
+
+T = PendingAnalysis
+PID = "proc-a"
+RESULTS: list[Any] = [
+    {"summary": 'ünïcode \u2013 "quoted" \\ \n', "n": [1, 2.5, None, True]},
+    None,
+    [1, 2, 3],
+    "plain text",
+    12345678901234,
+]
+
+
+@pytest.fixture(autouse=True, params=["driver", "core"])
+def execution_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setattr(hotpath, "ENABLED", request.param == "driver")
+    return str(request.param)
+
+
+async def _held(db: Database, count: int) -> list[queue.ClaimedTask]:
+    async with db.write_transaction() as s:
+        await queue.enqueue_tasks(s, [{"kind": "k", "user_id": "u"} for _ in range(count)])
+    async with db.write_transaction() as s:
+        return await queue.claim_tasks(s, processor_id=PID, limit=count, lease_seconds=30)
+
+
+def _complete(t: queue.ClaimedTask, result: Any, **kw: Any) -> queue.Finished:
+    kw.setdefault("duration_seconds", 0.25)
+    return queue.Finished(t.id, t.attempt, queue.Finish.COMPLETE, result=result, ref=t.ref, **kw)
+
+
+async def _finish(db: Database, items: list[queue.Finished]) -> tuple[list[Any], list[str]]:
+    sent: list[str] = []
+    with hotpath.watch(lambda sql, _args, _seconds: sent.append(sql)):
+        async with db.write_transaction() as s:
+            statuses = await queue.finish_tasks(s, processor_id=PID, items=items)
+    return statuses, [sql for sql in sent if "json_each" in sql and "UPDATE" in sql]
+
+
+async def _rows(db: Database, ids: list[int]) -> dict[int, Any]:
+    async with db.read_transaction() as s:
+        found = (await s.execute(select(T).where(T.id.in_(ids)))).scalars().all()
+    return {r.id: r for r in found}
+
+
+async def test_a_batch_of_completions_is_written_row_by_row(
+    db: Database, execution_path: str
+) -> None:
+    held = await _held(db, len(RESULTS) + 2)
+    done, stale, failed = held[: len(RESULTS)], held[-2], held[-1]
+    items = [_complete(t, r) for t, r in zip(done, RESULTS, strict=True)]
+    items[0] = _complete(done[0], RESULTS[0], token_usage=queue.MAX_INT)  # saturates below
+    items[1] = _complete(done[1], None, duration_seconds=None)
+    # another daemon's attempt of this job: the fence refuses it, and only it
+    items.append(queue.Finished(stale.id, stale.attempt + 1, queue.Finish.COMPLETE, result=1))
+    items.append(queue.Finished(failed.id, failed.attempt, queue.Finish.FAIL, error="boom"))
+    statuses, documents = await _finish(db, items)
+    assert statuses == [TaskStatus.COMPLETED] * len(RESULTS) + [None, TaskStatus.PENDING]
+    if db.dialect == "sqlite" and execution_path == "driver":
+        assert len(documents) == 1
+
+    rows = await _rows(db, [t.id for t in held])
+    for t, result in zip(done, RESULTS, strict=True):
+        row = rows[t.id]
+        assert (row.status, row.result, row.error) == (TaskStatus.COMPLETED, result, None)
+        assert (row.locked_by, row.lease_expires_at) == (None, None)
+        assert row.completed_at is not None and row.completed_at == row.updated_at
+    assert rows[done[0].id].token_usage == queue.MAX_INT
+    assert [rows[t.id].token_usage for t in done[1:]] == [0] * (len(RESULTS) - 1)
+    assert rows[done[1].id].duration_seconds is None
+    assert [rows[t.id].duration_seconds for t in done[2:]] == [0.25] * (len(RESULTS) - 2)
+    assert (rows[stale.id].status, rows[stale.id].locked_by) == (TaskStatus.PROCESSING, PID)
+    assert rows[failed.id].status == TaskStatus.PENDING and rows[failed.id].retry_count == 1
+
+    async with db.read_transaction() as s:
+        notes = (
+            await s.execute(
+                select(AnalysisNotification.task_id).where(AnalysisNotification.type == "completed")
+            )
+        ).all()
+    assert sorted(n.task_id for n in notes) == sorted(t.id for t in done)
+
+
+async def test_token_usage_adds_to_what_the_row_holds(db: Database) -> None:
+    held = await _held(db, 2)
+    await _finish(db, [_complete(t, None, token_usage=7) for t in held])
+    rows = await _rows(db, [t.id for t in held])
+    assert [rows[t.id].token_usage for t in held] == [7, 7]
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"])
+@pytest.mark.parametrize("why", ["old sqlite", "nan"])
+async def test_sqlite_batches_the_document_cannot_carry_go_one_by_one(
+    db: Database, why: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if why == "old sqlite":
+        monkeypatch.setattr(queue, "SQLITE_JSON_ARROWS", False)
+    held = await _held(db, 3)
+    results = [{"n": 1}, {"n": 2}, {"n": float("nan") if why == "nan" else 3}]
+    statuses, documents = await _finish(
+        db, [_complete(t, r) for t, r in zip(held, results, strict=True)]
+    )
+    assert statuses == [TaskStatus.COMPLETED] * 3 and documents == []
+    rows = await _rows(db, [t.id for t in held])
+    assert [rows[t.id].result["n"] for t in held[:2]] == [1, 2]
+    last = rows[held[2].id].result["n"]
+    assert math.isnan(last) if why == "nan" else last == 3
