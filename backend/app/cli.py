@@ -656,6 +656,7 @@ def api(
     import uvicorn
 
     from app.api.main import create_app
+    from app.api.server import GracefulServer
     from app.logs import setup_logging
 
     conf = settings()
@@ -686,7 +687,10 @@ def api(
     }
     try:
         if workers == 1:
-            uvicorn.run(create_app(conf), **options)
+            server = GracefulServer(uvicorn.Config(create_app(conf), **options))
+            server.run()
+            if not server.started:
+                raise SystemExit(3)  # as uvicorn.run: it could not start
             return
         # Each worker is a new interpreter (spawned): it builds its own app from the
         # environment.

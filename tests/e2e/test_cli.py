@@ -325,6 +325,30 @@ async def test_api_workers_share_the_port_and_stop_together(
     assert not any(_running(pid) for pid in workers)
 
 
+@pytest.mark.parametrize("engine_name", ["sqlite"])
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT"])
+def test_the_api_stops_gracefully_with_exit_0_and_its_whole_log(
+    database_url: str, db: Database, tmp_path: Path, how: str
+) -> None:
+    """uvicorn raises the stopping signal again once it has shut down; with the default
+    handler the API died of it (143) before writing its last log lines."""
+    import signal
+
+    from tests.e2e.daemon import Api
+
+    api = Api(database_url, tmp_path).start()
+    assert api.proc is not None
+    try:
+        api.proc.send_signal(getattr(signal, how))
+        code = api.proc.wait(30)
+    finally:
+        if api.proc.poll() is None:
+            api.proc.kill()
+    assert code == 0, api.log()
+    assert "Application shutdown complete" in api.log(), api.log()
+    assert "Finished server process" in api.log(), api.log()
+
+
 def test_an_api_that_cannot_bind_exits_1_saying_so(cli: Run) -> None:
     """uvicorn's own exit code for a failed start is 3; the contract's error code is 1."""
     with socket.socket() as taken:
