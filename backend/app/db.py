@@ -564,6 +564,21 @@ def _forget_wake(session: Session, previous_transaction: Any) -> None:
         session.info.pop(_WAKE_KEY, None)
 
 
+def database_unavailable(exc: BaseException) -> bool:
+    """Whether a driver error says the database cannot serve anyone right now, rather than
+    that a statement was wrong: PostgreSQL's SQLSTATE classes 08 (connection), 53 (out of
+    connections or resources), 57P (shutting down, restarting, not accepting connections
+    yet), 28 (the login refused) and 3D000 (the database is gone), and 55000 when it says
+    the database is not accepting connections (``ALLOW_CONNECTIONS false``). asyncpg's
+    errors for these reach SQLAlchemy as a plain DBAPIError, not an OperationalError."""
+    code = getattr(getattr(exc, "orig", None), "sqlstate", None)
+    if not isinstance(code, str):
+        return False
+    if code.startswith(("08", "53", "57P", "28")) or code == "3D000":
+        return True
+    return code == "55000" and "accepting connections" in str(exc)
+
+
 def dialect_of(session: AsyncSession) -> str:
     """The dialect name ("sqlite" or "postgresql") of a session's bind."""
     if isinstance(session, AsyncConnection):

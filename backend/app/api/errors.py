@@ -17,6 +17,8 @@ from starlette.datastructures import MutableHeaders
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.db import database_unavailable
+
 logger = logging.getLogger("app.api")
 RETRY_AFTER_SECONDS = 5
 UNAVAILABLE = (
@@ -51,7 +53,7 @@ def _unavailable(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _on_dbapi_error(request: Request, exc: Exception) -> JSONResponse:
-    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+    if isinstance(exc, DBAPIError) and (exc.connection_invalidated or database_unavailable(exc)):
         return _unavailable(request, exc)
     if isinstance(exc, UNAVAILABLE):
         return _unavailable(request, exc)

@@ -10,6 +10,8 @@ from typing import Any
 
 from sqlalchemy.exc import DBAPIError, OperationalError
 
+from app.db import database_unavailable
+
 logger = logging.getLogger("app.processor")
 
 ERROR_BACKOFF_FIRST_SECONDS = 0.1
@@ -21,7 +23,7 @@ def is_transient(exc: BaseException) -> bool:
     """True for database errors worth retrying: locked, unreachable, restarting."""
     if isinstance(exc, OperationalError | OSError | TimeoutError | ConnectionError):
         return True
-    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+    if isinstance(exc, DBAPIError) and (exc.connection_invalidated or database_unavailable(exc)):
         return True
     text = str(exc).lower()
     return any(
