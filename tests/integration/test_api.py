@@ -384,6 +384,43 @@ async def test_status_is_scoped(api: Api) -> None:
     assert (await api.get("root", "/status")).json()["counts"]["pending"] == 2
 
 
+async def test_a_past_schedule_counts_from_creation(api: Api) -> None:
+    """A task enqueued with scheduled_at in 2000 waited from its creation: the oldest
+    pending age and its pick-up delay are seconds, not 26 years."""
+    body = {"kind": "noop", "scheduled_at": "2000-01-01T00:00:00Z"}
+    assert (await api.post("alice", "/tasks", json=body)).status_code == 202
+    age = (await api.get("root", "/status")).json()["oldest_pending_age_seconds"]
+    assert 0 <= age < 60
+    metrics = (await api.client.get("/metrics")).text
+    [line] = [x for x in metrics.splitlines() if x.startswith("async_processor_oldest_pending")]
+    assert 0 <= float(line.split()[-1]) < 60
+    async with api.db.write_transaction() as s:
+        [t] = await queue.claim_tasks(s, processor_id="p", limit=1, lease_seconds=30)
+        await queue.complete_task(
+            s, task_id=t.id, processor_id="p", attempt=1, result=None, duration_seconds=0.1
+        )
+    metrics = (await api.client.get("/metrics")).text
+    [line] = [x for x in metrics.splitlines() if x.startswith("async_processor_pickup_seconds_sum")]
+    assert 0 <= float(line.split()[-1]) < 60
+
+
+async def test_admin_status_of_a_project_scopes_the_timeline(api: Api) -> None:
+    for project in ("p1", "p2", "p2"):
+        await api.post("alice", "/tasks", json={"kind": "noop", "project_id": project})
+    async with api.db.write_transaction() as s:
+        for t in await queue.claim_tasks(s, processor_id="p", limit=3, lease_seconds=30):
+            await queue.complete_task(
+                s, task_id=t.id, processor_id="p", attempt=1, result=None, duration_seconds=0.1
+            )
+
+    async def completed(query: str) -> int:
+        body = (await api.get("root", f"/status{query}")).json()
+        return sum(minute["completed"] for minute in body["timeline"])
+
+    assert [await completed(q) for q in ("", "?project_id=p1", "?project_id=p2")] == [3, 1, 2]
+    assert await completed("?project_id=none") == 0
+
+
 async def test_health_ready_metrics(api: Api) -> None:
     assert (await api.client.get("/healthz")).json() == {"status": "ok"}
     assert (await api.client.get("/readyz")).status_code == 200

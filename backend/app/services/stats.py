@@ -18,6 +18,7 @@ from sqlalchemy import (
     Executable,
     Select,
     String,
+    case,
     func,
     literal,
     select,
@@ -47,7 +48,7 @@ async def summary(
     The counts come from ``task_counts``."""
     counts = await task_counts(db, user_id=user_id, project_id=project_id)
     async with db.read_transaction() as session:
-        oldest = select(func.min(T.scheduled_at)).where(
+        oldest = select(func.min(_due_since())).where(
             T.status == TaskStatus.PENDING, T.scheduled_at <= now_sql(db.dialect)
         )
         durations = select(
@@ -282,12 +283,20 @@ async def task_counts(
     return base.counts + live
 
 
+def _due_since() -> Any:
+    """When a task became due: its scheduled_at, or its created_at when that is later (a
+    schedule given in the past: the task could not wait before it existed, and an old
+    date would make the pick-up delay and the oldest pending age read years)."""
+    return case((T.created_at > T.scheduled_at, T.created_at), else_=T.scheduled_at)
+
+
 async def recent_timings(db: Database) -> list[tuple[str, float, float]]:
     """(kind, duration, pick-up delay) of jobs completed in the last hour, newest first,
-    at most RECENT_ROWS_MAX of them. Pick-up is started_at - scheduled_at."""
+    at most RECENT_ROWS_MAX of them. Pick-up is started_at less when the task became due
+    (``_due_since``)."""
     async with db.read_transaction() as session:
         rows = await session.execute(
-            select(T.kind, T.duration_seconds, T.started_at, T.scheduled_at)
+            select(T.kind, T.duration_seconds, T.started_at, _due_since())
             .where(
                 T.status == TaskStatus.COMPLETED,
                 T.completed_at >= later_sql(db.dialect, -RECENT_WINDOW_SECONDS),
@@ -305,8 +314,11 @@ async def recent_timings(db: Database) -> list[tuple[str, float, float]]:
 TIMELINE_MINUTES = 60
 
 
-async def timeline(db: Database, *, minutes: int = TIMELINE_MINUTES) -> list[dict[str, Any]]:
-    """Completed and failed tasks per minute over the last ``minutes``, oldest first."""
+async def timeline(
+    db: Database, *, minutes: int = TIMELINE_MINUTES, project_id: str | None = None
+) -> list[dict[str, Any]]:
+    """Completed and failed tasks per minute over the last ``minutes``, oldest first (of one
+    project's tasks, when given)."""
     if db.dialect == "postgresql":
         minute: Any = func.to_char(
             func.date_trunc("minute", func.timezone("UTC", T.completed_at)), "YYYY-MM-DD HH24:MI"
@@ -322,6 +334,8 @@ async def timeline(db: Database, *, minutes: int = TIMELINE_MINUTES) -> list[dic
         .group_by(minute, T.status)
         .order_by(minute)
     )
+    if project_id is not None:
+        stmt = stmt.where(T.project_id == project_id)
     async with db.read_transaction() as session:
         rows = (await session.execute(stmt)).all()
     per_minute: dict[str, dict[str, Any]] = {}
