@@ -231,12 +231,28 @@ def write_bulk(specs: list[queue.TaskSpec]) -> tuple[int, int]:
                 chunk = specs[start : start + BULK_CHUNK]
                 async with db.write_transaction() as session:
                     results = await queue.enqueue_tasks(session, chunk)
+                    others = await queue.held_by_others(session, chunk, results)
+                    if others:
+                        await session.rollback()
+                        _key_conflict(chunk[others[0]], start + others[0], start)
                 created += sum(r.created for r in results)
                 existing += sum(not r.created for r in results)
                 progress.advance(bar, len(chunk))
         return created, existing
 
     return with_db(work)
+
+
+def _key_conflict(spec: queue.TaskSpec, index: int | None = None, kept: int = 0) -> NoReturn:
+    """An idempotency key held by another user's task: bad input (the API's 409); the
+    transaction that met it is rolled back (``kept``: tasks of earlier ones)."""
+    where = "" if index is None else f"task {index + 1}: "
+    done = "nothing was enqueued" if not kept else f"the first {kept} tasks were enqueued"
+    fail(
+        f"{where}idempotency key {spec.idempotency_key!r} is already used by another "
+        f"user's task; {done}",
+        EXIT_USAGE,
+    )
 
 
 @cli.command()
@@ -285,8 +301,11 @@ def enqueue(
 
     async def work(db: Database) -> int:
         async with db.write_transaction() as session:
-            [result] = await queue.enqueue_tasks(session, [spec])
-        return result.id
+            results = await queue.enqueue_tasks(session, [spec])
+            if await queue.held_by_others(session, [spec], results):
+                await session.rollback()
+                _key_conflict(spec)
+        return results[0].id
 
     print(with_db(work))
 

@@ -349,6 +349,33 @@ def test_the_api_stops_gracefully_with_exit_0_and_its_whole_log(
     assert "Finished server process" in api.log(), api.log()
 
 
+async def test_enqueue_with_another_users_idempotency_key_exits_2(
+    cli: Run, db: Database, tmp_path: Path
+) -> None:
+    """As the API's 409: the key names someone else's task; nothing is enqueued. The same
+    user's key again prints the existing task's id; a key repeated in a bulk file counts
+    once as created."""
+    base = ["enqueue", "chapter_analysis", "--payload", '{"text": "Hi."}', "--idempotency-key"]
+    first = cli(*base, "k1", "--user", "alice")
+    assert first.returncode == 0, first.stderr
+    again = cli(*base, "k1", "--user", "alice")
+    assert (again.returncode, again.stdout) == (0, first.stdout)
+    other = cli(*base, "k1", "--user", "bob")
+    assert other.returncode == 2, other.stdout
+    assert "idempotency key 'k1' is already used by another user's task" in other.stderr
+    line = '{"kind": "chapter_analysis", "payload": {"text": "x"}, "idempotency_key": "k2"}'
+    lines = tmp_path / "tasks.jsonl"
+    lines.write_text(f"{line}\n{line}\n")
+    bulk = cli("enqueue", "--bulk", str(lines))
+    assert bulk.returncode == 0, bulk.stderr
+    assert bulk.stdout.strip() == "enqueued 1 tasks (1 already existed by idempotency key)"
+    held = tmp_path / "held.jsonl"
+    held.write_text(line.replace("k2", "k1") + "\n")
+    refused = cli("enqueue", "--bulk", str(held))
+    assert refused.returncode == 2 and "task 1: idempotency key 'k1'" in refused.stderr
+    assert await count(db) == 2
+
+
 def test_an_api_that_cannot_bind_exits_1_saying_so(cli: Run) -> None:
     """uvicorn's own exit code for a failed start is 3; the contract's error code is 1."""
     with socket.socket() as taken:

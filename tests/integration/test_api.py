@@ -321,6 +321,24 @@ async def test_bulk_is_all_or_nothing(api: Api) -> None:
     assert too_many.status_code == 422
 
 
+async def test_a_key_repeated_in_one_bulk(api: Api) -> None:
+    """One user's key twice in a bulk: one task, both items answer it. Two users' items
+    with one key (an admin's bulk): 409 and nothing stored, as for a single POST."""
+
+    def item(user: str) -> dict[str, Any]:
+        return {"kind": "noop", "idempotency_key": "k3", "user_id": user}
+
+    mixed = await api.post("root", "/tasks/bulk", json={"tasks": [item("bob"), item("carol")]})
+    assert mixed.status_code == 409, mixed.text
+    assert mixed.json() == {"detail": "idempotency_key already used"}
+    async with api.db.read_transaction() as s:
+        assert await queue.list_tasks(s) == []
+    same = await api.post("root", "/tasks/bulk", json={"tasks": [item("bob"), item("bob")]})
+    assert same.status_code == 202
+    [first, second] = same.json()["tasks"]
+    assert first["id"] == second["id"] and first["user_id"] == "bob"
+
+
 async def test_list_paging_and_filters(api: Api) -> None:
     ids = [
         (await api.post("alice", "/tasks", json={"kind": "noop", "project_id": "p"})).json()["id"]

@@ -594,8 +594,32 @@ async def _enqueue_keyed_too(
             {i: EnqueuedTask(task_id, True) for i, task_id in zip(plain, ids, strict=True)}
         )
     by_key = await _insert_keyed(session, [items[i] for i in keyed], now)
-    results.update({i: by_key[items[i].idempotency_key or ""] for i in keyed})
+    seen: set[str] = set()
+    for i in keyed:
+        key = items[i].idempotency_key or ""
+        found = by_key[key]
+        # a key repeated in one call: its later items get the first one's task, not created
+        results[i] = found if key not in seen else EnqueuedTask(found.id, False)
+        seen.add(key)
     return [results[i] for i in range(len(items))]
+
+
+async def held_by_others(
+    session: AsyncSession, specs: Sequence[TaskSpec], results: Sequence[EnqueuedTask]
+) -> list[int]:
+    """Positions of ``specs`` whose idempotency key matched a task of another user (what the
+    API answers 409 for): an enqueue's answer there would be someone else's task."""
+    existing = {r.id for r in results if not r.created}
+    if not existing:
+        return []
+    owners = dict(
+        (await session.execute(select(T.id, T.user_id).where(T.id.in_(existing)))).tuples().all()
+    )
+    return [
+        i
+        for i, (spec, r) in enumerate(zip(specs, results, strict=True))
+        if not r.created and owners.get(r.id) != spec.user_id
+    ]
 
 
 def _enqueue_clock(dialect: str, pinned: bool, name: str) -> ColumnElement[datetime]:
