@@ -54,6 +54,44 @@ async def test_stream_pushes_the_callers_notifications_and_resumes(
     assert again == events[1][0]
 
 
+async def test_a_revoked_token_ends_its_open_stream(db: Database, api_url: str) -> None:
+    """Revoking a token cuts off a stream opened with it within STREAM_TOKEN_CHECK_SECONDS
+    (notifications written after the revocation are not sent); reconnecting gets 401."""
+    from app.api.routes.notifications import STREAM_TOKEN_CHECK_SECONDS
+
+    async with db.write_transaction() as s:
+        row, alice = await auth.create_token(s, user_id="alice")
+    headers = {"Authorization": f"Bearer {alice}"}
+    url = f"{api_url}/api/async-analysis/notifications/stream"
+    async with httpx.AsyncClient(timeout=30) as client:
+        async with client.stream("GET", url, headers=headers) as response:
+            assert response.status_code == 200
+            async with db.write_transaction() as s:
+                assert await auth.revoke_token(s, row.id)
+            revoked = time.monotonic()
+            async with db.write_transaction() as s:
+                await queue.enqueue_tasks(s, [{"kind": "noop", "user_id": "alice"}])
+                await queue.claim_tasks(s, processor_id="p", limit=1, lease_seconds=30)
+            lines = [line async for line in response.aiter_lines()]  # until the server ends it
+        assert time.monotonic() - revoked < STREAM_TOKEN_CHECK_SECONDS + 5
+        assert not [line for line in lines if line.startswith("data: ")], lines
+        assert (await client.get(url, headers=headers)).status_code == 401
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"])
+@pytest.mark.parametrize("value", ["99999999999999999999999", "9223372036854775808", "-1", "x"])
+async def test_a_last_event_id_that_is_no_id_is_refused(
+    db: Database, api_url: str, value: str
+) -> None:
+    async with db.write_transaction() as s:
+        _, alice = await auth.create_token(s, user_id="alice")
+    headers = {"Authorization": f"Bearer {alice}", "Last-Event-ID": value}
+    url = f"{api_url}/api/async-analysis/notifications/stream"
+    async with httpx.AsyncClient(timeout=10) as client:
+        r = await client.get(url, headers=headers)
+    assert r.status_code == 422 and "Last-Event-ID" in r.json()["detail"], r.text
+
+
 @pytest.mark.parametrize("engine_name", ["sqlite"])
 @pytest.mark.parametrize("workers", ["1", "2"])
 async def test_sigterm_ends_the_api_with_a_stream_open(

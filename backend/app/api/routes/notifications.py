@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import re
+import time
 from collections.abc import AsyncIterator
 from typing import Annotated
 
@@ -13,7 +15,8 @@ from app.api.deps import MAX_ID, CallerDep, DbDep, NotificationId
 from app.api.errors import ERRORS
 from app.api.schemas import Marked, NotificationPage, NotificationPublic
 from app.db import Database
-from app.services import notifications
+from app.services import auth, notifications
+from app.services.auth import Principal
 
 router = APIRouter(prefix="/notifications", tags=["notifications"], responses=ERRORS)
 
@@ -46,6 +49,10 @@ async def list_notifications(
 
 STREAM_POLL_SECONDS = 0.5
 STREAM_KEEPALIVE_SECONDS = 15.0
+#: an open stream checks its token before sending and this often while idle; it ends once
+#: the token is revoked
+STREAM_TOKEN_CHECK_SECONDS = 5.0
+_EVENT_ID = re.compile(r"[0-9]{1,19}")
 
 
 def _sse(note: NotificationPublic) -> str:
@@ -59,16 +66,23 @@ async def _latest_id(db: Database, scope: str | None) -> int:
 
 
 async def _events(
-    request: Request, db: Database, scope: str | None, after_id: int
+    request: Request, db: Database, caller: Principal, after_id: int
 ) -> AsyncIterator[str]:
     last, idle = after_id, 0.0
+    checked = time.monotonic()
     yield "retry: 2000\n\n"
     while not await request.is_disconnected():
         try:
             async with db.read_transaction() as session:
                 rows = await notifications.list_for_user(
-                    session, user_id=scope, after_id=last, limit=100
+                    session, user_id=caller.scope, after_id=last, limit=100
                 )
+                # Before sending anything, and every few seconds while idle: is the token
+                # still good? (Same snapshot: nothing committed after a revocation goes out.)
+                if rows or time.monotonic() - checked >= STREAM_TOKEN_CHECK_SECONDS:
+                    if not await auth.token_active(session, caller.token_id):
+                        return  # revoked: the client's reconnection gets its 401
+                    checked = time.monotonic()
         except Exception:  # the database is away: keep the stream, try again
             rows = []
         for row in rows:
@@ -96,14 +110,18 @@ async def stream_notifications(
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> StreamingResponse:
     """Server-Sent Events: each new notification of the caller as it commits. Resumes after
-    ``Last-Event-ID`` (or ``after_id``); without either, starts with the next one."""
+    ``Last-Event-ID`` (or ``after_id``); without either, starts with the next one. The
+    stream ends once its token is revoked (checked every few seconds)."""
     start = after_id
-    if last_event_id is not None and last_event_id.isdigit():
-        start = int(last_event_id)
+    if last_event_id is not None and last_event_id.strip():
+        event_id = last_event_id.strip()
+        if not _EVENT_ID.fullmatch(event_id) or int(event_id) > MAX_ID:
+            raise HTTPException(422, "Last-Event-ID must be a notification id (0 .. 2^63-1)")
+        start = int(event_id)
     if start is None:
         start = await _latest_id(db, caller.scope)
     return StreamingResponse(
-        _events(request, db, caller.scope, start),
+        _events(request, db, caller, start),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
