@@ -1,4 +1,6 @@
-"""Settings: the one place that reads the environment (prefix ``ASYNC_PROCESSOR_``)."""
+"""Settings: every setting, read from the environment (prefix ``ASYNC_PROCESSOR_``). Only
+systemd's variables (background_processor) and the tests' fault hooks (services.faults) are
+read elsewhere."""
 
 from __future__ import annotations
 

@@ -1164,6 +1164,11 @@ async def test_retry_task_only_from_failed_or_cancelled(db: Database) -> None:
         None,
         None,
     )
+    async with db.read_transaction() as s:  # SQL NULL, as at enqueue (not the JSON null)
+        stored = select(PendingAnalysis.id).where(
+            PendingAnalysis.id == task_id, PendingAnalysis.result.is_(None)
+        )
+        assert (await s.execute(stored)).scalar_one() == task_id
     assert [t.id for t in await claim(db)] == [task_id]
 
 

@@ -38,6 +38,7 @@ from sqlalchemy import (
     insert,
     literal,
     literal_column,
+    null,
     or_,
     select,
     tuple_,
@@ -1968,7 +1969,7 @@ def _retry_values(current: ColumnElement[datetime]) -> dict[str, Any]:
         "updated_at": current,
         "completed_at": None,
         "started_at": None,
-        "result": None,
+        "result": null(),  # SQL NULL, as before the first run (None would be JSON null)
         "error": None,
         "cancel_requested": False,
         "progress_current": None,
