@@ -617,24 +617,31 @@ def prune(
             ).run_once()
 
         result = with_db(work)
-        print(f"pruned {result.tasks} tasks and {result.notifications} notifications")
+        print(
+            f"pruned {result.tasks} tasks (with their notifications) "
+            f"and {result.notifications} other read notifications"
+        )
         return
     now = datetime.now(UTC)
+    completed_before = now - timedelta(days=conf.retention_days)
+    failed_before = now - timedelta(days=conf.failed_retention_days)
 
     async def count(db: Database) -> tuple[int, int]:
         async with db.read_transaction() as session:
             tasks = await queue.count_prunable(
-                session,
-                completed_before=now - timedelta(days=conf.retention_days),
-                failed_before=now - timedelta(days=conf.failed_retention_days),
+                session, completed_before=completed_before, failed_before=failed_before
             )
             notes = await notifications.count_read_before(
-                session, read_before=now - timedelta(days=conf.retention_days)
+                session,
+                read_before=now - timedelta(days=conf.retention_days),
+                sparing=queue.prunable(completed_before, failed_before),
             )
         return tasks, notes
 
     tasks, notes = with_db(count)
-    print(f"would prune {tasks} tasks and {notes} notifications")
+    print(
+        f"would prune {tasks} tasks (with their notifications) and {notes} other read notifications"
+    )
 
 
 def _safe_url(url: str) -> str:

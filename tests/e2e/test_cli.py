@@ -193,6 +193,32 @@ async def test_bulk_enqueue_is_checked_before_anything_is_written(
     assert await count(db) == 2500
 
 
+async def test_prune_counts_what_it_deletes(cli: Run, db: Database) -> None:
+    """The dry run and the run report the same counts: a finished task past retention
+    (its notifications go with it) and the read notifications of tasks that stay."""
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import update
+
+    from app.models import AnalysisNotification, PendingAnalysis
+
+    old, kept = (int(cli("enqueue", "noop").stdout) for _ in range(2))
+    async with db.write_transaction() as s:
+        await queue.claim_tasks(s, processor_id="p", limit=2, lease_seconds=30)
+        await queue.complete_task(s, task_id=old, processor_id="p", attempt=1, result=None)
+    past = datetime.now(UTC) - timedelta(days=20)
+    async with db.write_transaction() as s:
+        await s.execute(
+            update(PendingAnalysis).where(PendingAnalysis.id == old).values(completed_at=past)
+        )
+        await s.execute(update(AnalysisNotification).values(is_read=True, read_at=past))
+    expected = "prune 1 tasks (with their notifications) and 1 other read notifications"
+    assert cli("prune", "--dry-run").stdout.strip() == f"would {expected}"
+    assert cli("prune").stdout.strip() == f"{expected.replace('prune', 'pruned', 1)}"
+    async with db.read_transaction() as s:
+        assert [t.id for t in await queue.list_tasks(s)] == [kept]
+
+
 async def test_retry_cancel_prune_and_tokens(cli: Run, db: Database) -> None:
     ids = [int(cli("enqueue", "noop", "--max-retries", "0").stdout) for _ in range(3)]
     r = cli("tasks", "cancel", *map(str, ids[:2]), "999999")
@@ -204,7 +230,9 @@ async def test_retry_cancel_prune_and_tokens(cli: Run, db: Database) -> None:
     r = cli("tasks", "retry", "--status", "cancelled", "--kind", "noop", "--yes")
     assert r.returncode == 0 and "retried 2 task(s)" in r.stdout
     assert cli("tasks", "retry", str(ids[0])).stdout.strip() == f"{ids[0]}: not_retryable"
-    assert cli("prune", "--dry-run").stdout.strip() == "would prune 0 tasks and 0 notifications"
+    assert cli("prune", "--dry-run").stdout.strip() == (
+        "would prune 0 tasks (with their notifications) and 0 other read notifications"
+    )
     assert cli("prune").returncode == 0
     created = cli("token", "create", "--user", "alice", "--name", "web")
     token = created.stdout.strip().splitlines()[-1]

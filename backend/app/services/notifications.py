@@ -34,7 +34,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db import dialect_of, now_sql
-from app.models import AnalysisNotification, NotificationType
+from app.models import AnalysisNotification, NotificationType, PendingAnalysis
 from app.models.types import UTCDateTime, utcnow
 from app.services import hotpath
 
@@ -423,13 +423,20 @@ async def mark_all_read(session: AsyncSession, *, user_id: str | None) -> int:
     return len(result.all())
 
 
-async def count_read_before(session: AsyncSession, *, read_before: datetime) -> int:
-    """How many notifications ``prune_read`` would delete."""
+async def count_read_before(
+    session: AsyncSession, *, read_before: datetime, sparing: Any = None
+) -> int:
+    """How many notifications ``prune_read`` would delete; with ``sparing`` (a condition
+    on ``pending_analysis``), not counting those whose task meets it (the tasks pruned
+    first take their notifications with them)."""
     stmt = (
         select(func.count())
         .select_from(NOTIFICATIONS)
         .where(N.is_read.is_(True), N.read_at < read_before)
     )
+    if sparing is not None:
+        task = PendingAnalysis
+        stmt = stmt.where(~select(task.id).where(task.id == N.task_id, sparing).exists())
     return int((await session.execute(stmt)).scalar_one())
 
 

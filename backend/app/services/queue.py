@@ -2095,6 +2095,11 @@ async def rescue_expired(
     )
 
 
+def prunable(completed_before: datetime, failed_before: datetime) -> ColumnElement[bool]:
+    """The finished tasks ``prune_finished`` deletes (a condition on ``pending_analysis``)."""
+    return _prunable(completed_before, failed_before)
+
+
 def _prunable(completed_before: datetime, failed_before: datetime) -> ColumnElement[bool]:
     return or_(
         and_(T.status == TaskStatus.COMPLETED, T.completed_at < completed_before),
