@@ -231,6 +231,21 @@ async def test_method_not_allowed_lists_every_method_of_the_path(api: Api) -> No
         assert (r.status_code, r.headers["Allow"]) == (405, "POST"), method
 
 
+async def test_head_on_the_health_routes_and_the_dashboard(api: Api) -> None:
+    """Uptime checks and load balancers often probe with HEAD: the GET's status and
+    headers (the server sends no body); other routes keep their 405."""
+    for path in ("/healthz", "/readyz", "/metrics", "/dashboard"):
+        got = await api.client.get(path)
+        head = await api.client.head(path)
+        assert (head.status_code, head.headers["content-type"]) == (
+            got.status_code,
+            got.headers["content-type"],
+        ), path
+        assert got.status_code == 200, path
+    r = await api.client.head(f"{P}/tasks", headers=api.h("alice"))
+    assert (r.status_code, r.headers["Allow"]) == (405, "GET, POST")
+
+
 def test_openapi_declares_the_nul_rule_on_every_string_input() -> None:
     """Every string a request carries (query, path, body, payload keys and values) has the
     pattern that refuses NUL, so a schema-valid request is one the API accepts."""

@@ -18,6 +18,7 @@ def _page() -> str:
 
 
 @router.get("/dashboard", response_class=HTMLResponse, include_in_schema=False)
+@router.head("/dashboard", response_class=HTMLResponse, include_in_schema=False)
 async def dashboard() -> HTMLResponse:
     """The operators' dashboard (admin token required inside)."""
     return HTMLResponse(_page(), headers={"Cache-Control": "no-store"})

@@ -21,12 +21,14 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz")
+@router.head("/healthz", include_in_schema=False)  # uptime checks and load balancers use HEAD
 async def healthz() -> dict[str, str]:
     """The process is up."""
     return {"status": "ok"}
 
 
 @router.get("/readyz", responses={503: {"description": "Database unreachable or not migrated"}})
+@router.head("/readyz", include_in_schema=False)
 async def readyz(db: DbDep) -> JSONResponse:
     """200 only when the database answers and is migrated to head."""
     try:
@@ -190,6 +192,7 @@ class _Limits:
 
 
 @router.get("/metrics", response_class=Response)
+@router.head("/metrics", response_class=Response, include_in_schema=False)
 async def metrics(db: DbDep, settings: SettingsDep) -> Response:
     """Prometheus text format: depth by queue and status, tasks by kind and status,
     duration and pick-up histograms per kind (last hour), live processors."""
