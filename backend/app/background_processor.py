@@ -20,6 +20,7 @@ from app.config import QueueSpec, Settings, SettingsError, load_settings
 from app.db import Database
 from app.logs import PROCESS_CONTEXT, setup_logging
 from app.schema import SchemaError, check_migrated
+from app.services import faults
 from app.services.async_analysis_processor import EngineConfig, ProcessorEngine
 from app.services.handlers import (
     REGISTRY,
@@ -103,6 +104,7 @@ def engine_config(
 
 async def serve(settings: Settings, config: EngineConfig) -> int:
     """Run the daemon until a signal stops it; returns the exit code."""
+    faults.warn_if_armed(logger)
     try:
         import_handler_modules(settings.handler_modules)
     except HandlerImportError as exc:

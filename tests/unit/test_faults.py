@@ -46,3 +46,27 @@ def test_an_armed_point_kills_the_process_at_its_nth_pass() -> None:
     assert done.returncode == -signal.SIGKILL
     assert done.stdout == "0\n"
     assert "fault point before_handler reached (pass 2): SIGKILL" in done.stderr
+
+
+def test_an_armed_hook_is_logged_at_start() -> None:
+    """A deployment that inherited a test hook says so (fencing off, a kill armed)."""
+    code = (
+        "import logging\n"
+        "logging.basicConfig(format='%(levelname)s %(message)s')\n"
+        "from app.services import faults\n"
+        "faults.warn_if_armed(logging.getLogger('t'))\n"
+    )
+    env = {**os.environ, faults.SEEDED_BUG_ENV: "fence", faults.FAULT_POINT_ENV: "before_handler"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert "ERROR TEST HOOK ARMED: ASYNC_PROCESSOR_SEEDED_BUG=fence" in done.stderr
+    assert "ERROR TEST HOOK ARMED: ASYNC_PROCESSOR_FAULT_POINT=before_handler:1" in done.stderr
+    quiet = {
+        k: v for k, v in env.items() if k not in (faults.SEEDED_BUG_ENV, faults.FAULT_POINT_ENV)
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=quiet, capture_output=True, text=True, timeout=60
+    )
+    assert (done.returncode, done.stderr) == (0, "")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -16,6 +17,7 @@ from app.api.routes import dashboard, health, notifications, queues, status, tas
 from app.api.schemas import JSON_VALUE, JSON_VALUE_SCHEMA
 from app.config import Settings, get_settings
 from app.db import Database
+from app.services import faults
 from app.services.handlers import REGISTRY, import_handler_modules
 
 API_PREFIX = "/api/async-analysis"
@@ -28,6 +30,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        faults.warn_if_armed(logging.getLogger("app.api"))
         app.state.db = Database.from_url(settings.database_url, pool_size=10)
         try:
             yield

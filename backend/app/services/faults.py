@@ -90,3 +90,20 @@ def _reached(name: str, armed: str, at_pass: int) -> None:
 def seeded(bug: str) -> bool:
     """True when the test switched ``bug``'s safety mechanism off."""
     return bug in _SEEDED
+
+
+def warn_if_armed(log: logging.Logger) -> None:
+    """Log, at start, that a test hook is set: in a deployment it would kill the process at
+    a step or switch a safety mechanism (fencing, leases, rescue) off without a word."""
+    if _POINT is not None:
+        log.error(
+            "TEST HOOK ARMED: %s=%s:%d (this process will SIGKILL itself there)",
+            FAULT_POINT_ENV,
+            *_POINT,
+        )
+    if _SEEDED:
+        log.error(
+            "TEST HOOK ARMED: %s=%s (safety mechanisms switched off; never in production)",
+            SEEDED_BUG_ENV,
+            ",".join(sorted(_SEEDED)),
+        )
