@@ -173,9 +173,13 @@ def build_spec(conf: Settings, item: dict[str, Any], where: str) -> queue.TaskSp
     try:
         if isinstance(values.get("scheduled_at"), str):
             values["scheduled_at"] = datetime.fromisoformat(values["scheduled_at"])
-        return queue.TaskSpec(**values)
+        spec = queue.TaskSpec(**values)
     except (queue.InvalidTaskError, TypeError, ValueError) as exc:
         fail(f"{where}: {exc}", EXIT_USAGE)
+    size = queue.payload_size(spec.payload)
+    if size > conf.max_payload_bytes:  # the API's 413
+        fail(f"{where}: payload is {size} bytes; the limit is {conf.max_payload_bytes}", EXIT_USAGE)
+    return spec
 
 
 def read_payload(payload: str | None, payload_file: Path | None) -> dict[str, Any]:

@@ -404,6 +404,21 @@ async def test_enqueue_with_another_users_idempotency_key_exits_2(
     assert await count(db) == 2
 
 
+async def test_enqueue_refuses_a_payload_over_the_limit(
+    cli: Run, db: Database, tmp_path: Path
+) -> None:
+    """MAX_PAYLOAD_BYTES holds for the CLI as for the API (its 413): exit 2, nothing stored."""
+    big = json.dumps({"text": "é" * 60})  # 131 bytes of UTF-8 as compact JSON text
+    r = cli("enqueue", "chapter_analysis", "--payload", big, max_payload_bytes="100")
+    assert r.returncode == 2 and "payload is 131 bytes; the limit is 100" in r.stderr, r.stderr
+    lines = tmp_path / "tasks.jsonl"
+    lines.write_text(json.dumps({"kind": "chapter_analysis", "payload": json.loads(big)}) + "\n")
+    r = cli("enqueue", "--bulk", str(lines), max_payload_bytes="100")
+    assert r.returncode == 2 and "line 1: payload is 131 bytes" in r.stderr, r.stderr
+    assert await count(db) == 0
+    assert cli("enqueue", "chapter_analysis", "--payload", big).returncode == 0
+
+
 def test_an_api_that_cannot_bind_exits_1_saying_so(cli: Run) -> None:
     """uvicorn's own exit code for a failed start is 3; the contract's error code is 1."""
     with socket.socket() as taken:

@@ -137,6 +137,14 @@ def encode_payload(payload: dict[str, Any]) -> str:
 _NUL_IN_JSON = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
 
+def payload_size(payload: object) -> int:
+    """A payload's JSON text in UTF-8 bytes, compact (what ``MAX_PAYLOAD_BYTES`` limits: an
+    "é" is 2 bytes, not its 6-character escape; a lone surrogate counts, and TaskSpec
+    refuses it)."""
+    text = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
 def has_nul(value: object) -> bool:
     """Whether a JSON value holds a NUL character in any string or key (PostgreSQL's text
     and jsonb cannot store one)."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Path, Query, Request, Response, status
@@ -36,10 +35,7 @@ def to_spec(body: TaskCreate, caller: Principal, settings: Settings) -> queue.Ta
     if body.kind not in REGISTRY:
         known = ", ".join(REGISTRY.kinds()) or "none"
         raise BadTask(422, f"unknown kind {body.kind!r}; registered kinds: {known}")
-    # The JSON text in UTF-8 bytes (an "é" is 2 bytes, not its 6-character escape); a lone
-    # surrogate is counted here and refused by the TaskSpec below.
-    text = json.dumps(body.payload, separators=(",", ":"), ensure_ascii=False)
-    size = len(text.encode("utf-8", "surrogatepass"))
+    size = queue.payload_size(body.payload)
     if size > settings.max_payload_bytes:
         raise BadTask(413, f"payload is {size} bytes; the limit is {settings.max_payload_bytes}")
     if body.user_id is not None and not caller.is_admin:
