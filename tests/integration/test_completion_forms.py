@@ -5,6 +5,7 @@ executemany. Every form is checked row by row."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -58,21 +59,27 @@ async def _rows(db: Database, ids: list[int]) -> dict[int, Any]:
     return {r.id: r for r in found}
 
 
+@pytest.mark.parametrize("batch", ["completions only", "with a failure"])
 async def test_a_batch_of_completions_is_written_row_by_row(
-    db: Database, execution_path: str
+    db: Database, execution_path: str, batch: str
 ) -> None:
+    """Completions only (each with its claimed task): SQLite's UPDATE returns what it wrote,
+    no read first. With another kind of end: the rows are locked and read, then written."""
     held = await _held(db, len(RESULTS) + 2)
     done, stale, failed = held[: len(RESULTS)], held[-2], held[-1]
     items = [_complete(t, r) for t, r in zip(done, RESULTS, strict=True)]
     items[0] = _complete(done[0], RESULTS[0], token_usage=queue.MAX_INT)  # saturates below
     items[1] = _complete(done[1], None, duration_seconds=None)
     # another daemon's attempt of this job: the fence refuses it, and only it
-    items.append(queue.Finished(stale.id, stale.attempt + 1, queue.Finish.COMPLETE, result=1))
-    items.append(queue.Finished(failed.id, failed.attempt, queue.Finish.FAIL, error="boom"))
+    items.append(dataclasses.replace(_complete(stale, 1), attempt=stale.attempt + 1))
+    if batch == "with a failure":
+        items.append(queue.Finished(failed.id, failed.attempt, queue.Finish.FAIL, error="boom"))
     statuses, documents = await _finish(db, items)
-    assert statuses == [TaskStatus.COMPLETED] * len(RESULTS) + [None, TaskStatus.PENDING]
+    expected = [TaskStatus.COMPLETED] * len(RESULTS) + [None]
+    assert statuses == expected + ([TaskStatus.PENDING] if batch == "with a failure" else [])
     if db.dialect == "sqlite" and execution_path == "driver":
         assert len(documents) == 1
+        assert ("RETURNING" in documents[0]) is (batch == "completions only")
 
     rows = await _rows(db, [t.id for t in held])
     for t, result in zip(done, RESULTS, strict=True):
@@ -85,7 +92,10 @@ async def test_a_batch_of_completions_is_written_row_by_row(
     assert rows[done[1].id].duration_seconds is None
     assert [rows[t.id].duration_seconds for t in done[2:]] == [0.25] * (len(RESULTS) - 2)
     assert (rows[stale.id].status, rows[stale.id].locked_by) == (TaskStatus.PROCESSING, PID)
-    assert rows[failed.id].status == TaskStatus.PENDING and rows[failed.id].retry_count == 1
+    if batch == "with a failure":
+        assert rows[failed.id].status == TaskStatus.PENDING and rows[failed.id].retry_count == 1
+    else:
+        assert (rows[failed.id].status, rows[failed.id].locked_by) == ("processing", PID)
 
     async with db.read_transaction() as s:
         notes = (
@@ -120,3 +130,18 @@ async def test_sqlite_batches_the_document_cannot_carry_go_one_by_one(
     assert [rows[t.id].result["n"] for t in held[:2]] == [1, 2]
     last = rows[held[2].id].result["n"]
     assert math.isnan(last) if why == "nan" else last == 3
+
+
+@pytest.mark.parametrize("batch", ["completions only", "with a failure"])
+async def test_a_completion_without_a_duration_keeps_the_rows(db: Database, batch: str) -> None:
+    from sqlalchemy import update
+
+    held = await _held(db, 3)
+    async with db.write_transaction() as s:
+        await s.execute(update(T).values(duration_seconds=5.0))
+    items = [_complete(t, None, duration_seconds=None) for t in held[:2]]
+    if batch == "with a failure":
+        items.append(queue.Finished(held[2].id, held[2].attempt, queue.Finish.FAIL, error="x"))
+    await _finish(db, items)
+    rows = await _rows(db, [t.id for t in held[:2]])
+    assert [rows[t.id].duration_seconds for t in held[:2]] == [5.0, 5.0]

@@ -1471,6 +1471,17 @@ def _fenced_ends(owner: Any) -> tuple[Any, ColumnElement[bool]]:
     return v, fence
 
 
+def _fence_on(ends: Any) -> ColumnElement[bool]:
+    """The fence against a row set carrying each end's id and attempt and the fence's
+    constants as columns (``expected``, ``owner``: see ``_fenced_ends``)."""
+    return and_(
+        T.id == ends.c.id,
+        T.status == ends.c.expected,
+        T.locked_by == ends.c.owner,
+        T.attempts == ends.c.attempt,
+    )
+
+
 def _complete_unnested() -> Any:
     """PostgreSQL: every completion of a batch in ONE fenced statement over unnested arrays
     (one execution instead of one per row); the same values as ``_COMPLETE``."""
@@ -1508,12 +1519,7 @@ def _complete_alone_statement() -> Any:
         .with_for_update(of=TASKS)
         .cte("locked")
     )
-    fence = and_(
-        T.id == locked.c.id,
-        T.status == locked.c.expected,
-        T.locked_by == locked.c.owner,
-        T.attempts == locked.c.attempt,
-    )
+    fence = _fence_on(locked)
     done = (
         update(TASKS)
         .where(fence)
@@ -1631,7 +1637,7 @@ def _sqlite_completions(
 
 
 @functools.cache
-def _sqlite_complete_document() -> Any:
+def _sqlite_complete_document(returning: bool = False) -> Any:
     """SQLite: every completion of a batch in ONE fenced statement, ``_COMPLETE``'s values
     for each row of a JSON document (arrays of id, attempt, duration, tokens and the
     result's JSON text), instead of an executemany that binds each row in Python and steps
@@ -1661,14 +1667,13 @@ def _sqlite_complete_document() -> Any:
         .cte("ends")
         .prefix_with("MATERIALIZED")
     )
-    fence = and_(
-        T.id == ends.c.id,
-        T.status == ends.c.expected,
-        T.locked_by == ends.c.owner,
-        T.attempts == ends.c.attempt,
-    )
+    fence = _fence_on(ends)
     now = bindparam("b_now", type_=UTCDateTime())
-    return update(TASKS).where(fence).values(**_completed_values(ends, now))
+    values = _completed_values(ends, now)
+    # a completion without a duration keeps the row's (the general path passes it resolved)
+    values["duration_seconds"] = func.coalesce(ends.c.duration, T.duration_seconds)
+    statement = update(TASKS).where(fence).values(**values)
+    return statement.returning(T.id, T.attempts) if returning else statement
 
 
 @functools.cache
@@ -1707,6 +1712,9 @@ async def finish_tasks(
         return []
     if len({(i.task_id, i.attempt) for i in items}) != len(items):
         raise ValueError("finish_tasks: one end per attempt")
+    done = await _complete_sqlite_batch(session, processor_id, items, now)
+    if done is not None:
+        return done
     db_clock = now is None and dialect_of(session) == "postgresql"
     params: dict[str, Any] = {"f_processor": processor_id}
     if faults.seeded("fence"):  # test-only seeded bug: by id alone
@@ -1739,6 +1747,46 @@ async def finish_tasks(
     await hotpath.execute_many(session, _END, ends)
     await notifications.add(session, notes)
     return statuses
+
+
+async def _complete_sqlite_batch(
+    session: AsyncSession, processor_id: str, items: Sequence[Finished], now: datetime | None
+) -> list[TaskStatus | None] | None:
+    """SQLite, a batch of completions only, each with its task as claimed (``ref``): the
+    fenced UPDATE of ``_sqlite_complete_document`` returns the (id, attempt) pairs it wrote,
+    and their notifications follow: two statements, without first reading the rows back
+    (nothing a completion writes depends on them, and the transaction already holds the
+    database's only write lock). None when the batch takes the general path (another kind
+    of end, a missing ``ref``, the seeded fence bug, or ``_sqlite_completions`` says no)."""
+    if len(items) < 2 or faults.seeded("fence") or dialect_of(session) != "sqlite":
+        return None
+    if not all(i.how is Finish.COMPLETE and i.ref is not None for i in items):
+        return None
+    clock = now or utcnow()
+    completes = [
+        {
+            "b_id": i.task_id,
+            "b_attempt": i.attempt,
+            "b_duration": i.duration_seconds,  # None: the row keeps its own (COALESCE)
+            "b_tokens": _token_count(i.token_usage),
+            "b_result": i.result,
+            "b_now": clock,
+            "b_locked_by": processor_id,
+        }
+        for i in items
+    ]
+    document = _sqlite_completions(session, completes)
+    if document is None:
+        return None
+    rows = await hotpath.fetch(session, _sqlite_complete_document(returning=True), document)
+    written = {(r.id, r.attempts) for r in rows}
+    notes = [
+        _completed_note(i.ref, i.duration_seconds)
+        for i in items
+        if i.ref is not None and (i.task_id, i.attempt) in written
+    ]
+    await notifications.add(session, notes)
+    return [TaskStatus.COMPLETED if (i.task_id, i.attempt) in written else None for i in items]
 
 
 def _decide(
