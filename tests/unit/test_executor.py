@@ -280,3 +280,30 @@ async def test_token_usage_saturates_and_takes_integers_only(registry: HandlerRe
 async def test_results_at_the_limits_complete(registry: HandlerRegistry, kind: str) -> None:
     outcome, _ = await run(registry, make_task(kind))
     assert outcome.kind is OutcomeKind.COMPLETED
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        (float("nan"), "Out of range float values are not JSON compliant"),
+        ({1, 2}, "Object of type set is not JSON serializable"),
+        ("cycle", "Circular reference detected"),
+        ("deep", "it nests too deeply to encode"),
+    ],
+)
+def test_a_result_that_is_not_json_says_why(value: object, error: str) -> None:
+    """The result's encoder is built once (no cycle markers): a cycle still says so."""
+    from app.services.processor.executor import _jsonable, _NotJSONError
+
+    if value == "cycle":
+        loop: list[object] = []
+        loop.append(loop)
+        value = loop
+    elif value == "deep":
+        deep: list[object] = []
+        for _ in range(100_000):
+            deep = [deep]
+        value = deep
+    with pytest.raises(_NotJSONError, match=error):
+        _jsonable(value)
+    assert _jsonable({"ok": [1, "é", None]}) == {"ok": [1, "é", None]}

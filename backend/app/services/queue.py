@@ -126,9 +126,10 @@ _PAYLOAD_C_ENCODER: Callable[[object, int], Sequence[str]] | None = (
 )
 
 
-def encode_payload(payload: dict[str, Any]) -> str:
-    """``json.dumps(payload, allow_nan=False)``, byte for byte; TypeError, ValueError or
-    RecursionError when it cannot be encoded."""
+def encode_payload(payload: object) -> str:
+    """``json.dumps(payload, allow_nan=False)``, byte for byte (any JSON value: a payload,
+    a handler's result); TypeError, ValueError or RecursionError when it cannot be
+    encoded."""
     if _PAYLOAD_C_ENCODER is None:
         return _PAYLOAD_JSON.encode(payload)
     return "".join(_PAYLOAD_C_ENCODER(payload, 0))

@@ -21,7 +21,13 @@ from app.services.handlers import (
     ProgressSink,
     Snooze,
 )
-from app.services.queue import MAX_JSON_DEPTH, ClaimedTask, is_unicode, nests_deeper_than
+from app.services.queue import (
+    MAX_JSON_DEPTH,
+    ClaimedTask,
+    encode_payload,
+    is_unicode,
+    nests_deeper_than,
+)
 
 logger = logging.getLogger("app.processor")
 MAX_TRACEBACK_CHARS = 8_000
@@ -198,9 +204,16 @@ class _NotJSONError(Exception):
 
 def _jsonable(value: Any) -> Any:
     try:
-        text = json.dumps(value, allow_nan=False)
+        try:
+            text = encode_payload(value)  # json.dumps(value, allow_nan=False), built once
+        except RecursionError:  # the encoder built once keeps no cycle markers: ask json
+            text = json.dumps(value, allow_nan=False)  # "Circular reference detected"
     except (TypeError, ValueError) as exc:
         raise _NotJSONError(f"handler returned a value that is not JSON: {exc}") from None
+    except RecursionError:
+        raise _NotJSONError(
+            "handler returned a value that is not JSON: it nests too deeply to encode"
+        ) from None
     if "\\ud" in text and not is_unicode(value):
         raise _NotJSONError(
             "handler returned a string that is not valid Unicode (a lone surrogate, "
