@@ -689,3 +689,12 @@ async def test_a_read_does_not_wait_for_the_write_lock_to_record_a_tokens_use(
             return rows.scalar_one() is not None
 
     await eventually(used, within=10)
+
+
+@pytest.mark.parametrize("when", ["1700000000", " 1700000000.5 ", "-1", "1e9", 1700000000])
+async def test_a_schedule_given_as_a_number_is_a_422(api: Api, when: object) -> None:
+    """scheduled_at is ISO 8601: a number, or a string of one, is not read as Unix time."""
+    r = await api.post("alice", "/tasks", json={"kind": "noop", "scheduled_at": when})
+    assert r.status_code == 422 and "ISO 8601" in str(r.json()["detail"]), r.text
+    ok = await api.post("alice", "/tasks", json={"kind": "noop", "scheduled_at": "2030-01-01"})
+    assert ok.status_code == 202 and ok.json()["scheduled_at"].startswith("2030-01-01T00:00:00")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -40,6 +41,8 @@ PAYLOAD_SCHEMA: dict[str, Any] = {
 # JSON text always writes a NUL as \u0000. After an even run of backslashes (escaped
 # backslashes) that is a NUL; after an odd run it is the literal text "\u0000".
 has_nul = queue.has_nul
+
+_NUMBER = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
 
 class TaskCreate(BaseModel):
@@ -107,8 +110,11 @@ class TaskCreate(BaseModel):
     @field_validator("scheduled_at", mode="before")
     @classmethod
     def _iso_only(cls, value: object) -> object:
+        # pydantic would also read a number, or a string of digits, as Unix time
         if value is not None and not isinstance(value, str | datetime):
             raise ValueError("must be an ISO 8601 date-time string")
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+            raise ValueError("must be an ISO 8601 date-time string, not a number")
         return value
 
 
