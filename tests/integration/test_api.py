@@ -574,9 +574,24 @@ async def test_inline_mode_runs_the_job_before_answering(db: Database, database_
                 headers={"Authorization": f"Bearer {token}"},
                 json={"kind": "chapter_analysis", "payload": {"text": "One two. Three."}},
             )
+            bulk = await client.post(
+                f"{P}/tasks/bulk",
+                headers={"Authorization": f"Bearer {token}"},
+                json={
+                    "tasks": [
+                        {"kind": "chapter_analysis", "payload": {"text": text}}
+                        for text in ("One.", "One two.")
+                    ]
+                },
+            )
     assert r.status_code == 202
     body = r.json()
     assert (body["status"], body["attempts"], body["result"]["word_count"]) == ("completed", 1, 3)
+    assert bulk.status_code == 202, bulk.text
+    assert [(t["status"], t["result"]["word_count"]) for t in bulk.json()["tasks"]] == [
+        ("completed", 1),
+        ("completed", 2),
+    ]
 
 
 @pytest.mark.parametrize("engine_name", ["sqlite"])

@@ -143,6 +143,14 @@ async def create_tasks(
             if not result.created and (task is None or task.user_id != spec.user_id):
                 await session.rollback()
                 return JSONResponse({"detail": "idempotency_key already used"}, status_code=409)
+    if settings.inline and any(r.created for r in results):
+        from app.services.inline import run_inline
+
+        for result in results:  # each once (a key repeated in the call answers not created)
+            if result.created:
+                await run_inline(db, REGISTRY, result.id, settings)
+        async with db.read_transaction() as session:
+            tasks = await queue.get_tasks(session, [r.id for r in results])
     return BulkResult(tasks=[TaskPublic.of(t) for t in tasks if t is not None])
 
 
