@@ -82,15 +82,19 @@ async def test_add_stores_every_row_in_order(db: Database, count: int, execution
 
 
 @pytest.mark.parametrize("engine_name", ["sqlite"])
-@pytest.mark.parametrize("why", ["old sqlite", "nan"])
+@pytest.mark.parametrize("why", ["old sqlite", "nan", "nul"])
 async def test_sqlite_rows_the_document_cannot_carry_go_one_by_one(
     db: Database, why: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Before SQLite 3.38 (no ->>), and for a value strict JSON has no text for (NaN, which
-    the one-row INSERT has always stored as json.dumps writes it), the executemany."""
+    """Before SQLite 3.38 (no ->>), for a value strict JSON has no text for (NaN, which
+    the one-row INSERT has always stored as json.dumps writes it), and for a NUL in a
+    string, the executemany."""
     if why == "old sqlite":
         monkeypatch.setattr(notifications, "SQLITE_JSON_ARROWS", False)
         rows = _rows(await _tasks(db, 3))
+    elif why == "nul":  # an exception's text may hold one; ->> would cut the text there
+        rows = _rows(await _tasks(db, 3))
+        rows[1]["message"] = "bad\x00thing"
     else:
         rows = _rows(await _tasks(db, 3), ratio=float("nan"))
     seen, watching = _statements(db)

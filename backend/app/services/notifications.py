@@ -222,14 +222,17 @@ _DOCUMENT_ENCODER: Callable[[object, int], Sequence[str]] | None = (
 
 def _sqlite_document(rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
     """SQLite: the parameters of ``_sqlite_document_insert`` for ``rows`` (``build``'s
-    dicts), or None when they go one by one instead: a single row, SQLite before 3.38, or a
+    dicts), or None when they go one by one instead: a single row, SQLite before 3.38, a
     value JSON cannot carry as is (NaN, an object ``json`` cannot encode), which the
-    one-row INSERT's own encoding then accepts or refuses as it always has."""
+    one-row INSERT's own encoding then accepts or refuses as it always has, or a string
+    holding a NUL (an exception's text can), which ``->>`` would cut short."""
     if len(rows) < 2 or not SQLITE_JSON_ARROWS or _DOCUMENT_ENCODER is None:
         return None
     try:
         text = "".join(_DOCUMENT_ENCODER([[row[k] for k in _ROW_KEYS] for row in rows], 0))
     except (TypeError, ValueError, RecursionError):
+        return None
+    if "\\u0000" in text:  # a NUL in a string: SQLite's ->> would end the text there
         return None
     return {"n_rows": text, "n_created_at": utcnow()}
 
