@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import functools
-import json
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -199,25 +198,10 @@ def _stamped(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 #: SQLite 3.38 brought the ``->``/``->>`` operators the document INSERT reads rows with.
 SQLITE_JSON_ARROWS = sqlite3.sqlite_version_info >= (3, 38, 0)
-#: ``json.dumps(value, ensure_ascii=False, allow_nan=False)`` from the C encoder built once
-#: (``json.dumps`` builds one per call). No circular-reference markers: a cycle ends in
-#: RecursionError, and the rows then take the executemany, whose encoder says what is wrong.
-_C_MAKE_ENCODER: Any = getattr(json.encoder, "c_make_encoder", None)  # not in typeshed
-_DOCUMENT_ENCODER: Callable[[object, int], Sequence[str]] | None = (
-    None
-    if _C_MAKE_ENCODER is None
-    else _C_MAKE_ENCODER(
-        None,  # markers
-        json.JSONEncoder().default,
-        json.encoder.encode_basestring,  # ensure_ascii=False: text stays UTF-8
-        None,  # indent
-        ": ",
-        ", ",
-        False,  # sort_keys
-        False,  # skipkeys
-        False,  # allow_nan
-    )
-)
+#: ``json.dumps(value, ensure_ascii=False, allow_nan=False)``, its encoder built once: text
+#: stays UTF-8 (a lone surrogate then fails the insert, as binding it would). A cycle ends
+#: in RecursionError and the rows take the executemany, whose encoder says what is wrong.
+_DOCUMENT_ENCODER = hotpath.json_encoder(ensure_ascii=False)
 
 
 def _sqlite_document(rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:

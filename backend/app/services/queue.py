@@ -104,26 +104,8 @@ REF_COLUMNS = (T.id, T.kind, T.user_id, T.project_id, T.chapter_id, T.attempts)
 #: (``\\u0000`` is the six characters \u0000 written as plain text, which is fine).
 #: ``json.dumps(payload, allow_nan=False)``, without building an encoder for every call.
 _PAYLOAD_JSON = json.JSONEncoder(allow_nan=False)
-#: The same text from the C encoder built once (JSONEncoder.encode builds one per call,
-#: ~2 µs, the most of a small payload's encoding). No circular-reference markers: a
-#: dict shared across calls would keep stale ids after an error; a cycle ends in
-#: RecursionError instead, and the checks then say what is wrong with _PAYLOAD_JSON.
-_C_MAKE_ENCODER: Any = getattr(json.encoder, "c_make_encoder", None)  # not in typeshed
-_PAYLOAD_C_ENCODER: Callable[[object, int], Sequence[str]] | None = (
-    None
-    if _C_MAKE_ENCODER is None
-    else _C_MAKE_ENCODER(
-        None,  # markers
-        _PAYLOAD_JSON.default,
-        json.encoder.encode_basestring_ascii,
-        None,  # indent
-        _PAYLOAD_JSON.key_separator,
-        _PAYLOAD_JSON.item_separator,
-        False,  # sort_keys
-        False,  # skipkeys
-        False,  # allow_nan
-    )
-)
+#: The same text from the C encoder built once (hotpath.json_encoder).
+_PAYLOAD_C_ENCODER = hotpath.json_encoder(ensure_ascii=True)
 
 
 def encode_payload(payload: object) -> str:
