@@ -114,12 +114,14 @@ async def test_token_usage_adds_to_what_the_row_holds(db: Database) -> None:
 
 
 @pytest.mark.parametrize("engine_name", ["sqlite"])
-@pytest.mark.parametrize("why", ["old sqlite", "nan"])
+@pytest.mark.parametrize("why", ["old sqlite", "nan", "too big"])
 async def test_sqlite_batches_the_document_cannot_carry_go_one_by_one(
     db: Database, why: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if why == "old sqlite":
         monkeypatch.setattr(queue, "SQLITE_JSON_ARROWS", False)
+    elif why == "too big":  # results too large together for one bound value
+        monkeypatch.setattr(queue, "SQLITE_DOCUMENT_BYTES", 20)
     held = await _held(db, 3)
     results = [{"n": 1}, {"n": 2}, {"n": float("nan") if why == "nan" else 3}]
     statuses, documents = await _finish(

@@ -172,7 +172,7 @@ async def add(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> None:
     if dialect_of(session) == "postgresql":
         await hotpath.fetch(session, _INSERT_AFTER_FEED_LOCK, array_params(rows))
         return
-    document = _sqlite_document(rows)
+    document = _sqlite_document(rows, session.get_bind().dialect)
     if document is None:
         await hotpath.execute_many(session, _INSERT, _stamped(rows))
     else:
@@ -183,7 +183,7 @@ def add_sqlite3(conn: sqlite3.Connection, dialect: Dialect, rows: Sequence[dict[
     """``add`` on a bare ``sqlite3`` connection, in the caller's transaction."""
     if not rows:
         return
-    document = _sqlite_document(rows)
+    document = _sqlite_document(rows, dialect)
     if document is None:
         hotpath.sqlite3_execute_many(conn, dialect, _INSERT, _stamped(rows))
     else:
@@ -204,13 +204,16 @@ SQLITE_JSON_ARROWS = sqlite3.sqlite_version_info >= (3, 38, 0)
 _DOCUMENT_ENCODER = hotpath.json_encoder(ensure_ascii=False)
 
 
-def _sqlite_document(rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+def _sqlite_document(rows: Sequence[dict[str, Any]], dialect: Dialect) -> dict[str, Any] | None:
     """SQLite: the parameters of ``_sqlite_document_insert`` for ``rows`` (``build``'s
     dicts), or None when they go one by one instead: a single row, SQLite before 3.38, a
     value JSON cannot carry as is (NaN, an object ``json`` cannot encode), which the
-    one-row INSERT's own encoding then accepts or refuses as it always has, or a string
-    holding a NUL (an exception's text can), which ``->>`` would cut short."""
+    one-row INSERT's own encoding then accepts or refuses as it always has, a string
+    holding a NUL (an exception's text can), which ``->>`` would cut short, or an engine
+    with a JSON serializer of its own."""
     if len(rows) < 2 or not SQLITE_JSON_ARROWS or _DOCUMENT_ENCODER is None:
+        return None
+    if getattr(dialect, "_json_serializer", None) is not None:  # an engine's own encoding
         return None
     try:
         text = "".join(_DOCUMENT_ENCODER([[row[k] for k in _ROW_KEYS] for row in rows], 0))

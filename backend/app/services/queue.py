@@ -1590,8 +1590,9 @@ def _sqlite_completions(
     """SQLite: the parameters of ``_sqlite_complete_document`` for ``completes``, or None
     when the executemany writes them instead: not SQLite 3.38 or later (PostgreSQL with a
     caller's clock goes that way too), an engine with its own JSON serializer (the
-    document holds ``json.dumps``'s text of each result), or a result JSON has no strict
-    text for (NaN), which the executemany's own encoding then stores or refuses as ever."""
+    document holds ``json.dumps``'s text of each result), a result JSON has no strict
+    text for (NaN), which the executemany's own encoding then stores or refuses as ever,
+    or results too large together for one value (over ``SQLITE_DOCUMENT_BYTES``)."""
     dialect = session.get_bind().dialect
     if (
         dialect.name != "sqlite"
@@ -1614,6 +1615,8 @@ def _sqlite_completions(
         ]
         document = "".join(encode(rows, 0))
     except (TypeError, ValueError, RecursionError):
+        return None
+    if len(document) > SQLITE_DOCUMENT_BYTES:  # huge results: one bound value stays small
         return None
     first = completes[0]
     return {"b_now": first["b_now"], "b_locked_by": first["b_locked_by"], "d_rows": document}
