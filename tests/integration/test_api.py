@@ -706,6 +706,28 @@ async def test_a_read_does_not_wait_for_the_write_lock_to_record_a_tokens_use(
     await eventually(used, within=10)
 
 
+@pytest.mark.parametrize("hot", [True, False])
+async def test_a_token_is_looked_up_on_every_request(
+    api: Api, hot: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whether the token is read on the bare driver or through a session: a user token
+    acts as its user, an admin's sees every user's tasks, an unknown or revoked one is a
+    401, and a revocation holds from the very next request (nothing is cached)."""
+    monkeypatch.setattr(hotpath, "ENABLED", hot)
+    mine = (await api.post("alice", "/tasks", json={"kind": "noop"})).json()
+    assert mine["user_id"] == "alice"
+    assert (await api.get("bob", f"/tasks/{mine['id']}")).status_code == 404
+    assert (await api.get("root", f"/tasks/{mine['id']}")).status_code == 200
+    unknown = {"Authorization": "Bearer ap_" + "x" * 43}
+    for headers in (api.h("gone"), unknown):
+        r = await api.client.get(f"{P}/tasks", headers=headers)
+        assert (r.status_code, r.json()["detail"]) == (401, "unknown or revoked token")
+    async with api.db.write_transaction() as s:
+        [alice] = (await s.scalars(select(ApiToken.id).where(ApiToken.user_id == "alice"))).all()
+        assert await auth.revoke_token(s, alice)
+    assert (await api.get("alice", f"/tasks/{mine['id']}")).status_code == 401
+
+
 @pytest.mark.parametrize("when", ["1700000000", " 1700000000.5 ", "-1", "1e9", 1700000000])
 async def test_a_schedule_given_as_a_number_is_a_422(api: Api, when: object) -> None:
     """scheduled_at is ISO 8601: a number, or a string of one, is not read as Unix time."""

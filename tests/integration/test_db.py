@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import exc as sa_exc
-from sqlalchemy import select, text
+from sqlalchemy import func, select, text
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -646,3 +646,45 @@ async def test_pg_connection_the_server_closed_is_replaced_before_use(
     async with db.write_transaction() as s:
         second = int((await s.execute(text("SELECT pg_backend_pid()"))).scalar_one())
     assert second != first
+
+
+async def test_read_alone_reads_on_the_bare_driver(db: Database, monkeypatch: Any) -> None:
+    """One SELECT outside any session: the rows, typed by the columns (an aware datetime,
+    a bool); None (the caller reads through a session) with the hot path off and after
+    dispose."""
+    from app.services import hotpath, queue
+
+    statement = select(queue.TASKS.c.id, queue.TASKS.c.created_at).where(queue.TASKS.c.id > 0)
+    async with db.write_transaction() as s:
+        await queue.enqueue_task(s, kind="noop", payload={})
+    [row] = await db.read_alone(statement, {}) or [None]
+    assert row is not None and row.id >= 1 and row.created_at.tzinfo is not None
+    monkeypatch.setattr(hotpath, "ENABLED", False)
+    assert await db.read_alone(statement, {}) is None
+    monkeypatch.setattr(hotpath, "ENABLED", True)
+    await db.dispose()
+    assert await db.read_alone(statement, {}) is None
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"])
+async def test_read_alone_never_waits_for_a_locked_sqlite_file(database_url: str) -> None:
+    """A connection in exclusive locking mode keeps every reader out: the bare read says
+    so at once (None) instead of blocking the event loop, and reads once it is gone."""
+    from app.services import queue
+
+    holder = sqlite3.connect(sqlite_path(database_url) or "", isolation_level=None)
+    holder.execute("PRAGMA locking_mode=EXCLUSIVE")
+    holder.execute("BEGIN IMMEDIATE")
+    holder.execute("UPDATE processors SET pid = pid")
+    holder.execute("COMMIT")  # the file stays locked by this connection
+    db = Database.from_url(database_url)
+    statement = select(func.count()).select_from(queue.TASKS)
+    try:
+        started = asyncio.get_running_loop().time()
+        assert await db.read_alone(statement, {}) is None
+        assert asyncio.get_running_loop().time() - started < 1
+        holder.close()
+        assert [tuple(row) for row in await db.read_alone(statement, {}) or []] == [(0,)]
+    finally:
+        holder.close()
+        await db.dispose()

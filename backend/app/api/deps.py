@@ -54,8 +54,7 @@ async def current_principal(
         raise _unauthorized("missing bearer token (Authorization: Bearer <token>)")
     if credentials.scheme.lower() != "bearer" or not auth.looks_like_token(credentials.credentials):
         raise _unauthorized("malformed bearer token")
-    async with db.read_transaction() as session:
-        principal = await auth.authenticate(session, credentials.credentials)
+    principal = await auth.authenticate(db, credentials.credentials)
     if principal is None:
         raise _unauthorized("unknown or revoked token")
     key = (id(db), principal.token_id)
