@@ -28,7 +28,7 @@ LIBRARIES = (
     "asyncpg",
     "fastapi",
     "uvicorn",
-    "httpx",
+    "aiohttp",
     "pydantic",
 )
 
@@ -635,7 +635,8 @@ How each figure is measured (see `bench/workloads.py`):
   `enqueue_task_alone` (a transaction of its own: PostgreSQL's one autocommitted statement,
   SQLite's bare connection), from one task and from several at once (a web application's
   concurrent requests; PostgreSQL commits their WAL flushes together); POST /tasks against
-  `async-processor api` (uvicorn) with an httpx client pool on the same 2 cores.
+  `async-processor api` (uvicorn) with an aiohttp client pool on the same 2 cores (httpx's
+  client cost more CPU a request than the API).
 - W2: jobs enqueued before the daemon starts; jobs/s = jobs ÷ (last `completed_at` - first
   `started_at`), read from the rows. Each round drains on an empty table, then with W5's
   finished history, then with each bare floor, back to back; figures are the rounds'
