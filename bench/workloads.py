@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from app.db import Database
-from app.models import FINISHED_STATUSES, PendingAnalysis, TaskStatus
+from app.models import PendingAnalysis, TaskStatus
 from app.services import hotpath, queue
 from bench import floors
 from bench.handlers import NOOP, SLEEP, STAMP
@@ -108,28 +108,38 @@ async def enqueue_stamped(
     return enqueued, committed
 
 
-async def finished_count(db: Database, batch: Batch) -> int:
-    stmt = (
-        select(func.count())
-        .select_from(T)
-        .where(T.id.between(batch.lo, batch.hi), T.status.in_(list(FINISHED_STATUSES)))
-    )
+#: The jobs of an id range still to end, counted through the partial indexes of pending and
+#: running rows: a poll costs what is left, not the batch's size. (Counting the finished
+#: rows of the range read every row of it, every 50 ms: on PostgreSQL a backend busy ~13 %
+#: of the time during a 20,000-job drain, CPU the daemon under test shares.) ``+id`` keeps
+#: both engines off the primary key's range and on those indexes.
+UNFINISHED = text(
+    "SELECT (SELECT count(*) FROM pending_analysis"
+    " WHERE status = 'pending' AND +id BETWEEN :lo AND :hi)"
+    " + (SELECT count(*) FROM pending_analysis"
+    " WHERE status = 'processing' AND +id BETWEEN :lo AND :hi)"
+)
+
+
+async def unfinished_count(db: Database, batch: Batch) -> int:
     async with db.read_transaction() as session:
-        return int((await session.execute(stmt)).scalar_one())
+        found = await session.execute(UNFINISHED, {"lo": batch.lo, "hi": batch.hi})
+        return int(found.scalar_one())
 
 
 async def wait_finished(
     db: Database, batch: Batch, limit_seconds: float, alive: Callable[[], None] | None = None
 ) -> None:
-    """Poll (every 50 ms, a primary-key range count) until every job of ``batch`` ended."""
+    """Poll (every 50 ms, a count of what is left) until every job of ``batch`` ended."""
     deadline = time.monotonic() + limit_seconds
     while True:
-        done = await finished_count(db, batch)
-        if done >= len(batch.ids):
+        left = await unfinished_count(db, batch)
+        if left == 0:
             return
         if alive is not None:
             alive()
         if time.monotonic() > deadline:
+            done = len(batch.ids) - left
             raise BenchError(
                 f"only {done} of {len(batch.ids)} jobs finished in {limit_seconds:.0f} s"
             )
