@@ -1388,3 +1388,76 @@ async def test_get_tasks_keeps_the_order_asked_with_gaps_and_repeats(db: Databas
     async with db.read_transaction() as s:
         got = await queue.get_tasks(s, [b, 999_999, a, b])
     assert [t.id if t is not None else None for t in got] == [b, None, a, b]
+
+
+# --- the API's reads of their own ------------------------------------------------------------
+
+
+async def test_read_task_answers_what_get_task_does(db: Database) -> None:
+    """GET /tasks/{id}'s read of its own (bare driver, or a session): every column as
+    get_task has it, for a pending task and a finished one; another user's task and an
+    unknown id are None."""
+    pending = await enqueue(db, payload={"text": "héllo ✓", "n": [1, 2.5]}, priority=9)
+    done = await enqueue(db, project_id="p", chapter_id="c")
+    async with db.write_transaction() as s:
+        await s.execute(
+            update(PendingAnalysis)
+            .where(PendingAnalysis.id == done)
+            .values(status="completed", result={"ok": True}, completed_at=utcnow())
+        )
+    for task_id in (pending, done):
+        async with db.read_transaction() as s:
+            expected = await queue.get_task(s, task_id)
+        assert expected is not None
+        for scope in (None, "alice"):
+            row = await queue.read_task(db, task_id, user_id=scope)
+            assert row is not None
+            for column in queue.TASKS.c.keys():
+                assert getattr(row, column) == getattr(expected, column), column
+        assert await queue.read_task(db, task_id, user_id="bob") is None
+    assert await queue.read_task(db, 10**12) is None
+
+
+async def test_a_feed_page_and_its_unread_count_in_one_read(db: Database) -> None:
+    """GET /notifications' one statement answers what list_for_user and unread_count do
+    in a session, for every combination of filters, both directions, a page of none
+    (the count still there), an admin's (every user's) and a user's."""
+    users = ("alice", "bob", "alice", "alice")
+    tasks = [await enqueue(db, user_id=user) for user in users]
+    async with db.write_transaction() as s:
+        for task_id, user in zip(tasks, users, strict=True):
+            ref = notifications.TaskRef(task_id, "chapter_analysis", user, None, None, 1)
+            await notifications.add(
+                s,
+                [
+                    notifications.build(NotificationType.STARTED, ref, "s", extra="ü"),
+                    notifications.build(NotificationType.COMPLETED, ref, "c"),
+                ],
+            )
+    async with db.write_transaction() as s:
+        first = (await notifications.list_for_user(s, user_id="alice", after_id=0, limit=1))[0]
+        assert await notifications.mark_read(s, first.id, user_id="alice")
+    async with db.read_transaction() as s:
+        newest = (await notifications.list_for_user(s, user_id=None, limit=1))[0].id
+    fields = [c.key for c in notifications.NOTIFICATIONS.c]
+    for user in ("alice", None):
+        for after_id in (None, 0, first.id, newest):
+            for unread_only in (False, True):
+                for task_id in (None, tasks[2]):
+                    for limit in (1, 50):
+                        kw: dict[str, Any] = {
+                            "user_id": user,
+                            "after_id": after_id,
+                            "unread_only": unread_only,
+                            "limit": limit,
+                            "task_id": task_id,
+                        }
+                        async with db.read_transaction() as s:
+                            want = await notifications.list_for_user(s, **kw)
+                            unread = await notifications.unread_count(s, user_id=user)
+                        rows, count = await notifications.page_for_user(db, **kw)
+                        assert count == unread, kw
+                        got = [[getattr(r, f) for f in fields] for r in rows]
+                        assert got == [[getattr(n, f) for f in fields] for n in want], kw
+    rows, count = await notifications.page_for_user(db, user_id="carol")
+    assert (rows, count) == ([], 0)

@@ -272,3 +272,39 @@ async def test_queue_overview_reads_the_live_indexes(history: Database) -> None:
 
     accesses = await _reads(db, overview)
     assert accesses and all(a.indexes and a.indexes <= CLAIM | RUNNING for a in accesses), accesses
+
+
+@pytest.mark.parametrize(
+    ("scope", "filters", "page_index"),
+    [
+        (None, {"task_id": ROWS - 5}, "ix_analysis_notifications_task_id"),
+        ("user-7", {}, None),
+        ("user-7", {"after_id": 2 * ROWS - 500}, None),
+    ],
+    ids=["dashboard-task", "user-newest", "user-after-id"],
+)
+async def test_a_feed_page_with_its_unread_count_reads_indexes(
+    history: Database,
+    monkeypatch: pytest.MonkeyPatch,
+    scope: str | None,
+    filters: dict[str, Any],
+    page_index: str | None,
+) -> None:
+    """GET /notifications' one statement (page and unread count together) reads as the
+    two statements it replaced did: the count from an index over the user's unread rows,
+    the page through an index (a user's through the feed index, sorted as before), a
+    bounded read; the dashboard's task page through the task index."""
+    from app.services import hotpath
+
+    monkeypatch.setattr(hotpath, "ENABLED", False)  # the session's way: the Recorder sees it
+    [access] = await _reads(
+        history, lambda: notifications.page_for_user(history, user_id=scope, **filters)
+    )
+    feed = {"ix_analysis_notifications_unread", "ix_analysis_notifications_feed"}
+    assert access.indexes & feed, access
+    assert access.indexes <= feed | {"ix_analysis_notifications_task_id", PK}, access
+    # (An admin's count is every user's unread notifications: the index's whole length.)
+    assert scope is None or access.rows_read <= ROWS // 50, access
+    assert access.rows_sorted <= 200, access
+    if page_index is not None:
+        assert page_index in access.indexes, access

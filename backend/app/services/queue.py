@@ -2293,6 +2293,26 @@ _TASK_BY_ID = select(PendingAnalysis).where(T.id == bindparam("task_id"))
 _USERS_TASK_BY_ID = _TASK_BY_ID.where(T.user_id == bindparam("user_id"))
 
 
+async def read_task(db: Database, task_id: int, *, user_id: str | None = None) -> Any | None:
+    """``get_task`` as a read of its own, on the bare driver where it can
+    (``Database.read_alone``: a frontend polls GET /tasks/{id}): the row (every column by
+    name), or None."""
+    params: dict[str, Any]
+    if user_id is None:
+        stmt, params = _TASK_ROW_BY_ID, {"task_id": task_id}
+    else:
+        stmt, params = _USERS_TASK_ROW_BY_ID, {"task_id": task_id, "user_id": user_id}
+    rows = await db.read_alone(stmt, params)
+    if rows is None:
+        async with db.read_transaction() as session:
+            rows = list((await session.execute(stmt, params)).all())
+    return rows[0] if rows else None
+
+
+_TASK_ROW_BY_ID = select(*TASKS.c).where(TASKS.c.id == bindparam("task_id"))
+_USERS_TASK_ROW_BY_ID = _TASK_ROW_BY_ID.where(TASKS.c.user_id == bindparam("user_id"))
+
+
 async def get_tasks(session: AsyncSession, task_ids: Sequence[int]) -> list[PendingAnalysis | None]:
     """Tasks by id, in the order asked (None where there is none), in one SELECT per 1,000."""
     found: dict[int, PendingAnalysis] = {}

@@ -34,16 +34,14 @@ async def list_notifications(
 ) -> NotificationPage:
     """Newest first; with ``after_id``, the ones after it oldest first (poll with the
     largest id seen), and the unread count."""
-    async with db.read_transaction() as session:
-        rows = await notifications.list_for_user(
-            session,
-            user_id=caller.scope,
-            after_id=after_id,
-            unread_only=unread_only,
-            limit=limit,
-            task_id=task_id,
-        )
-        unread = await notifications.unread_count(session, user_id=caller.scope)
+    rows, unread = await notifications.page_for_user(
+        db,
+        user_id=caller.scope,
+        after_id=after_id,
+        unread_only=unread_only,
+        limit=limit,
+        task_id=task_id,
+    )
     return NotificationPage(items=[NotificationPublic.of(n) for n in rows], unread_count=unread)
 
 

@@ -58,9 +58,8 @@ def to_spec(body: TaskCreate, caller: Principal, settings: Settings) -> queue.Ta
         raise BadTask(422, str(exc)) from None
 
 
-async def _load(db: Database, task_id: int, caller: Principal) -> PendingAnalysis:
-    async with db.read_transaction() as session:
-        task = await queue.get_task(session, task_id, user_id=caller.scope)
+async def _load(db: Database, task_id: int, caller: Principal) -> Any:
+    task = await queue.read_task(db, task_id, user_id=caller.scope)
     if task is None:
         raise HTTPException(404, f"task {task_id} not found")
     return task
