@@ -55,9 +55,10 @@ async def test_stream_pushes_the_callers_notifications_and_resumes(
 
 
 async def test_a_revoked_token_ends_its_open_stream(db: Database, api_url: str) -> None:
-    """Revoking a token cuts off a stream opened with it within STREAM_TOKEN_CHECK_SECONDS
-    (notifications written after the revocation are not sent); reconnecting gets 401."""
-    from app.api.routes.notifications import STREAM_TOKEN_CHECK_SECONDS
+    """Revoking a token cuts off a stream opened with it at its next poll (every
+    STREAM_POLL_SECONDS; notifications written after the revocation are not sent);
+    reconnecting gets 401."""
+    from app.api.routes.notifications import STREAM_POLL_SECONDS
 
     async with db.write_transaction() as s:
         row, alice = await auth.create_token(s, user_id="alice")
@@ -73,7 +74,7 @@ async def test_a_revoked_token_ends_its_open_stream(db: Database, api_url: str) 
                 await queue.enqueue_tasks(s, [{"kind": "noop", "user_id": "alice"}])
                 await queue.claim_tasks(s, processor_id="p", limit=1, lease_seconds=30)
             lines = [line async for line in response.aiter_lines()]  # until the server ends it
-        assert time.monotonic() - revoked < STREAM_TOKEN_CHECK_SECONDS + 5
+        assert time.monotonic() - revoked < STREAM_POLL_SECONDS + 5
         assert not [line for line in lines if line.startswith("data: ")], lines
         assert (await client.get(url, headers=headers)).status_code == 401
 

@@ -1461,3 +1461,44 @@ async def test_a_feed_page_and_its_unread_count_in_one_read(db: Database) -> Non
                         assert got == [[getattr(n, f) for f in fields] for n in want], kw
     rows, count = await notifications.page_for_user(db, user_id="carol")
     assert (rows, count) == ([], 0)
+
+
+async def test_a_streams_poll_reads_its_page_and_its_token_together(db: Database) -> None:
+    """The SSE poll's one statement: the notifications after an id, oldest first, as
+    list_for_user pages them (a user's, an admin's), and whether the token is still good:
+    False once it is revoked or for an unknown token, with the page read all the same."""
+    from app.services import auth
+
+    async with db.write_transaction() as s:
+        row, _ = await auth.create_token(s, user_id="alice")
+        await s.flush()
+        token_id = row.id
+    tasks = [await enqueue(db, user_id=user) for user in ("alice", "bob", "alice")]
+    async with db.write_transaction() as s:
+        for task_id, user in zip(tasks, ("alice", "bob", "alice"), strict=True):
+            ref = notifications.TaskRef(task_id, "chapter_analysis", user, None, None, 1)
+            await notifications.add(s, [notifications.build(NotificationType.STARTED, ref, "s")])
+    fields = [c.key for c in notifications.NOTIFICATIONS.c]
+    for user in ("alice", None):
+        for after_id in (0, 1, 10**9):
+            for limit in (1, 100):
+                async with db.read_transaction() as s:
+                    want = await notifications.list_for_user(
+                        s, user_id=user, after_id=after_id, limit=limit
+                    )
+                rows, active = await notifications.stream_page(
+                    db, user_id=user, after_id=after_id, token_id=token_id, limit=limit
+                )
+                assert active
+                got = [[getattr(r, f) for f in fields] for r in rows]
+                assert got == [[getattr(n, f) for f in fields] for n in want]
+    async with db.write_transaction() as s:
+        assert await auth.revoke_token(s, token_id)
+    rows, active = await notifications.stream_page(
+        db, user_id="alice", after_id=0, token_id=token_id
+    )
+    assert not active and len(rows) == 2
+    assert (await notifications.stream_page(db, user_id="x", after_id=0, token_id=10**9)) == (
+        [],
+        False,
+    )

@@ -8,9 +8,10 @@ import sqlite3
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Integer, Table, bindparam, select, update
+from sqlalchemy import Integer, Table, and_, bindparam, select, update
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.sql.elements import ColumnElement
 
 from app.db import Database, dialect_of, now_sql
 from app.models import ApiToken
@@ -115,6 +116,11 @@ def touch_token_sqlite3(conn: sqlite3.Connection, dialect: Dialect, token_id: in
     now = utcnow()
     params = {"t_id": token_id, "t_cutoff": now - LAST_USED_RESOLUTION, "t_now": now}
     hotpath.sqlite3_fetch(conn, dialect, _TOUCH, params)
+
+
+def token_active_where() -> ColumnElement[bool]:
+    """The token ``:token_id`` exists and is not revoked (a stream's poll reads it)."""
+    return and_(_TOKENS.c.id == bindparam("token_id"), _TOKENS.c.revoked_at.is_(None))
 
 
 async def token_active(session: AsyncSession, token_id: int) -> bool:

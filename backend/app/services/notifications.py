@@ -36,7 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.db import Database, dialect_of, now_sql
 from app.models import AnalysisNotification, NotificationType, PendingAnalysis
 from app.models.types import UTCDateTime, utcnow
-from app.services import hotpath
+from app.services import auth, hotpath
 
 NOTIFICATIONS: Table = AnalysisNotification.__table__  # type: ignore[assignment]
 N = NOTIFICATIONS.c
@@ -411,12 +411,43 @@ async def page_for_user(
     params = {"user_id": user_id, "task_id": task_id, "after_id": after_id}
     bound = {name: value for name, value in params.items() if value is not None}
     bound["limit"] = limit
-    rows = await db.read_alone(stmt, bound)
+    rows = await _read_headed(db, stmt, bound)
+    return [row for row in rows if row.id is not None], int(rows[0].unread_count)
+
+
+async def stream_page(
+    db: Database, *, user_id: str | None, after_id: int, token_id: int, limit: int = 100
+) -> tuple[list[Any], bool]:
+    """A notification stream's poll: the notifications after ``after_id`` (oldest first)
+    and whether its token is still good, read together in ONE statement (one snapshot:
+    nothing committed after a revocation goes out), on the bare driver where it can."""
+    stmt = _stream_statement(user_id is not None)
+    bound: dict[str, Any] = {"after_id": after_id, "token_id": token_id, "limit": limit}
+    if user_id is not None:
+        bound["user_id"] = user_id
+    rows = await _read_headed(db, stmt, bound)
+    return [row for row in rows if row.id is not None], bool(rows[0].token_active)
+
+
+async def _read_headed(db: Database, stmt: Any, params: dict[str, Any]) -> list[Any]:
+    """The rows of a ``_headed`` statement: at least one (the head's)."""
+    rows = await db.read_alone(stmt, params)
     if rows is None:
         async with db.read_transaction() as session:
-            rows = list((await session.execute(stmt, bound)).all())
-    # The count's one row, joined to each row of the page (or to none: a NULL id).
-    return [row for row in rows if row.id is not None], int(rows[0].unread_count)
+            rows = list((await session.execute(stmt, params)).all())
+    return rows
+
+
+def _headed(head: Select[Any], page: Select[Any], *, forward: bool) -> Any:
+    """``head`` (a one-row SELECT) left-joined to each row of ``page``, in the page's order:
+    one statement, one snapshot; a page of none is the head's row with NULL columns."""
+    first = head.subquery("head")
+    rows = page.subquery("page")
+    return (
+        select(*first.c, *rows.c)
+        .select_from(first.outerjoin(rows, true()))
+        .order_by(rows.c.id if forward else rows.c.id.desc())
+    )
 
 
 @functools.cache
@@ -428,13 +459,14 @@ def _page_statement(scoped: bool, unread_only: bool, one_task: bool, forward: bo
     )
     if scoped:
         counted = counted.where(N.user_id == bindparam("user_id"))
-    unread = counted.subquery("unread")
-    page = _feed_statement(scoped, unread_only, False, one_task, forward).subquery("page")
-    return (
-        select(unread.c.unread_count, *page.c)
-        .select_from(unread.outerjoin(page, true()))
-        .order_by(page.c.id if forward else page.c.id.desc())
-    )
+    page = _feed_statement(scoped, unread_only, False, one_task, forward)
+    return _headed(counted, page, forward=forward)
+
+
+@functools.cache
+def _stream_statement(scoped: bool) -> Any:
+    active = select(func.count().label("token_active")).where(auth.token_active_where())
+    return _headed(active, _feed_statement(scoped, False, False, False, True), forward=True)
 
 
 async def mark_read(session: AsyncSession, notification_id: int, *, user_id: str | None) -> bool:

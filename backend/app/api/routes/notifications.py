@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
 from collections.abc import AsyncIterator
 from typing import Annotated
 
@@ -15,7 +14,7 @@ from app.api.deps import MAX_ID, CallerDep, DbDep, NotificationId
 from app.api.errors import ERRORS
 from app.api.schemas import Marked, NotificationPage, NotificationPublic
 from app.db import Database
-from app.services import auth, notifications
+from app.services import notifications
 from app.services.auth import Principal
 
 router = APIRouter(prefix="/notifications", tags=["notifications"], responses=ERRORS)
@@ -47,9 +46,6 @@ async def list_notifications(
 
 STREAM_POLL_SECONDS = 0.5
 STREAM_KEEPALIVE_SECONDS = 15.0
-#: an open stream checks its token before sending and this often while idle; it ends once
-#: the token is revoked
-STREAM_TOKEN_CHECK_SECONDS = 5.0
 _EVENT_ID = re.compile(r"[0-9]{1,19}")
 
 
@@ -67,22 +63,18 @@ async def _events(
     request: Request, db: Database, caller: Principal, after_id: int
 ) -> AsyncIterator[str]:
     last, idle = after_id, 0.0
-    checked = time.monotonic()
     yield "retry: 2000\n\n"
     while not await request.is_disconnected():
         try:
-            async with db.read_transaction() as session:
-                rows = await notifications.list_for_user(
-                    session, user_id=caller.scope, after_id=last, limit=100
-                )
-                # Before sending anything, and every few seconds while idle: is the token
-                # still good? (Same snapshot: nothing committed after a revocation goes out.)
-                if rows or time.monotonic() - checked >= STREAM_TOKEN_CHECK_SECONDS:
-                    if not await auth.token_active(session, caller.token_id):
-                        return  # revoked: the client's reconnection gets its 401
-                    checked = time.monotonic()
+            # Each poll checks the token in the same snapshot as the page it reads:
+            # nothing committed after a revocation goes out.
+            rows, active = await notifications.stream_page(
+                db, user_id=caller.scope, after_id=last, token_id=caller.token_id, limit=100
+            )
         except Exception:  # the database is away: keep the stream, try again
-            rows = []
+            rows, active = [], True
+        if not active:
+            return  # revoked: the client's reconnection gets its 401
         for row in rows:
             note = NotificationPublic.of(row)
             last = note.id
