@@ -152,6 +152,11 @@ def _on_pg_checkout(_dbapi_connection: Any, record: Any, _proxy: Any) -> None:
         raise sa_exc.InvalidatePoolError(f"ping failed: {error!r}") from error
 
 
+#: SQLite reader threads of a Database (``read_alone(scans=True)``), each with its own bare
+#: connection.
+READ_THREADS = 4
+
+
 def _busy(error: sqlite3.OperationalError) -> bool:
     """SQLITE_BUSY or SQLITE_LOCKED: another connection holds what this one needs."""
     return "locked" in str(error) or "busy" in str(error)
@@ -214,10 +219,10 @@ class _HereWriter:
         return True, result
 
     def read(self, statement: Any, params: Mapping[str, Any]) -> list[Any] | None:
-        """One SELECT on this thread's bare connection, as a read transaction of its own
-        (an index lookup: tens of microseconds, no hand-off to a driver thread). None when
-        SQLite answered busy (a reader waits for nothing in WAL mode, save a recovery
-        running elsewhere): the caller reads the usual way, which waits."""
+        """One SELECT on this thread's bare connection, as a read transaction of its own.
+        None when SQLite answered busy (a reader waits for nothing in WAL mode, save a
+        recovery or an exclusive lock elsewhere): the caller reads the usual way, which
+        waits."""
         try:
             conn = self._connection()
         except sqlite3.OperationalError as error:
@@ -381,6 +386,7 @@ class Database:
         self._here = None
         self._here_commits = 0
         self._checkpointer: ThreadPoolExecutor | None = None
+        self._readers: ThreadPoolExecutor | None = None  # read_alone(scans=True), SQLite
         self._checkpoint_guard = threading.Lock()  # event loops of several threads
         self._checkpoint_running: asyncio.Future[None] | None = None
         self._closed = False
@@ -451,20 +457,36 @@ class Database:
             done, _ = self._here.run(here)
         return done
 
-    async def read_alone(self, statement: Any, params: Mapping[str, Any]) -> list[Any] | None:
+    async def read_alone(
+        self, statement: Any, params: Mapping[str, Any], *, scans: bool = False
+    ) -> list[Any] | None:
         """The rows of one Core SELECT, read on the bare driver in a transaction of its own:
-        SQLite files on this thread's bare ``sqlite3`` connection, PostgreSQL autocommitted
-        on a pooled asyncpg connection. A session's read costs ~0.8 ms of SQLAlchemy work on
-        a 2-core VM, the most of a small API request (the token lookup). None where this way
-        does not apply (another driver, the hot path off, SQLite busy): the caller reads
-        through ``read_transaction`` instead."""
+        SQLite files on a bare ``sqlite3`` connection, PostgreSQL autocommitted on a pooled
+        asyncpg connection. A session's read costs ~0.8 ms of SQLAlchemy work on a 2-core
+        VM, the most of a small API request (the token lookup). None where this way does
+        not apply (another driver, the hot path off, SQLite busy): the caller reads through
+        ``read_transaction`` instead.
+
+        SQLite: a lookup by a unique key runs on this thread (tens of microseconds); a read
+        whose work grows with the data (``scans``: a feed page, a count) runs on a reader
+        thread, as the session's driver thread would, so that a large one never holds the
+        event loop (200,000 notifications of one user took ~0.1 s)."""
         if not hotpath.ENABLED or self._closed:
             return None
         if self.dialect == "postgresql":
             return await hotpath.fetch_autocommit_pooled(self.engine, statement, params)
         if self._here is None:
             return None
-        return self._here.read(statement, params)
+        if not scans:
+            return self._here.read(statement, params)
+        with self._checkpoint_guard:
+            if self._closed:
+                return None
+            if self._readers is None:
+                self._readers = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="sqlite-read")
+            readers = self._readers
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(readers, self._here.read, statement, params)
 
     async def _checkpoint_here(self) -> None:
         """The bare connection's commits never checkpoint (I/O on the event loop). Without
@@ -559,8 +581,11 @@ class Database:
         with self._checkpoint_guard:
             self._closed = True
             checkpointer, self._checkpointer = self._checkpointer, None
+            readers, self._readers = self._readers, None
         if checkpointer is not None:
             await asyncio.to_thread(checkpointer.shutdown)  # a checkpoint may be running
+        if readers is not None:
+            await asyncio.to_thread(readers.shutdown)  # reads may be running
         if self._here is not None:
             self._here.close()
         await self.engine.dispose()

@@ -688,3 +688,32 @@ async def test_read_alone_never_waits_for_a_locked_sqlite_file(database_url: str
     finally:
         holder.close()
         await db.dispose()
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"])
+async def test_a_read_that_scans_runs_off_the_event_loop(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite: a lookup by key reads on the event loop's thread; a read whose work grows
+    with the data (a feed page with its unread count) on a reader thread, so a large one
+    never holds the loop; after dispose neither runs."""
+    from app.db import _HereWriter
+    from app.services import notifications, queue
+
+    threads: list[str] = []
+    read = _HereWriter.read
+
+    def spy(self: _HereWriter, statement: Any, params: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return read(self, statement, params)
+
+    monkeypatch.setattr(_HereWriter, "read", spy)
+    assert await queue.read_task(db, 1) is None
+    assert await notifications.page_for_user(db, user_id="alice") == ([], 0)
+    assert threads[0] == threading.current_thread().name
+    assert threads[1].startswith("sqlite-read")
+    await db.dispose()
+    assert (
+        await db.read_alone(select(func.count()).select_from(queue.TASKS), {}, scans=True) is None
+    )
+    assert len(threads) == 2

@@ -205,6 +205,14 @@ class AnalysisNotification(Base):
             "is_read",
             text("created_at DESC"),
         ),
+        # A user's feed page by id (newest first, or after an id): a range read in order.
+        Index(
+            "ix_analysis_notifications_user_id",
+            "user_id",
+            "id",
+            postgresql_where=text("user_id IS NOT NULL"),
+            sqlite_where=text("user_id IS NOT NULL"),
+        ),
         # Unread notifications only: the unread count of every user (an admin's) stays small.
         Index(
             "ix_analysis_notifications_unread",

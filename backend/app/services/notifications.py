@@ -431,7 +431,7 @@ async def stream_page(
 
 async def _read_headed(db: Database, stmt: Any, params: dict[str, Any]) -> list[Any]:
     """The rows of a ``_headed`` statement: at least one (the head's)."""
-    rows = await db.read_alone(stmt, params)
+    rows = await db.read_alone(stmt, params, scans=True)
     if rows is None:
         async with db.read_transaction() as session:
             rows = list((await session.execute(stmt, params)).all())
