@@ -123,14 +123,6 @@ def token_active_where() -> ColumnElement[bool]:
     return and_(_TOKENS.c.id == bindparam("token_id"), _TOKENS.c.revoked_at.is_(None))
 
 
-async def token_active(session: AsyncSession, token_id: int) -> bool:
-    """Whether the token still exists and is not revoked (a long-lived request re-checks)."""
-    found = await session.execute(
-        select(ApiToken.id).where(ApiToken.id == token_id, ApiToken.revoked_at.is_(None))
-    )
-    return found.first() is not None
-
-
 async def list_tokens(session: AsyncSession) -> list[ApiToken]:
     """Every token row (hashes stay inside)."""
     return list((await session.scalars(select(ApiToken).order_by(ApiToken.id))).all())
