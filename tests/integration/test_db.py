@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -691,29 +692,43 @@ async def test_read_alone_never_waits_for_a_locked_sqlite_file(database_url: str
 
 
 @pytest.mark.parametrize("engine_name", ["sqlite"])
-async def test_a_read_that_scans_runs_off_the_event_loop(
+async def test_a_read_that_scans_long_runs_off_the_event_loop(
     db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """SQLite: a lookup by key reads on the event loop's thread; a read whose work grows
-    with the data (a feed page with its unread count) on a reader thread, so a large one
-    never holds the loop; after dispose neither runs."""
+    """SQLite: a lookup by key reads on the event loop's thread, and so does a scanning read
+    (a feed page with its unread count) that ends within its budget; one that runs longer
+    is interrupted there and read again whole on a reader thread, so a large one never
+    holds the loop. After dispose neither runs."""
+    from sqlalchemy import literal
+
+    from app import db as db_module
     from app.db import _HereWriter
     from app.services import notifications, queue
 
     threads: list[str] = []
     read = _HereWriter.read
 
-    def spy(self: _HereWriter, statement: Any, params: Any) -> Any:
+    def spy(self: _HereWriter, statement: Any, params: Any, **kw: Any) -> Any:
         threads.append(threading.current_thread().name)
-        return read(self, statement, params)
+        return read(self, statement, params, **kw)
 
     monkeypatch.setattr(_HereWriter, "read", spy)
+    loop_thread = threading.current_thread().name
     assert await queue.read_task(db, 1) is None
     assert await notifications.page_for_user(db, user_id="alice") == ([], 0)
-    assert threads[0] == threading.current_thread().name
-    assert threads[1].startswith("sqlite-read")
+    assert threads == [loop_thread, loop_thread]
+    # A scan of 2,000,000 generated rows: far past 2 ms.
+    numbers = select(literal(1).label("x")).cte("numbers", recursive=True)
+    numbers = numbers.union_all(select(numbers.c.x + 1).where(numbers.c.x < 2_000_000))
+    statement = select(func.count()).select_from(numbers)
+    threads.clear()
+    started = time.perf_counter()
+    assert [tuple(r) for r in await db.read_alone(statement, {}, scans=True) or []] == [
+        (2_000_000,)
+    ]
+    assert threads[0] == loop_thread and threads[1].startswith("sqlite-read"), threads
+    assert time.perf_counter() - started > db_module.LOOP_READ_BUDGET_SECONDS
     await db.dispose()
-    assert (
-        await db.read_alone(select(func.count()).select_from(queue.TASKS), {}, scans=True) is None
-    )
-    assert len(threads) == 2
+    threads.clear()
+    assert await db.read_alone(statement, {}, scans=True) is None
+    assert threads == []
