@@ -1502,3 +1502,38 @@ async def test_a_streams_poll_reads_its_page_and_its_token_together(db: Database
         [],
         False,
     )
+
+
+async def test_read_tasks_pages_as_list_tasks_does(db: Database) -> None:
+    """GET /tasks' read of its own answers what list_tasks does in a session, for each
+    filter alone, with the cursor, for a user and an admin; a chapter's latest too."""
+    ids = [
+        await enqueue(db, user_id=user, kind=kind, chapter_id=chapter, project_id="p")
+        for user, kind, chapter in [
+            ("alice", "chapter_analysis", "c1"),
+            ("bob", "noop", "c1"),
+            ("alice", "noop", "c2"),
+            ("alice", "chapter_analysis", "c1"),
+        ]
+    ]
+    await claim(db, limit=1)  # the oldest: processing
+    columns = queue.TASKS.c.keys()
+    for kw in [
+        {},
+        {"user_id": "alice"},
+        {"status": "pending"},
+        {"status": "processing", "user_id": "alice"},
+        {"kind": "noop"},
+        {"chapter_id": "c1", "user_id": "alice", "limit": 1},
+        {"project_id": "p", "before_id": ids[2]},
+        {"before_id": ids[-1], "limit": 2},
+        {"kind": "none"},
+    ]:
+        async with db.read_transaction() as s:
+            want = await queue.list_tasks(s, **kw)
+        got = await queue.read_tasks(db, **kw)
+        assert [[getattr(r, c) for c in columns] for r in got] == [
+            [getattr(t, c) for c in columns] for t in want
+        ], kw
+    latest = await queue.read_tasks(db, chapter_id="c1", user_id="alice", limit=1)
+    assert [t.id for t in latest] == [ids[3]]

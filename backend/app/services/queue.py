@@ -2334,26 +2334,71 @@ async def list_tasks(
     chapter_id: str | None = None,
     before_id: int | None = None,
     limit: int = 50,
-) -> list[PendingAnalysis]:
-    """Newest first; ``before_id`` is the cursor (the last id of the previous page)."""
-    stmt = select(PendingAnalysis)
-    for column, value in (
-        (T.user_id, user_id),
-        (T.status, status),
-        (T.kind, kind),
-        (T.project_id, project_id),
-        (T.chapter_id, chapter_id),
-    ):
-        if value is not None:
-            stmt = stmt.where(column == value)
-    if before_id is not None:
-        stmt = stmt.where(T.id < before_id)
-    return list((await session.scalars(stmt.order_by(T.id.desc()).limit(limit))).all())
+) -> list[Any]:
+    """Newest first; ``before_id`` is the cursor (the last id of the previous page). Rows
+    with every column of the task by name."""
+    stmt, params = _listing(user_id, status, kind, project_id, chapter_id, before_id, limit)
+    return list((await session.execute(stmt, params)).all())
+
+
+async def read_tasks(
+    db: Database,
+    *,
+    user_id: str | None = None,
+    status: str | None = None,
+    kind: str | None = None,
+    project_id: str | None = None,
+    chapter_id: str | None = None,
+    before_id: int | None = None,
+    limit: int = 50,
+) -> list[Any]:
+    """``list_tasks`` as a read of its own, on the bare driver where it can
+    (``Database.read_alone``; GET /tasks and a chapter's latest task, which frontends and
+    the dashboard poll)."""
+    stmt, params = _listing(user_id, status, kind, project_id, chapter_id, before_id, limit)
+    rows = await db.read_alone(stmt, params, scans=True)
+    if rows is None:
+        async with db.read_transaction() as session:
+            rows = list((await session.execute(stmt, params)).all())
+    return rows
+
+
+def _listing(
+    user_id: str | None,
+    status: str | None,
+    kind: str | None,
+    project_id: str | None,
+    chapter_id: str | None,
+    before_id: int | None,
+    limit: int,
+) -> tuple[Any, dict[str, Any]]:
+    filters = {
+        "user_id": user_id,
+        "status": status,
+        "kind": kind,
+        "project_id": project_id,
+        "chapter_id": chapter_id,
+        "before_id": before_id,
+    }
+    params = {name: value for name, value in filters.items() if value is not None}
+    return _list_statement(tuple(params)), {**params, "limit": limit}
+
+
+@functools.cache
+def _list_statement(filters: tuple[str, ...]) -> Any:
+    """A task list's SELECT for one combination of filters, built once (it is polled)."""
+    stmt = select(*TASKS.c)
+    for name in filters:
+        if name == "before_id":
+            stmt = stmt.where(TASKS.c.id < bindparam("before_id"))
+        else:
+            stmt = stmt.where(TASKS.c[name] == bindparam(name))
+    return stmt.order_by(TASKS.c.id.desc()).limit(bindparam("limit", type_=Integer))
 
 
 async def latest_for_chapter(
     session: AsyncSession, chapter_id: str, *, user_id: str | None = None
-) -> PendingAnalysis | None:
+) -> Any | None:
     """The newest task of a chapter (of that user, when given)."""
     tasks = await list_tasks(session, chapter_id=chapter_id, user_id=user_id, limit=1)
     return tasks[0] if tasks else None

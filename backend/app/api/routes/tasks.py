@@ -177,17 +177,16 @@ async def list_tasks(
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> TaskPage:
     """Tasks newest first, filtered; page with ``cursor``."""
-    async with db.read_transaction() as session:
-        rows = await queue.list_tasks(
-            session,
-            user_id=caller.scope,
-            status=status_,
-            kind=kind,
-            project_id=project_id,
-            chapter_id=chapter_id,
-            before_id=cursor,
-            limit=limit,
-        )
+    rows = await queue.read_tasks(
+        db,
+        user_id=caller.scope,
+        status=status_,
+        kind=kind,
+        project_id=project_id,
+        chapter_id=chapter_id,
+        before_id=cursor,
+        limit=limit,
+    )
     next_cursor = rows[-1].id if len(rows) == limit else None
     return TaskPage(items=[TaskPublic.of(t) for t in rows], next_cursor=next_cursor)
 
@@ -248,8 +247,8 @@ async def latest_for_chapter(
     db: DbDep,
 ) -> TaskPublic:
     """The newest task of a chapter (a "/" in its id is sent as %2F)."""
-    async with db.read_transaction() as session:
-        task = await queue.latest_for_chapter(session, chapter_id, user_id=caller.scope)
+    found = await queue.read_tasks(db, chapter_id=chapter_id, user_id=caller.scope, limit=1)
+    task = found[0] if found else None
     if task is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no task for chapter {chapter_id!r}")
     return TaskPublic.of(task)
