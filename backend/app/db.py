@@ -44,7 +44,10 @@ logger = logging.getLogger("app.db")
 SQLITE_BUSY_TIMEOUT_MS = 5_000
 PG_CONNECT_TIMEOUT_SECONDS = 3.0
 PG_COMMAND_TIMEOUT_SECONDS = 30.0
-SQLITE_CONNECT_TIMEOUT_SECONDS = 30.0
+#: How long opening a SQLite connection waits for a lock (its first pragmas): the busy
+#: timeout, so that a file another process holds locked is answered within seconds (the
+#: API's 503), as a statement's wait is.
+SQLITE_CONNECT_TIMEOUT_SECONDS = SQLITE_BUSY_TIMEOUT_MS / 1000
 _BEGIN_OPTION = "async_processor_begin"
 #: ``run_write``'s ``here`` commits between two checkpoints of their own (Database.
 #: _checkpoint_here). A one-row enqueue writes six or seven pages (the table's and its

@@ -732,3 +732,30 @@ async def test_a_read_that_scans_long_runs_off_the_event_loop(
     threads.clear()
     assert await db.read_alone(statement, {}, scans=True) is None
     assert threads == []
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"])
+async def test_a_file_locked_before_any_connection_is_reported_within_the_busy_timeout(
+    database_url: str,
+) -> None:
+    """Another process keeps the file locked (exclusive locking mode) before this one has
+    a connection: opening one gives up after the busy timeout, not half a minute later, so
+    the API answers its 503 within seconds."""
+    from app import db as db_module
+
+    holder = sqlite3.connect(sqlite_path(database_url) or "", isolation_level=None)
+    holder.execute("PRAGMA locking_mode=EXCLUSIVE")
+    holder.execute("BEGIN IMMEDIATE")
+    holder.execute("UPDATE processors SET pid = pid")
+    holder.execute("COMMIT")
+    db = Database.from_url(database_url)
+    try:
+        started = time.monotonic()
+        with pytest.raises(sa_exc.OperationalError, match="locked"):
+            async with db.read_transaction() as s:
+                await s.execute(text("SELECT count(*) FROM pending_analysis"))
+        waited = time.monotonic() - started
+        assert waited < db_module.SQLITE_BUSY_TIMEOUT_MS / 1000 + 3, waited
+    finally:
+        holder.close()
+        await db.dispose()
