@@ -145,6 +145,12 @@ class Prepared:
                 out.append(proc(value))
         return sql, out
 
+    def positions(self) -> tuple[str, list[tuple[str, Callable[[Any], Any] | None]]]:
+        """The SQL and each position's (parameter name, bind processor), for a caller that
+        makes its arguments itself (queue's one-row enqueue). No expanding parameters."""
+        sql, binder, _ = self._shapes[()]
+        return sql, [(name, proc) for name, proc, _ in binder]
+
     def bind_many(self, rows: Sequence[Mapping[str, Any]]) -> tuple[str, list[list[Any]]]:
         """The SQL and its arguments for an executemany (no expanding parameters). A value
         that is the same object as the previous row's in that position (a batch's clock,
@@ -445,11 +451,21 @@ async def fetch_autocommit_pooled(
     dialect = engine.dialect
     stmt = prepared(statement, dialect, tuple(params) if statement.is_insert else None)
     sql, args = stmt.bind(params)
+    return await fetch_autocommit_pooled_bound(engine, stmt, sql, args)
+
+
+async def fetch_autocommit_pooled_bound(
+    engine: AsyncEngine, stmt: Prepared, sql: str, args: Sequence[Any]
+) -> list[Any] | None:
+    """fetch_autocommit_pooled of ``stmt``'s SQL with arguments bound already (by the
+    caller, from ``stmt.positions()``)."""
+    if not ENABLED or engine.dialect.name != "postgresql":
+        return None
     raw_rows = await greenlet_spawn(_autocommit_in_greenlet, engine.sync_engine, sql, args)
     return None if raw_rows is _UNSET else stmt.rows(raw_rows)
 
 
-def _autocommit_in_greenlet(sync_engine: Any, sql: str, args: list[Any]) -> Any:
+def _autocommit_in_greenlet(sync_engine: Any, sql: str, args: Sequence[Any]) -> Any:
     with sync_engine.connect() as conn:
         found = _autocommit_driver(conn.connection)
         if found is None:
@@ -504,6 +520,14 @@ def sqlite3_fetch(
     session: Database.run_write's ``here``); errors as SQLAlchemy's exceptions."""
     stmt = prepared(statement, dialect, tuple(params) if statement.is_insert else None)
     sql, args = stmt.bind(params)
+    return stmt.rows(sqlite3_fetch_raw(conn, dialect, sql, args))
+
+
+def sqlite3_fetch_raw(
+    conn: sqlite3.Connection, dialect: Dialect, sql: str, args: Sequence[Any]
+) -> list[Any]:
+    """sqlite3_fetch of SQL with its arguments bound already: the driver's rows, as they
+    come (the caller reads them, e.g. with its Prepared's ``rows``)."""
     started = time.perf_counter()
     try:
         raw = conn.execute(sql, args).fetchall()
@@ -511,7 +535,7 @@ def sqlite3_fetch(
         raise sqlite3_error(error, sql, dialect) from error
     if _WATCHERS:
         _watched(sql, args, started)
-    return stmt.rows(raw)
+    return raw
 
 
 def sqlite3_execute_many(
