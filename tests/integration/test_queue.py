@@ -507,12 +507,37 @@ async def test_sqlite_bulk_enqueue_honours_an_engines_own_json_serializer(
                 r.id
                 for r in await queue.enqueue_tasks(s, [{"kind": "k", "payload": {"a": [1, 2]}}] * 2)
             ]
+        # The one-row enqueues on the bare connection too (queue._SpecArgs is not used).
+        alone = await queue.enqueue_task_alone(db, kind="k", payload={"a": [1, 2]})
+        row = await queue.enqueue_task_alone_row(db, TaskSpec(kind="k", payload={"a": [1, 2]}))
         async with db.read_transaction() as s:
             stored = (await s.execute(text("SELECT DISTINCT payload FROM pending_analysis"))).all()
+            count = (await s.execute(text("SELECT count(*) FROM pending_analysis"))).scalar()
     finally:
         await db.dispose()
     assert len(ids) == 2
+    assert alone.created
+    assert (row is not None) == hotpath.ENABLED  # None: the hot path is off (the caller's way)
+    assert row is None or row.payload == {"a": [1, 2]}
+    assert count == 3 + hotpath.ENABLED
     assert stored == [('{"a":[1,2]}',)]
+
+
+async def test_an_engine_with_its_own_json_serializer_enqueues_alone(database_url: str) -> None:
+    """queue._SpecArgs binds the payload as validation encoded it, so an engine with its
+    own json_serializer takes the usual bind: enqueue_task_alone and
+    enqueue_task_alone_row still write (and answer) the task, on both engines."""
+    compact = functools.partial(json.dumps, separators=(",", ":"))
+    db = Database(create_async_engine(database_url, json_serializer=compact))
+    try:
+        alone = await queue.enqueue_task_alone(db, kind="k", payload={"a": [1, 2]}, user_id="u")
+        row = await queue.enqueue_task_alone_row(db, TaskSpec(kind="k", payload={"b": "é"}))
+        first = await task_row(db, alone.id)
+    finally:
+        await db.dispose()
+    assert alone.created and first.payload == {"a": [1, 2]} and first.user_id == "u"
+    assert (row is not None) == hotpath.ENABLED  # None: the hot path is off (the caller's way)
+    assert row is None or (row.payload == {"b": "é"} and row.id == alone.id + 1)
 
 
 async def test_bulk_enqueue_stores_each_payload_as_validated(db: Database) -> None:

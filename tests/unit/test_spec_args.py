@@ -94,6 +94,51 @@ def test_an_engines_own_json_serializer_takes_the_usual_bind() -> None:
     assert queue._spec_args(queue._insert_statement("sqlite", True), dialect) is None
 
 
+def test_the_applications_statements_have_a_binder() -> None:
+    for name, make in DIALECTS.items():
+        for pinned in (False, True):
+            for statement in _statements(name, pinned):
+                assert isinstance(queue._spec_args(statement, make()), queue._SpecArgs)
+
+
+def test_a_statement_it_does_not_know_takes_the_usual_bind(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Not an error: another parameter order (another SQLAlchemy) or a column that binds
+    through Python means the usual bind, said once in the log."""
+    from sqlalchemy import String, bindparam, insert
+    from sqlalchemy.types import TypeDecorator
+
+    class Lowered(TypeDecorator[str]):
+        impl = String
+        cache_ok = True
+
+        def process_bind_param(self, value: str | None, dialect: Dialect) -> str | None:
+            return None if value is None else value.lower()
+
+    values = {**queue._insert_values("sqlite", True), "kind": bindparam("kind", type_=Lowered())}
+    statement = insert(queue.TASKS).values(**values)
+    with caplog.at_level("WARNING"):
+        assert queue._spec_args(statement, SQLiteDialect_aiosqlite()) is None
+        assert queue._spec_args(statement, SQLiteDialect_aiosqlite()) is None
+    assert [r.message for r in caplog.records if "usual way" in r.message] != []
+    assert len([r for r in caplog.records if "usual way" in r.message]) == 1
+
+
+def test_a_dict_subclass_payload_binds_as_its_text() -> None:
+    class Subclass(dict[str, Any]):
+        pass
+
+    spec = queue.TaskSpec(kind="k", payload=Subclass(a=[1, "é"]))
+    for name, make in DIALECTS.items():
+        dialect = make()
+        statement = queue._insert_statement(name, True)
+        assert (
+            queue._SpecArgs(statement, dialect).args(spec, NOW)
+            == _expected(statement, dialect, spec, NOW)[1]
+        )
+
+
 _TEXT = st.text(min_size=1, max_size=20).filter(lambda s: "\x00" not in s)
 _JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | _TEXT,

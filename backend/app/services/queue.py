@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import re
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -73,6 +74,8 @@ PROCESSORS: Table = Processor.__table__  # type: ignore[assignment]
 QUEUE_STATES: Table = QueueState.__table__  # type: ignore[assignment]
 STARTS: Table = TaskStart.__table__  # type: ignore[assignment]
 T = TASKS.c
+
+logger = logging.getLogger(__name__)
 P = PROCESSORS.c
 NOTIFY_CHANNEL = "async_processor_tasks"
 DEFAULT_QUEUE = "default"
@@ -823,7 +826,8 @@ class _SpecArgs:
     ``_insert_returning_all``) made straight from a validated TaskSpec: its fields in the
     statement's order with one C call, the payload as the JSON text validation made (what
     the JSON type's bind makes of it with the default serializer: no second encoding), and
-    the clock processed once for its three uses. ``Prepared.bind`` got there through two
+    the clock processed once for its three uses (what is stored is the payload as it was
+    validated, as the bulk inserts store it). ``Prepared.bind`` got there through two
     dicts and a processor per position, ~20 µs of an enqueue's ~150 µs on a SQLite file
     under load. Built once per statement and dialect (``_spec_args``)."""
 
@@ -876,17 +880,24 @@ _SPEC_FIELDS = {
 
 def _spec_args(statement: Any, dialect: Dialect) -> _SpecArgs | None:
     """The statement's _SpecArgs, or None where the payload's text is not what this
-    dialect stores (an engine's own json_serializer: the caller binds the usual way)."""
+    dialect stores (an engine's own json_serializer) or the statement is not as _SpecArgs
+    expects (another driver's bind processing, another SQLAlchemy's parameter order): the
+    caller binds the usual way."""
     if getattr(dialect, "_json_serializer", None) is not None:
         return None
     key = (id(statement), dialect.name)
     found = _SPEC_ARGS.get(key)
-    if found is None or found.prepared.statement is not statement:
-        found = _SPEC_ARGS[key] = _SpecArgs(statement, dialect)
-    return found
+    if found is None or found[0] is not statement:
+        try:
+            binder: _SpecArgs | None = _SpecArgs(statement, dialect)
+        except TypeError as error:
+            logger.warning("one-row enqueues bind the usual way: %s", error)
+            binder = None
+        found = _SPEC_ARGS[key] = (statement, binder)
+    return found[1]
 
 
-_SPEC_ARGS: dict[tuple[int, str], _SpecArgs] = {}
+_SPEC_ARGS: dict[tuple[int, str], tuple[Any, _SpecArgs | None]] = {}
 
 
 #: The plain enqueue's columns (TaskSpec.row() without the idempotency key), and the
