@@ -25,6 +25,7 @@ from typing import Any
 import aiohttp
 from sqlalchemy import func, select, text
 
+import app.db as app_db
 from app.db import Database
 from app.models import PendingAnalysis, TaskStatus
 from app.services import hotpath, queue
@@ -100,12 +101,29 @@ async def enqueue_stamped(
 ) -> tuple[list[queue.EnqueuedTask], float]:
     """Enqueue in one transaction, as ``db.write_transaction()`` does, and the wall-clock
     time right after its COMMIT returned (before the session closes and the pool resets
-    the connection, which would make the latency look shorter than it is)."""
-    async with db.write_sessionmaker() as session:
-        async with session.begin():
-            enqueued = await queue.enqueue_tasks(session, specs)
-        committed = time.time()
-    return enqueued, committed
+    the connection, which would make the latency look shorter than it is).
+
+    On SQLite the session rings the daemons' doorbells as its commit returns; the time is
+    read before that ring (app.db.ring_daemons, wrapped for the call). Read after it, the
+    woken daemon could start the job before this process read its clock (two cores: the
+    ring hands the CPU over), and a pick-up would look shorter than it is, even negative.
+    """
+    rung: list[float] = []
+    ring = app_db.ring_daemons
+
+    def stamp_then_ring(path: Path) -> None:
+        rung.append(time.time())
+        ring(path)
+
+    app_db.ring_daemons = stamp_then_ring
+    try:
+        async with db.write_sessionmaker() as session:
+            async with session.begin():
+                enqueued = await queue.enqueue_tasks(session, specs)
+            committed = time.time()
+    finally:
+        app_db.ring_daemons = ring
+    return enqueued, rung[0] if rung else committed
 
 
 #: The jobs of an id range still to end, counted through the partial indexes of pending and
