@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
-from weakref import WeakKeyDictionary
+from weakref import WeakKeyDictionary, ref
 
 from sqlalchemy import Interval, event, func, literal
 from sqlalchemy import exc as sa_exc
@@ -404,6 +404,9 @@ class Database:
         self._write_locks: WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] | None = (
             WeakKeyDictionary() if self.dialect == "sqlite" else None
         )
+        # The last loop's lock, looked up without making a weak reference (every SQLite
+        # write asks; the dictionary's lookup made one each time).
+        self._last_lock: tuple[ref[asyncio.AbstractEventLoop], asyncio.Lock] | None = None
         path = sqlite_path(engine.url)
         self.sqlite_file = None if path is None else path.expanduser()
         self._writer: WriteThread | None = None
@@ -569,9 +572,13 @@ class Database:
         if self._write_locks is None:
             raise RuntimeError("one writer at a time is a SQLite rule; PostgreSQL has no lock")
         loop = asyncio.get_running_loop()
+        last = self._last_lock
+        if last is not None and last[0]() is loop:
+            return last[1]
         lock = self._write_locks.get(loop)
         if lock is None:
             lock = self._write_locks[loop] = asyncio.Lock()
+        self._last_lock = (ref(loop), lock)
         return lock
 
     @asynccontextmanager
