@@ -636,14 +636,17 @@ How each figure is measured (see `bench/workloads.py`):
   SQLite's bare connection), from one task and from several at once (a web application's
   concurrent requests; PostgreSQL commits their WAL flushes together); POST /tasks against
   `async-processor api` (uvicorn) with an aiohttp client pool on the same 2 cores (httpx's
-  client cost more CPU a request than the API).
+  client cost more CPU a request than the API). The library figures and their bare-driver
+  floors run in alternating rounds (three in the full profile), each on a fresh table; each
+  figure is the median of its rounds (every round's figure is in the JSON).
 - W2: jobs enqueued before the daemon starts; jobs/s = jobs ÷ (last `completed_at` - first
   `started_at`), read from the rows. Each round drains on an empty table, then with W5's
   finished history, then with each bare floor, back to back; figures are the rounds'
   medians. W6 is read from `/proc/<pid>` of the last round's W2 daemon: VmRSS right after
   the drain, utime+stime over the idle window. W3 follows on the same daemon (idle first,
   then one job per transaction `gap` apart; latency = the handler's `time.time()` - the
-  enqueuer's `time.time()` right after its commit), then W4 (one bulk enqueue; commit →
+  enqueuer's `time.time()` right after its commit returned, read before the session rings
+  the SQLite daemons' doorbells), then W4 (one bulk enqueue; commit →
   last `completed_at`).
 - W5: finished rows inserted in one `INSERT … SELECT` (completed an hour ago, inside
   retention); PostgreSQL gets `VACUUM ANALYZE` as autovacuum would; the claim is timed

@@ -73,6 +73,25 @@ class Batch:
         return max(self.ids)
 
 
+def median_run(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The run whose ``per_second`` is the median of ``runs`` (its latencies with it), and
+    every run's figure under ``runs``."""
+    ordered = sorted(runs, key=lambda r: float(r["per_second"]))
+    return {**ordered[(len(ordered) - 1) // 2], "runs": [r["per_second"] for r in runs]}
+
+
+def median_figures(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Floors measured in several rounds: each ``*_per_second`` figure the median of its
+    rounds (with every round's value under ``<figure>_runs``); the other keys as measured."""
+    out = dict(runs[0])
+    for key, value in runs[0].items():
+        if key.endswith("_per_second") and isinstance(value, int | float):
+            values = [float(r[key]) for r in runs]
+            out[key] = median(values)
+            out[f"{key}_runs"] = values
+    return out
+
+
 @contextlib.asynccontextmanager
 async def database(url: str, pool_size: int = 2) -> AsyncIterator[Database]:
     """The application's Database over ``url``, disposed afterwards."""
@@ -282,22 +301,44 @@ class EngineBench:
     # --- W1 enqueue ----------------------------------------------------------------------
 
     async def w1(self) -> None:
+        """W1 and its floors in ``w1_rounds`` alternating rounds (library, then the bare
+        drivers, each on a fresh table), every figure the median of its rounds: the load
+        on this VM drifts over minutes, and a figure measured once beside a floor measured
+        a minute later made the ratio a matter of timing."""
         p = self.profile
-        out: dict[str, Any] = {}
+        rounds = []
+        floors_by_round = []
+        for number in range(1, p.w1_rounds + 1):
+            rounds.append(await self.w1_library(number))
+            floors_by_round.append(await self.floor_enqueue())
+        out = {key: median_run([r[key] for r in rounds]) for key in rounds[0]}
+        self.result["W1"] = out
+        merged = self.floor_results()["enqueue"]
+        for driver in floors_by_round[0]:
+            merged[driver] = median_figures([f[driver] for f in floors_by_round])
+        self.log(
+            f"W1 medians: single {out['library_single']['per_second']:,.0f}/s, alone "
+            f"{out['library_alone']['per_second']:,.0f}/s, {p.enqueue_writers} writers "
+            f"{out['library_alone_writers']['per_second']:,.0f}/s, bulk "
+            f"{out['library_bulk']['per_second']:,.0f} rows/s"
+        )
+        async with self.clone("w1-http") as url:
+            out["http"] = await self.http(url)
+            self.log(f"W1 POST /tasks: {out['http']['per_second']:,.0f} req/s")
+
+    async def w1_library(self, number: int) -> dict[str, dict[str, Any]]:
+        """One round of W1 through the library API, on a fresh table."""
+        p = self.profile
+        out: dict[str, dict[str, Any]] = {}
         # A pool that holds every writer's connection, as an application sizes its pool to
         # its concurrency: beyond pool_size SQLAlchemy opens an overflow connection per
         # checkout and closes it on return (a new PostgreSQL connection per enqueue).
         pool = max(2, p.enqueue_writers)
         async with self.clone("w1-lib") as url, database(url, pool) as db:
             out["library_single"] = await self.library_single(db, p.single_enqueues)
-            self.log(f"W1 single enqueue: {out['library_single']['per_second']:,.0f}/s")
             out["library_alone"] = await self.library_alone(db, p.single_enqueues, 1)
             out["library_alone_writers"] = await self.library_alone(
                 db, p.single_enqueues, p.enqueue_writers
-            )
-            self.log(
-                f"W1 single enqueue alone: {out['library_alone']['per_second']:,.0f}/s, "
-                f"{p.enqueue_writers} writers {out['library_alone_writers']['per_second']:,.0f}/s"
             )
             payloads = [{"n": i} for i in range(p.bulk_size)]
             started = time.perf_counter()
@@ -315,12 +356,13 @@ class EngineBench:
                 "seconds": round(seconds, 4),
                 "per_second": rows / seconds,
             }
-            self.log(f"W1 bulk enqueue: {rows / seconds:,.0f} rows/s")
-        self.result["W1"] = out
-        await self.floor_enqueue()
-        async with self.clone("w1-http") as url:
-            out["http"] = await self.http(url)
-            self.log(f"W1 POST /tasks: {out['http']['per_second']:,.0f} req/s")
+        self.log(
+            f"W1 round {number}: single {out['library_single']['per_second']:,.0f}/s, alone "
+            f"{out['library_alone']['per_second']:,.0f}/s, {p.enqueue_writers} writers "
+            f"{out['library_alone_writers']['per_second']:,.0f}/s, bulk "
+            f"{rows / seconds:,.0f} rows/s"
+        )
+        return out
 
     def floor_results(self) -> dict[str, Any]:
         found: dict[str, Any] = self.result.setdefault(
@@ -329,9 +371,10 @@ class EngineBench:
         )
         return found
 
-    async def floor_enqueue(self) -> None:
+    async def floor_enqueue(self) -> dict[str, dict[str, Any]]:
+        """One round of W1's floors: each bare driver's figures (w1 keeps the medians)."""
         p = self.profile
-        out = self.floor_results()["enqueue"]
+        out: dict[str, dict[str, Any]] = {}
         for driver in self.target.floor_drivers:
             async with self.clone(f"floor-enq-{driver}") as url:
                 rows = p.bulk_calls * p.bulk_size
@@ -366,6 +409,7 @@ class EngineBench:
                 f"floor {driver} enqueue: single {p.single_enqueues / single:,.0f}/s, "
                 f"bulk {rows / bulk:,.0f}/s"
             )
+        return out
 
     async def library_single(self, db: Database, count: int) -> dict[str, Any]:
         for i in range(HTTP_WARMUP):
