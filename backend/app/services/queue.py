@@ -955,21 +955,8 @@ def _with_clock(rows: list[dict[str, Any]], now: datetime | None) -> list[dict[s
 
 _CLOCKS = ("enq_sched_now", "enq_created", "enq_updated")
 #: The keys of a one-row enqueue's parameters (``_with_clock([spec.row()])``), which its
-#: INSERT is compiled for.
-_ROW_KEYS = (
-    "kind",
-    "payload",
-    "priority",
-    "queue",
-    "max_retries",
-    "timeout_seconds",
-    "sched",
-    "user_id",
-    "project_id",
-    "chapter_id",
-    "idempotency_key",
-    *_CLOCKS,
-)
+#: INSERT is compiled for (the generic bind and _SpecArgs share one compiled statement).
+_ROW_KEYS = (*TaskSpec(kind="k").row(), *_CLOCKS)
 
 
 async def _insert_keyed(
