@@ -74,10 +74,9 @@ PROCESSORS: Table = Processor.__table__  # type: ignore[assignment]
 QUEUE_STATES: Table = QueueState.__table__  # type: ignore[assignment]
 STARTS: Table = TaskStart.__table__  # type: ignore[assignment]
 T = TASKS.c
-
-logger = logging.getLogger(__name__)
 P = PROCESSORS.c
 NOTIFY_CHANNEL = "async_processor_tasks"
+logger = logging.getLogger(__name__)
 DEFAULT_QUEUE = "default"
 DEFAULT_PRIORITY = 5
 MIN_PRIORITY, MAX_PRIORITY = 1, 10
@@ -840,7 +839,8 @@ class _SpecArgs:
         # The order SQLAlchemy compiles the VALUES in: the spec's columns, then the
         # schedule, then the host clocks (none on PostgreSQL's now()).
         if (
-            names[: len(fields)] != fields
+            len(names) <= len(fields)
+            or names[: len(fields)] != fields
             or names[len(fields)] != "sched"
             or any(c not in _CLOCKS for c in clocks)
         ):
