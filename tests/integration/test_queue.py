@@ -499,6 +499,17 @@ async def test_sqlite_bulk_enqueue_honours_an_engines_own_json_serializer(
     """The bulk insert reuses the JSON text TaskSpec's validation made only where the
     engine serializes JSON as json.dumps does; an application's engine with its own
     json_serializer stores its text, as that engine's one-row INSERT does."""
+    # An engine of the default serializer enqueues first, so the one-row statements are
+    # compiled for it before the other engine uses them (compiled statements were once
+    # shared by dialect name, and the second engine stored the first one's JSON text).
+    plain = Database(create_async_engine(database_url))
+    try:
+        await queue.enqueue_task_alone(plain, kind="k", payload={"a": [1, 2]})
+        await queue.enqueue_task_alone_row(plain, TaskSpec(kind="k"))
+        async with plain.read_transaction() as s:
+            warmed = (await s.execute(text("SELECT max(id) FROM pending_analysis"))).scalar()
+    finally:
+        await plain.dispose()
     compact = functools.partial(json.dumps, separators=(",", ":"))
     db = Database(create_async_engine(database_url, json_serializer=compact))
     try:
@@ -511,8 +522,17 @@ async def test_sqlite_bulk_enqueue_honours_an_engines_own_json_serializer(
         alone = await queue.enqueue_task_alone(db, kind="k", payload={"a": [1, 2]})
         row = await queue.enqueue_task_alone_row(db, TaskSpec(kind="k", payload={"a": [1, 2]}))
         async with db.read_transaction() as s:
-            stored = (await s.execute(text("SELECT DISTINCT payload FROM pending_analysis"))).all()
-            count = (await s.execute(text("SELECT count(*) FROM pending_analysis"))).scalar()
+            later = {"after": warmed}
+            stored = (
+                await s.execute(
+                    text("SELECT DISTINCT payload FROM pending_analysis WHERE id > :after"), later
+                )
+            ).all()
+            count = (
+                await s.execute(
+                    text("SELECT count(*) FROM pending_analysis WHERE id > :after"), later
+                )
+            ).scalar()
     finally:
         await db.dispose()
     assert len(ids) == 2

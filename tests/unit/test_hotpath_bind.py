@@ -129,3 +129,18 @@ def test_enqueue_clocks_bind_as_before() -> None:
         "2026-12-06 03:04:05.123456",
         None,
     ]
+
+
+def test_engines_that_encode_json_differently_do_not_share_a_compiled_statement() -> None:
+    """Compiled statements are shared per dialect *flavor*: an engine's own JSON serializer
+    gets processors of its own (keyed by the dialect's name alone, the first engine's
+    served the other)."""
+    from sqlalchemy import JSON
+
+    statement = select(bindparam("doc", type_=JSON()))
+    plain, other = sqlite.dialect(), sqlite.dialect()
+    compact = sqlite.dialect(json_serializer=lambda value: "compact")
+    assert hotpath.prepared(statement, plain) is hotpath.prepared(statement, other)
+    assert hotpath.prepared(statement, compact) is not hotpath.prepared(statement, plain)
+    assert hotpath.prepared(statement, compact).bind({"doc": {"a": 1}})[1] == ["compact"]
+    assert hotpath.prepared(statement, plain).bind({"doc": {"a": 1}})[1] == ['{"a": 1}']

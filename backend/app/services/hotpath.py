@@ -245,16 +245,29 @@ def _items(item: Any) -> tuple[Any, ...]:
     return tuple(item) if isinstance(item, tuple | list) else (item,)
 
 
-_PREPARED: dict[tuple[int, str, tuple[str, ...] | None], Prepared] = {}
+_PREPARED: dict[tuple[int, tuple[Any, ...], tuple[str, ...] | None], Prepared] = {}
+
+
+def flavor(dialect: Dialect) -> tuple[Any, ...]:
+    """What a compiled statement's processors depend on beyond the statement: the dialect
+    and an engine's own JSON serializer and deserializer (``create_async_engine(…,
+    json_serializer=…)``). Two engines of one dialect share compiled statements unless
+    they encode JSON differently: keyed by the name alone, the first engine's processors
+    served the other, and one engine's one-row enqueue stored the other's JSON text."""
+    return (
+        dialect.name,
+        getattr(dialect, "_json_serializer", None),
+        getattr(dialect, "_json_deserializer", None),
+    )
 
 
 def prepared(
     statement: Any, dialect: Dialect, column_keys: tuple[str, ...] | None = None
 ) -> Prepared:
-    """The statement compiled for ``dialect`` (an INSERT: for these ``column_keys``), once.
-    Meant for statements built once (module-level or cached); the cache holds them, so
-    their ids stay theirs."""
-    key = (id(statement), dialect.name, column_keys)
+    """The statement compiled for ``dialect`` (an INSERT: for these ``column_keys``), once
+    per dialect flavor (``flavor``). Meant for statements built once (module-level or
+    cached); the cache holds them, so their ids stay theirs."""
+    key = (id(statement), flavor(dialect), column_keys)
     found = _PREPARED.get(key)
     if found is None or found.statement is not statement:
         found = _PREPARED[key] = Prepared(statement, dialect, column_keys)

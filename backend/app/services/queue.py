@@ -885,7 +885,7 @@ def _spec_args(statement: Any, dialect: Dialect) -> _SpecArgs | None:
     caller binds the usual way."""
     if getattr(dialect, "_json_serializer", None) is not None:
         return None
-    key = (id(statement), dialect.name)
+    key = (id(statement), hotpath.flavor(dialect))
     found = _SPEC_ARGS.get(key)
     if found is None or found[0] is not statement:
         try:
@@ -897,7 +897,7 @@ def _spec_args(statement: Any, dialect: Dialect) -> _SpecArgs | None:
     return found[1]
 
 
-_SPEC_ARGS: dict[tuple[int, str], tuple[Any, _SpecArgs | None]] = {}
+_SPEC_ARGS: dict[tuple[int, tuple[Any, ...]], tuple[Any, _SpecArgs | None]] = {}
 
 
 #: The plain enqueue's columns (TaskSpec.row() without the idempotency key), and the
