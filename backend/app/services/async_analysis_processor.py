@@ -597,7 +597,11 @@ class ProcessorEngine:
             return
         try:
             if wakeable:
-                await asyncio.wait_for(self._wake_event.wait(), timeout=seconds)
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for wraps the wait in a
+                # task of its own, and a wake then resumes this loop an iteration or two
+                # later (a pick-up waits on it).
+                async with asyncio.timeout(seconds):
+                    await self._wake_event.wait()
             else:
                 await asyncio.sleep(seconds)
         except TimeoutError:
