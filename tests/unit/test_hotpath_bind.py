@@ -144,3 +144,20 @@ def test_engines_that_encode_json_differently_do_not_share_a_compiled_statement(
     assert hotpath.prepared(statement, compact) is not hotpath.prepared(statement, plain)
     assert hotpath.prepared(statement, compact).bind({"doc": {"a": 1}})[1] == ["compact"]
     assert hotpath.prepared(statement, plain).bind({"doc": {"a": 1}})[1] == ['{"a": 1}']
+
+
+def test_a_serializer_need_not_be_hashable() -> None:
+    from sqlalchemy import JSON
+
+    class Encoder:
+        __hash__ = None  # type: ignore[assignment]
+
+        def __eq__(self, other: object) -> bool:
+            return isinstance(other, Encoder)
+
+        def __call__(self, value: Any) -> str:
+            return "encoded"
+
+    statement = select(bindparam("doc", type_=JSON()))
+    dialect = sqlite.dialect(json_serializer=Encoder())
+    assert hotpath.prepared(statement, dialect).bind({"doc": [1]})[1] == ["encoded"]

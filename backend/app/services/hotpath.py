@@ -253,11 +253,17 @@ def flavor(dialect: Dialect) -> tuple[Any, ...]:
     and an engine's own JSON serializer and deserializer (``create_async_engine(…,
     json_serializer=…)``). Two engines of one dialect share compiled statements unless
     they encode JSON differently: keyed by the name alone, the first engine's processors
-    served the other, and one engine's one-row enqueue stored the other's JSON text."""
+    served the other, and one engine's one-row enqueue stored the other's JSON text.
+
+    The functions are keyed by identity (one need not be hashable): a compiled statement's
+    processors hold the functions they were made with, so an id in the cache is never
+    reused by another function."""
+    serializer = getattr(dialect, "_json_serializer", None)
+    deserializer = getattr(dialect, "_json_deserializer", None)
     return (
         dialect.name,
-        getattr(dialect, "_json_serializer", None),
-        getattr(dialect, "_json_deserializer", None),
+        None if serializer is None else id(serializer),
+        None if deserializer is None else id(deserializer),
     )
 
 
