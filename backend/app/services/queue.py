@@ -181,7 +181,10 @@ class InvalidTaskError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class TaskSpec:
-    """What to enqueue. Validated on construction."""
+    """What to enqueue. Validated on construction, when the payload is also encoded; the
+    bulk inserts and the one-row enqueue alone store that text (``payload_json``). A
+    payload changed after its spec was made is not validated again, and whether the change
+    is stored depends on the path: make a new spec instead."""
 
     kind: str
     payload: dict[str, Any] = field(default_factory=dict)
@@ -757,7 +760,7 @@ def _sqlite_bulk_insert_statement() -> Any:
     return insert(TASKS).from_select(list(columns), pick)
 
 
-@functools.cache
+@functools.lru_cache(maxsize=32)  # per engine's dialect: bounded, tests make hundreds
 def _sqlite_binders(
     dialect: Dialect,
 ) -> tuple[Callable[[TaskSpec], str], Callable[[datetime], Any]]:
@@ -846,7 +849,10 @@ class _SpecArgs:
         ):
             raise TypeError(f"unexpected parameter order for the one-row enqueue: {names}")
         procs = dict(positions)
-        if any(procs[n] is not None for n in fields if n != "payload") or procs["payload"] is None:
+        if (
+            any(procs[n] is not None for n in fields if n != "payload")
+            or procs.get("payload") is None
+        ):
             raise TypeError(f"{dialect.name}: a spec column binds through Python")
         when = procs["sched"]
         if when is None:
