@@ -147,3 +147,37 @@ async def test_a_completion_without_a_duration_keeps_the_rows(db: Database, batc
     await _finish(db, items)
     rows = await _rows(db, [t.id for t in held[:2]])
     assert [rows[t.id].duration_seconds for t in held[:2]] == [5.0, 5.0]
+
+
+#: Results that are JSON arrays, first in their batch: PostgreSQL's batch statements bind
+#: the results as one array parameter, and an array of arrays must not be taken for a
+#: two-dimensional array (which unnest flattened, giving one task another task's result).
+LIST_RESULTS: list[Any] = [[1, 2], ["secret-of-bob", 0], [], [{"a": 1}, [None]], {"k": [3]}]
+
+
+@pytest.mark.parametrize("size", [1, len(LIST_RESULTS)])
+async def test_results_that_are_lists_are_stored_whole(db: Database, size: int) -> None:
+    held = await _held(db, size)
+    items = [_complete(t, r) for t, r in zip(held, LIST_RESULTS, strict=False)]
+    statuses, _ = await _finish(db, items)
+    assert statuses == [TaskStatus.COMPLETED] * size
+    rows = await _rows(db, [t.id for t in held])
+    assert [rows[t.id].result for t in held] == LIST_RESULTS[:size]
+
+
+@pytest.mark.parametrize("size", [1, len(LIST_RESULTS)])
+async def test_results_that_are_lists_are_stored_whole_alone(
+    db: Database, execution_path: str, size: int
+) -> None:
+    """The daemon's completions on PostgreSQL: one autocommitted statement (on the bare
+    driver only; elsewhere the caller takes finish_tasks, above)."""
+    held = await _held(db, size)
+    items = [_complete(t, r) for t, r in zip(held, LIST_RESULTS, strict=False)]
+    async with db.engine.connect() as conn:
+        statuses = await queue.complete_tasks_alone(conn, processor_id=PID, items=items)
+    if db.dialect == "sqlite" or execution_path == "core":
+        assert statuses is None  # not this path
+        return
+    assert statuses == [TaskStatus.COMPLETED] * size
+    rows = await _rows(db, [t.id for t in held])
+    assert [rows[t.id].result for t in held] == LIST_RESULTS[:size]

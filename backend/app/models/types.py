@@ -6,11 +6,20 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import JSON, DateTime, Dialect
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.types import TypeDecorator
 
 #: JSON everywhere, stored as JSONB on PostgreSQL.
 JSONType = JSON().with_variant(JSONB(), "postgresql")
+
+
+def pg_array(item: Any) -> ARRAY[Any]:
+    """PostgreSQL: a one-dimensional array of ``item``, for a batch bound as one parameter
+    per column and unnested. One dimension, said outright: left unsaid, SQLAlchemy takes a
+    list whose first element is a list (a JSON result that is an array) for a
+    multi-dimensional array, and unnest flattens it, pairing one task with the pieces of
+    another's value."""
+    return ARRAY(item, dimensions=1)
 
 
 class UTCDateTime(TypeDecorator[datetime]):

@@ -29,13 +29,13 @@ from sqlalchemy import (
     true,
     update,
 )
-from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db import Database, dialect_of, now_sql
 from app.models import AnalysisNotification, NotificationType, PendingAnalysis
-from app.models.types import UTCDateTime, utcnow
+from app.models.types import UTCDateTime, pg_array, utcnow
 from app.services import auth, hotpath
 
 NOTIFICATIONS: Table = AnalysisNotification.__table__  # type: ignore[assignment]
@@ -264,7 +264,7 @@ def _insert_after_feed_lock(task_ids: Any = None) -> Any:
     evaluated before the first row reaches the insert and draws its id. One round trip
     instead of a lock statement plus one execution per row."""
     arrays = [
-        bindparam(f"n_{name}", type_=ARRAY(JSONB() if name == "data" else N[name].type))
+        bindparam(f"n_{name}", type_=pg_array(JSONB() if name == "data" else N[name].type))
         for name in _ROW_KEYS
     ]
     rows = func.unnest(*arrays).table_valued(*_ROW_KEYS).render_derived(name="v")

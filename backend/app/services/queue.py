@@ -47,7 +47,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
@@ -63,7 +63,7 @@ from app.models import (
     TaskStart,
     TaskStatus,
 )
-from app.models.types import JSONType, UTCDateTime, utcnow
+from app.models.types import JSONType, UTCDateTime, pg_array, utcnow
 from app.services import faults, hotpath, notifications
 from app.services.notifications import TaskRef
 
@@ -937,7 +937,7 @@ def _bulk_insert_statement(pinned: bool) -> Any:
     # The payloads travel as the JSON text TaskSpec validated (one encoding per payload,
     # none in the bind), cast to jsonb in the SELECT.
     types.update(payload=Text(), sched=UTCDateTime())
-    arrays: list[Any] = [bindparam(f"b_{c}", type_=ARRAY(types[c])) for c in _BULK_COLUMNS]
+    arrays: list[Any] = [bindparam(f"b_{c}", type_=pg_array(types[c])) for c in _BULK_COLUMNS]
     rows = (
         func.unnest(*arrays)
         .table_valued(*_BULK_COLUMNS, with_ordinality="ord")
@@ -1531,7 +1531,7 @@ def _unnested_ends(name: str) -> Any:
         ("tokens", T.token_usage.type),
     )
     return (
-        func.unnest(*(bindparam(f"u_{name}", type_=ARRAY(kind)) for name, kind in arrays))
+        func.unnest(*(bindparam(f"u_{name}", type_=pg_array(kind)) for name, kind in arrays))
         .table_valued(*(name for name, _ in arrays))
         .render_derived(name=name)
     )
