@@ -137,11 +137,24 @@ async def test_enqueue_validation(
         ).scalar_one() == 0
 
 
-@pytest.mark.parametrize("name", ["a%2Cb", "a%20b", "a=2", "a%09b"])
+@pytest.mark.parametrize("name", ["a%2Cb", "a%20b", "a=2", "a%09b", "a%0Ab", "a%0D%0Ab/c"])
 async def test_pausing_a_queue_no_daemon_could_name_is_422(api: Api, name: str) -> None:
     r = await api.post("root", f"/queues/{name}/pause")
     assert r.status_code == 422 and "detail" in r.json()
     assert (await api.get("root", "/queues")).json() == []
+
+
+@pytest.mark.parametrize("spelled", ["a/b", "a%2Fb"])
+async def test_a_queue_whose_name_has_a_slash_pauses_and_resumes(api: Api, spelled: str) -> None:
+    """A name the enqueue accepts can be paused: '/' is allowed in it (as in the CLI)."""
+    r = await api.post("root", "/tasks", json={"kind": "noop", "queue": "a/b"})
+    assert r.status_code == 202
+    r = await api.post("root", f"/queues/{spelled}/pause")
+    assert r.status_code == 200 and (r.json()["queue"], r.json()["paused"]) == ("a/b", True)
+    listed = {q["queue"]: q["paused"] for q in (await api.get("root", "/queues")).json()}
+    assert listed == {"a/b": True}
+    r = await api.post("root", f"/queues/{spelled}/resume")
+    assert r.status_code == 200 and (r.json()["queue"], r.json()["paused"]) == ("a/b", False)
 
 
 async def test_admin_enqueues_for_a_user(api: Api) -> None:

@@ -9,6 +9,7 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException, Path, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.convertors import PathConvertor, register_url_convertor
 
 from app.config import Settings
 from app.db import Database
@@ -35,6 +36,18 @@ async def get_settings(request: Request) -> Settings:
 MAX_ID = 2**63 - 1
 #: A task or notification id in a path: 1 .. the largest BIGINT.
 TaskId = Annotated[int, Path(ge=1, le=MAX_ID)]
+
+
+class AnyText(PathConvertor):
+    """``{name:anytext}``: a path parameter that may hold "/" (sent as %2F, which the router
+    sees decoded) and any other character. Starlette's ``path`` stops at a line break, so
+    a value holding one would reach no route (404); this way the parameter's own
+    validation answers it, as it answers every other bad value (422)."""
+
+    regex = r"[\s\S]*"
+
+
+register_url_convertor("anytext", AnyText())
 NotificationId = Annotated[int, Path(ge=1, le=MAX_ID)]
 
 DbDep = Annotated[Database, Depends(get_db)]

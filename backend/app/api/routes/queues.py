@@ -54,14 +54,15 @@ async def _switch(caller: Principal, db: DbDep, name: str, *, paused: bool) -> d
     }
 
 
-@router.post("/queues/{name}/pause")
+# A queue's name may hold "/" (deps.AnyText).
+@router.post("/queues/{name:anytext}/pause")
 async def pause_queue(caller: CallerDep, db: DbDep, name: QueueName) -> dict[str, Any]:
     """Pause a queue for every daemon at once: nothing more is claimed from it; running
     jobs finish."""
     return await _switch(caller, db, name, paused=True)
 
 
-@router.post("/queues/{name}/resume")
+@router.post("/queues/{name:anytext}/resume")
 async def resume_queue(caller: CallerDep, db: DbDep, name: QueueName) -> dict[str, Any]:
     """Resume a paused queue; daemons are woken at once."""
     return await _switch(caller, db, name, paused=False)

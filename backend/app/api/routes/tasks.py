@@ -239,8 +239,8 @@ async def cancel_task(
     return TaskPublic.of(await _load(db, task_id, caller))
 
 
-# ":path": a chapter id may hold "/" (sent as %2F, which the router sees decoded).
-@router.get("/{chapter_id:path}/latest", response_model=TaskPublic, responses=NOT_FOUND)
+# A chapter id may hold "/" (deps.AnyText).
+@router.get("/{chapter_id:anytext}/latest", response_model=TaskPublic, responses=NOT_FOUND)
 async def latest_for_chapter(
     chapter_id: Annotated[str, Path(min_length=1, max_length=255, pattern=NO_NUL)],
     caller: CallerDep,
