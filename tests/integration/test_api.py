@@ -748,3 +748,26 @@ async def test_a_schedule_given_as_a_number_is_a_422(api: Api, when: object) -> 
     assert r.status_code == 422 and "ISO 8601" in str(r.json()["detail"]), r.text
     ok = await api.post("alice", "/tasks", json={"kind": "noop", "scheduled_at": "2030-01-01"})
     assert ok.status_code == 202 and ok.json()["scheduled_at"].startswith("2030-01-01T00:00:00")
+
+
+@pytest.mark.parametrize(
+    ("content", "code"),
+    [
+        (b'{"kind": "noop",', 422),  # not valid JSON: json_invalid
+        (b'{"kind": "no\xffop"}', 400),  # not UTF-8
+        (b"[" * 100_000, 400),  # nested too deep to parse
+    ],
+)
+async def test_bodies_that_cannot_be_read_are_answered_as_documented(
+    api: Api, content: bytes, code: int
+) -> None:
+    headers = {**api.h("alice"), "Content-Type": "application/json"}
+    r = await api.client.post(f"{P}/tasks", content=content, headers=headers)
+    assert r.status_code == code, r.text
+    assert "detail" in r.json()
+    if code == 422:
+        assert r.json()["detail"][0]["type"] == "json_invalid"
+    async with api.db.read_transaction() as s:
+        assert (
+            await s.execute(select(func.count()).select_from(PendingAnalysis))
+        ).scalar_one() == 0

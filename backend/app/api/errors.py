@@ -32,7 +32,11 @@ UNAVAILABLE = (
 
 #: Documented error responses, shared by the routes' OpenAPI entries.
 ERRORS: dict[int | str, dict[str, object]] = {
-    400: {"description": "Malformed request body (not JSON, or not UTF-8)"},
+    400: {
+        "description": "A request body that cannot be decoded (not UTF-8, or nested too deep"
+        " to parse), or a URL holding a NUL; a body that is not valid JSON is a 422"
+        " (json_invalid)"
+    },
     401: {"description": "Missing, malformed or revoked token"},
     503: {"description": "The database is unreachable; retry after Retry-After seconds"},
 }
