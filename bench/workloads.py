@@ -130,9 +130,9 @@ async def enqueue_stamped(
     rung: list[float] = []
     ring = app_db.ring_daemons
 
-    def stamp_then_ring(path: Path) -> None:
+    def stamp_then_ring(path: Path, message: bytes = b"") -> None:
         rung.append(time.time())
-        ring(path)
+        ring(path, message)
 
     app_db.ring_daemons = stamp_then_ring
     try:

@@ -36,7 +36,7 @@ from sqlalchemy.util import await_only  # 2.1's await_; this name is in 2.0 too
 
 from app.models.types import UTCDateTime, utcnow
 from app.services import faults, hotpath
-from app.services.wakeups import Bell
+from app.services.wakeups import CANCEL, Bell
 
 if TYPE_CHECKING:
     from app.sqlite_writer import WriteThread
@@ -56,6 +56,7 @@ _BEGIN_OPTION = "async_processor_begin"
 HERE_CHECKPOINT_EVERY = 200
 R = TypeVar("R")
 _WAKE_KEY = "async_processor_wake"
+_CANCEL_KEY = "async_processor_wake_cancel"
 
 
 def is_sqlite_url(url: str | URL) -> bool:
@@ -630,14 +631,17 @@ class Database:
         await self.engine.dispose()
 
 
-def wake_daemons_at_commit(session: AsyncSession) -> None:
+def wake_daemons_at_commit(session: AsyncSession, *, cancel: bool = False) -> None:
     """Ring the SQLite daemons' doorbells once this write transaction commits (new work
-    to claim), whoever owns the session: ours, or an application's own. PostgreSQL's
-    equivalent is NOTIFY, sent in the transaction itself."""
+    to claim; with ``cancel``, a running job's cancel flag set), whoever owns the session:
+    ours, or an application's own. PostgreSQL's equivalent is NOTIFY, sent in the
+    transaction itself."""
     bind = session.get_bind()
     path = _doorbell_path(bind.engine.url if isinstance(bind, Connection) else bind.url)
     if path is not None:
         session.info[_WAKE_KEY] = path
+        if cancel:
+            session.info[_CANCEL_KEY] = True
 
 
 @functools.lru_cache(maxsize=64)
@@ -651,14 +655,15 @@ def _doorbell_path(url: URL) -> Path | None:
 _BELLS: dict[Path, Bell] = {}  # one per SQLite file, for the process's lifetime
 
 
-def ring_daemons(path: Path) -> None:
-    """Ring the doorbells of the daemons on the SQLite file ``path`` (work was committed).
-    Best effort, and never an error out of a commit that succeeded."""
+def ring_daemons(path: Path, message: bytes = b"") -> None:
+    """Ring the doorbells of the daemons on the SQLite file ``path`` (work was committed;
+    ``message`` as for ``Bell.ring``). Best effort, and never an error out of a commit that
+    succeeded."""
     try:
         bell = _BELLS.get(path)
         if bell is None:
             bell = _BELLS[path] = Bell(path)
-        bell.ring()
+        bell.ring(message)
     except Exception as exc:  # pragma: no cover - the bell only saves a poll
         logger.warning("could not ring the daemons' doorbell for %s (%s)", path, exc)
 
@@ -666,14 +671,16 @@ def ring_daemons(path: Path) -> None:
 @event.listens_for(Session, "after_commit")
 def _ring_after_commit(session: Session) -> None:
     path = session.info.pop(_WAKE_KEY, None)
+    cancel = session.info.pop(_CANCEL_KEY, False)
     if path is not None:
-        ring_daemons(path)
+        ring_daemons(path, CANCEL if cancel else b"")
 
 
 @event.listens_for(Session, "after_soft_rollback")
 def _forget_wake(session: Session, previous_transaction: Any) -> None:
     if previous_transaction.parent is None:  # the whole transaction, not a savepoint
         session.info.pop(_WAKE_KEY, None)
+        session.info.pop(_CANCEL_KEY, None)
 
 
 def database_unavailable(exc: BaseException) -> bool:

@@ -116,6 +116,22 @@ async def test_cancel_pending_and_running(db: Database, spawn: Spawn) -> None:
     assert daemon.stop() == 0
 
 
+async def test_a_cancel_request_stops_a_running_job_at_once(db: Database, spawn: Spawn) -> None:
+    """Not at the next heartbeat (a third of the lease: 20 s here), but when the request is
+    committed: the daemon hears it (doorbell or NOTIFY) and reads its jobs' flags then."""
+    [running] = await enqueue_many(db, "sleep", 1, payload={"seconds": 60})
+    daemon = spawn(max_concurrent="2", lease_seconds="60")
+    await eventually(lambda: all_in(db, "processing", 1), within=20)
+    await asyncio.sleep(0.5)  # the daemon settled: whatever beat came with the claim is done
+    async with db.write_transaction() as s:
+        assert await queue.request_cancel(s, running) is queue.CancelOutcome.REQUESTED
+    row = await eventually(lambda: _finished(db, running), within=5)
+    assert row.status == "cancelled"
+    [after] = await enqueue_many(db, "noop", 1)  # the daemon goes on
+    assert (await eventually(lambda: _finished(db, after), within=10)).status == "completed"
+    assert daemon.stop() == 0
+
+
 async def _progress_is(db: Database, task_id: int, message: str) -> bool:
     return (await task_row(db, task_id)).progress_message == message
 

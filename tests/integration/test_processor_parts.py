@@ -252,6 +252,37 @@ async def test_waker_fires_on_another_connections_commit(db: Database, database_
     await runner
 
 
+async def test_waker_hears_a_cancel_request_for_a_running_job(
+    db: Database, database_url: str
+) -> None:
+    """A cancel request for a running job, committed by another connection, reaches the
+    waker with its own word (on_cancel); new work and a pending job's cancel do not."""
+    [running] = await claimed(db, 1)
+    woke, cancels = asyncio.Event(), asyncio.Event()
+    waker = make_waker(database_url, woke.set, cancels.set)
+    assert waker is not None
+    stop = asyncio.Event()
+    runner = asyncio.create_task(waker.run(stop))
+    try:
+        await asyncio.sleep(0.3)
+        woke.clear()
+        async with db.write_transaction() as s:
+            other = await queue.enqueue_task(s, kind="noop")
+        await asyncio.wait_for(woke.wait(), timeout=5)
+        async with db.write_transaction() as s:
+            assert await queue.request_cancel(s, other.id) is queue.CancelOutcome.CANCELLED
+        await asyncio.sleep(0.3)
+        assert not cancels.is_set()
+        woke.clear()
+        async with db.write_transaction() as s:
+            assert await queue.request_cancel(s, running.id) is queue.CancelOutcome.REQUESTED
+        await asyncio.wait_for(cancels.wait(), timeout=5)
+        assert woke.is_set()
+    finally:
+        stop.set()
+        await runner
+
+
 @pytest.mark.parametrize("window", [0.0, 0.1])
 async def test_engine_never_runs_more_than_its_concurrency(
     db: Database, database_url: str, window: float

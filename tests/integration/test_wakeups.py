@@ -19,7 +19,7 @@ from app.services import queue
 from app.services import wakeups as wakeups_module
 from app.services.processor import waker as waker_module
 from app.services.processor.waker import SQLiteWaker
-from app.services.wakeups import MAX_SOCKET_PATH, Bell, Doorbell, bell_dir
+from app.services.wakeups import CANCEL, MAX_SOCKET_PATH, Bell, Doorbell, bell_dir
 
 pytestmark = pytest.mark.parametrize("engine_name", ["sqlite"])
 
@@ -175,8 +175,12 @@ def test_a_long_path_is_reached_through_proc_and_dead_doorbells_are_reaped(
         try:
             assert bell.ring() == 1
             assert bell.ring() == 1
-            assert door.drain() == 2
+            assert door.drain() == 2 and not door.cancel_rung
             assert door.drain() == 0
+            # a cancel request's ring carries its word; the next drain forgets it
+            assert (bell.ring(), bell.ring(CANCEL), bell.ring()) == (1, 1, 1)
+            assert door.drain() == 3 and door.cancel_rung
+            assert door.drain() == 0 and not door.cancel_rung
         finally:
             bell.close()
     finally:

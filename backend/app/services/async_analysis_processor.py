@@ -218,7 +218,8 @@ class ProcessorEngine:
         self._side_tasks: list[asyncio.Task[None]] = []
         self._claim_task: asyncio.Task[None] | None = None
         self.fatal: BaseException | None = None
-        self._waker = make_waker(config.database_url, self.wake)
+        self._check_cancels = asyncio.Event()  # set: the heartbeat runs at once
+        self._waker = make_waker(config.database_url, self.wake, self.cancel_announced)
 
     # --- public surface --------------------------------------------------------------------
 
@@ -267,6 +268,13 @@ class ProcessorEngine:
         """Ask the claim loop to look for work now."""
         self._wake_event.set()
 
+    def cancel_announced(self) -> None:
+        """Someone asked for a running job to be cancelled (the waker heard it): when this
+        daemon holds jobs, its heartbeat runs now, reads their cancel flags and stops the
+        ones flagged, instead of at its next beat (up to a third of the lease away)."""
+        if self._held:
+            self._check_cancels.set()
+
     async def start(self) -> None:
         """Register this daemon, rescue what dead daemons left, start every loop."""
         await self._register()
@@ -279,7 +287,11 @@ class ProcessorEngine:
         self._spawn(
             "heartbeat",
             guarded_loop(
-                "heartbeat", self._heartbeat_once, interval=self.heartbeat.interval, stop=stop
+                "heartbeat",
+                self._heartbeat_once,
+                interval=self.heartbeat.interval,
+                stop=stop,
+                poke=self._check_cancels,
             ),
         )
         self._spawn(

@@ -76,6 +76,9 @@ STARTS: Table = TaskStart.__table__  # type: ignore[assignment]
 T = TASKS.c
 P = PROCESSORS.c
 NOTIFY_CHANNEL = "async_processor_tasks"
+#: The payload of a NOTIFY on NOTIFY_CHANNEL that asks the daemons to look at their jobs'
+#: cancel flags now (any other payload, the empty one, says there is new work).
+CANCEL_PAYLOAD = "cancel"
 logger = logging.getLogger(__name__)
 DEFAULT_QUEUE = "default"
 DEFAULT_PRIORITY = 5
@@ -991,13 +994,16 @@ async def _insert_keyed(
     return created
 
 
-async def notify_daemons(session: AsyncSession) -> None:
+async def notify_daemons(session: AsyncSession, *, cancel: bool = False) -> None:
     """Wake the daemons at commit: NOTIFY on PostgreSQL (inserts do it by trigger), the
-    doorbells on SQLite (app.services.wakeups)."""
+    doorbells on SQLite (app.services.wakeups). With ``cancel``: a running job's cancel
+    flag was set, and its daemon checks its flags at once instead of at its next
+    heartbeat."""
     if dialect_of(session) == "postgresql":
-        await session.execute(select(func.pg_notify(NOTIFY_CHANNEL, "")))
+        payload = CANCEL_PAYLOAD if cancel else ""
+        await session.execute(select(func.pg_notify(NOTIFY_CHANNEL, payload)))
     else:
-        wake_daemons_at_commit(session)
+        wake_daemons_at_commit(session, cancel=cancel)
 
 
 # --- claim and leases ----------------------------------------------------------------------
@@ -2097,7 +2103,9 @@ async def update_progress(
 async def request_cancel(
     session: AsyncSession, task_id: int, *, now: datetime | None = None
 ) -> CancelOutcome:
-    """pending → cancelled at once; processing → flagged for its daemon; else FINISHED."""
+    """pending → cancelled at once; processing → flagged for its daemon, which is told at
+    commit and stops the job within milliseconds (at its next heartbeat, should the word
+    not reach it); else FINISHED."""
     current = now_sql(dialect_of(session), now)
     pending = (
         update(TASKS)
@@ -2116,6 +2124,7 @@ async def request_cancel(
         .returning(T.id)
     )
     if (await session.execute(running)).first() is not None:
+        await notify_daemons(session, cancel=True)
         return CancelOutcome.REQUESTED
     exists = await session.scalar(select(T.id).where(T.id == task_id))
     return CancelOutcome.FINISHED if exists is not None else CancelOutcome.NOT_FOUND

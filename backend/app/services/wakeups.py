@@ -4,9 +4,12 @@ Each daemon on a SQLite database binds a datagram socket in the directory
 ``<database file>.wake/`` beside the database. A process that commits new work (an enqueue,
 a manual retry) sends one empty datagram to every socket there, after its commit; the
 daemon's event loop wakes on it at once instead of at its next ``PRAGMA data_version``
-read. Best effort by design: a full socket buffer, a daemon that died and left its socket
-behind, or a directory that cannot be created only lose the shortcut, never a job; the
-data_version poll and the poll interval still find the work.
+read. A commit that asks for a running job to be cancelled sends ``CANCEL`` instead: the
+daemon then also checks its jobs' cancel flags at once, not at its next heartbeat.
+
+Best effort by design: a full socket buffer, a daemon that died and left its socket behind,
+or a directory that cannot be created only lose the shortcut, never a job or a cancel; the
+data_version poll, the poll interval and the heartbeat still find them.
 
 Socket paths are limited to about 100 bytes; a longer one is reached through
 ``/proc/self/fd/<directory fd>/<name>`` (Linux), and where neither works there is no bell.
@@ -28,6 +31,9 @@ logger = logging.getLogger("app.processor")
 SUFFIX = ".wake"
 SOCKET_SUFFIX = ".sock"
 MAX_SOCKET_PATH = 100  # sun_path is 108 bytes on Linux, less elsewhere
+#: The datagram of a ring that asks the daemons to look at their jobs' cancel flags now
+#: (any other datagram, the empty one, says there is new work).
+CANCEL = b"cancel"
 
 
 def bell_dir(database: Path) -> Path:
@@ -104,8 +110,9 @@ class Bell:
         self._listing = (seen if settled else None, addresses)
         return addresses
 
-    def ring(self) -> int:
-        """Send one datagram to each doorbell; how many were delivered."""
+    def ring(self, message: bytes = b"") -> int:
+        """Send one datagram (``message``: empty for new work, or ``CANCEL``) to each
+        doorbell; how many were delivered."""
         try:
             addresses = self._addresses()
         except OSError:
@@ -116,7 +123,7 @@ class Bell:
         delivered = 0
         for address in addresses:
             try:
-                sender.sendto(b"", address)
+                sender.sendto(message, address)
                 delivered += 1
             except OSError:
                 # ECONNREFUSED: a dead daemon's socket; EAGAIN: the bell is already ringing.
@@ -134,6 +141,8 @@ class Doorbell:
         self._dir = _Dir(bell_dir(database))
         self._name = f"{os.getpid()}-{uuid.uuid4().hex[:8]}{SOCKET_SUFFIX}"
         self.sock: socket.socket | None = None
+        #: whether the last ``drain`` read a ``CANCEL``
+        self.cancel_rung = False
 
     def open(self) -> bool:
         """Create the directory and bind; False (and no bell) when that is not possible."""
@@ -169,16 +178,20 @@ class Doorbell:
                 pass  # alive, another user's
 
     def drain(self) -> int:
-        """Read every pending datagram; how many."""
+        """Read every pending datagram; how many (``cancel_rung`` says whether one was a
+        ``CANCEL``)."""
         n = 0
+        self.cancel_rung = False
         if self.sock is None:
             return n
         while True:
             try:
-                self.sock.recv(16)
+                message = self.sock.recv(16)
             except OSError:
                 return n
             n += 1
+            if message == CANCEL:
+                self.cancel_rung = True
 
     def close(self) -> None:
         if self.sock is not None:

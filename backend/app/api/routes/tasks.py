@@ -220,7 +220,10 @@ async def retry_task(task_id: TaskId, caller: CallerDep, db: DbDep) -> TaskPubli
     response_model=TaskPublic,
     responses={
         **NOT_FOUND,
-        202: {"model": TaskPublic, "description": "Running: its daemon cancels it shortly"},
+        202: {
+            "model": TaskPublic,
+            "description": "Running: its daemon, told at once, cancels it within moments",
+        },
         409: {"description": "Already finished"},
     },
 )

@@ -81,13 +81,25 @@ def jittered(interval: float, spread: float = 0.1) -> float:
     return max(0.0, interval * (1 + _RNG.uniform(-spread, spread)))
 
 
-async def sleep_or_stop(stop: asyncio.Event, seconds: float) -> bool:
-    """Sleep up to ``seconds``; True when ``stop`` was set meanwhile."""
+async def sleep_or_stop(
+    stop: asyncio.Event, seconds: float, poke: asyncio.Event | None = None
+) -> bool:
+    """Sleep up to ``seconds``, or until ``poke`` is set (which this clears); True when
+    ``stop`` was set meanwhile."""
+    if poke is None:
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=seconds)
+        except TimeoutError:
+            return stop.is_set()
+        return True
+    waits = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(poke.wait())}
     try:
-        await asyncio.wait_for(stop.wait(), timeout=seconds)
-    except TimeoutError:
-        return stop.is_set()
-    return True
+        await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
+    poke.clear()
+    return stop.is_set()
 
 
 async def guarded_loop(
@@ -98,13 +110,15 @@ async def guarded_loop(
     stop: asyncio.Event,
     run_first: bool = False,
     next_delay: Callable[[], float] | None = None,
+    poke: asyncio.Event | None = None,
 ) -> None:
     """Call ``run_once`` every ``interval`` (jittered) until ``stop``; errors are logged and
     backed off, never fatal. Only cancellation or ``stop`` ends the loop. ``next_delay``,
-    when given, says how long to wait after a successful run instead (not jittered)."""
+    when given, says how long to wait after a successful run instead (not jittered). A
+    ``poke`` (an event set by someone else) runs it at once, whatever the wait left."""
     backoff = ErrorBackoff(name)
     delay = 0.0 if run_first else jittered(interval)
-    while not await sleep_or_stop(stop, delay):
+    while not await sleep_or_stop(stop, delay, poke):
         try:
             await run_once()
         except Exception as exc:

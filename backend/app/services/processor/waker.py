@@ -7,6 +7,10 @@ a thread polls it too (the fallback for writers without the bell: an operator's 
 a library older than the bell).
 PostgreSQL: LISTEN on the channel the insert trigger notifies.
 The engine's poll interval stays the fallback for both.
+
+A cancel request for a running job rings (SQLite) or notifies (PostgreSQL) with a word of its
+own: the waker then calls ``on_cancel`` too, and the engine checks its jobs' cancel flags at
+once instead of at its next heartbeat.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from sqlalchemy.engine import make_url
 
 from app.db import sqlite_path
 from app.services.processor.looper import ErrorBackoff, sleep_or_stop
-from app.services.queue import NOTIFY_CHANNEL
+from app.services.queue import CANCEL_PAYLOAD, NOTIFY_CHANNEL
 from app.services.wakeups import Doorbell
 
 logger = logging.getLogger("app.processor")
@@ -43,9 +47,12 @@ LISTEN_CHECK_INTERVAL_SECONDS = 1.0
 class SQLiteWaker:
     """Polls ``PRAGMA data_version`` on its own connection and wakes on change."""
 
-    def __init__(self, path: Path, wake: Callable[[], None]) -> None:
+    def __init__(
+        self, path: Path, wake: Callable[[], None], on_cancel: Callable[[], None] | None = None
+    ) -> None:
         self._path = path
         self._wake = wake
+        self._on_cancel = on_cancel
         self._last_change = 0.0
         self._conn: sqlite3.Connection | None = None
         self._version: int | None = None
@@ -109,6 +116,8 @@ class SQLiteWaker:
 
     def _on_ring(self, wake: Callable[[], None]) -> None:
         self.rings += self._doorbell.drain()
+        if self._doorbell.cancel_rung and self._on_cancel is not None:
+            self._on_cancel()
         wake()
 
     def _poll(self, halt: threading.Event) -> None:
@@ -133,16 +142,21 @@ class SQLiteWaker:
 class PostgresWaker:
     """LISTENs on the task channel with a dedicated asyncpg connection; reconnects."""
 
-    def __init__(self, url: str, wake: Callable[[], None]) -> None:
+    def __init__(
+        self, url: str, wake: Callable[[], None], on_cancel: Callable[[], None] | None = None
+    ) -> None:
         self._dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
         self._wake = wake
+        self._on_cancel = on_cancel
         self._conn: Any = None
         self._backoff = ErrorBackoff("listener")
 
     def heat(self) -> None:
         """Nothing to tune: notifications arrive as they happen."""
 
-    def _on_notify(self, *_args: object) -> None:
+    def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+        if payload == CANCEL_PAYLOAD and self._on_cancel is not None:
+            self._on_cancel()
         self._wake()
 
     async def connect(self) -> None:
@@ -178,9 +192,12 @@ class PostgresWaker:
             self._conn = None
 
 
-def make_waker(url: str, wake: Callable[[], None]) -> SQLiteWaker | PostgresWaker | None:
-    """The waker for the database behind ``url`` (None for in-memory SQLite)."""
+def make_waker(
+    url: str, wake: Callable[[], None], on_cancel: Callable[[], None] | None = None
+) -> SQLiteWaker | PostgresWaker | None:
+    """The waker for the database behind ``url`` (None for in-memory SQLite): ``wake`` on
+    new work, ``on_cancel`` (and ``wake``) on a cancel request for a running job."""
     if make_url(url).get_backend_name() == "postgresql":
-        return PostgresWaker(url, wake)
+        return PostgresWaker(url, wake, on_cancel)
     path = sqlite_path(url)
-    return SQLiteWaker(path, wake) if path is not None else None
+    return SQLiteWaker(path, wake, on_cancel) if path is not None else None
