@@ -62,6 +62,15 @@ async def fail(ctx: JobContext) -> None:
     raise RuntimeError(f"boom on attempt {ctx.attempt}")
 
 
+class LibraryInterrupt(BaseException):
+    """What some libraries raise: a BaseException subclass, not an Exception."""
+
+
+@handler("base_exception")
+async def base_exception(ctx: JobContext) -> None:
+    raise LibraryInterrupt(f"attempt {ctx.attempt}")
+
+
 @handler("suicide")
 async def suicide(ctx: JobContext) -> None:
     _ledger(ctx, "start")

@@ -132,6 +132,16 @@ async def test_a_cancel_request_stops_a_running_job_at_once(db: Database, spawn:
     assert daemon.stop() == 0
 
 
+async def test_a_handler_raising_a_base_exception_fails_its_job(db: Database, spawn: Spawn) -> None:
+    """Not held in processing (its lease renewed) for as long as the daemon lives."""
+    [task_id] = await enqueue_many(db, "base_exception", 1, max_retries=1)
+    daemon = spawn()
+    row = await eventually(lambda: _finished(db, task_id), within=30)
+    assert (row.status, row.attempts, row.retry_count) == ("failed", 2, 1)
+    assert row.error is not None and row.error.startswith("LibraryInterrupt: attempt 2")
+    assert daemon.stop() == 0
+
+
 async def _progress_is(db: Database, task_id: int, message: str) -> bool:
     return (await task_row(db, task_id)).progress_message == message
 

@@ -81,6 +81,24 @@ def registry() -> HandlerRegistry:
     def sync_interrupted(ctx: JobContext) -> None:
         raise KeyboardInterrupt
 
+    async def own_base(ctx: JobContext) -> None:
+        raise OwnBase("mine")
+
+    def sync_own_base(ctx: JobContext) -> None:
+        raise OwnBase("mine too")
+
+    async def bad_str(ctx: JobContext) -> None:
+        raise BadStr
+
+    async def str_not_text(ctx: JobContext) -> None:
+        raise StrNotText
+
+    async def unstorable_text(ctx: JobContext) -> None:
+        raise RuntimeError("connection reset \ud800 at \x00 here")
+
+    async def huge_message(ctx: JobContext) -> None:
+        raise RuntimeError("x" * 100_000)
+
     async def huge_tokens(ctx: JobContext) -> None:
         ctx.add_token_usage(10**30)
         ctx.add_token_usage(5)
@@ -101,6 +119,20 @@ def registry() -> HandlerRegistry:
         if callable(func) and name != "reg":
             reg.register(name, func)
     return reg
+
+
+class OwnBase(BaseException):
+    """A library's exception that derives from BaseException, not Exception."""
+
+
+class BadStr(Exception):
+    def __str__(self) -> str:
+        raise AttributeError("'NoneType' object has no attribute 'status'")
+
+
+class StrNotText(PermanentError):
+    def __str__(self) -> Any:
+        return None
 
 
 def nested(levels: int) -> object:
@@ -307,3 +339,36 @@ def test_a_result_that_is_not_json_says_why(value: object, error: str) -> None:
     with pytest.raises(_NotJSONError, match=error):
         _jsonable(value)
     assert _jsonable({"ok": [1, "é", None]}) == {"ok": [1, "é", None]}
+
+
+@pytest.mark.parametrize(
+    ("kind", "error", "permanent"),
+    [
+        ("own_base", "OwnBase: mine", False),
+        ("sync_own_base", "OwnBase: mine too", False),
+        ("bad_str", "BadStr: <str() of the exception failed: AttributeError>", False),
+        ("str_not_text", "StrNotText: <str() of the exception failed: TypeError>", True),
+    ],
+)
+async def test_whatever_a_handler_raises_ends_its_job(
+    registry: HandlerRegistry, kind: str, error: str, permanent: bool
+) -> None:
+    """A BaseException subclass of a library's, or an exception whose str() fails, is the
+    job's failure: before, the job's task ended with no outcome, and the job stayed
+    processing, its lease renewed, for as long as the daemon lived."""
+    outcome, _ = await run(registry, make_task(kind))
+    assert (outcome.kind, outcome.permanent) == (OutcomeKind.FAILED, permanent)
+    assert outcome.error is not None and outcome.error.startswith(error)
+    assert "Traceback" in outcome.error or permanent
+
+
+async def test_error_text_is_always_storable_and_bounded(registry: HandlerRegistry) -> None:
+    """NUL and lone surrogates (which PostgreSQL, or UTF-8, cannot hold) become escapes; a
+    huge message is cut (the traceback, too, keeps its last 8,000 characters)."""
+    outcome, _ = await run(registry, make_task("unstorable_text"))
+    assert outcome.error.startswith("RuntimeError: connection reset \\ud800 at \\x00 here")
+    outcome.error.encode("utf-8")
+    assert "\x00" not in outcome.error
+    outcome, _ = await run(registry, make_task("huge_message"))
+    assert outcome.error.startswith("RuntimeError: " + "x" * 8_000 + "… [92,000 more characters]")
+    assert len(outcome.error) < 20_000

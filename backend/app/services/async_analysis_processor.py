@@ -40,6 +40,7 @@ from app.services.processor.executor import (
     Outcome,
     OutcomeKind,
     StopReason,
+    describe,
 )
 from app.services.processor.heartbeat import Heartbeat, HeartbeatResult, ProcessorStats
 from app.services.processor.host import host_key
@@ -634,11 +635,17 @@ class ProcessorEngine:
 
     async def _run_job(self, task: ClaimedTask) -> None:
         run = asyncio.current_task()
-        outcome = await self.executor.run(
-            task,
-            progress_sink=progress_sink(self.db, task, self.processor_id),
-            stop_reason=lambda: None if run is None else self._stop_reasons.get(run),
-        )
+        try:
+            outcome = await self.executor.run(
+                task,
+                progress_sink=progress_sink(self.db, task, self.processor_id),
+                stop_reason=lambda: None if run is None else self._stop_reasons.get(run),
+            )
+        except Exception as exc:
+            # The executor turns whatever a handler does into an outcome; should it fail
+            # itself, the job still gets one (without, it would stay held and renewed).
+            logger.exception("task %s: the executor failed", task.id)
+            outcome = Outcome(task, OutcomeKind.FAILED, 0.0, error=describe(exc))
         faults.fault_point("after_handler_before_complete")
         self.completer.submit(outcome)
 

@@ -16,7 +16,7 @@ from app.db import Database
 from app.services import faults, notifications, queue
 from app.services.backoff import next_retry_delay
 from app.services.processor.ahead import Room
-from app.services.processor.executor import Outcome, OutcomeKind
+from app.services.processor.executor import Outcome, OutcomeKind, storable
 from app.services.processor.looper import ErrorBackoff, is_transient
 from app.services.queue import ClaimedTask
 
@@ -287,7 +287,7 @@ def _as_failure(outcome: Outcome, exc: Exception) -> Outcome:
         outcome.task,
         OutcomeKind.FAILED,
         outcome.duration,
-        error=f"{_UNSTORABLE}: {exc.__class__.__name__}: {exc}"[:2000],
+        error=storable(f"{_UNSTORABLE}: {exc.__class__.__name__}: {exc}"[:2000]),
         permanent=True,
         token_usage=outcome.token_usage,
     )

@@ -31,6 +31,7 @@ from app.services.queue import (
 
 logger = logging.getLogger("app.processor")
 MAX_TRACEBACK_CHARS = 8_000
+MAX_MESSAGE_CHARS = 8_000
 
 
 class OutcomeKind(StrEnum):
@@ -140,21 +141,23 @@ class Executor:
                 # The handler's own CancelledError (it awaited something that another
                 # party cancelled): nobody stops this job, so it is the handler's failure.
                 # Re-raised it would end the job with no outcome, held and renewed forever.
-                return outcome(OutcomeKind.FAILED, error=_describe(exc, with_traceback=True))
+                return outcome(OutcomeKind.FAILED, error=describe(exc, with_traceback=True))
             if current is not None:
                 current.uncancel()
             return outcome(REASON_TO_OUTCOME[reason], error=f"stopped: {reason.value}")
         except Snooze as snooze:
             return outcome(OutcomeKind.SNOOZED, snooze_seconds=snooze.seconds)
         except PermanentError as exc:
-            return outcome(OutcomeKind.FAILED, error=_describe(exc), permanent=True)
+            return outcome(OutcomeKind.FAILED, error=describe(exc), permanent=True)
         except _NotJSONError as exc:
             return outcome(OutcomeKind.FAILED, error=str(exc), permanent=True)
-        except (Exception, SystemExit, KeyboardInterrupt) as exc:
-            # SystemExit and KeyboardInterrupt from a handler (a library's sys.exit(), a
-            # sync handler's thread) are its failure: escaping the job's task they would
-            # stop the event loop, and every job of this daemon would run again.
-            return outcome(OutcomeKind.FAILED, error=_describe(exc, with_traceback=True))
+        except BaseException as exc:
+            # Whatever else a handler raises is its failure: SystemExit and
+            # KeyboardInterrupt (a library's sys.exit(), a sync handler's thread), which
+            # escaping the job's task would stop the event loop, and any other
+            # BaseException subclass, which would end the job's task with no outcome: held
+            # and renewed forever.
+            return outcome(OutcomeKind.FAILED, error=describe(exc, with_traceback=True))
 
     async def _in_thread(self, func: Callable[[JobContext], Any], ctx: JobContext) -> Any:
         # A fresh daemon thread per job: a hung handler can never starve a shared pool,
@@ -234,9 +237,31 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _describe(exc: BaseException, *, with_traceback: bool = False) -> str:
-    head = f"{exc.__class__.__name__}: {exc}" if str(exc) else exc.__class__.__name__
-    if not with_traceback:
-        return head
-    tb = "".join(traceback.format_exception(exc))
-    return f"{head}\n\n{tb[-MAX_TRACEBACK_CHARS:]}"
+def describe(exc: BaseException, *, with_traceback: bool = False) -> str:
+    """A failure's error text: the exception's class and message (at most
+    MAX_MESSAGE_CHARS), then its traceback's last MAX_TRACEBACK_CHARS; text every engine
+    can store whatever the exception holds (see ``storable``)."""
+    try:
+        message = str(exc)
+    except Exception as failed:  # a __str__ that raises, or returns no string
+        message = f"<str() of the exception failed: {failed.__class__.__name__}>"
+    if len(message) > MAX_MESSAGE_CHARS:
+        cut = len(message) - MAX_MESSAGE_CHARS
+        message = f"{message[:MAX_MESSAGE_CHARS]}… [{cut:,} more characters]"
+    head = f"{exc.__class__.__name__}: {message}" if message else exc.__class__.__name__
+    if with_traceback:
+        tb = "".join(traceback.format_exception(exc))  # its own str() failure is caught
+        head = f"{head}\n\n{tb[-MAX_TRACEBACK_CHARS:]}"
+    return storable(head)
+
+
+def storable(text: str) -> str:
+    """``text`` as both engines can store and log it: NUL characters (which PostgreSQL
+    refuses in text) and lone surrogates (which no UTF-8 text holds) written as escapes."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
