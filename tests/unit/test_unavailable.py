@@ -53,3 +53,30 @@ def test_a_statement_error_is_not_unavailability(
     sqlstate: str | None, message: str, kind: type[DBAPIError]
 ) -> None:
     assert not database_unavailable(_error(sqlstate, message, kind))
+
+
+@pytest.mark.parametrize(
+    ("sqlstate", "message", "transient"),
+    [
+        # a value the driver could not send, its text echoing the value: judged by its code
+        ("22000", "invalid input for query argument $2: 'RuntimeError: connection \\ud800'", False),
+        ("22P05", "unsupported Unicode escape sequence; connection closed", False),
+        ("23505", "duplicate key value violates unique constraint", False),
+        ("40001", "could not serialize access due to concurrent update", True),
+        ("40P01", "deadlock detected", True),
+        ("55P03", "could not obtain lock on row", True),
+        ("57014", "canceling statement due to statement timeout", True),
+        (None, "connection is closed", True),  # no code: the text says what it is
+        (None, "no such savepoint", False),
+    ],
+)
+def test_transient_by_sqlstate_not_by_text(
+    sqlstate: str | None, message: str, transient: bool
+) -> None:
+    assert is_transient(_error(sqlstate, message)) is transient
+
+
+def test_a_value_that_cannot_be_converted_is_never_transient() -> None:
+    error = DBAPIError("SELECT 1", None, UnicodeEncodeError("utf-8", "connection", 0, 1, "x"))
+    assert not is_transient(error)
+    assert not is_transient(ValueError("connection reset"))

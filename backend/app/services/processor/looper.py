@@ -19,13 +19,32 @@ ERROR_BACKOFF_MAX_SECONDS = 5.0
 _RNG = random.Random()  # noqa: S311 - jitter
 
 
+#: SQLSTATEs worth retrying besides unavailability (app.db.database_unavailable): a
+#: serialization failure, a deadlock, a lock not available, a statement cancelled (a
+#: timeout, an operator's pg_cancel_backend).
+TRANSIENT_SQLSTATES = frozenset({"40001", "40P01", "55P03", "57014"})
+
+
 def is_transient(exc: BaseException) -> bool:
-    """True for database errors worth retrying: locked, unreachable, restarting."""
+    """True for database errors worth retrying: locked, unreachable, restarting.
+
+    An error the server (or the driver, for a value it cannot send) classed with a SQLSTATE
+    is judged by that code alone, never by its text, which can echo the values bound: a
+    job's error text holding the word "connection" and a character PostgreSQL refuses made
+    its failure look transient, and the completer retried the batch, and every outcome
+    after it, forever. A value that could not be converted (ValueError, TypeError) is never
+    transient. Only errors with neither say what they are by their text."""
     if isinstance(exc, OperationalError | OSError | TimeoutError | ConnectionError):
         return True
     if isinstance(exc, DBAPIError) and (exc.connection_invalidated or database_unavailable(exc)):
         return True
-    text = str(exc).lower()
+    orig = getattr(exc, "orig", None)
+    code = getattr(orig, "sqlstate", None)
+    if isinstance(code, str):
+        return code in TRANSIENT_SQLSTATES
+    if isinstance(exc, ValueError | TypeError) or isinstance(orig, ValueError | TypeError):
+        return False
+    text = str(orig if orig is not None else exc).lower()
     return any(
         marker in text
         for marker in ("database is locked", "connection", "closed", "terminat", "shutdown")
