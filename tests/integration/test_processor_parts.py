@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import func, select, update
+from sqlalchemy.exc import OperationalError
 
 from app.db import Database
 from app.models import AnalysisNotification, PendingAnalysis, Processor, ProcessorState
@@ -208,6 +209,46 @@ async def test_completer_turns_an_unstorable_result_into_a_failure(
         )
     else:
         assert row.status == "completed"
+
+
+async def test_a_second_stop_leaves_outcomes_the_database_will_not_take(
+    db: Database, database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Shutdown waits for every outcome to be written, through an outage; a second stop
+    signal stops waiting (the jobs run again once their leases expire)."""
+    [task] = await queue_ids(db, 1)
+    engine = ProcessorEngine(
+        db,
+        REGISTRY,
+        EngineConfig(database_url=database_url, concurrency=1, lease_seconds=3, shutdown_grace=1),
+    )
+
+    async def outage(_batch: Any) -> list[bool]:
+        raise OperationalError("UPDATE", None, Exception("database is locked"))
+
+    engine.completer._write = outage  # type: ignore[method-assign]
+    await engine.start()
+    try:
+        await eventually(lambda: _started(db, task), within=10)
+        engine.request_stop()
+        await asyncio.sleep(0.5)
+        assert not engine._stopped.is_set()  # still waiting to write the outcome
+        engine.request_stop()
+        async with asyncio.timeout(5):
+            await engine.run_until_stopped()
+    finally:
+        await engine.stop()
+    assert (await task_row(db, task)).status == "processing"
+    assert "1 outcomes not written (second stop signal)" in caplog.text
+
+
+async def queue_ids(db: Database, n: int) -> list[int]:
+    async with db.write_transaction() as s:
+        return [r.id for r in await queue.enqueue_tasks(s, [{"kind": "noop"}] * n)]
+
+
+async def _started(db: Database, task_id: int) -> bool:
+    return (await task_row(db, task_id)).status == "processing"
 
 
 async def test_engine_drains_in_process(db: Database, database_url: str) -> None:

@@ -388,7 +388,7 @@ class ProcessorEngine:
         self._release_waiting(lambda _: True)
         await self._drain(grace)
         self._completer_stop.set()
-        await self.completer.flush()
+        await self._flush_outcomes()
         self._loops_stop.set()
         await asyncio.gather(*self._side_tasks, return_exceptions=True)
         await self._mark_stopped()
@@ -790,6 +790,30 @@ class ProcessorEngine:
             if self._held.get(task_id) is renewed.get(task_id):
                 self._stop_job(task_id, StopReason.CANCEL_REQUESTED)
         return result
+
+    async def _flush_outcomes(self) -> None:
+        """Wait until every outcome is written (the completer retries them through a
+        database outage), unless a second stop signal says to stop now: then the ones not
+        written are left, and their jobs are rescued when their leases expire (run again,
+        as after a kill)."""
+        flushed = asyncio.ensure_future(self.completer.flush())
+        force = asyncio.ensure_future(self._force.wait())
+        try:
+            await asyncio.wait({flushed, force}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            flushed.cancel()
+            force.cancel()
+        left = self.completer.backlog
+        if left:
+            for task in self._side_tasks:
+                if task.get_name() == "completer":
+                    task.cancel()  # it would retry them until written
+            logger.warning(
+                "shutdown: %d outcomes not written (second stop signal); their jobs run again "
+                "once their leases expire",
+                left,
+                extra={"action": "outcomes_abandoned", "processor_id": self.processor_id},
+            )
 
     async def _drain(self, grace: float) -> None:
         jobs = set(self._running.values())
