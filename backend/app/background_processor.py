@@ -15,11 +15,13 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Coroutine
+from typing import Any
 
 from app.config import QueueSpec, Settings, SettingsError, load_settings
 from app.db import Database
 from app.logs import PROCESS_CONTEXT, setup_logging
-from app.schema import SchemaError, check_migrated
+from app.schema import BadDatabaseURL, SchemaError, check_migrated
 from app.services import faults
 from app.services.async_analysis_processor import EngineConfig, ProcessorEngine
 from app.services.handlers import (
@@ -77,6 +79,23 @@ async def _wait_for_schema(db: Database) -> None:
             await asyncio.sleep(backoff.failed(cause))
 
 
+async def _until_stopped(work: Coroutine[Any, Any, None], stop: asyncio.Event) -> bool:
+    """Run ``work`` unless ``stop`` is set first (then cancel it); whether it finished."""
+    task = asyncio.ensure_future(work)
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return False
+    task.result()  # its error, if any
+    return True
+
+
 def engine_config(
     settings: Settings,
     *,
@@ -119,23 +138,37 @@ async def serve(settings: Settings, config: EngineConfig) -> int:
         return 2
     config = dataclasses.replace(config, schedules=tuple(periodic))
     db = Database.from_url(settings.database_url, pool_size=5, pre_ping=False, write_thread=True)
+    loop = asyncio.get_running_loop()
+    engine: ProcessorEngine | None = None
+    stop_before_start = asyncio.Event()
+
+    def on_signal() -> None:
+        sd_notify("STOPPING=1")
+        if engine is None:
+            stop_before_start.set()  # still waiting for the database: give up waiting
+        else:
+            engine.request_stop()
+
+    # Before the wait for the database, which lasts as long as it is unreachable: a stop
+    # then ends the wait (exit 0, logged) instead of killing the process mid-step.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
     try:
         try:
-            await _wait_for_schema(db)
+            if not await _until_stopped(_wait_for_schema(db), stop_before_start):
+                logger.info("stopped before the database could be reached")
+                return 0
+        except BadDatabaseURL as exc:
+            logger.critical("cannot start: ASYNC_PROCESSOR_DATABASE_URL: %s", exc)
+            return 2
         except SchemaError as exc:
             logger.critical("cannot start: %s", exc)
             return 1
         engine = ProcessorEngine(db, REGISTRY, config)
         PROCESS_CONTEXT["processor_id"] = engine.processor_id
         await engine.start()
-        loop = asyncio.get_running_loop()
-
-        def on_signal() -> None:
-            sd_notify("STOPPING=1")
+        if stop_before_start.is_set():  # a signal came while it started
             engine.request_stop()
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, on_signal)
         sd_notify("READY=1")
         interval = watchdog_interval()
         dog = asyncio.create_task(_watchdog(interval), name="watchdog") if interval else None
@@ -179,7 +212,11 @@ def run(
 
 def main() -> None:
     """Entry point of ``python -m app.background_processor``."""
-    sys.exit(run())
+    try:
+        code = run()
+    except KeyboardInterrupt:  # before the signal handlers were installed
+        code = 130
+    sys.exit(code)
 
 
 if __name__ == "__main__":

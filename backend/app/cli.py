@@ -14,9 +14,9 @@ from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import Progress
 from rich.table import Table
+from rich.text import Text
 from sqlalchemy.exc import SQLAlchemyError
 
 from app import schema
@@ -45,18 +45,27 @@ queues_cli = typer.Typer(help="Pause and resume queues for every daemon.", no_ar
 cli.add_typer(queues_cli, name="queues")
 token_cli = typer.Typer(help="API tokens (stored as hashes only).", no_args_is_help=True)
 cli.add_typer(token_cli, name="token")
-out = Console()
-err = Console(stderr=True, soft_wrap=True)
+# No console markup: what is printed holds names, ids and payloads that users chose (a queue
+# named "[/q]" was read as markup, and every command that showed it failed); styles are
+# given as Text styles instead.
+out = Console(markup=False)
+err = Console(stderr=True, soft_wrap=True, markup=False)
+
+
+def _labelled(label: str, style: str, text: str) -> Text:
+    return Text.assemble((label, style), " ", text)
 
 
 #: Ids are 64-bit: a larger number is bad input (exit 2), never a driver's overflow.
 MAX_ID = 2**63 - 1
 TASK_ID = typer.Argument(min=1, max=MAX_ID, help="Task id.")
+#: api_tokens.id is a 32-bit INTEGER.
+MAX_TOKEN_ID = 2**31 - 1
 
 
 def fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
     """Print ``message`` to stderr and exit with ``code``."""
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    err.print(_labelled("error:", "bold red", message), highlight=False)
     raise typer.Exit(code)
 
 
@@ -82,6 +91,8 @@ def with_db(work: Callable[[Database], Awaitable[R]], *, check_schema: bool = Tr
 
     try:
         return asyncio.run(main())
+    except schema.BadDatabaseURL as exc:
+        fail(f"ASYNC_PROCESSOR_DATABASE_URL: {exc}", EXIT_USAGE)
     except schema.SchemaError as exc:
         fail(str(exc))
     except SQLAlchemyError as exc:
@@ -117,11 +128,22 @@ def parse_queue_option(spec: str | None) -> QueueSpec | None:
 @cli.command()
 def migrate() -> None:
     """Create the database or upgrade it to the newest schema."""
+    from alembic.util import CommandError
+
     url = settings().database_url
     try:
         schema.upgrade(url)
     except (SQLAlchemyError, OSError) as exc:
         fail(f"migration failed: {exc.__class__.__name__}: {str(exc).splitlines()[0]}")
+    except CommandError as exc:  # e.g. the database is at a revision this code lacks
+        newer = "Can't locate revision" in str(exc)
+        fail(f"migration failed: {exc}" + (f"; {schema.NEWER_HINT}" if newer else ""))
+    except schema.URL_ERRORS as exc:
+        fail(
+            f"ASYNC_PROCESSOR_DATABASE_URL: the database URL cannot be used "
+            f"({exc.__class__.__name__}: {exc})",
+            EXIT_USAGE,
+        )
     out.print(f"database at revision {schema.head_revision()}: {_safe_url(url)}")
 
 
@@ -197,6 +219,8 @@ def read_payload(payload: str | None, payload_file: Path | None) -> dict[str, An
         data = json.loads(text)
     except ValueError as exc:  # JSONDecodeError, and an integer over Python's digit limit
         fail(f"the payload is not valid JSON: {exc}", EXIT_USAGE)
+    except RecursionError:
+        fail(f"the payload nests more than {queue.MAX_JSON_DEPTH} levels deep", EXIT_USAGE)
     if not isinstance(data, dict):
         fail("the payload must be a JSON object", EXIT_USAGE)
     return data
@@ -216,6 +240,8 @@ def read_bulk(conf: Settings, path: Path) -> list[queue.TaskSpec]:
             item = json.loads(line)
         except ValueError as exc:  # JSONDecodeError, and an integer over Python's digit limit
             fail(f"line {number}: not valid JSON: {exc}", EXIT_USAGE)
+        except RecursionError:
+            fail(f"line {number}: nests more than {queue.MAX_JSON_DEPTH} levels", EXIT_USAGE)
         if not isinstance(item, dict):
             fail(f"line {number}: must be a JSON object", EXIT_USAGE)
         specs.append(build_spec(conf, item, f"line {number}"))
@@ -472,7 +498,7 @@ def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     try:
         import_handler_modules(conf.handler_modules)
     except HandlerImportError as exc:
-        err.print(f"[yellow]warning:[/] schedules declared in code not shown: {exc}")
+        err.print(_labelled("warning:", "yellow", f"schedules declared in code not shown: {exc}"))
     periodic = shown_schedules(REGISTRY, conf)
 
     async def work(db: Database) -> dict[str, Any]:
@@ -493,7 +519,7 @@ def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     age = summary["oldest_pending_age_seconds"]
     out.print(f"oldest pending: {'-' if age is None else f'{age:.1f} s'}")
     if summary["paused_queues"]:
-        out.print(f"[bold yellow]paused queues:[/] {', '.join(summary['paused_queues'])}")
+        out.print(_labelled("paused queues:", "bold yellow", ", ".join(summary["paused_queues"])))
     procs = Table(
         "processor",
         "state",
@@ -561,7 +587,7 @@ def queues_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> Non
         return
     table = Table("queue", "state", "pending", "processing", "changed", "by", title="queues")
     for r in rows:
-        state = "[bold yellow]paused[/]" if r["paused"] else "running"
+        state = Text("paused", style="bold yellow") if r["paused"] else Text("running")
         table.add_row(
             r["queue"],
             state,
@@ -660,8 +686,8 @@ def main() -> None:
         # The shell can pass any bytes; Python keeps the undecodable ones as surrogates,
         # which no database (nor the output) can take further down.
         if not arg.isascii() and not queue.is_unicode(arg):
-            shown = escape(repr(os.fsencode(arg)))
-            err.print(f"[bold red]error:[/] argument {shown} is not valid UTF-8 text")
+            shown = repr(os.fsencode(arg))
+            err.print(_labelled("error:", "bold red", f"argument {shown} is not valid UTF-8 text"))
             sys.exit(EXIT_USAGE)
     try:
         cli(standalone_mode=True)
@@ -701,6 +727,8 @@ def api(
 
     try:
         asyncio.run(check())
+    except schema.BadDatabaseURL as exc:
+        fail(f"cannot start: ASYNC_PROCESSOR_DATABASE_URL: {exc}", EXIT_USAGE)
     except schema.SchemaError as exc:
         if exc.__cause__ is None:
             fail(f"cannot start: {exc}")
@@ -790,7 +818,9 @@ def token_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None
 
 
 @token_cli.command("revoke")
-def token_revoke(token_id: Annotated[int, typer.Argument(min=1, max=MAX_ID)]) -> None:
+def token_revoke(
+    token_id: Annotated[int, typer.Argument(min=1, max=MAX_TOKEN_ID, help="Token id.")],
+) -> None:
     """Revoke a token by id (see `token list`)."""
     from app.services import auth
 

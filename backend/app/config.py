@@ -60,6 +60,11 @@ def is_queue_name(name: str) -> bool:
     return _QUEUE_NAME.fullmatch(name) is not None
 
 
+def _decimal(text: str) -> bool:
+    """ASCII digits only (str.isdigit also takes "٣" and "²", which int() reads or refuses)."""
+    return text.isascii() and text.isdigit()
+
+
 def parse_schedules(spec: str) -> ScheduleSpec:
     """``report=0 3 * * *;sync=*/5 * * * *`` → ((kind, cron), …); ``kind=off`` turns off a
     schedule declared in code. Entries are separated by ``;`` (cron uses spaces and commas).
@@ -92,7 +97,7 @@ def parse_queues(spec: str) -> QueueSpec:
         if not part:
             continue
         name, sep, limit = (x.strip() for x in part.partition("="))
-        if not is_queue_name(name) or (sep and not (limit.isdigit() and 0 < int(limit) <= 10_000)):
+        if not is_queue_name(name) or (sep and not (_decimal(limit) and 0 < int(limit) <= 10_000)):
             raise ValueError(
                 f"{part!r} is not QUEUE or QUEUE=N with 1 <= N <= 10000"
                 f" (a queue's name: {QUEUE_NAME_RULE})"
@@ -161,7 +166,7 @@ def parse_key_limits(spec: str) -> tuple[KeyLimit, ...]:
     limits = []
     for kind, rule in _entries(spec):
         column, _, limit = rule.partition(":")
-        if column not in KEY_COLUMNS or not (limit.isdigit() and int(limit) > 0):
+        if column not in KEY_COLUMNS or not (_decimal(limit) and int(limit) > 0):
             raise ValueError(
                 f"{kind}={rule!r} is not COLUMN:N with COLUMN one of {', '.join(KEY_COLUMNS)}"
                 " and N >= 1"
@@ -269,6 +274,10 @@ class SettingsError(Exception):
     """Raised with a readable message when the environment holds a bad setting."""
 
 
+#: The password of a URL (scheme://user:password@host): an error message shows *** instead.
+_PASSWORD_IN_URL = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
+
+
 def describe_validation_error(error: ValidationError) -> str:
     """Render a pydantic error as lines naming each variable and its bad value."""
     lines = []
@@ -280,6 +289,8 @@ def describe_validation_error(error: ValidationError) -> str:
             continue
         field = ".".join(str(part) for part in item["loc"])
         value = item.get("input")
+        if isinstance(value, str):
+            value = _PASSWORD_IN_URL.sub(r"\1***@", value)  # the journal keeps it
         shown = "" if isinstance(value, dict) else f"={value!r}"
         lines.append(f"invalid setting {ENV_PREFIX}{field.upper()}{shown}: {message}")
     return "\n".join(lines)

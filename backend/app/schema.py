@@ -27,6 +27,16 @@ class SchemaError(RuntimeError):
     """The database is not at the schema this code needs."""
 
 
+class BadDatabaseURL(SchemaError):
+    """The driver refused the database URL's form (a query parameter it does not take, a
+    port out of range): a bad setting, not a database's state."""
+
+
+#: What a driver raises for a URL it cannot use (asyncpg: TypeError for an unknown
+#: keyword such as libpq's sslmode, OverflowError for a port over 65535).
+URL_ERRORS = (TypeError, ValueError, OverflowError)
+
+
 def migrations_dir() -> Path:
     """The migrations folder: the source checkout's, or the copy inside the wheel."""
     package = Path(__file__).resolve().parent
@@ -65,6 +75,16 @@ def downgrade(database_url: str, revision: str = "base") -> None:
 def head_revision() -> str:
     """The newest revision this code ships, read from the revision files (one linear
     history: the one revision no other names as its ``down_revision``)."""
+    revisions, parents = _revisions()
+    heads = sorted(revisions - parents)
+    if len(heads) != 1:
+        raise SchemaError(f"the migrations folder has {len(heads)} heads: {heads}")
+    return heads[0]
+
+
+@functools.cache
+def _revisions() -> tuple[frozenset[str], frozenset[str]]:
+    """Every revision this code ships, and those named as another's ``down_revision``."""
     revisions: set[str] = set()
     parents: set[str] = set()
     for path in sorted((migrations_dir() / "versions").glob("*.py")):
@@ -76,10 +96,14 @@ def head_revision() -> str:
         down = _DOWN.search(source)
         if down is not None:
             parents.update(_QUOTED.findall(down.group(1)))
-    heads = revisions - parents
-    if len(heads) != 1:
-        raise SchemaError(f"the migrations folder has {len(heads)} heads: {sorted(heads)}")
-    return heads.pop()
+    return frozenset(revisions), frozenset(parents)
+
+
+#: What a database migrated by newer code needs: not `migrate`, which cannot go there.
+NEWER_HINT = (
+    "this code does not know that revision (a newer async-processor migrated the database): "
+    "run the newer version, or downgrade the database with the version that migrated it"
+)
 
 
 def _current(connection: Connection) -> str | None:
@@ -105,13 +129,19 @@ async def check_migrated(engine: AsyncEngine) -> None:
         raise SchemaError(f"no database file at {path}; {MIGRATE_HINT}")
     try:
         current = await current_revision(engine)
-    except SQLAlchemyError as exc:
+    except (SQLAlchemyError, OSError) as exc:  # OSError: asyncpg cannot reach the server
         raise SchemaError(
             f"cannot read the schema version ({exc.__class__.__name__}: {exc})"
+        ) from exc
+    except URL_ERRORS as exc:
+        raise BadDatabaseURL(
+            f"the database URL cannot be used ({exc.__class__.__name__}: {exc})"
         ) from exc
     head = head_revision()
     if current is None:
         raise SchemaError(f"the database has no async-processor schema; {MIGRATE_HINT}")
+    if current not in _revisions()[0]:
+        raise SchemaError(f"the database is at revision {current}; {NEWER_HINT}")
     if current != head:
         raise SchemaError(
             f"the database is at revision {current}, this code needs {head}; {MIGRATE_HINT}"

@@ -111,7 +111,13 @@ async def test_enqueue_show_list_status(cli: Run, db: Database, tmp_path: Path) 
         (("tasks", "show", "99999999999999999999"), "Invalid value for"),
         (("tasks", "cancel", "1", "99999999999999999999"), "Invalid value for"),
         (("token", "revoke", "99999999999999999999"), "Invalid value for"),
+        (("token", "revoke", "2147483648"), "Invalid value for"),  # api_tokens.id is 32-bit
         (("token", "create"), "Missing option"),
+        (("token", "create", "--user", "u", "--name", "n" * 256), "at most 255 characters"),
+        (("enqueue", "noop", "--payload", "[" * 5000), "nests more than 100 levels"),
+        (("enqueue", "[/k]"), "unknown kind '[/k]'"),  # rich markup, printed as it is
+        (("processor", "--queues", "a=\u0663"), "is not QUEUE or QUEUE=N"),  # Arabic-Indic 3
+        (("processor", "--poll-interval", "nan"), "Invalid value for '--poll-interval'"),
     ],
 )
 async def test_bad_input_exits_2_and_changes_nothing(
@@ -428,3 +434,51 @@ def test_an_api_that_cannot_bind_exits_1_saying_so(cli: Run) -> None:
         r = cli("api", "--port", str(port))
     assert r.returncode == 1, (r.stdout, r.stderr)
     assert f"the API could not start on 127.0.0.1:{port}" in r.stderr
+
+
+async def test_text_users_chose_is_printed_as_it_is(cli: Run, db: Database) -> None:
+    """Names, ids and payloads are never read as console markup: "[/q]" made every command
+    that showed it fail, and "[bold]q" printed as "q"."""
+    r = cli("enqueue", "noop", "--queue", "[/q]", "--user", "[/u]", "--payload", '{"t": "[/evil]"}')
+    assert r.returncode == 0, r.stderr
+    task_id = r.stdout.strip()
+    for args in (("status",), ("tasks", "list"), ("tasks", "show", task_id), ("queues", "list")):
+        r = cli(*args)
+        assert (r.returncode, "Traceback" in r.stderr) == (0, False), (args, r.stderr)
+    assert "[/q]" in cli("status").stdout and "[/evil]" in cli("tasks", "show", task_id).stdout
+    r = cli("queues", "pause", "[bold]q")
+    assert r.returncode == 0 and "[bold]q" in r.stdout, r.stdout
+    assert "[bold]q" in cli("queues", "list").stdout
+    r = cli("token", "create", "--user", "[/t]")
+    assert r.returncode == 0 and "[/t]" in cli("token", "list").stdout
+
+
+@pytest.mark.parametrize("engine_name", ["postgresql"])
+@pytest.mark.parametrize(
+    ("query", "error"), [("?sslmode=require", "sslmode"), (":99999", "port must be")]
+)
+def test_a_database_url_the_driver_refuses_exits_2_saying_so(
+    cli: Run, database_url: str, query: str, error: str
+) -> None:
+    url = database_url.replace("@127.0.0.1:5432", "@127.0.0.1" + (query if ":" in query else ""))
+    url = url + (query if "?" in query else "")
+    for args in (("status",), ("migrate",)):
+        r = cli(*args, database_url=url)
+        assert (r.returncode, "Traceback" in r.stderr) == (2, False), (args, r.stderr)
+        assert "ASYNC_PROCESSOR_DATABASE_URL" in r.stderr and error in r.stderr
+
+
+def test_a_settings_error_hides_the_password(cli: Run) -> None:
+    r = cli("status", database_url="postgresql+asyncpg://app:s3cr3t@127.0.0.1:abc/x")
+    assert r.returncode == 2 and "s3cr3t" not in r.stderr and "app:***@" in r.stderr
+
+
+async def test_a_database_migrated_by_newer_code_says_so(cli: Run, db: Database) -> None:
+    from sqlalchemy import text
+
+    async with db.write_transaction() as s:
+        await s.execute(text("UPDATE alembic_version SET version_num = 'f00dfeed9999'"))
+    for args in (("status",), ("migrate",)):
+        r = cli(*args)
+        assert (r.returncode, "Traceback" in r.stderr) == (1, False), (args, r.stderr)
+        assert "a newer async-processor migrated the database" in r.stderr

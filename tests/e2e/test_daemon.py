@@ -153,6 +153,28 @@ async def test_unmigrated_database_exits_with_a_hint(tmp_path: Path) -> None:
     assert not (tmp_path / "empty.db").exists()
 
 
+async def test_a_stop_while_the_database_is_unreachable_ends_the_wait(tmp_path: Path) -> None:
+    """The daemon waits for an unreachable database (logging its retries); SIGTERM ends
+    that wait with exit 0 and a line saying so, not a traceback (nor a silent 143)."""
+    daemon = Daemon("postgresql+asyncpg://postgres@127.0.0.1:1/x", tmp_path).start()
+    await eventually(lambda: _logged(daemon, "startup: database error"), within=20)
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(20) == 0
+    log = daemon.log()
+    assert "stopped before the database could be reached" in log and "Traceback" not in log
+
+
+async def test_a_database_url_the_driver_refuses_is_a_bad_setting(tmp_path: Path) -> None:
+    daemon = Daemon("postgresql+asyncpg://postgres@127.0.0.1/x?sslmode=require", tmp_path).start()
+    assert daemon.wait(30) == 2
+    log = daemon.log()
+    assert "ASYNC_PROCESSOR_DATABASE_URL" in log and "sslmode" in log and "Traceback" not in log
+
+
+async def _logged(daemon: Daemon, text: str) -> bool:
+    return text in daemon.log()
+
+
 @pytest.mark.parametrize("engine_name", ["sqlite"])
 async def test_sd_notify_ready_watchdog_stopping(database_url: str, tmp_path: Path) -> None:
     import socket

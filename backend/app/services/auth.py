@@ -60,6 +60,8 @@ async def create_token(
     """A new token for ``user_id``; returns the row and the plain token (shown once)."""
     if not user_id or len(user_id) > 255:
         raise ValueError(f"user must be 1..255 characters, got {user_id!r}")
+    if name is not None and len(name) > 255:
+        raise ValueError(f"name must be at most 255 characters, got {len(name)}")
     plain = TOKEN_PREFIX + secrets.token_urlsafe(TOKEN_BYTES)
     row = ApiToken(token_hash=hash_token(plain), user_id=user_id, is_admin=is_admin, name=name)
     session.add(row)
