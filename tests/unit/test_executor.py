@@ -99,6 +99,10 @@ def registry() -> HandlerRegistry:
     async def huge_message(ctx: JobContext) -> None:
         raise RuntimeError("x" * 100_000)
 
+    def sync_late_progress(ctx: JobContext) -> None:
+        time.sleep(1.5)  # past its 1 s timeout: the thread is abandoned, and goes on
+        ctx.progress_threadsafe(9, 9, "from the abandoned thread")
+
     async def huge_tokens(ctx: JobContext) -> None:
         ctx.add_token_usage(10**30)
         ctx.add_token_usage(5)
@@ -372,3 +376,20 @@ async def test_error_text_is_always_storable_and_bounded(registry: HandlerRegist
     outcome, _ = await run(registry, make_task("huge_message"))
     assert outcome.error.startswith("RuntimeError: " + "x" * 8_000 + "… [92,000 more characters]")
     assert len(outcome.error) < 20_000
+
+
+async def test_progress_after_the_run_ended_is_dropped(registry: HandlerRegistry) -> None:
+    """A sync handler's thread abandoned at its timeout may still report progress: the run
+    is over, so it is not written (after a manual retry, this daemon's next claim of the
+    job has the same attempt number, and the fence alone would let it through)."""
+    calls: list[tuple[int, int | None, str | None]] = []
+
+    async def sink(current: int, total: int | None, message: str | None) -> None:
+        calls.append((current, total, message))
+
+    outcome = await Executor(registry).run(
+        make_task("sync_late_progress", timeout=1), progress_sink=sink, stop_reason=lambda: None
+    )
+    assert outcome.kind is OutcomeKind.FAILED and outcome.error.startswith("timed out")
+    await asyncio.sleep(1.0)  # the thread reports its progress meanwhile
+    assert calls == []

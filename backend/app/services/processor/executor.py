@@ -98,7 +98,20 @@ class Executor:
         stop_reason: Callable[[], StopReason | None],
     ) -> Outcome:
         """Run ``task``'s handler and return its Outcome; never raises (except when the
-        engine itself is being torn down)."""
+        engine itself is being torn down). Progress the handler reports after its run ended
+        is dropped (``_ClosingSink``)."""
+        sink = _ClosingSink(progress_sink)
+        try:
+            return await self._run(task, sink, stop_reason)
+        finally:
+            sink.closed = True
+
+    async def _run(
+        self,
+        task: ClaimedTask,
+        progress_sink: ProgressSink,
+        stop_reason: Callable[[], StopReason | None],
+    ) -> Outcome:
         start = time.monotonic()
         ctx = JobContext(
             task_id=task.id,
@@ -196,6 +209,22 @@ class Executor:
                 extra={"action": "thread_abandoned", "task_id": ctx.task_id, "kind": ctx.kind},
             )
             raise
+
+
+class _ClosingSink:
+    """A run's progress sink, closed when the run ends: a sync handler's thread abandoned
+    at a timeout or a stop runs on and may still report progress. The fence (this daemon,
+    this attempt) refused that while the job was anyone else's, but a manual retry starts
+    the attempts again, and this daemon's next claim of the job had the same attempt
+    number: the old thread's progress was written into the new run's row and feed."""
+
+    def __init__(self, sink: ProgressSink) -> None:
+        self._sink = sink
+        self.closed = False
+
+    async def __call__(self, current: int, total: int | None, message: str | None) -> None:
+        if not self.closed:
+            await self._sink(current, total, message)
 
 
 MIN_INT64, MAX_INT64 = -(2**63), 2**63 - 1
