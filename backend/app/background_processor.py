@@ -15,7 +15,10 @@ import os
 import signal
 import socket
 import sys
+import threading
+import time
 from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from app.config import QueueSpec, Settings, SettingsError, load_settings
@@ -207,7 +210,63 @@ def run(
         return 2
     setup_logging(settings.log_level, settings.log_format)
     sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
-    return asyncio.run(serve(settings, config))
+    capacity = config.concurrency + sum(n or 0 for _, n in config.queues or ())
+    return run_loop(serve(settings, config), max(32, 4 * capacity))
+
+
+#: The name of the default executor's threads (handlers' ``asyncio.to_thread`` work).
+POOL_THREAD_PREFIX = "handler-pool"
+#: How long the exit waits for that pool's threads to end once the daemon has stopped.
+POOL_EXIT_WAIT_SECONDS = 1.0
+
+
+def run_loop(main: Coroutine[Any, Any, int], pool_threads: int) -> int:
+    """``asyncio.run(main)``, with a default executor of ``pool_threads`` (asyncio's default
+    is min(32, CPUs + 4): six here, fewer than ten jobs at once each needing one), and an
+    exit that does not wait for threads of that pool still busy after the daemon stopped.
+    A handler's ``asyncio.to_thread`` work cannot be stopped: a job timed out or released at
+    shutdown is over for the daemon, but its thread runs on, and asyncio.run (and Python's
+    exit) waited for it, however long after SHUTDOWN_GRACE. The daemon's jobs are written
+    or released by then; such threads are left (logged), the process exits."""
+    pool = ThreadPoolExecutor(max_workers=pool_threads, thread_name_prefix=POOL_THREAD_PREFIX)
+    loop = asyncio.new_event_loop()
+    loop.set_default_executor(pool)
+    asyncio.set_event_loop(loop)
+    try:
+        code = loop.run_until_complete(main)
+    finally:
+        try:
+            left = asyncio.all_tasks(loop)
+            for task in left:
+                task.cancel()
+            if left:
+                loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+            asyncio.set_event_loop(None)
+            loop.close()
+    busy = _busy_pool_threads(POOL_EXIT_WAIT_SECONDS)
+    if busy:
+        logger.warning(
+            "exiting with %d handler thread(s) (asyncio.to_thread work) still running: "
+            "their jobs already ended or were released; not waiting for them",
+            busy,
+            extra={"action": "threads_left"},
+        )
+        logging.shutdown()  # flush the log, which os._exit would not
+        os._exit(code)
+    return code
+
+
+def _busy_pool_threads(wait: float) -> int:
+    """How many of the default executor's threads are still alive after up to ``wait``
+    seconds (idle ones end at once once the pool is shut down)."""
+    deadline = time.monotonic() + wait
+    threads = [t for t in threading.enumerate() if t.name.startswith(POOL_THREAD_PREFIX)]
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    return sum(thread.is_alive() for thread in threads)
 
 
 def main() -> None:

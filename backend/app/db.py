@@ -37,6 +37,7 @@ from sqlalchemy.util import await_only  # 2.1's await_; this name is in 2.0 too
 from app.models.types import UTCDateTime, utcnow
 from app.services import faults, hotpath
 from app.services.wakeups import CANCEL, Bell
+from app.threads import in_own_thread
 
 if TYPE_CHECKING:
     from app.sqlite_writer import WriteThread
@@ -623,9 +624,9 @@ class Database:
             checkpointer, self._checkpointer = self._checkpointer, None
             readers, self._readers = self._readers, None
         if checkpointer is not None:
-            await asyncio.to_thread(checkpointer.shutdown)  # a checkpoint may be running
+            await in_own_thread(checkpointer.shutdown)  # a checkpoint may be running
         if readers is not None:
-            await asyncio.to_thread(readers.shutdown)  # reads may be running
+            await in_own_thread(readers.shutdown)  # reads may be running
         if self._here is not None:
             self._here.close()
         await self.engine.dispose()

@@ -24,6 +24,8 @@ from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from app.threads import in_own_thread
+
 T = TypeVar("T")
 STOP_TIMEOUT_SECONDS = 5.0
 
@@ -209,4 +211,4 @@ class WriteThread:
             with contextlib.suppress(Exception):  # best effort: the process is ending
                 await asyncio.wait_for(asyncio.wrap_future(future), STOP_TIMEOUT_SECONDS)
         loop.call_soon_threadsafe(loop.stop)
-        await asyncio.to_thread(thread.join, STOP_TIMEOUT_SECONDS)
+        await in_own_thread(thread.join, STOP_TIMEOUT_SECONDS)

@@ -71,6 +71,13 @@ async def base_exception(ctx: JobContext) -> None:
     raise LibraryInterrupt(f"attempt {ctx.attempt}")
 
 
+@handler("to_thread_sleep")
+async def to_thread_sleep(ctx: JobContext) -> dict[str, Any]:
+    """Blocking work on the loop's default executor, as the built-in analysis does."""
+    await asyncio.to_thread(time.sleep, float(ctx.payload.get("seconds", 0.1)))
+    return {"slept": ctx.payload.get("seconds")}
+
+
 @handler("suicide")
 async def suicide(ctx: JobContext) -> None:
     _ledger(ctx, "start")

@@ -142,6 +142,23 @@ async def test_a_handler_raising_a_base_exception_fails_its_job(db: Database, sp
     assert daemon.stop() == 0
 
 
+async def test_shutdown_does_not_wait_for_a_handlers_to_thread_work(
+    db: Database, spawn: Spawn
+) -> None:
+    """A job whose handler waits on asyncio.to_thread work is released at the end of the
+    grace period, and the daemon exits then: the thread, which nothing can stop, is left
+    (logged), where the daemon used to wait for it (60 s here)."""
+    [task_id] = await enqueue_many(db, "to_thread_sleep", 1, payload={"seconds": 60})
+    daemon = spawn(shutdown_grace="1")
+    await eventually(lambda: all_in(db, "processing", 1), within=20)
+    await asyncio.sleep(0.3)
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(15) == 0
+    row = await task_row(db, task_id)
+    assert (row.status, row.attempts, row.retry_count) == ("pending", 0, 0)
+    assert "still running: their jobs already ended or were released" in daemon.log()
+
+
 async def _progress_is(db: Database, task_id: int, message: str) -> bool:
     return (await task_row(db, task_id)).progress_message == message
 

@@ -31,6 +31,7 @@ from app.db import sqlite_path
 from app.services.processor.looper import ErrorBackoff, sleep_or_stop
 from app.services.queue import CANCEL_PAYLOAD, NOTIFY_CHANNEL
 from app.services.wakeups import Doorbell
+from app.threads import in_own_thread
 
 logger = logging.getLogger("app.processor")
 # Poll fast while work is arriving, slower when idle. On a 2-core VM a thread wake-up
@@ -109,7 +110,7 @@ class SQLiteWaker:
             halt.set()
             if bell is not None:
                 loop.remove_reader(bell)
-            await asyncio.to_thread(thread.join, 1.0)
+            await in_own_thread(thread.join, 1.0)
             self._wake = wake
             if not thread.is_alive():
                 self._doorbell.close()
