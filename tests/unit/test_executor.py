@@ -393,3 +393,28 @@ async def test_progress_after_the_run_ended_is_dropped(registry: HandlerRegistry
     assert outcome.kind is OutcomeKind.FAILED and outcome.error.startswith("timed out")
     await asyncio.sleep(1.0)  # the thread reports its progress meanwhile
     assert calls == []
+
+
+@pytest.mark.parametrize("seconds", [-1, float("nan"), float("inf")])
+def test_a_snooze_needs_a_finite_delay(seconds: float) -> None:
+    """Refused where it is raised: a NaN passed the old check (NaN < 0 is false), and the
+    job then failed for good when the delay could not be written."""
+    with pytest.raises(ValueError, match="finite number >= 0"):
+        Snooze(seconds)
+
+
+async def test_a_callable_object_with_an_async_call_is_an_async_handler() -> None:
+    """Taken for a plain function, it ran in a thread and returned an un-awaited coroutine
+    (the job failed with "not JSON: Object of type coroutine")."""
+
+    class Handler:
+        async def __call__(self, ctx: JobContext) -> dict[str, int]:
+            await asyncio.sleep(0)
+            return {"attempt": ctx.attempt}
+
+    reg = HandlerRegistry()
+    assert reg.register("obj", Handler()).is_async
+    outcome = await Executor(reg).run(
+        make_task("obj"), progress_sink=_noop, stop_reason=lambda: None
+    )
+    assert (outcome.kind, outcome.result) == (OutcomeKind.COMPLETED, {"attempt": 1})

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import inspect
+import math
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,8 +39,8 @@ class Snooze(Exception):
     """Raise from a handler to run the job again after ``seconds``, without charging a retry."""
 
     def __init__(self, seconds: float) -> None:
-        if seconds < 0:
-            raise ValueError(f"snooze seconds must be >= 0, got {seconds}")
+        if not (isinstance(seconds, int | float) and math.isfinite(seconds) and seconds >= 0):
+            raise ValueError(f"snooze seconds must be a finite number >= 0, got {seconds!r}")
         super().__init__(f"snoozed for {seconds} s")
         self.seconds = seconds
 
@@ -165,6 +166,15 @@ class Schedule:
             raise ScheduleError(f"schedule of {self.kind!r}: payload must be a dict")
 
 
+def _is_coroutine_function(func: object) -> bool:
+    """An ``async def`` function, or a callable object whose ``__call__`` is one (taken for
+    a plain function, it ran in a thread and returned an un-awaited coroutine)."""
+    return inspect.iscoroutinefunction(func) or (
+        not inspect.isfunction(func)
+        and inspect.iscoroutinefunction(getattr(func, "__call__", None))  # noqa: B004
+    )
+
+
 class HandlerRegistry:
     """Kind → handler. One registry per process by default (``REGISTRY``)."""
 
@@ -179,7 +189,7 @@ class HandlerRegistry:
         existing = self._handlers.get(kind)
         if existing is not None and existing.func is not func:
             raise ValueError(f"a handler for kind {kind!r} is already registered ({existing.func})")
-        entry = Handler(kind, func, inspect.iscoroutinefunction(func))
+        entry = Handler(kind, func, _is_coroutine_function(func))
         self._handlers[kind] = entry
         return entry
 
