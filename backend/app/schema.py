@@ -6,6 +6,7 @@ import functools
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import unquote, urlsplit
 
 from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection
@@ -119,11 +120,22 @@ async def current_revision(engine: AsyncEngine) -> str | None:
         return await connection.run_sync(_current)
 
 
+def _file_of(path: Path | None) -> Path | None:
+    """The file a SQLite database path names: itself, or a ``file:`` URI's path (None for
+    an in-memory one)."""
+    if path is None or not path.as_posix().startswith("file:"):
+        return path
+    parts = urlsplit(path.as_posix())
+    if "mode=memory" in parts.query or parts.path in ("", ":memory:"):
+        return None
+    return Path(unquote(parts.path))
+
+
 async def check_migrated(engine: AsyncEngine) -> None:
     """Raise SchemaError, saying what to run, unless the database is at head."""
     from app.db import sqlite_path
 
-    path = sqlite_path(engine.url)
+    path = _file_of(sqlite_path(engine.url))
     if path is not None and not path.expanduser().exists():
         # Checked before connecting: SQLite would create an empty file there.
         raise SchemaError(f"no database file at {path}; {MIGRATE_HINT}")

@@ -482,3 +482,21 @@ async def test_a_database_migrated_by_newer_code_says_so(cli: Run, db: Database)
         r = cli(*args)
         assert (r.returncode, "Traceback" in r.stderr) == (1, False), (args, r.stderr)
         assert "a newer async-processor migrated the database" in r.stderr
+
+
+def test_a_sqlite_file_uri_url_works_after_migrate(tmp_path: Path) -> None:
+    """ "sqlite+aiosqlite:///file:…?uri=true" migrated, then every command said there was
+    no database file (it looked for a file named "file:…")."""
+    url = f"sqlite+aiosqlite:///file:{tmp_path}/uri.db?uri=true"
+    env = {**os.environ, "ASYNC_PROCESSOR_DATABASE_URL": url}
+    script = str(Path(sys.executable).with_name("async-processor"))
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [script, *args], env=env, capture_output=True, text=True, timeout=60, check=False
+        )
+
+    assert run("status").returncode == 1 and not (tmp_path / "uri.db").exists()
+    assert run("migrate").returncode == 0 and (tmp_path / "uri.db").is_file()
+    r = run("status")
+    assert r.returncode == 0, r.stderr
