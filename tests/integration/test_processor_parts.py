@@ -214,8 +214,8 @@ async def test_completer_turns_an_unstorable_result_into_a_failure(
 async def test_a_second_stop_leaves_outcomes_the_database_will_not_take(
     db: Database, database_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Shutdown waits for every outcome to be written, through an outage; a second stop
-    signal stops waiting (the jobs run again once their leases expire)."""
+    """Shutdown waits for every outcome to be written, through an outage; a stop signal
+    while it waits stops waiting (the jobs run again once their leases expire)."""
     [task] = await queue_ids(db, 1)
     engine = ProcessorEngine(
         db,
@@ -239,7 +239,7 @@ async def test_a_second_stop_leaves_outcomes_the_database_will_not_take(
     finally:
         await engine.stop()
     assert (await task_row(db, task)).status == "processing"
-    assert "1 outcomes not written (second stop signal)" in caplog.text
+    assert "1 outcomes not written (another stop signal)" in caplog.text
 
 
 async def queue_ids(db: Database, n: int) -> list[int]:

@@ -214,6 +214,8 @@ class ProcessorEngine:
         self._loops_stop = asyncio.Event()
         self._completer_stop = asyncio.Event()
         self._force = asyncio.Event()
+        self._flushing = False  # stop() waits for the completer's last outcomes
+        self._abandon_flush = asyncio.Event()
         self._stopped = asyncio.Event()
         self._stopping = False
         self._side_tasks: list[asyncio.Task[None]] = []
@@ -358,6 +360,9 @@ class ProcessorEngine:
     def request_stop(self) -> None:
         """From a signal handler: begin a graceful stop; a second call releases at once."""
         if self._stopping:
+            if self._flushing:
+                self._abandon_flush.set()  # see _flush_outcomes
+                return
             logger.warning("second stop signal: releasing running jobs now")
             self._force.set()
             return
@@ -793,24 +798,25 @@ class ProcessorEngine:
 
     async def _flush_outcomes(self) -> None:
         """Wait until every outcome is written (the completer retries them through a
-        database outage), unless a second stop signal says to stop now: then the ones not
-        written are left, and their jobs are rescued when their leases expire (run again,
-        as after a kill)."""
+        database outage), unless a stop signal comes meanwhile (the second, or the third
+        when the second released the running jobs): then the ones not written are left, and
+        their jobs are rescued when their leases expire (run again, as after a kill)."""
+        self._flushing = True
         flushed = asyncio.ensure_future(self.completer.flush())
-        force = asyncio.ensure_future(self._force.wait())
+        abandon = asyncio.ensure_future(self._abandon_flush.wait())
         try:
-            await asyncio.wait({flushed, force}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({flushed, abandon}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             flushed.cancel()
-            force.cancel()
+            abandon.cancel()
         left = self.completer.backlog
         if left:
             for task in self._side_tasks:
                 if task.get_name() == "completer":
                     task.cancel()  # it would retry them until written
             logger.warning(
-                "shutdown: %d outcomes not written (second stop signal); their jobs run again "
-                "once their leases expire",
+                "shutdown: %d outcomes not written (another stop signal); their jobs run "
+                "again once their leases expire",
                 left,
                 extra={"action": "outcomes_abandoned", "processor_id": self.processor_id},
             )
