@@ -691,12 +691,20 @@ def database_unavailable(exc: BaseException) -> bool:
     yet), 28 (the login refused) and 3D000 (the database is gone), and 55000 when it says
     the database is not accepting connections (``ALLOW_CONNECTIONS false``). asyncpg's
     errors for these reach SQLAlchemy as a plain DBAPIError, not an OperationalError."""
-    code = getattr(getattr(exc, "orig", None), "sqlstate", None)
-    if not isinstance(code, str):
+    code = sqlstate(exc)
+    if code is None:
         return False
     if code.startswith(("08", "53", "57P", "28")) or code == "3D000":
         return True
     return code == "55000" and "accepting connections" in str(exc)
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE a driver error carries: SQLAlchemy's wrapper's original's, or a bare
+    asyncpg error's own (the hot path may meet one); None for errors without one."""
+    orig = getattr(exc, "orig", None)
+    code = getattr(exc if orig is None else orig, "sqlstate", None)
+    return code if isinstance(code, str) else None
 
 
 def dialect_of(session: AsyncSession) -> str:

@@ -80,3 +80,19 @@ def test_a_value_that_cannot_be_converted_is_never_transient() -> None:
     error = DBAPIError("SELECT 1", None, UnicodeEncodeError("utf-8", "connection", 0, 1, "x"))
     assert not is_transient(error)
     assert not is_transient(ValueError("connection reset"))
+
+
+@pytest.mark.parametrize(
+    ("sqlstate", "message", "transient"),
+    [
+        ("08003", "connection does not exist", True),
+        ("57P01", "terminating connection due to administrator command", True),
+        ("40P01", "deadlock detected", True),
+        ("22000", "invalid input for query argument $1: 'connection closed \\ud800'", False),
+    ],
+)
+def test_a_bare_driver_error_is_judged_by_its_own_sqlstate(
+    sqlstate: str, message: str, transient: bool
+) -> None:
+    """The hot path can meet asyncpg's errors unwrapped: their own sqlstate counts."""
+    assert is_transient(_DriverError(message, sqlstate)) is transient

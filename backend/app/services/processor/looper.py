@@ -10,7 +10,7 @@ from typing import Any
 
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from app.db import database_unavailable
+from app.db import database_unavailable, sqlstate
 
 logger = logging.getLogger("app.processor")
 
@@ -36,11 +36,13 @@ def is_transient(exc: BaseException) -> bool:
     transient. Only errors with neither say what they are by their text."""
     if isinstance(exc, OperationalError | OSError | TimeoutError | ConnectionError):
         return True
-    if isinstance(exc, DBAPIError) and (exc.connection_invalidated or database_unavailable(exc)):
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    if database_unavailable(exc):  # wrapped by SQLAlchemy or a bare asyncpg error
         return True
     orig = getattr(exc, "orig", None)
-    code = getattr(orig, "sqlstate", None)
-    if isinstance(code, str):
+    code = sqlstate(exc)
+    if code is not None:
         return code in TRANSIENT_SQLSTATES
     if isinstance(exc, ValueError | TypeError) or isinstance(orig, ValueError | TypeError):
         return False
