@@ -142,18 +142,19 @@ async def serve(settings: Settings, config: EngineConfig) -> int:
     config = dataclasses.replace(config, schedules=tuple(periodic))
     db = Database.from_url(settings.database_url, pool_size=5, pre_ping=False, write_thread=True)
     loop = asyncio.get_running_loop()
-    engine: ProcessorEngine | None = None
+    started: list[ProcessorEngine] = []  # the engine, once start() returned
     stop_before_start = asyncio.Event()
 
     def on_signal() -> None:
         sd_notify("STOPPING=1")
-        if engine is None:
-            stop_before_start.set()  # still waiting for the database: give up waiting
+        if started:
+            started[0].request_stop()
         else:
-            engine.request_stop()
+            stop_before_start.set()  # waiting for the database, or starting: give up
 
-    # Before the wait for the database, which lasts as long as it is unreachable: a stop
-    # then ends the wait (exit 0, logged) instead of killing the process mid-step.
+    # Before the wait for the database, which lasts as long as it is unreachable, and the
+    # engine's start, which retries its registration as long: a stop then ends them (exit
+    # 0, logged) instead of killing the process mid-step, or being lost in a retry loop.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
     try:
@@ -169,9 +170,11 @@ async def serve(settings: Settings, config: EngineConfig) -> int:
             return 1
         engine = ProcessorEngine(db, REGISTRY, config)
         PROCESS_CONTEXT["processor_id"] = engine.processor_id
-        await engine.start()
-        if stop_before_start.is_set():  # a signal came while it started
-            engine.request_stop()
+        if not await _until_stopped(engine.start(), stop_before_start):
+            await engine.stop(grace=0)  # nothing runs yet; marks its row stopped (bounded)
+            logger.info("stopped while starting")
+            return 0
+        started.append(engine)
         sd_notify("READY=1")
         interval = watchdog_interval()
         dog = asyncio.create_task(_watchdog(interval), name="watchdog") if interval else None
@@ -232,6 +235,7 @@ def run_loop(main: Coroutine[Any, Any, int], pool_threads: int) -> int:
     loop = asyncio.new_event_loop()
     loop.set_default_executor(pool)
     asyncio.set_event_loop(loop)
+    busy = 0
     try:
         code = loop.run_until_complete(main)
     finally:
@@ -244,9 +248,10 @@ def run_loop(main: Coroutine[Any, Any, int], pool_threads: int) -> int:
             loop.run_until_complete(loop.shutdown_asyncgens())
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
+            # before the loop closes: work ending meanwhile still finds it open
+            busy = _busy_pool_threads(POOL_EXIT_WAIT_SECONDS)
             asyncio.set_event_loop(None)
             loop.close()
-    busy = _busy_pool_threads(POOL_EXIT_WAIT_SECONDS)
     if busy:
         logger.warning(
             "exiting with %d handler thread(s) (asyncio.to_thread work) still running: "
@@ -254,7 +259,10 @@ def run_loop(main: Coroutine[Any, Any, int], pool_threads: int) -> int:
             busy,
             extra={"action": "threads_left"},
         )
-        logging.shutdown()  # flush the log, which os._exit would not
+        logging.shutdown()  # flush the log and the streams, which os._exit would not
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
         os._exit(code)
     return code
 

@@ -45,11 +45,11 @@ queues_cli = typer.Typer(help="Pause and resume queues for every daemon.", no_ar
 cli.add_typer(queues_cli, name="queues")
 token_cli = typer.Typer(help="API tokens (stored as hashes only).", no_args_is_help=True)
 cli.add_typer(token_cli, name="token")
-# No console markup: what is printed holds names, ids and payloads that users chose (a queue
-# named "[/q]" was read as markup, and every command that showed it failed); styles are
-# given as Text styles instead.
-out = Console(markup=False)
-err = Console(stderr=True, soft_wrap=True, markup=False)
+# No console markup nor emoji codes: what is printed holds names, ids and payloads that
+# users chose (a queue named "[/q]" was read as markup, and every command that showed it
+# failed; "a:smile:" printed as an emoji); styles are given as Text styles instead.
+out = Console(markup=False, emoji=False)
+err = Console(stderr=True, soft_wrap=True, markup=False, emoji=False)
 
 
 def _labelled(label: str, style: str, text: str) -> Text:

@@ -451,6 +451,8 @@ async def test_text_users_chose_is_printed_as_it_is(cli: Run, db: Database) -> N
     assert "[bold]q" in cli("queues", "list").stdout
     r = cli("token", "create", "--user", "[/t]")
     assert r.returncode == 0 and "[/t]" in cli("token", "list").stdout
+    assert cli("enqueue", "noop", "--queue", "a:smile:").returncode == 0  # no emoji codes
+    assert "a:smile:" in cli("status").stdout
 
 
 @pytest.mark.parametrize("engine_name", ["postgresql"])

@@ -181,6 +181,30 @@ async def test_a_stop_while_the_database_is_unreachable_ends_the_wait(tmp_path: 
     assert "stopped before the database could be reached" in log and "Traceback" not in log
 
 
+@pytest.mark.parametrize("engine_name", ["sqlite"])
+async def test_a_stop_while_the_daemon_registers_ends_its_start(
+    db: Database, database_url: str, tmp_path: Path
+) -> None:
+    """The schema can be read but the daemon cannot register (another connection holds
+    SQLite's write lock): it retries; a SIGTERM then ends the start with exit 0, where the
+    signal reached an engine still starting and the daemon went on retrying for good."""
+    import sqlite3
+
+    path = database_url.split("///", 1)[1]
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        daemon = Daemon(database_url, tmp_path).start()
+        await eventually(lambda: _logged(daemon, "register: database error"), within=30)
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait(30) == 0
+    finally:
+        holder.rollback()
+        holder.close()
+    log = daemon.log()
+    assert "stopped while starting" in log and "Traceback" not in log
+
+
 async def test_a_database_url_the_driver_refuses_is_a_bad_setting(tmp_path: Path) -> None:
     daemon = Daemon("postgresql+asyncpg://postgres@127.0.0.1/x?sslmode=require", tmp_path).start()
     assert daemon.wait(30) == 2

@@ -1582,3 +1582,27 @@ async def test_read_tasks_pages_as_list_tasks_does(db: Database) -> None:
         ], kw
     latest = await queue.read_tasks(db, chapter_id="c1", user_id="alice", limit=1)
     assert [t.id for t in latest] == [ids[3]]
+
+
+async def test_a_repeated_cancel_of_a_running_job_is_requested_without_a_new_word(
+    db: Database,
+) -> None:
+    """The daemons were told at the first request: a second one neither tells them again
+    (each word runs every daemon's heartbeat) nor reads as finished."""
+    task_id = await enqueue(db)
+    await claim(db)
+    async with db.write_transaction() as s:
+        assert await queue.request_cancel(s, task_id) is CancelOutcome.REQUESTED
+    sent: list[str] = []
+
+    def seen(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        sent.append(statement)
+
+    event.listen(db.engine.sync_engine, "before_cursor_execute", seen)
+    try:
+        async with db.write_transaction() as s:
+            assert await queue.request_cancel(s, task_id) is CancelOutcome.REQUESTED
+            assert not s.info.get("async_processor_wake_cancel")
+    finally:
+        event.remove(db.engine.sync_engine, "before_cursor_execute", seen)
+    assert sent and not [sql for sql in sent if "pg_notify" in sql]

@@ -93,6 +93,9 @@ def registry() -> HandlerRegistry:
     async def str_not_text(ctx: JobContext) -> None:
         raise StrNotText
 
+    async def str_interrupts(ctx: JobContext) -> None:
+        raise StrInterrupts
+
     async def unstorable_text(ctx: JobContext) -> None:
         raise RuntimeError("connection reset \ud800 at \x00 here")
 
@@ -132,6 +135,11 @@ class OwnBase(BaseException):
 class BadStr(Exception):
     def __str__(self) -> str:
         raise AttributeError("'NoneType' object has no attribute 'status'")
+
+
+class StrInterrupts(Exception):
+    def __str__(self) -> str:
+        raise KeyboardInterrupt
 
 
 class StrNotText(PermanentError):
@@ -352,6 +360,7 @@ def test_a_result_that_is_not_json_says_why(value: object, error: str) -> None:
         ("sync_own_base", "OwnBase: mine too", False),
         ("bad_str", "BadStr: <str() of the exception failed: AttributeError>", False),
         ("str_not_text", "StrNotText: <str() of the exception failed: TypeError>", True),
+        ("str_interrupts", "StrInterrupts: <str() of the exception failed: Keyboard", False),
     ],
 )
 async def test_whatever_a_handler_raises_ends_its_job(

@@ -2119,15 +2119,17 @@ async def request_cancel(
         return CancelOutcome.CANCELLED
     running = (
         update(TASKS)
-        .where(T.id == task_id, T.status == TaskStatus.PROCESSING)
+        .where(T.id == task_id, T.status == TaskStatus.PROCESSING, T.cancel_requested.is_(False))
         .values(cancel_requested=True, updated_at=current)
         .returning(T.id)
     )
     if (await session.execute(running)).first() is not None:
         await notify_daemons(session, cancel=True)
         return CancelOutcome.REQUESTED
-    exists = await session.scalar(select(T.id).where(T.id == task_id))
-    return CancelOutcome.FINISHED if exists is not None else CancelOutcome.NOT_FOUND
+    status = await session.scalar(select(T.status).where(T.id == task_id))
+    if status == TaskStatus.PROCESSING:  # flagged already: its daemon was told then
+        return CancelOutcome.REQUESTED
+    return CancelOutcome.FINISHED if status is not None else CancelOutcome.NOT_FOUND
 
 
 def _retry_values(current: ColumnElement[datetime]) -> dict[str, Any]:

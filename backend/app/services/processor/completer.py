@@ -12,7 +12,7 @@ from typing import Protocol
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.db import Database
+from app.db import Database, sqlstate
 from app.services import faults, notifications, queue
 from app.services.backoff import next_retry_delay
 from app.services.processor.ahead import Room
@@ -248,6 +248,9 @@ class Completer:
 
     async def _handle_error(self, batch: list[Outcome], exc: Exception) -> None:
         if is_transient(exc):
+            if sqlstate(exc) == STATEMENT_CANCELLED and len(batch) > 1:
+                # a statement_timeout may be the batch's size: the next tries take half
+                self._batch_limit = max(1, len(batch) // 2)
             await asyncio.sleep(self._backoff.failed(exc))
             return
         if len(batch) > 1:
@@ -280,6 +283,7 @@ class Completer:
 
 
 _UNSTORABLE = "the job's outcome could not be stored"
+STATEMENT_CANCELLED = "57014"
 
 
 def _as_failure(outcome: Outcome, exc: Exception) -> Outcome:

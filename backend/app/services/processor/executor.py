@@ -272,7 +272,7 @@ def describe(exc: BaseException, *, with_traceback: bool = False) -> str:
     can store whatever the exception holds (see ``storable``)."""
     try:
         message = str(exc)
-    except Exception as failed:  # a __str__ that raises, or returns no string
+    except BaseException as failed:  # a __str__ that raises, or returns no string
         message = f"<str() of the exception failed: {failed.__class__.__name__}>"
     if len(message) > MAX_MESSAGE_CHARS:
         cut = len(message) - MAX_MESSAGE_CHARS

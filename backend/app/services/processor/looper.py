@@ -19,10 +19,19 @@ ERROR_BACKOFF_MAX_SECONDS = 5.0
 _RNG = random.Random()  # noqa: S311 - jitter
 
 
-#: SQLSTATEs worth retrying besides unavailability (app.db.database_unavailable): a
-#: serialization failure, a deadlock, a lock not available, a statement cancelled (a
-#: timeout, an operator's pg_cancel_backend).
-TRANSIENT_SQLSTATES = frozenset({"40001", "40P01", "55P03", "57014"})
+#: SQLSTATEs worth retrying besides unavailability (app.db.database_unavailable).
+TRANSIENT_SQLSTATES = frozenset(
+    {
+        "40001",  # serialization failure
+        "40P01",  # deadlock detected
+        "40003",  # statement completion unknown
+        "55P03",  # lock not available
+        "57014",  # statement cancelled (statement_timeout, pg_cancel_backend)
+        "25P03",  # idle-in-transaction session timeout: the connection was ended
+        "25P04",  # transaction timeout (PostgreSQL 17)
+        "25006",  # read-only transaction: a failover to a standby in progress
+    }
+)
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -139,7 +148,8 @@ async def guarded_loop(
     ``poke`` (an event set by someone else) runs it at once, whatever the wait left."""
     backoff = ErrorBackoff(name)
     delay = 0.0 if run_first else jittered(interval)
-    while not await sleep_or_stop(stop, delay, poke):
+    # a poke does not cut an error's backoff short
+    while not await sleep_or_stop(stop, delay, None if backoff.failures else poke):
         try:
             await run_once()
         except Exception as exc:
