@@ -25,6 +25,8 @@ from typing import Any
 
 import aiosqlite
 
+from app.threads import in_own_thread
+
 #: (description, rows, rowcount, lastrowid) of one statement
 _Outcome = tuple[Any, list[Any], int, int | None]
 
@@ -173,5 +175,12 @@ async def connect_one_trip(path: Path, *, busy_seconds: float) -> OneTripConnect
     # aiosqlite 0.22 the connection was itself the thread).
     thread: Any = getattr(connection, "_thread", connection)
     thread.daemon = True
-    await connection
+    try:
+        await connection
+    except Exception:
+        # On a failed connect aiosqlite stops its thread without waiting for it; the
+        # thread's last call into the event loop then raced the loop's close ("Exception in
+        # thread … Event loop is closed" under a CLI's error). Wait for it while it is open.
+        await in_own_thread(thread.join, 1.0)
+        raise
     return connection

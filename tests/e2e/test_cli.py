@@ -502,3 +502,18 @@ def test_a_sqlite_file_uri_url_works_after_migrate(tmp_path: Path) -> None:
     assert run("migrate").returncode == 0 and (tmp_path / "uri.db").is_file()
     r = run("status")
     assert r.returncode == 0, r.stderr
+
+
+def test_a_sqlite_path_that_cannot_be_opened_fails_cleanly(tmp_path: Path) -> None:
+    """A directory where the database file should be: a one-line error, exit 1, and no
+    "Exception in thread … Event loop is closed" from aiosqlite's thread after it (which
+    came in about half the runs)."""
+    (tmp_path / "adir.db").mkdir()
+    env = {**os.environ, "ASYNC_PROCESSOR_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/adir.db"}
+    script = str(Path(sys.executable).with_name("async-processor"))
+    for args in (("migrate",), ("migrate",), ("migrate",), ("status",)):
+        r = subprocess.run(
+            [script, *args], env=env, capture_output=True, text=True, timeout=60, check=False
+        )
+        assert r.returncode == 1 and "unable to open database file" in r.stderr, r.stderr
+        assert "Exception in thread" not in r.stderr and "Traceback" not in r.stderr
