@@ -358,13 +358,19 @@ async def test_a_key_repeated_in_one_bulk(api: Api) -> None:
 
     mixed = await api.post("root", "/tasks/bulk", json={"tasks": [item("bob"), item("carol")]})
     assert mixed.status_code == 409, mixed.text
-    assert mixed.json() == {"detail": "idempotency_key already used"}
+    assert mixed.json() == {"detail": "tasks[1]: idempotency_key already used"}
     async with api.db.read_transaction() as s:
         assert await queue.list_tasks(s) == []
     same = await api.post("root", "/tasks/bulk", json={"tasks": [item("bob"), item("bob")]})
     assert same.status_code == 202
     [first, second] = same.json()["tasks"]
     assert first["id"] == second["id"] and first["user_id"] == "bob"
+    # every key known already: nothing created, 200 with the tasks (as a single POST says)
+    again = await api.post("root", "/tasks/bulk", json={"tasks": [item("bob")]})
+    assert again.status_code == 200 and again.json()["tasks"][0]["id"] == first["id"]
+    fresh = {"kind": "noop", "idempotency_key": "k4", "user_id": "bob"}
+    mixed_new = await api.post("root", "/tasks/bulk", json={"tasks": [item("bob"), fresh]})
+    assert mixed_new.status_code == 202
 
 
 async def test_list_paging_and_filters(api: Api) -> None:

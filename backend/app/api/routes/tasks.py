@@ -130,15 +130,21 @@ async def create_task(
     status_code=202,
     response_model=BulkResult,
     responses={
+        200: {
+            "model": BulkResult,
+            "description": "Every item's idempotency_key was known: nothing created",
+        },
         409: {"description": "An idempotency_key held by another user's task"},
         413: {"description": "A payload too large"},
         422: {"description": "Invalid task"},
     },
 )
 async def create_tasks(
-    body: BulkCreate, caller: CallerDep, db: DbDep, settings: SettingsDep
+    body: BulkCreate, caller: CallerDep, db: DbDep, settings: SettingsDep, response: Response
 ) -> Any:
-    """Enqueue up to 1,000 tasks in one transaction: all or none."""
+    """Enqueue up to 1,000 tasks in one transaction: all or none. 202 when any task was
+    created; 200 when every item named an existing task by its idempotency_key (as a
+    single POST answers)."""
     specs = []
     for index, item in enumerate(body.tasks):
         try:
@@ -148,10 +154,13 @@ async def create_tasks(
     async with db.write_transaction() as session:
         results = await queue.enqueue_tasks(session, specs)
         tasks = await queue.get_tasks(session, [r.id for r in results])
-        for spec, result, task in zip(specs, results, tasks, strict=True):
+        for index, (spec, result, task) in enumerate(zip(specs, results, tasks, strict=True)):
             if not result.created and (task is None or task.user_id != spec.user_id):
                 await session.rollback()
-                return JSONResponse({"detail": "idempotency_key already used"}, status_code=409)
+                detail = f"tasks[{index}]: idempotency_key already used"
+                return JSONResponse({"detail": detail}, status_code=409)
+    if not any(r.created for r in results):
+        response.status_code = 200
     if settings.inline and any(r.created for r in results):
         from app.services.inline import run_inline
 
