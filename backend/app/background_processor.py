@@ -132,6 +132,15 @@ async def serve(settings: Settings, config: EngineConfig) -> int:
     except HandlerImportError as exc:
         logger.critical("%s", exc)
         return 2 if exc.bad_setting or isinstance(exc.__cause__, ScheduleError) else 1
+    if REGISTRY.kinds():
+        logger.info("handlers: %s", ", ".join(REGISTRY.kinds()), extra={"action": "handlers"})
+    else:  # e.g. HANDLER_MODULES=",," or a package whose handlers live in submodules
+        logger.warning(
+            "no handlers registered (ASYNC_PROCESSOR_HANDLER_MODULES=%s): every job this "
+            "daemon claims fails with 'no handler registered'",
+            ",".join(settings.handler_modules),
+            extra={"action": "no_handlers"},
+        )
     try:
         periodic = resolve_schedules(
             REGISTRY, settings.schedules, default_catch_up=settings.schedule_catch_up

@@ -205,6 +205,18 @@ async def test_a_stop_while_the_daemon_registers_ends_its_start(
     assert "stopped while starting" in log and "Traceback" not in log
 
 
+async def test_a_daemon_says_which_handlers_it_runs_and_warns_when_none(
+    db: Database, spawn: Spawn
+) -> None:
+    daemon = spawn()
+    await eventually(lambda: _logged(daemon, " started: concurrency"), within=20)
+    assert "handlers: base_exception, chapter_analysis, fail" in daemon.log()
+    assert daemon.stop() == 0
+    none = spawn(handler_modules=",,")
+    await eventually(lambda: _logged(none, " started: concurrency"), within=20)
+    assert "no handlers registered" in none.log() and none.stop() == 0
+
+
 async def test_a_database_url_the_driver_refuses_is_a_bad_setting(tmp_path: Path) -> None:
     daemon = Daemon("postgresql+asyncpg://postgres@127.0.0.1/x?sslmode=require", tmp_path).start()
     assert daemon.wait(30) == 2
@@ -340,4 +352,4 @@ async def test_json_logs_one_line_per_state_change(db: Database, spawn: Spawn) -
         (task_id, action) for task_id in ids for action in ("job_started", "job_completed")
     )
     assert all(e["kind"] == "noop" and e["processor_id"] == jobs[0]["processor_id"] for e in jobs)
-    assert len(lines) == len(jobs) + 3  # the daemon started, stopping, stopped
+    assert len(lines) == len(jobs) + 4  # its handlers, the daemon started, stopping, stopped
