@@ -245,7 +245,7 @@ def calls(db: Database, rows: int) -> Iterator[tuple[str, Callable[[], Awaitable
     yield "/status summary (user token)", lambda: stats.summary(db, user_id="user-7")
     yield "/status?project_id (admin)", lambda: stats.summary(db, project_id="project-42")
     yield "/metrics by_kind", lambda: stats.by_kind(db)
-    yield "/metrics recent_timings", lambda: stats.recent_timings(db)
+    yield "/metrics recent_histograms", lambda: stats.recent_histograms(db, (1.0,), (0.01,))
     yield "GET /tasks limit=50", listing(limit=50)
     yield "GET /tasks deep cursor", listing(limit=50, before_id=deep)
     yield "GET /tasks?status=failed", listing(status="failed", limit=50)

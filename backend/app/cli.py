@@ -502,7 +502,7 @@ def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     periodic = shown_schedules(REGISTRY, conf)
 
     async def work(db: Database) -> dict[str, Any]:
-        summary = await stats.summary(db)
+        summary = await stats.summary(db, lease_seconds=conf.lease_seconds)
         summary["schedules"] = await stats.schedule_overview(db, periodic)
         async with db.read_transaction() as session:
             summary["limits"] = await queue.flow_limits(session, conf.rate_limits, conf.key_limits)
@@ -530,10 +530,11 @@ def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
         "last seen",
         title="processors",
     )
-    for p in summary["processors"]:
+    for p in summary["processors"] + summary["silent_processors"]:
+        silent = p in summary["silent_processors"]
         procs.add_row(
             p["id"],
-            p["state"],
+            Text(f"silent {p['silent_seconds']:.0f} s", style="bold red") if silent else p["state"],
             str(p["in_flight"]),
             str(p["concurrency"]),
             str(p["processed"]),

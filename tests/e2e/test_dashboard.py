@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import re
 import shutil
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from playwright.async_api import Page, async_playwright, expect
+from sqlalchemy import update
 
 from app.db import Database
+from app.models import Processor
 from app.services import auth, queue
 from tests.e2e.test_daemon import Spawn
 from tests.helpers import eventually, task_row
@@ -49,6 +53,12 @@ async def test_dashboard_login_counts_detail_retry_and_pause(
     await eventually(lambda: _finished(db, bad.id), within=20)
     await eventually(lambda: _count_completed(db, 5), within=20)
     assert daemon.stop() == 0  # so the retried task stays pending for the assertion
+    async with db.write_transaction() as s:  # a daemon killed long ago, with none to reap it
+        await queue.register_processor(
+            s, processor_id="ghost:1", hostname="gone", pid=1, version="v", concurrency=3
+        )
+        old = datetime.now(UTC) - timedelta(minutes=10)
+        await s.execute(update(Processor).where(Processor.id == "ghost:1").values(last_seen_at=old))
 
     async with async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
@@ -58,6 +68,8 @@ async def test_dashboard_login_counts_detail_retry_and_pause(
         await login(page, api_url, admin)
         await expect(page.locator("#count-failed")).to_have_text("1")
         await expect(page.locator("#count-completed")).to_have_text("5")
+        await expect(page.locator("#processors")).to_contain_text("ghost:1")
+        await expect(page.locator("#processors")).to_contain_text(re.compile(r"silent 6\d\d s"))
         await page.click(f"#tasks tr[data-id='{bad.id}']")
         await expect(page.locator("#detail-status")).to_have_text("failed")
         await expect(page.locator("#detail-error")).to_contain_text(

@@ -1310,8 +1310,8 @@ async def test_processor_rows(db: Database) -> None:
             s, processor_id="ghost", in_flight=0, processed=0, failed=0
         )
     async with db.write_transaction() as s:
-        assert await queue.reap_processors(s, stale_before=utcnow() - timedelta(seconds=60)) == 0
-        assert await queue.reap_processors(s, stale_before=utcnow() + timedelta(seconds=1)) == 1
+        assert await queue.reap_processors(s, silent_seconds=60) == 0
+        assert await queue.reap_processors(s, silent_seconds=-1) == 1
     async with db.read_transaction() as s:
         p = (await s.scalars(select(Processor))).one()
     assert (p.state, p.in_flight, p.processed, p.failed) == ("stopped", 0, 5, 1)

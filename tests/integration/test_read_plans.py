@@ -196,7 +196,7 @@ async def test_status_and_metrics_counts_read_indexes(history: Database) -> None
     for access in [
         *await _reads(db, lambda: stats.summary(db)),
         *await _reads(db, lambda: stats.timeline(db)),
-        *await _reads(db, lambda: stats.recent_timings(db)),
+        *await _reads(db, lambda: stats.recent_histograms(db, (1.0,), (0.01,))),
     ]:
         assert access.indexes and access.indexes <= CLAIM | RUNNING | {COMPLETED_AT}, access
     counted = await stats.task_counts(db)

@@ -9,10 +9,11 @@ from collections import Counter
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from app.db import Database
 from app.models import PendingAnalysis as T
+from app.models import Processor, ProcessorState
 from app.services import queue, stats
 
 
@@ -140,3 +141,100 @@ async def test_a_finish_past_the_cut_off_counts_once(db: Database) -> None:
     await asyncio.sleep(0)
     assert _by_status(await stats.task_counts(db)) == {"completed": 2}
     assert _by_status(await stats.task_counts(db)) == {"completed": 2}
+
+
+async def test_a_silent_processor_is_not_counted_live(db: Database) -> None:
+    """A daemon killed with SIGKILL leaves its row 'running'; when no other daemon runs to
+    reap it, the status views still must not count it live: three leases after its last
+    heartbeat (by the database's clock) it moves to silent_processors."""
+    async with db.write_transaction() as s:
+        for name in ("alive", "killed", "stopped"):
+            await queue.register_processor(
+                s, processor_id=name, hostname="h", pid=1, version="v", concurrency=3
+            )
+        await queue.touch_processor(s, processor_id="killed", in_flight=2, processed=7, failed=0)
+        await queue.touch_processor(
+            s,
+            processor_id="stopped",
+            in_flight=0,
+            processed=1,
+            failed=0,
+            state=ProcessorState.STOPPED,
+        )
+        old = datetime.now(UTC) - timedelta(seconds=100)
+        await s.execute(update(Processor).where(Processor.id == "killed").values(last_seen_at=old))
+    summary = await stats.summary(db, lease_seconds=30)
+    assert [p["id"] for p in summary["processors"]] == ["alive"]
+    [silent] = summary["silent_processors"]
+    assert (silent["id"], silent["state"], silent["in_flight"]) == ("killed", "running", 2)
+    assert 99 <= silent["silent_seconds"] <= 130
+    # With a longer lease the same row is still within three leases: live.
+    longer = await stats.summary(db, lease_seconds=60)
+    assert [p["id"] for p in longer["processors"]] == ["alive", "killed"]
+    assert longer["silent_processors"] == []
+
+
+async def test_recent_histograms_count_every_kind_in_the_database(db: Database) -> None:
+    """Run time and pick-up delay per kind, counted by the database over the whole hour:
+    exact to the microsecond on both engines (SQLite's julianday() reads milliseconds),
+    a delay before the task existed counts as none, and finished-long-ago rows are out."""
+    async with db.write_transaction() as s:
+        tasks = await queue.enqueue_tasks(
+            s, [{"kind": kind} for kind in ("fast", "fast", "fast", "slow", "old")]
+        )
+        claimed = await queue.claim_tasks(s, processor_id="p", limit=5, lease_seconds=30)
+        assert len(claimed) == 5
+    due = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=30)
+    # (duration, pick-up): pick-ups straddle the 1 ms and 2 ms bounds by 100 µs.
+    shapes = {
+        tasks[0].id: (0.04, 0.0009),
+        tasks[1].id: (0.2, 0.0011),
+        tasks[2].id: (None, 0.0021),
+        tasks[3].id: (7.0, 3.5),
+        tasks[4].id: (1.0, 0.001),
+    }
+    async with db.write_transaction() as s:
+        for c in claimed:
+            duration, pickup = shapes[c.id]
+            await queue.complete_task(
+                s,
+                task_id=c.id,
+                processor_id="p",
+                attempt=c.attempt,
+                result=None,
+                duration_seconds=duration,
+            )
+            await s.execute(
+                update(T)
+                .where(T.id == c.id)
+                .values(
+                    created_at=due - timedelta(seconds=1),
+                    scheduled_at=due,
+                    started_at=due + timedelta(seconds=pickup),
+                )
+            )
+        old = datetime.now(UTC) - timedelta(hours=2)
+        await s.execute(update(T).where(T.id == tasks[4].id).values(completed_at=old))
+    got = await stats.recent_histograms(db, (0.1, 1.0, 10.0), (0.001, 0.002, 1.0))
+    assert set(got) == {"fast", "slow"}
+    fast, slow = got["fast"], got["slow"]
+    assert (fast.count, fast.duration_buckets, fast.pickup_buckets) == (3, (2, 3, 3), (1, 2, 3))
+    assert fast.duration_sum == pytest.approx(0.24)
+    assert fast.pickup_sum == pytest.approx(0.0041, abs=1e-6)
+    assert (slow.count, slow.duration_buckets, slow.pickup_buckets) == (1, (0, 0, 1), (0, 0, 0))
+    assert slow.pickup_sum == pytest.approx(3.5, abs=1e-6)
+    # A task scheduled before it was created waited from its creation; one that started
+    # "before" it was due (a clock step) waited none.
+    async with db.write_transaction() as s:
+        await s.execute(
+            update(T)
+            .where(T.id == tasks[3].id)
+            .values(scheduled_at=due - timedelta(days=9000), created_at=due)
+        )
+        await s.execute(
+            update(T).where(T.id == tasks[0].id).values(started_at=due - timedelta(seconds=5))
+        )
+    got = await stats.recent_histograms(db, (0.1, 1.0, 10.0), (0.001, 0.002, 1.0))
+    assert got["slow"].pickup_sum == pytest.approx(3.5, abs=1e-6)
+    assert got["fast"].pickup_buckets == (1, 2, 3)
+    assert got["fast"].pickup_sum == pytest.approx(0.0032, abs=1e-6)

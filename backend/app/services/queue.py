@@ -2371,12 +2371,23 @@ async def touch_processor(
     return result.first() is not None
 
 
+#: A processors row silent for this many leases belonged to a daemon that died: the rescuer
+#: marks it stopped, and the status views stop counting it live.
+DEAD_PROCESSOR_LEASES = 3
+
+
+def processor_silent(dialect: str, silent_seconds: float) -> ColumnElement[bool]:
+    """A processors row whose last heartbeat is older than ``silent_seconds`` by the
+    database's clock (each daemon writes last_seen_at by the database's clock too)."""
+    return P.last_seen_at < later_sql(dialect, -silent_seconds)
+
+
 async def reap_processors(
-    session: AsyncSession, *, stale_before: datetime, gone: Sequence[str] = ()
+    session: AsyncSession, *, silent_seconds: float, gone: Sequence[str] = ()
 ) -> int:
-    """Mark processors that stopped heartbeating before ``stale_before``, and those in
-    ``gone`` (seen dead on this machine), as stopped."""
-    dead: ColumnElement[bool] = P.last_seen_at < stale_before
+    """Mark processors silent for ``silent_seconds``, and those in ``gone`` (seen dead on
+    this machine), as stopped."""
+    dead: ColumnElement[bool] = processor_silent(dialect_of(session), silent_seconds)
     if gone:
         dead = or_(dead, P.id.in_(list(gone)))
     result = await session.execute(

@@ -16,6 +16,8 @@ from sqlalchemy import (
     ColumnElement,
     CompoundSelect,
     Executable,
+    Float,
+    Integer,
     Select,
     String,
     case,
@@ -27,6 +29,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.config import DEFAULT_LEASE_SECONDS
 from app.db import Database, later_sql, now_sql
 from app.models import PendingAnalysis, Processor, ProcessorState, TaskStatus
 from app.models.async_task import FINISHED_STATUSES, FINISHED_WHERE
@@ -40,12 +43,19 @@ FINISHED = frozenset(s.value for s in FINISHED_STATUSES)
 
 
 async def summary(
-    db: Database, *, user_id: str | None = None, project_id: str | None = None
+    db: Database,
+    *,
+    user_id: str | None = None,
+    project_id: str | None = None,
+    lease_seconds: float = DEFAULT_LEASE_SECONDS,
 ) -> dict[str, Any]:
     """Counts per queue and status, the oldest pending task's age, durations of the last
-    hour, and the live daemons; scoped to a user and/or a project when given.
+    hour, and the daemons; scoped to a user and/or a project when given.
 
-    The counts come from ``task_counts``."""
+    ``processors`` are the live daemons; ``silent_processors`` those not stopped but silent
+    for ``queue.DEAD_PROCESSOR_LEASES`` leases (their process died; a running daemon's
+    rescuer marks them stopped, but when none runs they would otherwise show live for
+    ever). The counts come from ``task_counts``."""
     counts = await task_counts(db, user_id=user_id, project_id=project_id)
     async with db.read_transaction() as session:
         oldest = select(func.min(_due_since())).where(
@@ -67,9 +77,12 @@ async def summary(
             per_queue[status] = per_queue.get(status, 0) + n
         first = (await session.execute(oldest)).scalar_one_or_none()
         now = (await session.execute(select(now_sql(db.dialect)))).scalar_one()
+        silent = queue.processor_silent(db.dialect, queue.DEAD_PROCESSOR_LEASES * lease_seconds)
         procs = (
-            await session.scalars(
-                select(Processor).where(Processor.state != ProcessorState.STOPPED)
+            await session.execute(
+                select(Processor, silent.label("silent"))
+                .where(Processor.state != ProcessorState.STOPPED)
+                .order_by(Processor.started_at, Processor.id)
             )
         ).all()
         switches = await queue.queue_switches(session)
@@ -84,25 +97,27 @@ async def summary(
             "max_duration_seconds": float(max_done) if max_done is not None else None,
         },
         "paused_queues": sorted(name for name, switch in switches.items() if switch.paused),
-        "processors": [
-            {
-                "id": p.id,
-                "hostname": p.hostname,
-                "pid": p.pid,
-                "state": p.state,
-                "concurrency": p.concurrency,
-                "in_flight": p.in_flight,
-                "processed": p.processed,
-                "failed": p.failed,
-                "last_seen_at": p.last_seen_at.isoformat(),
-            }
-            for p in procs
-        ],
+        "processors": [_processor(p, now) for p, is_silent in procs if not is_silent],
+        "silent_processors": [_processor(p, now) for p, is_silent in procs if is_silent],
+    }
+
+
+def _processor(p: Processor, now: datetime) -> dict[str, Any]:
+    return {
+        "id": p.id,
+        "hostname": p.hostname,
+        "pid": p.pid,
+        "state": p.state,
+        "concurrency": p.concurrency,
+        "in_flight": p.in_flight,
+        "processed": p.processed,
+        "failed": p.failed,
+        "last_seen_at": p.last_seen_at.isoformat(),
+        "silent_seconds": round(max(0.0, (now - p.last_seen_at).total_seconds()), 1),
     }
 
 
 RECENT_WINDOW_SECONDS = 3600
-RECENT_ROWS_MAX = 10_000
 
 
 async def by_kind(db: Database) -> dict[str, dict[str, int]]:
@@ -290,25 +305,74 @@ def _due_since() -> Any:
     return case((T.created_at > T.scheduled_at, T.created_at), else_=T.scheduled_at)
 
 
-async def recent_timings(db: Database) -> list[tuple[str, float, float]]:
-    """(kind, duration, pick-up delay) of jobs completed in the last hour, newest first,
-    at most RECENT_ROWS_MAX of them. Pick-up is started_at less when the task became due
-    (``_due_since``)."""
-    async with db.read_transaction() as session:
-        rows = await session.execute(
-            select(T.kind, T.duration_seconds, T.started_at, _due_since())
-            .where(
-                T.status == TaskStatus.COMPLETED,
-                T.completed_at >= later_sql(db.dialect, -RECENT_WINDOW_SECONDS),
-            )
-            .order_by(T.completed_at.desc())
-            .limit(RECENT_ROWS_MAX)
+@dataclass(frozen=True)
+class KindTimings:
+    """One kind's jobs completed in the last hour: how many, and for their run time and
+    their pick-up delay the sum and the count at or under each bound (cumulative)."""
+
+    count: int
+    duration_sum: float
+    duration_buckets: tuple[int, ...]
+    pickup_sum: float
+    pickup_buckets: tuple[int, ...]
+
+
+def _epoch_seconds(dialect: str, column: Any) -> Any:
+    """A timestamp column as seconds, exact to the microsecond, for differences."""
+    if dialect == "postgresql":
+        return func.extract("epoch", column)
+    # SQLite keeps naive UTC text with six fractional digits; julianday() reads only three of
+    # them, and a pick-up delay is a millisecond or two. Whole seconds, then the fraction.
+    whole = func.cast(func.strftime("%s", func.substr(column, 1, 19)), Integer)
+    return whole + func.cast(func.substr(column, 20), Float)
+
+
+async def recent_histograms(
+    db: Database, duration_bounds: Sequence[float], pickup_bounds: Sequence[float]
+) -> dict[str, KindTimings]:
+    """Per kind, the run time and pick-up delay of every job completed in the last hour,
+    counted in the database (GROUP BY kind): no row leaves it, and a busy kind cannot crowd
+    the others out. Pick-up is started_at less when the task became due (``_due_since``)."""
+    duration = func.coalesce(T.duration_seconds, 0.0)
+    waited = _epoch_seconds(db.dialect, T.started_at) - _epoch_seconds(db.dialect, _due_since())
+    pickup = case((waited > 0, waited), else_=0.0)
+
+    def under(value: Any, bound: float) -> Any:
+        return func.sum(case((value <= bound, 1), else_=0))
+
+    # Grouped by the kind itself, SQLite walks the whole table through the kind index (rows
+    # come grouped, no sort) instead of the last hour's range of the completed_at index.
+    kind: Any = T.kind.concat("") if db.dialect == "sqlite" else T.kind
+    stmt = (
+        select(
+            kind,
+            func.count(),
+            func.sum(duration),
+            func.sum(pickup),
+            *(under(duration, b) for b in duration_bounds),
+            *(under(pickup, b) for b in pickup_bounds),
         )
-        return [
-            (kind, duration or 0.0, max(0.0, (started - scheduled).total_seconds()))
-            for kind, duration, started, scheduled in rows.all()
-            if started is not None
-        ]
+        .where(
+            T.status == TaskStatus.COMPLETED,
+            T.completed_at >= later_sql(db.dialect, -RECENT_WINDOW_SECONDS),
+            T.started_at.is_not(None),
+        )
+        .group_by(kind)
+        .order_by(kind)
+    )
+    async with db.read_transaction() as session:
+        rows = (await session.execute(stmt)).all()
+    split = 4 + len(duration_bounds)
+    return {
+        row[0]: KindTimings(
+            count=int(row[1]),
+            duration_sum=float(row[2] or 0.0),
+            pickup_sum=float(row[3] or 0.0),
+            duration_buckets=tuple(int(n or 0) for n in row[4:split]),
+            pickup_buckets=tuple(int(n or 0) for n in row[split:]),
+        )
+        for row in rows
+    }
 
 
 TIMELINE_MINUTES = 60

@@ -47,13 +47,14 @@ PICKUP_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0)
 
 
 def _histogram(
-    name: str, doc: str, values: dict[str, list[float]], bounds: tuple[float, ...]
+    name: str, doc: str, kinds: dict[str, stats.KindTimings], bounds: tuple[float, ...], part: str
 ) -> HistogramMetricFamily:
     family = HistogramMetricFamily(name, doc, labels=["kind"])
-    for kind, samples in sorted(values.items()):
-        buckets = [(str(b), float(sum(v <= b for v in samples))) for b in bounds]
-        buckets.append(("+Inf", float(len(samples))))
-        family.add_metric([kind], buckets, sum_value=sum(samples))
+    for kind, timings in kinds.items():
+        counts = getattr(timings, f"{part}_buckets")
+        buckets = [(str(b), float(n)) for b, n in zip(bounds, counts, strict=True)]
+        buckets.append(("+Inf", float(timings.count)))
+        family.add_metric([kind], buckets, sum_value=getattr(timings, f"{part}_sum"))
     return family
 
 
@@ -64,7 +65,7 @@ class _Snapshot:
         self,
         summary: dict[str, object],
         kinds: dict[str, dict[str, int]],
-        timings: list[tuple[str, float, float]],
+        timings: dict[str, stats.KindTimings],
     ) -> None:
         self._summary = summary
         self._kinds = kinds
@@ -79,24 +80,21 @@ class _Snapshot:
         for kind, counts in sorted(self._kinds.items()):
             for status in stats.STATUS_ORDER:
                 by_kind.add_metric([kind, status], counts.get(status, 0))
-        durations: dict[str, list[float]] = {}
-        pickups: dict[str, list[float]] = {}
-        for kind, duration, pickup in self._timings:
-            durations.setdefault(kind, []).append(duration)
-            pickups.setdefault(kind, []).append(pickup)
         return [
             by_kind,
             _histogram(
                 "async_processor_job_duration_seconds",
-                "Run time of jobs completed in the last hour",
-                durations,
+                "Run time of jobs completed in the last hour (a sliding window, not cumulative)",
+                self._timings,
                 DURATION_BUCKETS,
+                "duration",
             ),
             _histogram(
                 "async_processor_pickup_seconds",
-                "Due time to start, jobs completed in the last hour",
-                pickups,
+                "Due time to start of jobs completed in the last hour (a sliding window)",
+                self._timings,
                 PICKUP_BUCKETS,
+                "pickup",
             ),
         ]
 
@@ -118,12 +116,17 @@ class _Snapshot:
             "async_processor_in_flight", "Jobs running on live processors"
         )
         in_flight.add_metric([], sum(p["in_flight"] for p in self._summary["processors"]))  # type: ignore[attr-defined]
+        silent = GaugeMetricFamily(
+            "async_processor_processors_silent",
+            "Processors not stopped but silent for three leases (their process died)",
+        )
+        silent.add_metric([], len(self._summary["silent_processors"]))  # type: ignore[arg-type]
         paused = GaugeMetricFamily(
             "async_processor_queue_paused", "1 for each paused queue", labels=["queue"]
         )
         for name in self._summary["paused_queues"]:  # type: ignore[attr-defined]
             paused.add_metric([name], 1)
-        return [depth, age, procs, in_flight, paused, *self._per_kind()]
+        return [depth, age, procs, silent, in_flight, paused, *self._per_kind()]
 
 
 def _timestamp(iso: str | None) -> float:
@@ -198,7 +201,9 @@ async def metrics(db: DbDep, settings: SettingsDep) -> Response:
     duration and pick-up histograms per kind (last hour), live processors."""
     registry = CollectorRegistry(auto_describe=False)
     snapshot = _Snapshot(
-        await stats.summary(db), await stats.by_kind(db), await stats.recent_timings(db)
+        await stats.summary(db, lease_seconds=settings.lease_seconds),
+        await stats.by_kind(db),
+        await stats.recent_histograms(db, DURATION_BUCKETS, PICKUP_BUCKETS),
     )
     registry.register(snapshot)
     periodic = shown_schedules(REGISTRY, settings)

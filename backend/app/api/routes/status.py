@@ -24,11 +24,14 @@ async def get_status(
     project_id: Annotated[str | None, Query(max_length=255, pattern=NO_NUL)] = None,
 ) -> dict[str, Any]:
     """Counts per status and queue (the caller's own, for user tokens), the oldest pending
-    task's age, durations over the last hour, and the live processors (``project_id``
+    task's age, durations over the last hour, the live processors and the silent ones
+    (not stopped, no heartbeat for three leases: their process died; ``project_id``
     narrows all but the processors to one project); for admin tokens also a per-minute
     timeline, the periodic schedules (next tick, last task) and the flow
     limits (rate limits with the starts in their window, per-key limits)."""
-    summary = await stats.summary(db, user_id=caller.scope, project_id=project_id)
+    summary = await stats.summary(
+        db, user_id=caller.scope, project_id=project_id, lease_seconds=settings.lease_seconds
+    )
     if caller.is_admin:
         summary["timeline"] = await stats.timeline(db, project_id=project_id)
         summary["schedules"] = await stats.schedule_overview(

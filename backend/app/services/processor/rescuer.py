@@ -8,12 +8,10 @@ starts, instead of a lease and a half later."""
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db import Database
-from app.models.types import utcnow
 from app.services import faults, queue
 from app.services.processor.host import pid_gone
 from app.services.queue import RescueResult
@@ -21,7 +19,6 @@ from app.services.queue import RescueResult
 logger = logging.getLogger("app.processor")
 RESCUE_INTERVAL_MIN_SECONDS = 0.5
 RESCUE_INTERVAL_MAX_SECONDS = 30.0
-DEAD_PROCESSOR_LEASES = 3
 
 
 def rescue_interval(lease_seconds: float) -> float:
@@ -54,12 +51,12 @@ class Rescuer:
         """One sweep, one transaction."""
         if faults.seeded("rescue"):  # test-only seeded bug (app.services.faults)
             return RescueResult((), (), ())
-        stale_before = utcnow() - timedelta(seconds=DEAD_PROCESSOR_LEASES * self._lease_seconds)
+        silent = queue.DEAD_PROCESSOR_LEASES * self._lease_seconds
         async with self._db.write_transaction() as session:
             gone = await self._gone(session)
             owners = [processor_id for processor_id, _ in gone]
             result = await queue.rescue_expired(session, gone=owners)
-            await queue.reap_processors(session, stale_before=stale_before, gone=owners)
+            await queue.reap_processors(session, silent_seconds=silent, gone=owners)
         for processor_id, pid in gone:
             logger.warning(
                 "processor %s is gone (no process %d on this machine): its jobs go back now",
