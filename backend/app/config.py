@@ -4,6 +4,7 @@ read elsewhere."""
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -152,11 +153,15 @@ def parse_rate_limits(spec: str) -> tuple[RateLimit, ...]:
         number, unit = period[:-1] or "1", period[-1:]
         try:
             seconds = float(number) * _PERIODS[unit]
-            n = int(count)
         except (KeyError, ValueError):
-            raise ValueError(f"{kind}={rule!r} is not N/PERIOD like 10/1s, 100/m or 5/2h") from None
-        if n < 1 or seconds <= 0:
-            raise ValueError(f"{kind}={rule!r}: N and PERIOD must be positive")
+            seconds = math.nan
+        if not _decimal(count.strip()) or math.isnan(seconds):
+            raise ValueError(f"{kind}={rule!r} is not N/PERIOD like 10/1s, 100/m or 5/2h")
+        n = int(count)
+        if not math.isfinite(seconds) or not 0 < seconds <= MAX_SECONDS or n < 1:
+            raise ValueError(
+                f"{kind}={rule!r}: N must be positive and PERIOD positive, at most 366 days"
+            )
         limits.append(RateLimit(kind, n, seconds))
     return tuple(limits)
 

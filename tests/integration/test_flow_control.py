@@ -75,7 +75,12 @@ def test_limit_settings_parse_and_name_the_bad_entry(monkeypatch: pytest.MonkeyP
     ]
     [key] = parse_key_limits("chapter_analysis=chapter_id:1")
     assert (key.kind, key.column, key.limit) == ("chapter_analysis", "chapter_id", 1)
-    for bad in ("llm=10", "llm=0/s", "llm=x/s", "llm=10/1d", "=3/s", "a=1/s,a=2/s"):
+    for bad in (
+        *("llm=10", "llm=0/s", "llm=x/s", "llm=10/1d", "=3/s", "a=1/s,a=2/s"),
+        # a period that is no number of seconds stalled every claim (OverflowError, NaN)
+        *("llm=1/nans", "llm=1/infs", "llm=1/1e400s", "llm=1/1e300h", "llm=1/367d", "llm=1/9000h"),
+        *("llm=-1/s", "llm=1/-1s", "llm=1/0s", "llm=٣/s"),
+    ):
         with pytest.raises(ValueError):
             parse_rate_limits(bad)
     for bad in ("k=payload:1", "k=chapter_id:0", "k=chapter_id", "k"):

@@ -404,12 +404,14 @@ async def test_progress_after_the_run_ended_is_dropped(registry: HandlerRegistry
     assert calls == []
 
 
-@pytest.mark.parametrize("seconds", [-1, float("nan"), float("inf")])
+@pytest.mark.parametrize("seconds", [-1, float("nan"), float("inf"), 1e12, 366 * 86400 + 1])
 def test_a_snooze_needs_a_finite_delay(seconds: float) -> None:
-    """Refused where it is raised: a NaN passed the old check (NaN < 0 is false), and the
-    job then failed for good when the delay could not be written."""
-    with pytest.raises(ValueError, match="finite number >= 0"):
+    """Refused where it is raised: a NaN passed the old check (NaN < 0 is false), and a
+    snooze of 1e12 s overflowed the timestamp; either way the job then failed for good, its
+    retries unused, when the delay could not be written."""
+    with pytest.raises(ValueError, match="finite number from 0 to 31,622,400"):
         Snooze(seconds)
+    assert Snooze(366 * 86400).seconds == 366 * 86400
 
 
 async def test_a_callable_object_with_an_async_call_is_an_async_handler() -> None:

@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from app.config import MAX_SECONDS
 from app.cron import Cron, CronError
 
 ProgressSink = Callable[[int, int | None, str | None], Awaitable[None]]
@@ -39,8 +40,18 @@ class Snooze(Exception):
     """Raise from a handler to run the job again after ``seconds``, without charging a retry."""
 
     def __init__(self, seconds: float) -> None:
-        if not (isinstance(seconds, int | float) and math.isfinite(seconds) and seconds >= 0):
-            raise ValueError(f"snooze seconds must be a finite number >= 0, got {seconds!r}")
+        # At most 366 days (config.MAX_SECONDS): a date much further out overflowed the
+        # database's timestamps, and the job failed for good instead of snoozing.
+        if not (
+            isinstance(seconds, int | float)
+            and not isinstance(seconds, bool)
+            and math.isfinite(seconds)
+            and 0 <= seconds <= MAX_SECONDS
+        ):
+            raise ValueError(
+                f"snooze seconds must be a finite number from 0 to {MAX_SECONDS:,} (366 days),"
+                f" got {seconds!r}"
+            )
         super().__init__(f"snoozed for {seconds} s")
         self.seconds = seconds
 
