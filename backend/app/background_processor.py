@@ -34,7 +34,7 @@ from app.services.handlers import (
     import_handler_modules,
 )
 from app.services.processor.looper import ErrorBackoff, is_transient
-from app.services.schedules import resolve_schedules
+from app.services.schedules import resolve_schedules, schedule_defaults
 
 logger = logging.getLogger("app.processor")
 
@@ -142,9 +142,7 @@ async def serve(settings: Settings, config: EngineConfig) -> int:
             extra={"action": "no_handlers"},
         )
     try:
-        periodic = resolve_schedules(
-            REGISTRY, settings.schedules, default_catch_up=settings.schedule_catch_up
-        )
+        periodic = resolve_schedules(REGISTRY, settings.schedules, **schedule_defaults(settings))
     except ScheduleError as exc:
         logger.critical("cannot start: %s", exc)
         return 2

@@ -106,6 +106,8 @@ def parse_queues(spec: str) -> QueueSpec:
         if name in (n for n, _ in parsed):
             raise ValueError(f"queue {name!r} is listed twice")
         parsed.append((name, int(limit) if sep else None))
+    if spec.strip() and not parsed:  # "," is not a way to say "every queue"
+        raise ValueError(f"{spec!r} names no queue; leave it empty to serve every queue")
     return tuple(parsed)
 
 

@@ -61,6 +61,11 @@ def test_queue_spec_parsing() -> None:
     for bad in ("ingest=0", "ingest=x", "=3", "a,a", "a=1=2"):
         with pytest.raises(ValueError):
             parse_queues(bad)
+    # ASYNC_PROCESSOR_QUEUES="," served every queue, where --queues "," exits 2
+    for blank in (",", " , ,"):
+        with pytest.raises(ValueError, match="names no queue"):
+            parse_queues(blank)
+    assert parse_queues("") == parse_queues("  ") == ()
     pools = slot_pools(3, parse_queues("ingest=2,default,bulk"))
     assert [(p.limit, p.queues) for p in pools] == [(2, ("ingest",)), (3, ("default", "bulk"))]
     assert [(p.limit, p.queues) for p in slot_pools(5, None)] == [(5, None)]

@@ -12,7 +12,13 @@ from app.config import Settings, SettingsError, load_settings, parse_schedules
 from app.cron import Cron, CronError
 from app.services.handlers import HandlerRegistry, JobContext, Schedule, ScheduleError, handler
 from app.services.processor.scheduler import Scheduler
-from app.services.schedules import plan_ticks, resolve_schedules, task_spec, tick_key
+from app.services.schedules import (
+    plan_ticks,
+    resolve_schedules,
+    shown_schedules,
+    task_spec,
+    tick_key,
+)
 
 
 def at(text: str) -> datetime:
@@ -152,6 +158,19 @@ def test_a_changed_cron_only_counts_a_tick_just_due() -> None:
         change_grace=31,
     )
     assert plan.ticks == (at("2026-01-02T04:00"),)
+    # With catch_up > 1, a frequent new cron still enqueues only the tick just due, not
+    # the grace window's worth of ticks before it (:58, :00, :02 ... were back-filled).
+    every_2s = Cron.parse("*/2 * * * * *")
+    plan = plan_ticks(
+        every_2s,
+        now=at("2026-01-02T04:00:11"),
+        last_tick=at("2026-01-02T03:59:58"),
+        catch_up=10,
+        cron_changed=True,
+        change_grace=31,
+    )
+    assert plan.ticks == (at("2026-01-02T04:00:10"),)
+    assert plan.last_tick == at("2026-01-02T04:00:10")
 
 
 def test_tick_keys_are_iso_utc_seconds() -> None:
@@ -228,11 +247,40 @@ def test_the_decorator_rejects_a_bad_schedule_at_import() -> None:
     registry = HandlerRegistry()
     with pytest.raises(ScheduleError, match=r"schedule of handler 'x': '61 \* \* \* \*'.*Bad"):
         handler("x", registry=registry, cron="61 * * * *")
-    with pytest.raises(ScheduleError, match="catch_up must be >= 1"):
-        handler("x", registry=registry, cron="* * * * *", catch_up=0)
+    for bad in (0, -1, 2.5, True, "3"):
+        with pytest.raises(ScheduleError, match="catch_up must be a whole number >= 1"):
+            handler("x", registry=registry, cron="* * * * *", catch_up=bad)  # type: ignore[arg-type]
     with pytest.raises(ScheduleError, match="need cron="):
         handler("x", registry=registry, payload={"a": 1})
+    with pytest.raises(ScheduleError, match="need cron="):
+        handler("x", registry=registry, max_retries=0)
     assert registry.kinds() == []
+
+
+def test_scheduled_tasks_take_the_retry_and_timeout_settings() -> None:
+    """A scheduled task is a normal task: without its own max_retries and timeout_seconds it
+    gets the MAX_RETRIES and PROCESSING_TIMEOUT settings (it got 3 and 600 whatever they
+    said), and a schedule that sets its own keeps them."""
+    registry = HandlerRegistry()
+
+    @handler("plain", registry=registry, cron="* * * * *")
+    @handler("own", registry=registry, cron="* * * * *", max_retries=7, timeout_seconds=5)
+    async def any_kind(ctx: JobContext) -> None:
+        return None
+
+    settings = Settings(max_retries=0, processing_timeout=1, schedule_catch_up=2)
+    resolved = {s.kind: s for s in shown_schedules(registry, settings)}
+    tick = datetime(2026, 1, 1, tzinfo=UTC)
+    plain, own = task_spec(resolved["plain"], tick), task_spec(resolved["own"], tick)
+    assert (plain.max_retries, plain.timeout_seconds, resolved["plain"].catch_up) == (0, 1, 2)
+    assert (own.max_retries, own.timeout_seconds) == (7, 5)
+    with pytest.raises(ScheduleError, match="invalid timeout_seconds: 0"):
+
+        @handler("bad", registry=registry, cron="* * * * *", timeout_seconds=0)
+        async def bad(ctx: JobContext) -> None:
+            return None
+
+        resolve_schedules(registry)
 
 
 def test_setting_entries_override_add_and_turn_off() -> None:

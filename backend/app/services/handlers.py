@@ -157,9 +157,10 @@ class Handler:
 @dataclass(frozen=True, slots=True)
 class Schedule:
     """A periodic job: one task of ``kind`` per tick of ``cron`` (UTC), enqueued by the
-    daemons' scheduler with ``payload``, ``priority`` and ``queue`` (defaults when None).
-    ``catch_up``: how many missed ticks a daemon that was down enqueues, the latest ones
-    (None: the ASYNC_PROCESSOR_SCHEDULE_CATCH_UP setting)."""
+    daemons' scheduler with ``payload``, ``priority`` and ``queue`` (defaults when None),
+    ``max_retries`` and ``timeout_seconds`` (None: the MAX_RETRIES and PROCESSING_TIMEOUT
+    settings, as for any task). ``catch_up``: how many missed ticks a daemon that was down
+    enqueues, the latest ones (None: the ASYNC_PROCESSOR_SCHEDULE_CATCH_UP setting)."""
 
     kind: str
     cron: Cron
@@ -167,11 +168,16 @@ class Schedule:
     priority: int | None = None
     queue: str | None = None
     catch_up: int | None = None
+    max_retries: int | None = None
+    timeout_seconds: int | None = None
 
     def __post_init__(self) -> None:
-        if self.catch_up is not None and self.catch_up < 1:
+        if self.catch_up is not None and not (
+            type(self.catch_up) is int and self.catch_up >= 1  # not 2.5, True or "3"
+        ):
             raise ScheduleError(
-                f"schedule of {self.kind!r}: catch_up must be >= 1, got {self.catch_up}"
+                f"schedule of {self.kind!r}: catch_up must be a whole number >= 1,"
+                f" got {self.catch_up!r}"
             )
         if not isinstance(self.payload, dict):
             raise ScheduleError(f"schedule of {self.kind!r}: payload must be a dict")
@@ -244,6 +250,8 @@ def handler(
     priority: int | None = None,
     queue: str | None = None,
     catch_up: int | None = None,
+    max_retries: int | None = None,
+    timeout_seconds: int | None = None,
 ) -> Callable[[HandlerFunc], HandlerFunc]:
     """Decorator: register the function as the handler of ``kind``.
 
@@ -252,7 +260,9 @@ def handler(
         registry: where to register (the process-wide ``REGISTRY`` by default).
         cron: make it a periodic job: the daemons enqueue one task per tick of this cron
             expression, in UTC (``"*/5 * * * *"``; six fields for seconds; ``@daily``).
-        payload, priority, queue: of the scheduled tasks (with ``cron`` only).
+        payload, priority, queue, max_retries, timeout_seconds: of the scheduled tasks
+            (with ``cron`` only; the last two default to the MAX_RETRIES and
+            PROCESSING_TIMEOUT settings).
         catch_up: missed ticks enqueued after downtime, the latest ones (with ``cron``
             only; default the ASYNC_PROCESSOR_SCHEDULE_CATCH_UP setting, 1).
 
@@ -265,9 +275,21 @@ def handler(
             parsed = Cron.parse(cron)
         except CronError as exc:
             raise ScheduleError(f"schedule of handler {kind!r}: {exc}") from None
-        schedule = Schedule(kind, parsed, dict(payload or {}), priority, queue, catch_up)
-    elif (payload, priority, queue, catch_up) != (None, None, None, None):
-        raise ScheduleError(f"handler {kind!r}: payload, priority, queue and catch_up need cron=")
+        schedule = Schedule(
+            kind,
+            parsed,
+            dict(payload or {}),
+            priority,
+            queue,
+            catch_up,
+            max_retries,
+            timeout_seconds,
+        )
+    elif (payload, priority, queue, catch_up, max_retries, timeout_seconds) != (None,) * 6:
+        raise ScheduleError(
+            f"handler {kind!r}: payload, priority, queue, catch_up, max_retries and"
+            " timeout_seconds need cron="
+        )
 
     def decorate(func: HandlerFunc) -> HandlerFunc:
         target = registry or REGISTRY

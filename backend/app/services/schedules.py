@@ -15,7 +15,7 @@ import dataclasses
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypedDict
 
 from sqlalchemy import Table, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -44,11 +44,14 @@ def resolve_schedules(
     overrides: ScheduleSpec = (),
     *,
     default_catch_up: int = 1,
+    default_max_retries: int = queue.DEFAULT_MAX_RETRIES,
+    default_timeout: int = queue.DEFAULT_TIMEOUT_SECONDS,
     strict: bool = True,
 ) -> list[Schedule]:
     """The schedules this process runs: the ones declared in code, with the
     ASYNC_PROCESSOR_SCHEDULES entries applied (a new schedule for a registered kind, a
-    new cron for a declared one, or ``off``); ``catch_up`` filled from the setting.
+    new cron for a declared one, or ``off``); ``catch_up``, ``max_retries`` and
+    ``timeout_seconds`` filled from the settings where the schedule leaves them None.
 
     Raises ScheduleError when an entry names a kind no handler module registers, or a
     schedule's payload, priority or queue is not a valid task; with ``strict`` False (the
@@ -73,8 +76,16 @@ def resolve_schedules(
     resolved = []
     for kind in sorted(by_kind):
         schedule = by_kind[kind]
-        if schedule.catch_up is None:
-            schedule = dataclasses.replace(schedule, catch_up=default_catch_up)
+        schedule = dataclasses.replace(
+            schedule,
+            catch_up=default_catch_up if schedule.catch_up is None else schedule.catch_up,
+            max_retries=(
+                default_max_retries if schedule.max_retries is None else schedule.max_retries
+            ),
+            timeout_seconds=(
+                default_timeout if schedule.timeout_seconds is None else schedule.timeout_seconds
+            ),
+        )
         try:
             task_spec(schedule, datetime(2000, 1, 1))
         except InvalidTaskError as exc:
@@ -88,8 +99,25 @@ def resolve_schedules(
 def shown_schedules(registry: HandlerRegistry, settings: Settings) -> list[Schedule]:
     """The schedules the daemons run with these settings, for status pages (lenient)."""
     return resolve_schedules(
-        registry, settings.schedules, default_catch_up=settings.schedule_catch_up, strict=False
+        registry, settings.schedules, **schedule_defaults(settings), strict=False
     )
+
+
+class ScheduleDefaults(TypedDict):
+    """resolve_schedules' defaults: what a schedule leaves None."""
+
+    default_catch_up: int
+    default_max_retries: int
+    default_timeout: int
+
+
+def schedule_defaults(settings: Settings) -> ScheduleDefaults:
+    """What a schedule leaves None, from the settings (resolve_schedules' defaults)."""
+    return {
+        "default_catch_up": settings.schedule_catch_up,
+        "default_max_retries": settings.max_retries,
+        "default_timeout": settings.processing_timeout,
+    }
 
 
 def task_spec(schedule: Schedule, tick: datetime) -> TaskSpec:
@@ -99,6 +127,14 @@ def task_spec(schedule: Schedule, tick: datetime) -> TaskSpec:
         payload=dict(schedule.payload),
         priority=queue.DEFAULT_PRIORITY if schedule.priority is None else schedule.priority,
         queue=schedule.queue or queue.DEFAULT_QUEUE,
+        max_retries=(
+            queue.DEFAULT_MAX_RETRIES if schedule.max_retries is None else schedule.max_retries
+        ),
+        timeout_seconds=(
+            queue.DEFAULT_TIMEOUT_SECONDS
+            if schedule.timeout_seconds is None
+            else schedule.timeout_seconds
+        ),
         scheduled_at=tick,
         idempotency_key=tick_key(schedule.kind, tick),
     )
@@ -134,8 +170,9 @@ def plan_ticks(
     if last_tick is None:
         return TickPlan((), latest or now)
     since = last_tick
-    if cron_changed:
+    if cron_changed:  # the tick just due, if any: catch_up is for downtime, not a change
         since = max(last_tick, now - timedelta(seconds=change_grace))
+        catch_up = 1
     ticks = cron.ticks_between(since, now, limit=catch_up)
     if not ticks:
         return TickPlan((), max(last_tick, latest) if latest and cron_changed else last_tick)
