@@ -276,6 +276,38 @@ async def test_a_lease_at_risk_releases_what_waits(db: Database, database_url: s
         await engine.stop(grace=0)
 
 
+async def test_a_hung_heartbeat_stops_the_jobs_when_their_leases_lapse(
+    db: Database, database_url: str
+) -> None:
+    """The heartbeat's statement hangs with no error (a partition: the packets go nowhere,
+    the driver waits for its 30 s timeout). The leases lapse after one lease, and another
+    daemon may run the jobs again from then: the daemon stops them on its own timer, not
+    when the database at last answers (the fleet audit saw them run on 8 s beside the
+    rescued run)."""
+    ids = await _enqueue(db, [{"kind": "sleep", "payload": {"seconds": 60}} for _ in range(2)])
+    engine = _engine(db, database_url, concurrency=2, prefetch_window=0, lease_seconds=2)
+    await engine.start()
+    hang = asyncio.Event()
+    try:
+        await eventually(lambda: _waiting_and_running(engine, 0, 2), within=15)
+        async with db.write_transaction() as s:  # the rescued jobs stay pending
+            await queue.set_queue_paused(s, "default", paused=True)
+
+        async def hung() -> Any:
+            await hang.wait()
+            raise OSError("database unreachable")
+
+        engine.heartbeat.run_once = hung  # type: ignore[method-assign]
+        await eventually(lambda: _waiting_and_running(engine, 0, 0), within=10)
+        assert engine.processed == 0 and engine.failed == 0
+        # Stopped, not completed: the rows are the rescuer's (this daemon's own rescuer
+        # still runs), back to pending for another run.
+        await eventually(lambda: _all(db, ids, "pending"), within=10)
+    finally:
+        hang.set()
+        await engine.stop(grace=0)
+
+
 async def _run_all(engine: ProcessorEngine, db: Database, ids: list[int], within: float) -> None:
     """Start the engine, wait until every job of ``ids`` completed, stop it."""
     await engine.start()

@@ -44,7 +44,7 @@ from app.services.processor.executor import (
 )
 from app.services.processor.heartbeat import Heartbeat, HeartbeatResult, ProcessorStats
 from app.services.processor.host import host_key
-from app.services.processor.looper import ErrorBackoff, guarded_loop, is_transient
+from app.services.processor.looper import ErrorBackoff, guarded_loop, is_transient, sleep_or_stop
 from app.services.processor.progress import progress_sink
 from app.services.processor.pruner import Pruner
 from app.services.processor.rescuer import Rescuer
@@ -63,6 +63,8 @@ COMPLETER_BACKLOG_LIMIT = 4
 STALE_AHEAD_SECONDS = 1.0
 #: a stale job in a pool still turning over is looked at again after this long
 STALE_RECHECK_SECONDS = 0.25
+#: the lease watch sleeps at least this long between looks
+LEASE_WATCH_MIN_SECONDS = 0.01
 
 #: Jobs this daemon retries or snoozes wake it when they are due, a little after (the
 #: database's clock and this one's may differ by that much), up to this many at once.
@@ -210,6 +212,12 @@ class ProcessorEngine:
         self._held: dict[int, ClaimedTask] = {}
         self._stop_reasons: dict[asyncio.Task[Any], StopReason] = {}  # per run
         self._renewing: dict[int, ClaimedTask] = {}
+        # Loop time from which each held job's lease surely runs for a whole lease: when it
+        # was claimed (settle, just after the claim's commit), then the start of each beat
+        # that renewed it. The lease watch stops a job at that time plus the lease, even
+        # while the heartbeat's statement hangs (a partition: no error comes back, and the
+        # jobs would run on while another daemon runs them again).
+        self._lease_from: dict[int, float] = {}
         self._wake_event = asyncio.Event()
         self._loops_stop = asyncio.Event()
         self._completer_stop = asyncio.Event()
@@ -319,6 +327,7 @@ class ProcessorEngine:
                     next_delay=self.scheduler.delay,
                 ),
             )
+        self._spawn("lease-watch", self._watch_leases(stop))
         if self._waker is not None:
             self._spawn("waker", self._waker.run(stop))
         self._claim_task = asyncio.create_task(self._claim_loop(), name="claimer")
@@ -568,6 +577,7 @@ class ProcessorEngine:
                 self.completer.submit(Outcome(task, OutcomeKind.RELEASED, 0.0))
                 continue
             self._held[task.id] = task
+            self._lease_from[task.id] = now
             entry = (-task.priority, task.scheduled_at, task.id, now, task)
             heapq.heappush(self._pool_for(task).waiting, entry)
         for pool in self._pools:
@@ -776,6 +786,7 @@ class ProcessorEngine:
     # --- heartbeat and shutdown --------------------------------------------------------------
 
     async def _heartbeat_once(self) -> HeartbeatResult:
+        started = asyncio.get_running_loop().time()
         try:
             result = await self.heartbeat.run_once()
         except Exception:
@@ -785,6 +796,9 @@ class ProcessorEngine:
                     self._stop_job(task_id, StopReason.LEASE_LOST)
             raise
         renewed = self._renewing
+        for task_id in result.renewed:
+            if task_id in self._lease_from and self._held.get(task_id) is renewed.get(task_id):
+                self._lease_from[task_id] = started
         for task_id in result.lost:
             if self._held.get(task_id) is not renewed.get(task_id):
                 continue  # written meanwhile, or claimed back: the report is not about it
@@ -795,6 +809,34 @@ class ProcessorEngine:
             if self._held.get(task_id) is renewed.get(task_id):
                 self._stop_job(task_id, StopReason.CANCEL_REQUESTED)
         return result
+
+    async def _watch_leases(self, stop: asyncio.Event) -> None:
+        """Stop the jobs whose lease may have expired: no renewal for a whole lease since
+        the time it surely ran from (``_lease_from``). Another daemon's rescuer may run them
+        from then on; their ends are fenced either way, but the handler must not run on
+        beside the new run. Its own timer: a heartbeat blocked on an unanswering database
+        (a partition, a hung connection) says nothing until the driver's timeout."""
+        lease = self.config.lease_seconds
+        loop = asyncio.get_running_loop()
+        while True:
+            now = loop.time()
+            for task_id in [t for t in self._lease_from if t not in self._held]:
+                del self._lease_from[task_id]
+            lapsed = [t for t, since in self._lease_from.items() if since + lease <= now]
+            if lapsed:
+                logger.warning(
+                    "leases of %d jobs not renewed for %.1f s (the database does not answer):"
+                    " stopping them; another daemon may run them again",
+                    len(lapsed),
+                    lease,
+                    extra={"action": "leases_lapsed", "processor_id": self.processor_id},
+                )
+                for task_id in lapsed:
+                    del self._lease_from[task_id]
+                    self._stop_job(task_id, StopReason.LEASE_LOST)
+            first = min(self._lease_from.values(), default=now) + lease
+            if await sleep_or_stop(stop, max(LEASE_WATCH_MIN_SECONDS, min(first - now, lease / 3))):
+                return
 
     async def _flush_outcomes(self) -> None:
         """Wait until every outcome is written (the completer retries them through a
