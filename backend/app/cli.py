@@ -25,6 +25,7 @@ from app.db import Database
 from app.models import PendingAnalysis, TaskStatus
 from app.services import queue
 from app.services.handlers import REGISTRY, HandlerImportError, import_handler_modules
+from app.text import shown
 
 R = TypeVar("R")
 EXIT_ERROR = 1
@@ -48,12 +49,24 @@ cli.add_typer(token_cli, name="token")
 # No console markup nor emoji codes: what is printed holds names, ids and payloads that
 # users chose (a queue named "[/q]" was read as markup, and every command that showed it
 # failed; "a:smile:" printed as an emoji); styles are given as Text styles instead.
-out = Console(markup=False, emoji=False)
-err = Console(stderr=True, soft_wrap=True, markup=False, emoji=False)
+# And no terminal control from what users chose either: a chapter_id or a handler's error
+# holding ESC sequences cleared the operator's screen, set the window title or wrote the
+# clipboard (OSC 52) through `tasks show`; every string printed is shown() first.
+
+
+class _Console(Console):
+    def render_str(self, text: str, **kwargs: Any) -> Text:
+        return super().render_str(shown(text), **kwargs)
+
+
+# Piped (| grep, | less, into a file), Rich would wrap and cut tables at 80 columns.
+_PIPED_WIDTH = None if sys.stdout.isatty() or "COLUMNS" in os.environ else 10_000
+out = _Console(markup=False, emoji=False, width=_PIPED_WIDTH)
+err = _Console(stderr=True, soft_wrap=True, markup=False, emoji=False)
 
 
 def _labelled(label: str, style: str, text: str) -> Text:
-    return Text.assemble((label, style), " ", text)
+    return Text.assemble((label, style), " ", shown(text))
 
 
 #: Ids are 64-bit: a larger number is bad input (exit 2), never a driver's overflow.

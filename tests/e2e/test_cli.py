@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -453,6 +454,38 @@ async def test_text_users_chose_is_printed_as_it_is(cli: Run, db: Database) -> N
     assert r.returncode == 0 and "[/t]" in cli("token", "list").stdout
     assert cli("enqueue", "noop", "--queue", "a:smile:").returncode == 0  # no emoji codes
     assert "a:smile:" in cli("status").stdout
+
+
+async def test_terminal_control_in_text_users_chose_is_escaped(
+    cli: Run, db: Database, database_url: str
+) -> None:
+    """A chapter_id (any user can set one through the API) holding ESC sequences cleared
+    the operator's screen through `tasks show`, and could set the window title or write
+    the clipboard; a right-to-left override reordered what followed. Escaped now, tab and
+    newline kept. And piped output (no COLUMNS) is not cut at 80 columns."""
+    chapter = "a\x1b[2J\x1b]52;c;cHduZWQ=\x07b\u202ec"
+    r = cli("enqueue", "noop", "--chapter", chapter, "--queue", "q" * 100, "--user", "u\x1bx")
+    assert r.returncode == 0, r.stderr
+    task_id = r.stdout.strip()
+    for args in (("tasks", "show", task_id), ("tasks", "list"), ("status",)):
+        r = cli(*args)
+        assert r.returncode == 0 and "\x1b" not in r.stdout and "\u202e" not in r.stdout, args
+    shown = cli("tasks", "show", task_id).stdout
+    assert "a\\x1b[2J\\x1b]52;c;cHduZWQ=\\x07b\\u202ec" in shown, shown
+    assert "u\\x1bx" in cli("tasks", "list").stdout
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS" and "ASYNC_PROCESSOR" not in k}
+    env["ASYNC_PROCESSOR_DATABASE_URL"] = database_url
+    script = str(Path(sys.executable).with_name("async-processor"))
+    piped = await asyncio.to_thread(
+        subprocess.run,
+        [script, "status"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert "q" * 100 in piped.stdout, piped.stdout
 
 
 @pytest.mark.parametrize("engine_name", ["postgresql"])

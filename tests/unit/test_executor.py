@@ -429,3 +429,40 @@ async def test_a_callable_object_with_an_async_call_is_an_async_handler() -> Non
         make_task("obj"), progress_sink=_noop, stop_reason=lambda: None
     )
     assert (outcome.kind, outcome.result) == (OutcomeKind.COMPLETED, {"attempt": 1})
+
+
+async def test_progress_is_checked_and_made_storable_where_it_is_reported() -> None:
+    """PostgreSQL refused a progress message with a NUL and the update was dropped (a
+    warning in the daemon's log, a gap in the user's feed); numbers past the 32-bit
+    columns, floats and bools failed the same way. The handler now hears of bad numbers
+    at once, and any text is stored."""
+    seen: list[tuple[int, int | None, str | None]] = []
+
+    async def sink(current: int, total: int | None, message: str | None) -> None:
+        seen.append((current, total, message))
+
+    ctx = JobContext(task_id=1, kind="k", payload={}, progress_sink=sink)
+    await ctx.progress(1, 2, "nul \x00 and \ud800 here")
+    await ctx.progress(2, None, "x" * 5_000)
+    await ctx.progress(2**31 - 1, 2**31 - 1)
+    assert seen[0] == (1, 2, "nul \\x00 and \\ud800 here")
+    assert seen[1][2] == "x" * 1_000 + "…"
+    for bad in ((-1, 2), (1, -2), (2**31, None), (1, 2**31), (1.5, 2), (True, 2), (1, 2.0)):
+        with pytest.raises(ValueError, match="whole numbers from 0 to 2,147,483,647"):
+            await ctx.progress(*bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="must be text"):
+        await ctx.progress(1, 2, 42)  # type: ignore[arg-type]
+    assert len(seen) == 3
+
+
+@pytest.mark.parametrize(
+    "kind", ["", "x" * 101, "a\nb", "tab\there", "nul\x00", "\ud800", "rtl\u202e", 7]
+)
+def test_a_kind_must_be_printable_text(kind: Any) -> None:
+    """A kind with a lone surrogate made every 422 that names the registered kinds, and
+    /openapi.json, a 500; a newline split the daemon's 'handlers:' log line."""
+    registry = HandlerRegistry()
+    with pytest.raises(ValueError, match="handler kind must be"):
+        registry.register(kind, lambda ctx: None)
+    registry.register("chapter analysis ü", lambda ctx: None)
+    assert registry.kinds() == ["chapter analysis ü"]

@@ -23,6 +23,7 @@ from typing import Any
 
 from app.config import MAX_SECONDS
 from app.cron import Cron, CronError
+from app.text import is_showable, storable
 
 ProgressSink = Callable[[int, int | None, str | None], Awaitable[None]]
 HandlerFunc = Callable[["JobContext"], Any]
@@ -34,6 +35,12 @@ TOKEN_USAGE_MAX = 2**31 - 1
 
 class PermanentError(Exception):
     """Raise from a handler to fail the job at once, without retries."""
+
+
+#: Progress numbers are stored in 32-bit integer columns.
+MAX_PROGRESS = 2**31 - 1
+#: A longer progress message is cut (it is shown to the user in a notification).
+MAX_PROGRESS_MESSAGE = 1_000
 
 
 class Snooze(Exception):
@@ -129,8 +136,18 @@ class JobContext:
             total: steps in all, when known.
             message: what is happening now, shown to the user.
         """
-        if current < 0 or (total is not None and total < 0):
-            raise ValueError(f"progress must be non-negative, got {current}/{total}")
+        for value in (current, total):
+            if value is not None and (type(value) is not int or not 0 <= value <= MAX_PROGRESS):
+                raise ValueError(
+                    f"progress must be whole numbers from 0 to {MAX_PROGRESS:,},"
+                    f" got {current!r}/{total!r}"
+                )
+        if message is not None:
+            if not isinstance(message, str):
+                raise ValueError(f"a progress message must be text, got {message!r}")
+            if len(message) > MAX_PROGRESS_MESSAGE:
+                message = message[:MAX_PROGRESS_MESSAGE] + "…"
+            message = storable(message)  # PostgreSQL dropped one with a NUL, silently
         await self._sink(current, total, message)
 
     def progress_threadsafe(
@@ -201,8 +218,15 @@ class HandlerRegistry:
 
     def register(self, kind: str, func: HandlerFunc) -> Handler:
         """Register ``func`` for ``kind``; registering a different function twice is an error."""
-        if not kind or len(kind) > 100:
+        if not isinstance(kind, str) or not 0 < len(kind) <= 100:
             raise ValueError(f"handler kind must be 1..100 characters, got {kind!r}")
+        if not is_showable(kind):
+            # A lone surrogate made every 422 naming the registered kinds, and the OpenAPI
+            # document, a 500; a newline split the daemon's log lines.
+            raise ValueError(
+                f"handler kind must be printable text (no control, format or surrogate"
+                f" characters), got {kind!r}"
+            )
         existing = self._handlers.get(kind)
         if existing is not None and existing.func is not func:
             raise ValueError(f"a handler for kind {kind!r} is already registered ({existing.func})")

@@ -16,9 +16,10 @@ from app.db import Database, sqlstate
 from app.services import faults, notifications, queue
 from app.services.backoff import next_retry_delay
 from app.services.processor.ahead import Room
-from app.services.processor.executor import Outcome, OutcomeKind, storable
+from app.services.processor.executor import Outcome, OutcomeKind
 from app.services.processor.looper import ErrorBackoff, is_transient
 from app.services.queue import ClaimedTask
+from app.text import storable
 
 logger = logging.getLogger("app.processor")
 MAX_BATCH = 500

@@ -28,6 +28,7 @@ from app.services.queue import (
     is_unicode,
     nests_deeper_than,
 )
+from app.text import storable
 
 logger = logging.getLogger("app.processor")
 MAX_TRACEBACK_CHARS = 8_000
@@ -282,15 +283,3 @@ def describe(exc: BaseException, *, with_traceback: bool = False) -> str:
         tb = "".join(traceback.format_exception(exc))  # its own str() failure is caught
         head = f"{head}\n\n{tb[-MAX_TRACEBACK_CHARS:]}"
     return storable(head)
-
-
-def storable(text: str) -> str:
-    """``text`` as both engines can store and log it: NUL characters (which PostgreSQL
-    refuses in text) and lone surrogates (which no UTF-8 text holds) written as escapes."""
-    if "\x00" in text:
-        text = text.replace("\x00", "\\x00")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return text
