@@ -111,7 +111,9 @@ def parse_queues(spec: str) -> QueueSpec:
     return tuple(parsed)
 
 
-KEY_COLUMNS = ("user_id", "project_id", "chapter_id")
+#: What a per-key limit counts by; ``kind`` is the kind itself: at most N running tasks of
+#: the kind over every daemon (one nightly report at a time).
+KEY_COLUMNS = ("user_id", "project_id", "chapter_id", "kind")
 _PERIODS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 
 

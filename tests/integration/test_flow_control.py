@@ -325,6 +325,61 @@ async def test_per_key_concurrency_across_daemons(
     assert any(b[0] < a[1] for a, b in itertools.pairwise(overall))  # in parallel
 
 
+async def _claim_once(db: Database, database_url: str, **config: object) -> list[tuple[str, str]]:
+    """One claim of a daemon that is not running otherwise: (kind, chapter) of what it took,
+    in claim order."""
+    engine = ProcessorEngine(
+        db,
+        REGISTRY,
+        EngineConfig(database_url=database_url, prefetch_window=0, **config),  # type: ignore[arg-type]
+    )
+    slots = engine.reserve()
+    async with db.write_transaction() as s:
+        claimed = await engine.claim(s, slots)
+    claimed.sort(key=lambda t: (-t.priority, t.scheduled_at, t.id))
+    return [(t.kind, t.chapter_id or "") for t in claimed]
+
+
+async def test_limited_kinds_take_their_turn_by_priority(db: Database, database_url: str) -> None:
+    """A limited kind of priority 10 waited behind any backlog of unlimited kinds (they
+    were claimed first, the limited ones only for what was left), and the order between
+    limited kinds changed with the process's hash seed. One claim order for all now."""
+    async with db.write_transaction() as s:
+        await queue.enqueue_tasks(s, [{"kind": "sleep", "priority": 1} for _ in range(8)])
+        await queue.enqueue_tasks(
+            s, [{"kind": "noop", "priority": 10, "chapter_id": f"c{i}"} for i in range(3)]
+        )
+        await queue.enqueue_tasks(s, [{"kind": "fail", "priority": 7} for _ in range(2)])
+    config = {
+        "rate_limits": parse_rate_limits("noop=100/1s"),
+        "key_limits": parse_key_limits("fail=user_id:5"),
+    }
+    got = await _claim_once(db, database_url, concurrency=4, **config)
+    assert got == [("noop", "c0"), ("noop", "c1"), ("noop", "c2"), ("fail", "")]
+    got = await _claim_once(db, database_url, concurrency=3, **config)
+    assert got == [("fail", ""), ("sleep", ""), ("sleep", "")]
+
+
+async def test_a_busy_key_does_not_hold_other_keys_back(db: Database, database_url: str) -> None:
+    """One chapter's backlog (100 tasks, one allowed at a time) hid every other chapter's
+    tasks behind it: the key scan read the first 20 per free slot in claim order, all of
+    the busy chapter, and slots stood idle. Keys at their limit are left out of the scan."""
+    async with db.write_transaction() as s:
+        await queue.enqueue_tasks(s, [{"kind": "sleep", "chapter_id": "A"} for _ in range(100)])
+        await queue.enqueue_tasks(s, [{"kind": "sleep", "chapter_id": "B"} for _ in range(3)])
+        await queue.enqueue_tasks(s, [{"kind": "sleep", "chapter_id": "C"} for _ in range(2)])
+    keys = parse_key_limits("sleep=chapter_id:1")
+    # Nothing running: the first claim's own pick fills A within its page of 40.
+    assert await _claim_once(db, database_url, concurrency=2, key_limits=keys) == [
+        ("sleep", "A"),
+        ("sleep", "B"),
+    ]
+    # A and B are running (their rows are processing): the scan starts past them.
+    assert await _claim_once(db, database_url, concurrency=3, key_limits=keys) == [
+        ("sleep", "C"),
+    ]
+
+
 async def _enqueue_kind(db: Database, kind: str, n: int) -> list[int]:
     async with db.write_transaction() as s:
         rows = await queue.enqueue_tasks(s, [{"kind": kind, "payload": {}} for _ in range(n)])
@@ -366,3 +421,16 @@ async def test_limits_and_pauses_show_in_status_and_metrics(
     assert 'async_processor_queue_paused{queue="reports"} 1.0' in metrics
     assert 'async_processor_rate_limit_starts_used{kind="noop",window_seconds="60"} 2.0' in metrics
     assert 'async_processor_key_limit{key="chapter_id",kind="sleep"} 1.0' in metrics
+
+
+async def test_a_kind_limit_holds_the_kind_as_a_whole(db: Database, database_url: str) -> None:
+    """KEY_LIMITS=kind=kind:N: at most N running tasks of the kind over every daemon (a
+    scheduled task has no user, project or chapter to be limited by)."""
+    async with db.write_transaction() as s:
+        await queue.enqueue_tasks(s, [{"kind": "sleep"} for _ in range(5)])
+        await queue.enqueue_tasks(s, [{"kind": "noop"} for _ in range(2)])
+    keys = parse_key_limits("sleep=kind:2")
+    assert (keys[0].column, keys[0].limit) == ("kind", 2)
+    got = await _claim_once(db, database_url, concurrency=5, key_limits=keys)
+    assert Counter(kind for kind, _ in got) == {"sleep": 2, "noop": 2}
+    assert await _claim_once(db, database_url, concurrency=5, key_limits=keys) == []

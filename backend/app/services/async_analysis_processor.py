@@ -18,6 +18,7 @@ import os
 import socket
 import sqlite3
 import uuid
+from collections import Counter
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -486,24 +487,49 @@ class ProcessorEngine:
         claimed: list[ClaimedTask] = []
         for index, room in slots.items():
             where = self._where(index)
-            got = await queue.claim_tasks(
-                session, limit=room.total, exclude_kinds=tuple(self._limited), **where
-            )
-            left = min(room.total, room.free) - len(got)
-            for kind, (rate, key) in self._limited.items():
-                if left <= 0:
-                    break
-                more, wait = await queue.claim_limited(
-                    session, kind=kind, limit=left, rate=rate, key=key, **where
-                )
-                got += more
-                left -= len(more)
-                if wait is not None:  # settle() sets the timer, on the event loop
-                    self._rate_wait = (
-                        wait if self._rate_wait is None else min(self._rate_wait, wait)
-                    )
-            claimed += got
+            if not self._limited:
+                claimed += await queue.claim_tasks(session, limit=room.total, **where)
+                continue
+            claimed += await self._claim_with_limits(session, room, where)
         return claimed
+
+    async def _claim_with_limits(
+        self, session: AsyncSession, room: Room, where: dict[str, Any]
+    ) -> list[ClaimedTask]:
+        """One pool's claim when some kinds have flow limits: each limited kind's startable
+        tasks are picked (its flow lock taken, in kind order on every daemon, so that two
+        daemons never wait on each other's locks), then set against the first due tasks of
+        the other kinds, and the free slots go to the highest priority of either, as one
+        claim would give them (a limited kind of priority 10 waited behind any backlog of
+        other kinds). Only free slots go to limited kinds; the rest of the room may claim
+        ahead for the others."""
+        limited = sorted(self._limited)
+        free = min(room.total, room.free)
+        where_queues = {k: v for k, v in where.items() if k in ("queues", "exclude_queues")}
+        picks = []
+        for kind in limited:
+            rate, key = self._limited[kind]
+            pick = await queue.pick_limited(
+                session, kind=kind, limit=free, rate=rate, key=key, **where_queues
+            )
+            picks.append(pick)
+            if pick.wait is not None:  # settle() sets the timer, on the event loop
+                self._rate_wait = (
+                    pick.wait if self._rate_wait is None else min(self._rate_wait, pick.wait)
+                )
+        others = await queue.peek_due(session, limit=free, exclude_kinds=limited, **where_queues)
+        ranked = sorted(
+            [(queue.claim_order(d), pick.kind) for pick in picks for d in pick.due]
+            + [(queue.claim_order(d), None) for d in others]
+        )[:free]
+        takes = Counter(kind for _, kind in ranked if kind is not None)
+        got = await queue.claim_tasks(
+            session, limit=room.total - sum(takes.values()), exclude_kinds=limited, **where
+        )
+        for pick in picks:
+            if takes[pick.kind]:
+                got += await queue.claim_picked(session, pick, take=takes[pick.kind], **where)
+        return got
 
     def _where(self, index: int) -> dict[str, Any]:
         pool = self._pools[index]
