@@ -421,7 +421,16 @@ async def test_notifications_feed(api: Api) -> None:
     bobs = (await api.get("bob", "/notifications")).json()["items"][0]["id"]
     assert (await api.post("alice", f"/notifications/{bobs}/read")).status_code == 404
     assert (await api.post("alice", f"/notifications/{ids[0]}/read")).json() == {"marked": 1}
-    assert (await api.post("alice", "/notifications/read-all")).json() == {"marked": 2}
+    # up_to_id: what the client has shown; a notification that came after it stays unread
+    shown = sorted(ids)[0]
+    r = await api.post("alice", "/notifications/read-all", params={"up_to_id": shown})
+    assert r.json() == {"marked": 1}
+    unread = (await api.get("alice", "/notifications", params={"unread_only": True})).json()
+    assert [n["id"] for n in unread["items"]] == [sorted(ids)[1]]
+    for bad in ("-1", "x", str(2**63)):
+        r = await api.post("alice", "/notifications/read-all", params={"up_to_id": bad})
+        assert r.status_code == 422 and "detail" in r.json()
+    assert (await api.post("alice", "/notifications/read-all")).json() == {"marked": 1}
     assert (await api.get("alice", "/notifications", params={"unread_only": True})).json() == {
         "items": [],
         "unread_count": 0,
@@ -434,6 +443,22 @@ async def test_status_is_scoped(api: Api) -> None:
     mine = (await api.get("alice", "/status")).json()
     assert mine["counts"]["pending"] == 1
     assert (await api.get("root", "/status")).json()["counts"]["pending"] == 2
+
+
+async def test_the_oldest_pending_age_leaves_paused_queues_out(api: Api) -> None:
+    """A deliberately paused queue's tasks wait on purpose: counting them tripped every
+    age alert for as long as the pause lasted."""
+    past = "2000-01-01T00:00:00Z"
+    body = {"kind": "noop", "queue": "reports", "scheduled_at": past}
+    assert (await api.post("alice", "/tasks", json=body)).status_code == 202
+    async with api.db.write_transaction() as s:
+        await queue.set_queue_paused(s, "reports", paused=True)
+    status = (await api.get("root", "/status")).json()
+    assert status["oldest_pending_age_seconds"] is None and status["paused_queues"] == ["reports"]
+    metrics = (await api.client.get("/metrics")).text
+    assert "async_processor_oldest_pending_age_seconds 0.0" in metrics
+    await api.post("alice", "/tasks", json={"kind": "noop", "scheduled_at": past})
+    assert (await api.get("root", "/status")).json()["oldest_pending_age_seconds"] >= 0
 
 
 async def test_a_past_schedule_counts_from_creation(api: Api) -> None:

@@ -1088,6 +1088,34 @@ async def test_fail_task_retries_with_backoff_then_fails(db: Database) -> None:
     ]
 
 
+async def test_notifications_carry_the_error_without_its_traceback(db: Database) -> None:
+    """The end user's frontend gets the exception and its message; the task keeps the
+    traceback for the operator (it showed the server's paths to every user)."""
+    task_id = await enqueue(db, max_retries=1)
+    error = 'ValueError: bad input\n\nTraceback (most recent call last):\n  File "/srv/app/x.py"'
+    for attempt in (1, 2):
+        [t] = await claim(db, now=utcnow() + timedelta(seconds=60 * attempt))
+        async with db.write_transaction() as s:
+            await queue.fail_task(
+                s, task_id=t.id, processor_id=PID, attempt=attempt, error=error, retry_delay=1
+            )
+    assert (await task_row(db, task_id)).error == error
+    async with db.read_transaction() as s:
+        rows = await s.execute(
+            select(
+                AnalysisNotification.type, AnalysisNotification.message, AnalysisNotification.data
+            )
+            .where(AnalysisNotification.task_id == task_id, AnalysisNotification.type != "started")
+            .order_by(AnalysisNotification.id)
+        )
+        notes = rows.all()
+    assert [(kind, data["error"]) for kind, _, data in notes] == [
+        ("retrying", "ValueError: bad input"),
+        ("failed", "ValueError: bad input"),
+    ]
+    assert notes[1][1] == "ValueError: bad input"
+
+
 async def test_permanent_failure_skips_retries(db: Database) -> None:
     task_id = await enqueue(db, max_retries=5)
     [t] = await claim(db)

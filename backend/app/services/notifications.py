@@ -147,7 +147,11 @@ def _feed_lock_gate() -> Any:
 
 
 def truncate_error(error: str) -> str:
-    """Errors are kept whole on the task; notifications carry the first part."""
+    """Errors are kept whole on the task, traceback and all; notifications, which go to the
+    end user's frontend, carry the first paragraph (the exception and its message: the
+    executor puts the traceback after a blank line), at most MAX_ERROR_CHARS of it. A
+    traceback shows the server's paths and code and tells the user nothing."""
+    error = error.strip().split("\n\n", 1)[0] or "failed"
     return error if len(error) <= MAX_ERROR_CHARS else error[: MAX_ERROR_CHARS - 1] + "…"
 
 
@@ -481,11 +485,16 @@ async def mark_read(session: AsyncSession, notification_id: int, *, user_id: str
     return result.first() is not None
 
 
-async def mark_all_read(session: AsyncSession, *, user_id: str | None) -> int:
-    """Mark every unread notification of the user read; returns how many."""
+async def mark_all_read(
+    session: AsyncSession, *, user_id: str | None, up_to_id: int | None = None
+) -> int:
+    """Mark every unread notification of the user read (with ``up_to_id``, only those up to
+    that id: a client marks what it has shown, not what arrived since); returns how many."""
     stmt = update(NOTIFICATIONS).where(N.is_read.is_(False))
     if user_id is not None:
         stmt = stmt.where(N.user_id == user_id)
+    if up_to_id is not None:
+        stmt = stmt.where(N.id <= up_to_id)
     current = now_sql(dialect_of(session))
     result = await session.execute(stmt.values(is_read=True, read_at=current).returning(N.id))
     return len(result.all())

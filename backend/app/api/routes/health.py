@@ -107,7 +107,8 @@ class _Snapshot:
             for status in stats.STATUS_ORDER:
                 depth.add_metric([name, status], counts.get(status, 0))
         age = GaugeMetricFamily(
-            "async_processor_oldest_pending_age_seconds", "Age of the oldest due pending task"
+            "async_processor_oldest_pending_age_seconds",
+            "Age of the oldest due pending task, paused queues not counted",
         )
         age.add_metric([], float(self._summary["oldest_pending_age_seconds"] or 0.0))  # type: ignore[arg-type]
         procs = GaugeMetricFamily("async_processor_processors", "Live processors")

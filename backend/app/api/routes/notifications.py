@@ -118,10 +118,23 @@ async def stream_notifications(
 
 
 @router.post("/read-all", response_model=Marked)
-async def mark_all_read(caller: CallerDep, db: DbDep) -> Marked:
-    """Mark every unread notification read."""
+async def mark_all_read(
+    caller: CallerDep,
+    db: DbDep,
+    up_to_id: Annotated[
+        int | None,
+        Query(
+            ge=0,
+            le=MAX_ID,
+            description="Only ids up to this one (the largest the client has shown), so "
+            "that notifications that came after it stay unread",
+        ),
+    ] = None,
+) -> Marked:
+    """Mark every unread notification read, or with ``up_to_id`` those up to that id."""
     async with db.write_transaction() as session:
-        return Marked(marked=await notifications.mark_all_read(session, user_id=caller.scope))
+        marked = await notifications.mark_all_read(session, user_id=caller.scope, up_to_id=up_to_id)
+    return Marked(marked=marked)
 
 
 @router.post(
