@@ -63,6 +63,8 @@ async def test_dashboard_login_counts_detail_retry_and_pause(
     async with async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
         page = await browser.new_page(viewport={"width": 1280, "height": 1000})
+        console_errors: list[str] = []
+        page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
         await login(page, api_url, user)
         await expect(page.locator("#login-error")).to_contain_text("needs an admin token")
         await login(page, api_url, admin)
@@ -88,7 +90,15 @@ async def test_dashboard_login_counts_detail_retry_and_pause(
             assert (await queue.queue_switches(s))["default"].paused is True
         await page.click("#queue-resume-default")
         await expect(page.locator("#queue-pause-default")).to_be_visible()
+        response = await page.goto(f"{api_url}/dashboard")
+        assert response is not None
+        csp = response.headers["content-security-policy"]
+        assert "script-src 'sha256-" in csp and "frame-ancestors 'none'" in csp
+        assert response.headers["x-frame-options"] == "DENY"
         await browser.close()
+    # The policy allows the page's own script and style: had a hash not matched, the page
+    # would not have worked above, and the browser would have said so here.
+    assert not [m for m in console_errors if "Content Security Policy" in m], console_errors
     assert (await task_row(db, bad.id)).status == "pending"
     if not DOCS_SCREENSHOT.exists():
         shutil.copyfile(tmp_path / "failed-task.png", DOCS_SCREENSHOT)
