@@ -162,9 +162,9 @@ def parse_rate_limits(spec: str) -> tuple[RateLimit, ...]:
         if not _decimal(count.strip()) or math.isnan(seconds):
             raise ValueError(f"{kind}={rule!r} is not N/PERIOD like 10/1s, 100/m or 5/2h")
         n = int(count)
-        if not math.isfinite(seconds) or not 0 < seconds <= MAX_SECONDS or n < 1:
+        if not math.isfinite(seconds) or not 0.001 <= seconds <= MAX_SECONDS or n < 1:
             raise ValueError(
-                f"{kind}={rule!r}: N must be positive and PERIOD positive, at most 366 days"
+                f"{kind}={rule!r}: N must be positive and PERIOD from 1 ms to 366 days"
             )
         limits.append(RateLimit(kind, n, seconds))
     return tuple(limits)

@@ -13,7 +13,8 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import select
+import pytest
+from sqlalchemy import func, select
 
 from app.config import parse_key_limits, parse_rate_limits
 from app.db import Database
@@ -306,6 +307,80 @@ async def test_a_hung_heartbeat_stops_the_jobs_when_their_leases_lapse(
     finally:
         hang.set()
         await engine.stop(grace=0)
+
+
+async def test_a_lapsed_lease_releases_what_waits_uncharged(
+    db: Database, database_url: str
+) -> None:
+    """The heartbeat fails at once, again and again (connections refused): the lease watch
+    stops the running jobs, and hands the jobs claimed ahead, which never ran, back to
+    pending uncharged (as a lost lease they stayed processing until rescued, a retry
+    charged, and a max_retries=0 job failed without having run; from this session's
+    review)."""
+    await _enqueue(db, _fast_then_slow(20, 6, 30.0))
+    engine = _engine(db, database_url, concurrency=2, prefetch_window=0.5, lease_seconds=3)
+    await engine.start()
+    try:
+        await eventually(lambda: _waiting_and_running(engine, 4, 2), within=15)
+        waiting = [entry[2] for pool in engine._pools for entry in pool.waiting]
+        async with db.write_transaction() as s:
+            await queue.set_queue_paused(s, "default", paused=True)
+
+        async def failing() -> Any:
+            raise OSError("database unreachable")
+
+        engine.heartbeat.run_once = failing  # type: ignore[method-assign]
+        await eventually(lambda: _waiting_and_running(engine, 0, 0), within=10)
+        await eventually(lambda: _all(db, waiting, "pending"), within=10)
+        for task_id in waiting:
+            row = await task_row(db, task_id)
+            assert (row.attempts, row.retry_count, row.error) == (0, 0, None), task_id
+    finally:
+        await engine.stop(grace=0)
+
+
+@pytest.mark.parametrize("engine_name", ["postgresql"])
+async def test_the_lease_watch_counts_from_before_the_claim_began(
+    db: Database, database_url: str
+) -> None:
+    """PostgreSQL stamps a claim's leases with now(), the transaction's start; a claim that
+    waited on another daemon's flow lock for 2 s got a lease 2 s older than the watch
+    thought (counted from after the commit), so the job would run on past its lease."""
+    async with db.write_transaction() as s:
+        await queue.enqueue_tasks(s, [{"kind": "sleep", "payload": {"seconds": 60}}])
+    engine = _engine(
+        db,
+        database_url,
+        concurrency=1,
+        prefetch_window=0,
+        lease_seconds=30,
+        rate_limits=parse_rate_limits("noop=5/1s"),
+    )
+    async with db.engine.connect() as other:  # another daemon's claim holds the kind's lock
+        transaction = await other.begin()
+        await other.execute(select(func.pg_advisory_xact_lock(queue._flow_lock_key("noop"))))
+
+        async def release_later() -> None:
+            await asyncio.sleep(2.0)
+            await transaction.commit()
+
+        releasing = asyncio.create_task(release_later())
+        slots = engine.reserve()
+        claimed = await engine._claim(slots)
+        await releasing
+    engine._start_job = lambda task, pool: None  # type: ignore[method-assign]
+    engine.settle(slots, claimed)
+    [task] = claimed
+    async with db.read_transaction() as s:
+        left = (
+            await s.execute(
+                select(
+                    func.extract("epoch", PendingAnalysis.lease_expires_at - func.clock_timestamp())
+                ).where(PendingAnalysis.id == task.id)
+            )
+        ).scalar_one()
+    watch_left = engine._lease_from[task.id] + 30 - asyncio.get_running_loop().time()
+    assert watch_left <= float(left) + 0.05, (watch_left, left)
 
 
 async def _run_all(engine: ProcessorEngine, db: Database, ids: list[int], within: float) -> None:

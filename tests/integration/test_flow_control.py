@@ -84,7 +84,7 @@ def test_limit_settings_parse_and_name_the_bad_entry(monkeypatch: pytest.MonkeyP
         *("llm=10", "llm=0/s", "llm=x/s", "llm=10/1d", "=3/s", "a=1/s,a=2/s"),
         # a period that is no number of seconds stalled every claim (OverflowError, NaN)
         *("llm=1/nans", "llm=1/infs", "llm=1/1e400s", "llm=1/1e300h", "llm=1/367d", "llm=1/9000h"),
-        *("llm=-1/s", "llm=1/-1s", "llm=1/0s", "llm=٣/s"),
+        *("llm=-1/s", "llm=1/-1s", "llm=1/0s", "llm=٣/s", "llm=1/1e-9s"),
     ):
         with pytest.raises(ValueError):
             parse_rate_limits(bad)

@@ -152,6 +152,11 @@ class EngineConfig:
             object.__setattr__(self, "processor_id", new_processor_id())
 
 
+def _waiting_one_of(task_ids: frozenset[int]) -> Callable[[Waiting], bool]:
+    """A ``_release_waiting`` selector: the waiting jobs whose id is in ``task_ids``."""
+    return lambda entry: entry[2] in task_ids
+
+
 class ProcessorEngine:
     """One daemon: ``await start()``, then ``await stop()`` (or ``run_until_stopped()``)."""
 
@@ -471,10 +476,11 @@ class ProcessorEngine:
         if self._stopping:
             return {}
         slots: dict[int, Room] = {}
+        since = asyncio.get_running_loop().time()
         for index, pool in enumerate(self._pools):
             free, room = pool.free, pool.room
             if room > 0:
-                slots[index] = Room(room, max(free, 0))
+                slots[index] = Room(room, max(free, 0), since)
                 pool.reserved += room
         return slots
 
@@ -505,6 +511,10 @@ class ProcessorEngine:
         ahead for the others."""
         limited = sorted(self._limited)
         free = min(room.total, room.free)
+        if free <= 0:  # claiming ahead only: limited kinds never are (no flow locks taken)
+            return await queue.claim_tasks(
+                session, limit=room.total, exclude_kinds=limited, **where
+            )
         where_queues = {k: v for k, v in where.items() if k in ("queues", "exclude_queues")}
         picks = []
         for kind in limited:
@@ -598,12 +608,15 @@ class ProcessorEngine:
                 self.completer.submit(Outcome(task, OutcomeKind.RELEASED, 0.0))
             return
         now = asyncio.get_running_loop().time()
+        # The leases started in the claim's transaction, after the room was taken (on
+        # PostgreSQL at the transaction's start: now() is its clock).
+        since = min((room.since for room in slots.values() if room.since is not None), default=now)
         for task in claimed:
             if task.id in self._running:  # its last run (lease lost) has not stopped yet
                 self.completer.submit(Outcome(task, OutcomeKind.RELEASED, 0.0))
                 continue
             self._held[task.id] = task
-            self._lease_from[task.id] = now
+            self._lease_from[task.id] = since
             entry = (-task.priority, task.scheduled_at, task.id, now, task)
             heapq.heappush(self._pool_for(task).waiting, entry)
         for pool in self._pools:
@@ -859,7 +872,12 @@ class ProcessorEngine:
                 )
                 for task_id in lapsed:
                     del self._lease_from[task_id]
-                    self._stop_job(task_id, StopReason.LEASE_LOST)
+                # Claimed ahead and never started: back to pending uncharged (fenced, a
+                # no-op if a rescuer took them); a lost lease would charge them a retry.
+                self._release_waiting(_waiting_one_of(frozenset(lapsed)))
+                for task_id in lapsed:
+                    if task_id in self._running:
+                        self._stop_job(task_id, StopReason.LEASE_LOST)
             first = min(self._lease_from.values(), default=now) + lease
             if await sleep_or_stop(stop, max(LEASE_WATCH_MIN_SECONDS, min(first - now, lease / 3))):
                 return

@@ -24,10 +24,13 @@ CAP_PER_SLOT = 25
 
 class Room(NamedTuple):
     """What one claim may take for a pool: ``total`` jobs (its free slots and its allowance),
-    of which kinds with a rate or key limit only ``free``."""
+    of which kinds with a rate or key limit only ``free``; ``since``: the loop time when the
+    room was taken, before the claim's transaction began, so before the claimed jobs'
+    leases started (the lease watch counts from it)."""
 
     total: int
     free: int
+    since: float | None = None
 
 
 class Ahead:
