@@ -394,16 +394,10 @@ async def test_limits_and_pauses_show_in_status_and_metrics(
     )
     await _enqueue_kind(db, "noop", 3)
     async with db.write_transaction() as s:
-        got, wait = await queue.claim_limited(
-            s,
-            processor_id="p",
-            kind="noop",
-            limit=2,
-            lease_seconds=30,
-            rate=settings.rate_limits[0],
-        )
+        pick = await queue.pick_limited(s, kind="noop", limit=2, rate=settings.rate_limits[0])
+        got = await queue.claim_picked(s, pick, processor_id="p", lease_seconds=30)
         await queue.set_queue_paused(s, "reports", paused=True)
-    assert (len(got), wait) == (2, None)
+    assert (len(got), pick.wait) == (2, None)
     app = create_app(settings)
     async with db.write_transaction() as s:
         _, token = await auth.create_token(s, user_id="ops", is_admin=True)

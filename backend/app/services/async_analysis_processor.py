@@ -643,7 +643,7 @@ class ProcessorEngine:
 
         async def claim(session: AsyncSession) -> list[ClaimedTask]:
             # Notifications last: on PostgreSQL the feed's lock must be the transaction's
-            # last lock (claim_limited takes a flow lock per kind before it).
+            # last lock (queue.pick_limited takes a flow lock per kind before it).
             async with notifications.deferred(session):
                 return await self.claim(session, slots)
 

@@ -1372,43 +1372,6 @@ async def claim_picked(
     return claimed
 
 
-async def claim_limited(
-    session: AsyncSession,
-    *,
-    processor_id: str,
-    kind: str,
-    limit: int,
-    lease_seconds: float,
-    rate: RateLimit | None = None,
-    key: KeyLimit | None = None,
-    queues: Sequence[str] | None = None,
-    exclude_queues: Sequence[str] | None = None,
-    now: datetime | None = None,
-) -> tuple[list[ClaimedTask], float | None]:
-    """``pick_limited`` then ``claim_picked`` for one kind: the claimed tasks and, when the
-    rate limit is spent, the seconds until its window frees a start (None otherwise):
-    tasks over a limit wait, never fail."""
-    pick = await pick_limited(
-        session,
-        kind=kind,
-        limit=limit,
-        rate=rate,
-        key=key,
-        now=now,
-        queues=queues,
-        exclude_queues=exclude_queues,
-    )
-    claimed = await claim_picked(
-        session,
-        pick,
-        processor_id=processor_id,
-        lease_seconds=lease_seconds,
-        queues=queues,
-        exclude_queues=exclude_queues,
-    )
-    return claimed, pick.wait
-
-
 #: Rounds of ``_pick_within_key_limit``'s scan, each past the keys the rounds before filled.
 KEY_SCAN_ROUNDS = 4
 
