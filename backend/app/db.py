@@ -684,6 +684,22 @@ def _forget_wake(session: Session, previous_transaction: Any) -> None:
         session.info.pop(_CANCEL_KEY, None)
 
 
+#: SQLSTATEs worth retrying besides unavailability (``database_unavailable``): the same
+#: work tried again may well not meet them (a deadlock, a serialization failure, a timeout).
+TRANSIENT_SQLSTATES = frozenset(
+    {
+        "40001",  # serialization failure
+        "40P01",  # deadlock detected
+        "40003",  # statement completion unknown
+        "55P03",  # lock not available
+        "57014",  # statement cancelled (statement_timeout, pg_cancel_backend)
+        "25P03",  # idle-in-transaction session timeout: the connection was ended
+        "25P04",  # transaction timeout (PostgreSQL 17)
+        "25006",  # read-only transaction: a failover to a standby in progress
+    }
+)
+
+
 def database_unavailable(exc: BaseException) -> bool:
     """Whether a driver error says the database cannot serve anyone right now, rather than
     that a statement was wrong: PostgreSQL's SQLSTATE classes 08 (connection), 53 (out of

@@ -96,3 +96,23 @@ def test_a_bare_driver_error_is_judged_by_its_own_sqlstate(
 ) -> None:
     """The hot path can meet asyncpg's errors unwrapped: their own sqlstate counts."""
     assert is_transient(_DriverError(message, sqlstate)) is transient
+
+
+@pytest.mark.parametrize(
+    ("sqlstate", "status"), [("40P01", 503), ("40001", 503), ("23505", None), ("08006", 503)]
+)
+async def test_the_api_answers_503_to_a_deadlock(sqlstate: str, status: int | None) -> None:
+    """A deadlock or a serialization failure is the database asking for a retry: a 503 with
+    Retry-After, not a 500. Any other statement error stays a bug (re-raised)."""
+    from starlette.requests import Request
+
+    from app.api.errors import _on_dbapi_error
+
+    request = Request({"type": "http", "method": "POST", "path": "/x", "headers": []})
+    error = _error(sqlstate, "deadlock detected")
+    if status is None:
+        with pytest.raises(DBAPIError):
+            await _on_dbapi_error(request, error)
+        return
+    response = await _on_dbapi_error(request, error)
+    assert (response.status_code, response.headers["retry-after"]) == (503, "5")

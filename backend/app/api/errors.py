@@ -17,7 +17,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.db import database_unavailable
+from app.db import TRANSIENT_SQLSTATES, database_unavailable, sqlstate
 
 logger = logging.getLogger("app.api")
 RETRY_AFTER_SECONDS = 5
@@ -58,6 +58,8 @@ def _unavailable(request: Request, exc: Exception) -> JSONResponse:
 
 async def _on_dbapi_error(request: Request, exc: Exception) -> JSONResponse:
     if isinstance(exc, DBAPIError) and (exc.connection_invalidated or database_unavailable(exc)):
+        return _unavailable(request, exc)
+    if sqlstate(exc) in TRANSIENT_SQLSTATES:  # a deadlock, a serialization failure: retry
         return _unavailable(request, exc)
     if isinstance(exc, UNAVAILABLE):
         return _unavailable(request, exc)

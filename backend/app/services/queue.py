@@ -23,6 +23,7 @@ from operator import attrgetter
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     ColumnElement,
     Float,
     Integer,
@@ -44,6 +45,7 @@ from sqlalchemy import (
     null,
     or_,
     select,
+    text,
     tuple_,
     update,
 )
@@ -969,10 +971,36 @@ _CLOCKS = ("enq_sched_now", "enq_created", "enq_updated")
 _ROW_KEYS = (*TaskSpec(kind="k").row(), *_CLOCKS)
 
 
+def _key_lock(key: str) -> int:
+    """A stable 63-bit advisory lock id per idempotency key (``_lock_keys``)."""
+    digest = hashlib.blake2b(f"async-processor:key:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
+_KEY_LOCKS = text("SELECT count(pg_advisory_xact_lock(k)) FROM unnest(:keys) AS k").bindparams(
+    bindparam("keys", type_=pg_array(BigInteger()))
+)
+
+
+async def _lock_keys(session: AsyncSession, specs: list[TaskSpec]) -> None:
+    """PostgreSQL: take the keys' advisory locks, one per key, in one order (the lock ids,
+    sorted; unnest reads the array in order) for the rest of the transaction. Two bulk
+    enqueues that share keys in different orders took the unique index's locks row by row
+    and deadlocked (the API answered 500); now the second waits for the first at their
+    first common key, then finds its tasks. The insert itself keeps the caller's order, so
+    ids (and so claim order) follow the input."""
+    if len(specs) < 2:
+        return  # one key cannot make a cycle
+    keys = sorted({_key_lock(s.idempotency_key or "") for s in specs})
+    await session.execute(_KEY_LOCKS, {"keys": keys})
+
+
 async def _insert_keyed(
     session: AsyncSession, specs: list[TaskSpec], now: datetime | None
 ) -> dict[str, EnqueuedTask]:
     dialect = dialect_of(session)
+    if dialect == "postgresql":
+        await _lock_keys(session, specs)
     ins = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(TASKS)
     stmt = (
         ins.values(**_insert_values(dialect, now is not None))

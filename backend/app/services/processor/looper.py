@@ -10,28 +10,13 @@ from typing import Any
 
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from app.db import database_unavailable, sqlstate
+from app.db import TRANSIENT_SQLSTATES, database_unavailable, sqlstate
 
 logger = logging.getLogger("app.processor")
 
 ERROR_BACKOFF_FIRST_SECONDS = 0.1
 ERROR_BACKOFF_MAX_SECONDS = 5.0
 _RNG = random.Random()  # noqa: S311 - jitter
-
-
-#: SQLSTATEs worth retrying besides unavailability (app.db.database_unavailable).
-TRANSIENT_SQLSTATES = frozenset(
-    {
-        "40001",  # serialization failure
-        "40P01",  # deadlock detected
-        "40003",  # statement completion unknown
-        "55P03",  # lock not available
-        "57014",  # statement cancelled (statement_timeout, pg_cancel_backend)
-        "25P03",  # idle-in-transaction session timeout: the connection was ended
-        "25P04",  # transaction timeout (PostgreSQL 17)
-        "25006",  # read-only transaction: a failover to a standby in progress
-    }
-)
 
 
 def is_transient(exc: BaseException) -> bool:
