@@ -25,6 +25,7 @@ from app.db import Database
 from app.models import PendingAnalysis, TaskStatus
 from app.services import queue
 from app.services.handlers import REGISTRY, HandlerImportError, import_handler_modules
+from app.services.schedules import RESERVED_KEY_RULE, is_tick_key
 from app.text import shown
 
 R = TypeVar("R")
@@ -205,6 +206,9 @@ def build_spec(conf: Settings, item: dict[str, Any], where: str) -> queue.TaskSp
         value = item.get(name)  # as given (the settings' defaults are the operator's)
         if type(value) is int and value > most:  # as the API; other types are TaskSpec's
             fail(f"{where}: {name} must be at most {most}, got {value}", EXIT_USAGE)
+    key = item.get("idempotency_key")
+    if isinstance(key, str) and is_tick_key(key):
+        fail(f"{where}: {RESERVED_KEY_RULE}", EXIT_USAGE)
     try:
         if isinstance(values.get("scheduled_at"), str):
             values["scheduled_at"] = datetime.fromisoformat(values["scheduled_at"])

@@ -119,6 +119,10 @@ async def test_enqueue_show_list_status(cli: Run, db: Database, tmp_path: Path) 
         (("enqueue", "[/k]"), "unknown kind '[/k]'"),  # rich markup, printed as it is
         (("processor", "--queues", "a=\u0663"), "is not QUEUE or QUEUE=N"),  # Arabic-Indic 3
         (("processor", "--poll-interval", "nan"), "Invalid value for '--poll-interval'"),
+        (
+            ("enqueue", "noop", "--idempotency-key", "cron:report:2030-01-01T03:00:00Z"),
+            "reserved for periodic schedules",
+        ),
     ],
 )
 async def test_bad_input_exits_2_and_changes_nothing(

@@ -182,6 +182,20 @@ async def test_user_token_cannot_set_user_id(api: Api) -> None:
         ).scalar_one() == 0
 
 
+async def test_a_schedules_key_is_refused(api: Api) -> None:
+    """A user who took "cron:<kind>:<next tick>" stood in for that tick: the scheduled task
+    never ran. The schedules' namespace is refused, alone and in a bulk."""
+    key = "cron:nightly_report:2030-01-01T03:00:00Z"
+    one = await api.post("alice", "/tasks", json={"kind": "noop", "idempotency_key": key})
+    assert one.status_code == 422 and "reserved for periodic schedules" in str(one.json())
+    bulk = await api.post(
+        "root", "/tasks/bulk", json={"tasks": [{"kind": "noop", "idempotency_key": key}]}
+    )
+    assert bulk.status_code == 422 and "reserved for periodic schedules" in str(bulk.json())
+    ok = await api.post("alice", "/tasks", json={"kind": "noop", "idempotency_key": "cronjob:1"})
+    assert ok.status_code == 202
+
+
 NUL = "a\x00b"
 
 

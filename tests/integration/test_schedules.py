@@ -15,7 +15,7 @@ from sqlalchemy import delete, select, text
 from app.cron import Cron
 from app.db import Database
 from app.models import PendingAnalysis, ScheduleState
-from app.services import schedules
+from app.services import queue, schedules
 from app.services.handlers import Schedule
 from app.services.processor.scheduler import Scheduler
 
@@ -110,6 +110,27 @@ async def test_an_existing_key_is_not_enqueued_twice(db: Database) -> None:
     assert run is not None and [(e.tick, e.created) for e in run.enqueued] == [(at(5), False)]
     assert len(await scheduled_tasks(db)) == 1
     assert (await state(db, "report")).enqueued_total == 1
+
+
+async def test_a_tick_key_held_by_another_kind_is_reported(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A task of another kind holding a tick's key stood in for the tick: the scheduled
+    task never ran and nothing said so. Users cannot take such keys any more (the API and
+    the CLI refuse them); a task written by the library or SQL is reported."""
+    scheduler = Scheduler(db, [EVERY_FIVE])
+    await scheduler.run_once(now=at(0))
+    async with db.write_transaction() as s:
+        await queue.enqueue_tasks(
+            s, [{"kind": "mallory", "idempotency_key": schedules.tick_key("report", at(5))}]
+        )
+    with caplog.at_level("WARNING", logger="app.scheduler"):
+        run = await scheduler.run_once(now=at(5))
+    assert run is not None and [(e.tick, e.created) for e in run.enqueued] == [(at(5), False)]
+    [record] = [r for r in caplog.records if getattr(r, "action", "") == "tick_key_taken"]
+    assert "held by task" in record.getMessage() and "'mallory'" in record.getMessage()
+    assert schedules.is_tick_key(schedules.tick_key("report", at(5)))
+    assert not schedules.is_tick_key("cronjob-7") and not schedules.is_tick_key("my:cron:1")
 
 
 async def test_a_changed_cron_starts_from_the_change(db: Database) -> None:

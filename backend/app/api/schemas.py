@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validat
 from app.config import QUEUE_NAME_PATTERN, QUEUE_NAME_RULE, is_queue_name
 from app.models import AnalysisNotification, PendingAnalysis
 from app.services import notifications, queue
+from app.services.schedules import RESERVED_KEY_RULE, is_tick_key
 
 #: No NUL (U+0000) in any string the API stores: PostgreSQL's text and jsonb cannot hold it,
 #: so neither engine takes it (422, naming the field). Declared as each string's pattern.
@@ -91,6 +92,13 @@ class TaskCreate(BaseModel):
     def _json_strings(cls, value: object) -> object:
         if value is not None and not isinstance(value, str):
             raise ValueError("must be a string")
+        return value
+
+    @field_validator("idempotency_key")
+    @classmethod
+    def _not_a_tick_key(cls, value: str | None) -> str | None:
+        if value is not None and is_tick_key(value):
+            raise ValueError(RESERVED_KEY_RULE)
         return value
 
     @field_validator("queue")

@@ -12,6 +12,7 @@ Like ``queue``: every function takes the caller's session first and never commit
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -24,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.config import SCHEDULE_OFF, ScheduleSpec, Settings
 from app.cron import Cron
 from app.db import dialect_of, now_sql
+from app.models import PendingAnalysis as T
 from app.models import ScheduleState
 from app.services import queue
 from app.services.handlers import HandlerRegistry, Schedule, ScheduleError
@@ -32,6 +34,19 @@ from app.services.queue import InvalidTaskError, TaskSpec
 SCHEDULES: Table = ScheduleState.__table__  # type: ignore[assignment]
 S = SCHEDULES.c
 KEY_PREFIX = "cron"
+logger = logging.getLogger("app.scheduler")
+
+
+#: What an enqueue from a user (the API, the CLI) is told when its key could be a tick's.
+RESERVED_KEY_RULE = (
+    f"idempotency keys starting with {KEY_PREFIX!r}: are reserved for periodic schedules"
+)
+
+
+def is_tick_key(key: str) -> bool:
+    """Whether ``key`` is in the schedules' namespace: a user's task holding a tick's key
+    would stand in for that tick, and the scheduled task would never be enqueued."""
+    return key.startswith(f"{KEY_PREFIX}:")
 
 
 def tick_key(kind: str, tick: datetime) -> str:
@@ -243,6 +258,7 @@ async def enqueue_due(
                 TickEnqueued(kind, t, r.id, r.created)
                 for t, r in zip(plan.ticks, results, strict=True)
             ]
+            await _warn_of_foreign_holders(session, kind, [t for t in ticks if not t.created])
             enqueued += ticks
             values.update(
                 last_task_id=ticks[-1].task_id,
@@ -254,6 +270,27 @@ async def enqueue_due(
                 update(SCHEDULES).where(S.kind == kind).values(**values, updated_at=current)
             )
     return ScheduleRun(current, tuple(enqueued), last_ticks)
+
+
+async def _warn_of_foreign_holders(
+    session: AsyncSession, kind: str, taken: list[TickEnqueued]
+) -> None:
+    """A tick whose key a task of another kind holds was not run: say so (keys in the
+    schedules' namespace are refused from users, but the library and SQL can still write
+    one)."""
+    if not taken:
+        return
+    rows = await session.execute(
+        select(T.id, T.kind).where(T.id.in_([t.task_id for t in taken]), T.kind != kind)
+    )
+    for task_id, other in rows.all():
+        logger.warning(
+            "schedule %s: a tick's key is held by task %s of kind %r; that tick does not run",
+            kind,
+            task_id,
+            other,
+            extra={"action": "tick_key_taken", "kind": kind, "task_id": task_id},
+        )
 
 
 async def _lock(session: AsyncSession, kinds: list[str]) -> dict[str, Any]:
