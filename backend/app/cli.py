@@ -442,6 +442,9 @@ def tasks_retry(
     """Put failed or cancelled tasks back to pending: by id, or all of a status (and kind)."""
     if bool(task_ids) == (status is not None):
         fail("give task ids, or --status failed|cancelled [--kind K]", EXIT_USAGE)
+    if kind is not None and (status is None or not kind.strip()):
+        # --kind "$KIND" with KIND unset retried every failed task of every kind
+        fail("--kind needs --status and a kind's name (leave it out for every kind)", EXIT_USAGE)
     if status is not None:
         _retry_matching(status, kind, yes)
         return
@@ -800,7 +803,7 @@ def token_create(
     except ValueError as exc:
         fail(str(exc), EXIT_USAGE)
     role = " (admin)" if admin else ""
-    print(f"token {token_id} for user {user}{role}; store it now, it is not shown again:")
+    print(f"token {token_id} for user {shown(user)}{role}; store it now, it is not shown again:")
     print(plain)
 
 

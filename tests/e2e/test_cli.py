@@ -100,6 +100,8 @@ async def test_enqueue_show_list_status(cli: Run, db: Database, tmp_path: Path) 
         (("enqueue",), "give a KIND, or --bulk"),
         (("tasks", "retry"), "give task ids, or --status"),
         (("tasks", "retry", "--status", "completed", "--yes"), "only failed or cancelled"),
+        (("tasks", "retry", "--status", "failed", "--kind", "", "--yes"), "--kind needs"),
+        (("tasks", "retry", "1", "--kind", "noop"), "--kind needs --status"),
         (("processor", "--queues", "a,=3"), "is not QUEUE or QUEUE=N"),
         (("processor", "--queues", "a b=3"), "no whitespace, comma"),
         (("enqueue", "noop", "--queue", "a=b"), "no whitespace, comma"),

@@ -81,3 +81,19 @@ def test_payloads_nest_at_most_max_json_depth_levels() -> None:
 def test_a_boolean_is_not_an_integer_field(field: str) -> None:
     with pytest.raises(InvalidTaskError, match=field):
         TaskSpec(kind="k", **{field: True})
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [{1: "a"}, {True: "a", "true": "b"}, {None: 1}, {1.5: 1}, {"x": {2: 1}}, {"x": [{None: 1}]}],
+)
+def test_payload_keys_must_be_strings(payload: dict[Any, Any]) -> None:
+    """json.dumps turned such keys into strings, silently ({True: 'a', 'true': 'b'} was
+    stored as one key, a value lost): the payload stored was not the one given."""
+    with pytest.raises(InvalidTaskError, match="payload keys must be strings"):
+        TaskSpec(kind="k", payload=payload)
+
+
+def test_string_keys_pass_however_the_text_looks() -> None:
+    for payload in ({"a": {"b": {"c": 1}}}, {"t": "{{{"}, {"l": [{"k": 1}, 2]}, {}):
+        assert TaskSpec(kind="k", payload=payload).payload == payload

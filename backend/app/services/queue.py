@@ -181,6 +181,25 @@ def nests_deeper_than(value: object, limit: int, text: str | None = None) -> boo
     return False
 
 
+def keys_are_strings(value: object, text: str) -> bool:
+    """Whether every object key in a JSON value is a string. json.dumps writes an int,
+    float, bool or None key as a string ({1: "a"} → {"1": "a"}; {True: 1, "true": 2} keeps
+    one of them): the payload stored would not be the one given. With its JSON ``text``,
+    only the top object's keys are looked at when the text has no other object in it."""
+    if text.count("{") <= 1:
+        return not isinstance(value, dict) or all(isinstance(k, str) for k in value)
+    stack: list[object] = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if not all(isinstance(k, str) for k in item):
+                return False
+            stack.extend(v for v in item.values() if isinstance(v, dict | list | tuple))
+        elif isinstance(item, list | tuple):
+            stack.extend(v for v in item if isinstance(v, dict | list | tuple))
+    return True
+
+
 class InvalidTaskError(ValueError):
     """A task spec that can never be valid (bad priority, timeout, names …)."""
 
@@ -249,6 +268,7 @@ class TaskSpec:
             text is None
             or ("u0000" in text and _NUL_IN_JSON.search(text))
             or nests_deeper_than(self.payload, MAX_JSON_DEPTH, text)
+            or not keys_are_strings(self.payload, text)
             or ("\\ud" in text and not is_unicode(self.payload))
             or not all(
                 s.isascii() or is_unicode(s)
@@ -298,6 +318,11 @@ class TaskSpec:
         if nests_deeper_than(self.payload, MAX_JSON_DEPTH, text):
             raise InvalidTaskError(
                 f"payload nests objects and arrays more than {MAX_JSON_DEPTH} levels deep"
+            )
+        if not keys_are_strings(self.payload, text):
+            raise InvalidTaskError(
+                "payload keys must be strings: JSON would turn a number, bool or None key"
+                " into one (and {True: 1, 'true': 2} into a single key)"
             )
         return text
 
@@ -2304,7 +2329,7 @@ async def retry_task(
 def _matching(status: str, kind: str | None) -> ColumnElement[bool]:
     if status not in RETRYABLE:
         raise InvalidTaskError(f"only failed or cancelled tasks can be retried, not {status!r}")
-    return and_(T.status == status, T.kind == kind) if kind else T.status == status
+    return T.status == status if kind is None else and_(T.status == status, T.kind == kind)
 
 
 async def count_retryable(session: AsyncSession, *, status: str, kind: str | None = None) -> int:
