@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
 from app.config import load_settings
@@ -10,7 +11,7 @@ from app.models.types import utcnow
 from app.services import queue
 from app.services.handlers import REGISTRY, import_handler_modules
 from app.services.inline import run_inline
-from tests.helpers import notes_of, task_row
+from tests.helpers import eventually, notes_of, task_row
 
 import_handler_modules(["tests.e2e.job_handlers"])
 
@@ -53,3 +54,36 @@ async def test_inline_leaves_future_jobs_for_a_daemon(db: Database) -> None:
     task_id = await enqueue(db, "noop", scheduled_at=utcnow() + timedelta(hours=1))
     await run_inline(db, REGISTRY, task_id, load_settings())
     assert (await task_row(db, task_id)).status == "pending"
+
+
+async def test_an_inline_job_longer_than_its_lease_keeps_it(db: Database) -> None:
+    """Its lease was PROCESSING_TIMEOUT plus a lease and never renewed, while the task's
+    own timeout may be longer: a daemon beside the API rescued the job and ran it again
+    beside the inline run. The inline run now renews it like a daemon's heartbeat."""
+    settings = load_settings(lease_seconds=0.6, processing_timeout=1)
+    task_id = await enqueue(db, "sleep", payload={"seconds": 2.0}, timeout_seconds=10)
+    running = asyncio.create_task(run_inline(db, REGISTRY, task_id, settings))
+    for _ in range(25):  # a rescuer's sweeps while it runs: nothing lapses
+        await asyncio.sleep(0.1)
+        async with db.write_transaction() as s:
+            assert (await queue.rescue_expired(s)).rescued == ()
+    await running
+    row = await task_row(db, task_id)
+    assert (row.status, row.attempts) == ("completed", 1)
+
+
+async def test_a_cancel_request_stops_an_inline_job(db: Database) -> None:
+    """The inline run heard of no cancel: the job ran to its end and was stored completed,
+    cancel_requested true. Its heartbeat now picks the request up, as a daemon's does."""
+    settings = load_settings(lease_seconds=0.6)
+    task_id = await enqueue(db, "sleep", payload={"seconds": 30.0})
+    running = asyncio.create_task(run_inline(db, REGISTRY, task_id, settings))
+    await eventually(lambda: _status(db, task_id, "processing"), within=5)
+    async with db.write_transaction() as s:
+        assert await queue.request_cancel(s, task_id) is queue.CancelOutcome.REQUESTED
+    await asyncio.wait_for(running, timeout=5)
+    assert (await task_row(db, task_id)).status == "cancelled"
+
+
+async def _status(db: Database, task_id: int, status: str) -> bool:
+    return (await task_row(db, task_id)).status == status

@@ -1,13 +1,18 @@
-"""INLINE mode: run a job inside the enqueuing process, with the daemon's state changes.
+"""INLINE mode: run a job inside the enqueuing request, with the daemon's state changes.
 
-For development and tests: the same claim, executor, fenced writes and notifications as
-the daemon, only without a daemon. A job that is not due yet (scheduled_at in the future)
-is left for a daemon.
+For development and tests: the same plain claim, executor, fenced writes and notifications
+as the daemon, and a heartbeat of its own while the job runs (its lease renewed every third
+of a lease; a cancel request stops it at the next beat), only without a daemon. A job that
+is not due yet (scheduled_at in the future) is left for a daemon, as is a failure's retry
+after its backoff. Flow limits (RATE_LIMITS, KEY_LIMITS) are the daemons' claim's: a job run
+inline is not held back by them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 
 from app.config import Settings
 from app.db import Database
@@ -15,8 +20,9 @@ from app.services import queue
 from app.services.async_analysis_processor import new_processor_id
 from app.services.handlers import HandlerRegistry
 from app.services.processor.completer import RetryPolicy, write_outcome
-from app.services.processor.executor import Executor
+from app.services.processor.executor import Executor, Outcome, StopReason
 from app.services.processor.progress import progress_sink
+from app.services.queue import ClaimedTask
 
 logger = logging.getLogger("app.processor")
 
@@ -31,15 +37,13 @@ async def run_inline(
             session,
             processor_id=processor_id,
             limit=1,
-            lease_seconds=settings.processing_timeout + settings.lease_seconds,
+            lease_seconds=settings.lease_seconds,
             only_ids=[task_id],
         )
     if not claimed:
         return
     [task] = claimed
-    outcome = await Executor(registry).run(
-        task, progress_sink=progress_sink(db, task, processor_id), stop_reason=lambda: None
-    )
+    outcome = await _run_with_heartbeat(db, registry, task, processor_id, settings)
     policy = RetryPolicy(settings.retry_backoff_base, settings.retry_backoff_max)
     async with db.write_transaction() as session:
         await write_outcome(session, outcome, processor_id=processor_id, policy=policy)
@@ -49,3 +53,52 @@ async def run_inline(
         outcome.kind.value,
         extra={"action": f"job_{outcome.kind.value}", "task_id": task.id, "kind": task.kind},
     )
+
+
+async def _run_with_heartbeat(
+    db: Database,
+    registry: HandlerRegistry,
+    task: ClaimedTask,
+    processor_id: str,
+    settings: Settings,
+) -> Outcome:
+    """Run the handler while renewing its lease every third of a lease, as a daemon's
+    heartbeat does: a job longer than a lease is not rescued and run again beside this run
+    (its lease was PROCESSING_TIMEOUT plus a lease, never renewed, while a task's own
+    timeout may be longer), and a cancel request, or a lease lost to a rescuer after the
+    renewals failed for a whole lease, stops it."""
+    reason: StopReason | None = None
+    job = asyncio.create_task(
+        Executor(registry).run(
+            task, progress_sink=progress_sink(db, task, processor_id), stop_reason=lambda: reason
+        )
+    )
+    renewed_at = time.monotonic()
+    while True:
+        done, _ = await asyncio.wait({job}, timeout=settings.lease_seconds / 3)
+        if done:
+            return job.result()
+        if reason is not None:
+            continue  # stopping: wait for the handler to end
+        started = time.monotonic()
+        try:
+            async with db.write_transaction() as session:
+                renewal = await queue.renew_leases(
+                    session,
+                    processor_id=processor_id,
+                    tasks=[(task.id, task.attempt)],
+                    lease_seconds=settings.lease_seconds,
+                )
+        except Exception as exc:
+            logger.warning("task %s: inline lease not renewed (%s)", task.id, exc)
+            if time.monotonic() - renewed_at >= settings.lease_seconds:
+                reason = StopReason.LEASE_LOST
+                job.cancel()
+            continue
+        renewed_at = started
+        if task.id in renewal.cancel_requested:
+            reason = StopReason.CANCEL_REQUESTED
+            job.cancel()
+        elif task.id not in renewal.renewed:
+            reason = StopReason.LEASE_LOST
+            job.cancel()
