@@ -87,3 +87,20 @@ async def test_a_cancel_request_stops_an_inline_job(db: Database) -> None:
 
 async def _status(db: Database, task_id: int, status: str) -> bool:
     return (await task_row(db, task_id)).status == status
+
+
+async def test_a_cancelled_request_stops_its_job_and_hands_it_back(db: Database) -> None:
+    """A request cancelled while its job ran (a client's timeout, the API shutting down)
+    left the handler running with no one renewing its lease: a rescuer would start it again
+    beside it. The job is stopped and released, uncharged."""
+    settings = load_settings(lease_seconds=0.6)
+    before = set(asyncio.all_tasks())
+    task_id = await enqueue(db, "sleep", payload={"seconds": 30.0})
+    running = asyncio.create_task(run_inline(db, REGISTRY, task_id, settings))
+    await eventually(lambda: _status(db, task_id, "processing"), within=5)
+    running.cancel()
+    await asyncio.gather(running, return_exceptions=True)
+    left = [t for t in asyncio.all_tasks() - before if not t.done()]
+    assert left == [], left
+    row = await task_row(db, task_id)
+    assert (row.status, row.attempts, row.retry_count) == ("pending", 0, 0)

@@ -1661,6 +1661,20 @@ async def test_concurrent_bulks_sharing_keys_in_other_orders_do_not_deadlock(
         assert all(r == results[0] for r in results)
         async with db.write_transaction() as s:  # the next round makes its keys anew
             await s.execute(update(PendingAnalysis).values(idempotency_key=None))
+    # however many keys, a transaction holds at most KEY_LOCK_BUCKETS advisory locks (one
+    # per key ran the shared lock table out past ~12,000 keys: "out of shared memory")
+    async with db.write_transaction() as s:
+        many = await queue.enqueue_tasks(
+            s, [{"kind": "k", "idempotency_key": f"many-{i}"} for i in range(15_000)]
+        )
+        held = await s.execute(
+            text(
+                "SELECT count(*) FROM pg_locks"
+                " WHERE locktype = 'advisory' AND pid = pg_backend_pid()"
+            )
+        )
+        assert held.scalar_one() == queue.KEY_LOCK_BUCKETS
+    assert len({r.id for r in many}) == 15_000
     # the caller's order is the insert's order: ids follow the input, not the keys' locks
     async with db.write_transaction() as s:
         done = await queue.enqueue_tasks(

@@ -43,8 +43,8 @@ async def run_inline(
     if not claimed:
         return
     [task] = claimed
-    outcome = await _run_with_heartbeat(db, registry, task, processor_id, settings)
     policy = RetryPolicy(settings.retry_backoff_base, settings.retry_backoff_max)
+    outcome = await _run_with_heartbeat(db, registry, task, processor_id, settings, policy)
     async with db.write_transaction() as session:
         await write_outcome(session, outcome, processor_id=processor_id, policy=policy)
     logger.info(
@@ -61,6 +61,7 @@ async def _run_with_heartbeat(
     task: ClaimedTask,
     processor_id: str,
     settings: Settings,
+    policy: RetryPolicy,
 ) -> Outcome:
     """Run the handler while renewing its lease every third of a lease, as a daemon's
     heartbeat does: a job longer than a lease is not rescued and run again beside this run
@@ -74,31 +75,49 @@ async def _run_with_heartbeat(
         )
     )
     renewed_at = time.monotonic()
-    while True:
-        done, _ = await asyncio.wait({job}, timeout=settings.lease_seconds / 3)
-        if done:
-            return job.result()
-        if reason is not None:
-            continue  # stopping: wait for the handler to end
-        started = time.monotonic()
-        try:
-            async with db.write_transaction() as session:
-                renewal = await queue.renew_leases(
-                    session,
-                    processor_id=processor_id,
-                    tasks=[(task.id, task.attempt)],
-                    lease_seconds=settings.lease_seconds,
-                )
-        except Exception as exc:
-            logger.warning("task %s: inline lease not renewed (%s)", task.id, exc)
-            if time.monotonic() - renewed_at >= settings.lease_seconds:
+    try:
+        while True:
+            done, _ = await asyncio.wait({job}, timeout=settings.lease_seconds / 3)
+            if done:
+                return job.result()
+            if reason is StopReason.LEASE_LOST:
+                continue  # not ours any more: wait for the handler to end
+            started = time.monotonic()
+            try:
+                # A renewal that hangs (a partition) must not outlive the lease it renews.
+                async with asyncio.timeout(settings.lease_seconds):
+                    async with db.write_transaction() as session:
+                        renewal = await queue.renew_leases(
+                            session,
+                            processor_id=processor_id,
+                            tasks=[(task.id, task.attempt)],
+                            lease_seconds=settings.lease_seconds,
+                        )
+            except Exception as exc:
+                logger.warning("task %s: inline lease not renewed (%r)", task.id, exc)
+                if time.monotonic() - renewed_at >= settings.lease_seconds:
+                    reason = StopReason.LEASE_LOST
+                    job.cancel()
+                continue
+            renewed_at = started
+            if reason is not None:
+                continue  # stopping (a cancel): the lease kept while the handler cleans up
+            if task.id in renewal.cancel_requested:
+                reason = StopReason.CANCEL_REQUESTED
+                job.cancel()
+            elif task.id not in renewal.renewed:
                 reason = StopReason.LEASE_LOST
                 job.cancel()
-            continue
-        renewed_at = started
-        if task.id in renewal.cancel_requested:
-            reason = StopReason.CANCEL_REQUESTED
+    finally:
+        if not job.done():
+            # The request itself was cancelled (a client's timeout, the API shutting down):
+            # the job must not run on unowned, its lease no longer renewed, beside the run a
+            # rescuer would start. Stop it and hand it back uncharged.
+            reason = StopReason.SHUTDOWN
             job.cancel()
-        elif task.id not in renewal.renewed:
-            reason = StopReason.LEASE_LOST
-            job.cancel()
+            await asyncio.gather(job, return_exceptions=True)
+            if not job.cancelled():
+                async with db.write_transaction() as session:
+                    await write_outcome(
+                        session, job.result(), processor_id=processor_id, policy=policy
+                    )
