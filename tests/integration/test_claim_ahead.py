@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from app.config import parse_key_limits, parse_rate_limits
 from app.db import Database
@@ -381,6 +381,48 @@ async def test_the_lease_watch_counts_from_before_the_claim_began(
         ).scalar_one()
     watch_left = engine._lease_from[task.id] + 30 - asyncio.get_running_loop().time()
     assert watch_left <= float(left) + 0.05, (watch_left, left)
+
+
+async def test_a_result_waiting_to_be_written_is_not_taken_by_its_own_rescuer(
+    db: Database, database_url: str
+) -> None:
+    """After an outage longer than a lease, a job that finished during it waits in the
+    completer with its result; the daemon's own rescuer, when it got through first, took it
+    back (run again, or failed with no attempts left: a result dropped by the only daemon
+    there was). It leaves its own daemon's held jobs alone now; the result is written."""
+    [task_id] = await _enqueue(db, [{"kind": "noop", "max_retries": 0}])
+    engine = _engine(db, database_url, concurrency=1, prefetch_window=0, lease_seconds=30)
+    write = engine.completer._write
+    outage = asyncio.Event()
+
+    async def unreachable(batch: Any) -> list[bool]:
+        if not outage.is_set():
+            raise OSError("database unreachable")
+        return await write(batch)
+
+    engine.completer._write = unreachable  # type: ignore[method-assign]
+    await engine.start()
+    try:
+        await eventually(lambda: _finished_unwritten(engine, 1), within=10)
+        async with db.write_transaction() as s:  # the outage outlived the lease
+            await s.execute(
+                update(PendingAnalysis)
+                .where(PendingAnalysis.id == task_id)
+                .values(lease_expires_at=PendingAnalysis.started_at)
+            )
+        assert (await engine.rescuer.run_once()).rescued == ()
+        assert (await task_row(db, task_id)).status == "processing"
+        outage.set()
+        await eventually(lambda: _all(db, [task_id], "completed"), within=15)
+        row = await task_row(db, task_id)
+        assert (row.attempts, row.retry_count, row.error) == (1, 0, None)
+    finally:
+        outage.set()
+        await engine.stop(grace=0)
+
+
+async def _finished_unwritten(engine: ProcessorEngine, n: int) -> bool:
+    return engine.in_flight == 0 and engine.completer.backlog == n
 
 
 async def _run_all(engine: ProcessorEngine, db: Database, ids: list[int], within: float) -> None:

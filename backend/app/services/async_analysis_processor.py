@@ -64,6 +64,8 @@ COMPLETER_BACKLOG_LIMIT = 4
 STALE_AHEAD_SECONDS = 1.0
 #: a stale job in a pool still turning over is looked at again after this long
 STALE_RECHECK_SECONDS = 0.25
+#: a shutdown that has waited this long for outcomes to be written says so
+FLUSH_NOTICE_SECONDS = 2.0
 #: the lease watch sleeps at least this long between looks
 LEASE_WATCH_MIN_SECONDS = 0.01
 
@@ -191,6 +193,7 @@ class ProcessorEngine:
             processor_id=self.processor_id,
             host_key=self.host_key,
             hostname=self.hostname,
+            held=lambda: list(self._held),
         )
         self.pruner = Pruner(
             db,
@@ -863,13 +866,20 @@ class ProcessorEngine:
                 del self._lease_from[task_id]
             lapsed = [t for t, since in self._lease_from.items() if since + lease <= now]
             if lapsed:
-                logger.warning(
-                    "leases of %d jobs not renewed for %.1f s (the database does not answer):"
-                    " stopping them; another daemon may run them again",
-                    len(lapsed),
-                    lease,
-                    extra={"action": "leases_lapsed", "processor_id": self.processor_id},
-                )
+                waiting = {entry[2] for pool in self._pools for entry in pool.waiting}
+                running = sum(1 for t in lapsed if t in self._running)
+                ahead = sum(1 for t in lapsed if t in waiting)
+                if running or ahead:
+                    logger.warning(
+                        "leases not renewed for %.1f s (the database is unreachable, locked or"
+                        " full): stopping %d running jobs (they run again, a retry charged)"
+                        " and releasing %d claimed ahead; finished jobs' results are written"
+                        " when it answers",
+                        lease,
+                        running,
+                        ahead,
+                        extra={"action": "leases_lapsed", "processor_id": self.processor_id},
+                    )
                 for task_id in lapsed:
                     del self._lease_from[task_id]
                 # Claimed ahead and never started: back to pending uncharged (fenced, a
@@ -891,7 +901,20 @@ class ProcessorEngine:
         flushed = asyncio.ensure_future(self.completer.flush())
         abandon = asyncio.ensure_future(self._abandon_flush.wait())
         try:
-            await asyncio.wait({flushed, abandon}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                {flushed, abandon},
+                timeout=FLUSH_NOTICE_SECONDS,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if not done:  # say why the exit waits, and how to end the wait
+                logger.warning(
+                    "shutdown: waiting for %d finished jobs' outcomes to be written (the"
+                    " database is not answering); another stop signal abandons them, and"
+                    " their jobs run again",
+                    self.completer.backlog,
+                    extra={"action": "outcomes_waiting", "processor_id": self.processor_id},
+                )
+                await asyncio.wait({flushed, abandon}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             flushed.cancel()
             abandon.cancel()
@@ -936,7 +959,7 @@ class ProcessorEngine:
                         state=ProcessorState.STOPPED,
                     )
         except Exception as exc:
-            logger.warning("could not mark the processors row stopped (%s)", exc)
+            logger.warning("could not mark the processors row stopped (%r)", exc)
 
     def _spawn(self, name: str, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro, name=name)

@@ -2384,12 +2384,18 @@ async def retry_tasks(
 
 
 async def rescue_expired(
-    session: AsyncSession, *, now: datetime | None = None, gone: Sequence[str] = ()
+    session: AsyncSession,
+    *,
+    now: datetime | None = None,
+    gone: Sequence[str] = (),
+    spare: tuple[str, Sequence[int]] | None = None,
 ) -> RescueResult:
     """processing tasks whose lease expired (their daemon died or hung), and those held by
     the processors in ``gone`` (daemons seen dead on this machine, whatever their leases
     say): → failed when their attempts are spent (a poison job cannot crash-loop), else →
-    pending (or cancelled, when a cancel was requested), with notifications."""
+    pending (or cancelled, when a cancel was requested), with notifications. ``spare``: a
+    live processor's id and the ids it still holds, left alone (the sweep of that very
+    processor)."""
     current = now_sql(dialect_of(session), now)
     lapsed: ColumnElement[bool] = T.lease_expires_at < current
     error: ColumnElement[str] = literal(LEASE_EXPIRED_ERROR, String())
@@ -2398,6 +2404,9 @@ async def rescue_expired(
         lapsed = or_(lapsed, owner_gone)
         error = case((owner_gone, DAEMON_GONE_ERROR), else_=LEASE_EXPIRED_ERROR)
     expired = and_(T.status == TaskStatus.PROCESSING, lapsed)
+    if spare is not None and spare[1]:
+        owner, ids = spare
+        expired = and_(expired, or_(T.locked_by.is_distinct_from(owner), T.id.not_in(list(ids))))
     common = _unlocked(current)
     spent = (
         update(TASKS)
