@@ -73,6 +73,10 @@ def sqlite_path(url: str | URL) -> Path | None:
     return Path(parsed.database)
 
 
+#: Bytes the WAL file is cut back to after a checkpoint lets it restart.
+SQLITE_JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
+
+
 def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
     # Take BEGIN away from the driver so that we can emit BEGIN IMMEDIATE ourselves.
     dbapi_connection.isolation_level = None
@@ -82,6 +86,10 @@ def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
         "PRAGMA synchronous=NORMAL",
         f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}",
         "PRAGMA foreign_keys=ON",
+        # The WAL grows while a long reader (a backup, an operator's query, a VACUUM) holds
+        # checkpoints back, and SQLite reuses the file without ever shrinking it: 180 MB
+        # after a VACUUM stayed until a restart. Truncated to this when it next restarts.
+        f"PRAGMA journal_size_limit={SQLITE_JOURNAL_SIZE_LIMIT}",
     ):
         cursor.execute(pragma)
     cursor.close()
@@ -386,6 +394,17 @@ def make_engine(
     return engine
 
 
+def _file_identity(path: Path | None) -> tuple[int, int] | None:
+    """A file's (device, inode), or None when it does not exist (or no file is meant)."""
+    if path is None:
+        return None
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    return (found.st_dev, found.st_ino)
+
+
 class Database:
     """An engine plus its session factories: reads, and writes that lock up front.
 
@@ -411,6 +430,7 @@ class Database:
         self._last_lock: tuple[ref[asyncio.AbstractEventLoop], asyncio.Lock] | None = None
         path = sqlite_path(engine.url)
         self.sqlite_file = None if path is None else path.expanduser()
+        self._file_id = _file_identity(self.sqlite_file)
         self._writer: WriteThread | None = None
         # Not for URLs with options (a file: URI, mode=ro …): sqlite3.connect(path) would
         # not open the same database the engine does.
@@ -614,6 +634,23 @@ class Database:
         the insert trigger's NOTIFY wakes them."""
         if self.sqlite_file is not None:
             ring_daemons(self.sqlite_file)
+
+    def file_problem(self) -> str | None:
+        """SQLite: what is wrong when the database file this process opened was deleted or
+        replaced under it (a restore by `mv`, an `rm`): its connections go on reading and
+        writing the old file, which no one else sees, silently. None when all is well (or
+        no file is meant); the first file seen is the one expected."""
+        if self.sqlite_file is None:
+            return None
+        now = _file_identity(self.sqlite_file)
+        if self._file_id is None:
+            self._file_id = now
+            return None
+        if now is None:
+            return f"the database file {self.sqlite_file} was deleted while this process ran"
+        if now != self._file_id:
+            return f"the database file {self.sqlite_file} was replaced while this process ran"
+        return None
 
     async def dispose(self) -> None:
         """Close every pooled connection (and the write thread)."""

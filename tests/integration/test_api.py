@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import shutil
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -15,7 +18,7 @@ from sqlalchemy import func, select
 
 from app.api.main import API_PREFIX, create_app
 from app.config import QUEUE_NAME_PATTERN, load_settings
-from app.db import Database
+from app.db import Database, sqlite_path
 from app.models import ApiToken, PendingAnalysis
 from app.services import auth, hotpath, queue
 from tests.helpers import eventually
@@ -510,6 +513,22 @@ async def test_admin_status_of_a_project_scopes_the_timeline(api: Api) -> None:
 
     assert [await completed(q) for q in ("", "?project_id=p1", "?project_id=p2")] == [3, 1, 2]
     assert await completed("?project_id=none") == 0
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"])
+async def test_readyz_says_when_the_database_file_was_replaced(
+    api: Api, database_url: str, tmp_path: Path
+) -> None:
+    """A restore by `mv` under the running API: it answered from the old file, 202s for
+    jobs no daemon would see. /readyz now says so (a load balancer takes it out)."""
+    assert (await api.client.get("/readyz")).status_code == 200
+    path = sqlite_path(database_url)
+    assert path is not None
+    shutil.copyfile(path, tmp_path / "restored.db")
+    os.replace(tmp_path / "restored.db", path)
+    r = await api.client.get("/readyz")
+    assert r.status_code == 503 and "was replaced" in r.json()["detail"], r.text
+    assert r.headers["retry-after"] == "5"
 
 
 async def test_health_ready_metrics(api: Api) -> None:

@@ -9,15 +9,18 @@ import asyncio
 import dataclasses
 import itertools
 import json
+import os
+import shutil
 from collections import Counter
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import func, select, update
 
 from app.config import parse_key_limits, parse_rate_limits
-from app.db import Database
+from app.db import Database, sqlite_path
 from app.models import PendingAnalysis
 from app.services import queue
 from app.services.async_analysis_processor import (
@@ -419,6 +422,27 @@ async def test_a_result_waiting_to_be_written_is_not_taken_by_its_own_rescuer(
     finally:
         outage.set()
         await engine.stop(grace=0)
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"])
+async def test_a_replaced_database_file_stops_the_daemon(
+    db: Database, database_url: str, tmp_path: Path
+) -> None:
+    """The file was restored by `mv` under the running daemon, which went on claiming and
+    completing in the old file, silently. Its heartbeat sees the file is another one and
+    stops it as a fatal error (exit 1: systemd restarts it on the new file)."""
+    engine = _engine(db, database_url, concurrency=1, lease_seconds=1.5)
+    await engine.start()
+    path = sqlite_path(database_url)
+    assert path is not None
+    copy = tmp_path / "restored.db"
+    shutil.copyfile(path, copy)
+    os.replace(copy, path)
+    try:
+        await asyncio.wait_for(engine.run_until_stopped(), timeout=15)
+    finally:
+        await engine.stop(grace=0)
+    assert "was replaced while this process ran" in str(engine.fatal)
 
 
 async def _finished_unwritten(engine: ProcessorEngine, n: int) -> bool:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
 import sqlite3
 import threading
 import time
@@ -20,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.db import Database, later_sql, make_engine, now_sql, sqlite_path
 from app.models.types import utcnow
 
-PRAGMAS = ("journal_mode", "synchronous", "busy_timeout", "foreign_keys")
+PRAGMAS = ("journal_mode", "synchronous", "busy_timeout", "foreign_keys", "journal_size_limit")
 
 
 async def _pragmas(s: AsyncSession) -> list[object]:
@@ -29,12 +31,14 @@ async def _pragmas(s: AsyncSession) -> list[object]:
 
 @pytest.mark.parametrize("engine_name", ["sqlite"])
 async def test_sqlite_pragmas_on_every_connection(db: Database) -> None:
-    # WAL, synchronous=NORMAL (1), busy_timeout 5000 ms, foreign keys on: for read and
-    # write sessions alike, and for a second pooled connection opened while one is busy.
+    # WAL, synchronous=NORMAL (1), busy_timeout 5000 ms, foreign keys on, the WAL cut back
+    # to 64 MiB: for read and write sessions alike, and for a second pooled connection
+    # opened while one is busy.
+    expected = ["wal", 1, 5000, 1, 64 * 1024 * 1024]
     async with db.read_transaction() as s:
-        assert await _pragmas(s) == ["wal", 1, 5000, 1]
+        assert await _pragmas(s) == expected
         async with db.write_transaction() as w:
-            assert await _pragmas(w) == ["wal", 1, 5000, 1]
+            assert await _pragmas(w) == expected
 
 
 @pytest.fixture
@@ -267,13 +271,15 @@ async def test_run_write_here_never_waits_and_runs_no_checkpoint(threaded_db: Da
             "busy_timeout",
             "foreign_keys",
             "wal_autocheckpoint",
+            "journal_size_limit",
         )
         return [conn.execute(f"PRAGMA {name}").fetchone()[0] for name in names]
 
     async def unused(_s: AsyncSession) -> list[object]:
         raise AssertionError("the lock was free: here should have run")
 
-    assert await threaded_db.run_write(unused, here=pragmas) == ["wal", 1, 0, 1, 0]
+    expected = ["wal", 1, 0, 1, 0, 64 * 1024 * 1024]
+    assert await threaded_db.run_write(unused, here=pragmas) == expected
 
 
 @pytest.mark.parametrize("engine_name", ["sqlite"])
@@ -759,3 +765,21 @@ async def test_a_file_locked_before_any_connection_is_reported_within_the_busy_t
     finally:
         holder.close()
         await db.dispose()
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"])
+async def test_a_database_file_deleted_or_replaced_is_noticed(
+    db: Database, database_url: str, tmp_path: Path
+) -> None:
+    """A restore by `mv` or an `rm` left the daemon and the API reading and writing the old
+    file, which no one else saw: 202s for jobs that were then lost. Each process compares
+    the file with the one it opened (the daemon's heartbeat stops it; /readyz says 503)."""
+    path = sqlite_path(database_url)
+    assert path is not None and db.file_problem() is None
+    copy = tmp_path / "restored.db"
+    shutil.copyfile(path, copy)
+    os.replace(copy, path)
+    assert "was replaced while this process ran" in (db.file_problem() or "")
+    os.remove(path)
+    assert "was deleted while this process ran" in (db.file_problem() or "")
+    assert Database(make_engine("postgresql+asyncpg://u@h/d")).file_problem() is None

@@ -828,6 +828,16 @@ class ProcessorEngine:
     # --- heartbeat and shutdown --------------------------------------------------------------
 
     async def _heartbeat_once(self) -> HeartbeatResult:
+        problem = self.db.file_problem()
+        if problem is not None and self.fatal is None:
+            logger.critical(
+                "%s: stopping (this daemon would go on writing to a file no one else reads);"
+                " restart it, and see docs/operations.md for backups and restores",
+                problem,
+                extra={"action": "database_file_replaced", "processor_id": self.processor_id},
+            )
+            self.fatal = RuntimeError(problem)
+            self.request_stop()
         started = asyncio.get_running_loop().time()
         try:
             result = await self.heartbeat.run_once()

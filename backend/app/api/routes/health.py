@@ -30,7 +30,15 @@ async def healthz() -> dict[str, str]:
 @router.get("/readyz", responses={503: {"description": "Database unreachable or not migrated"}})
 @router.head("/readyz", include_in_schema=False)
 async def readyz(db: DbDep) -> JSONResponse:
-    """200 only when the database answers and is migrated to head."""
+    """200 only when the database answers and is migrated to head (and, on SQLite, is still
+    the file this process opened)."""
+    problem = db.file_problem()
+    if problem is not None:
+        return JSONResponse(
+            {"status": "unavailable", "detail": f"{problem}: restart the API"},
+            status_code=503,
+            headers={"Retry-After": "5"},
+        )
     try:
         await check_migrated(db.engine)
     except (SchemaError, SQLAlchemyError, OSError, TimeoutError) as exc:
