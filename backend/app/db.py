@@ -345,8 +345,10 @@ def make_engine(
                 echo=echo,
                 pool_size=1,
                 pool_reset_on_return=None,  # _on_sqlite_reset
-                async_creator=partial(
-                    connect_inline, path.expanduser(), busy_seconds=SQLITE_CONNECT_TIMEOUT_SECONDS
+                async_creator=partial(  # absolute, once, now: a handler's chdir cannot move it
+                    connect_inline,
+                    Path(os.path.abspath(path.expanduser())),
+                    busy_seconds=SQLITE_CONNECT_TIMEOUT_SECONDS,
                 ),
             )
         elif path is not None and not make_url(url).query:
@@ -429,7 +431,9 @@ class Database:
         # write asks; the dictionary's lookup made one each time).
         self._last_lock: tuple[ref[asyncio.AbstractEventLoop], asyncio.Lock] | None = None
         path = sqlite_path(engine.url)
-        self.sqlite_file = None if path is None else path.expanduser()
+        # Absolute, as the engine's connections open it: a later chdir (a handler's) must
+        # not make this point at another file (file_problem, the doorbells).
+        self.sqlite_file = None if path is None else Path(os.path.abspath(path.expanduser()))
         self._file_id = _file_identity(self.sqlite_file)
         self._writer: WriteThread | None = None
         # Not for URLs with options (a file: URI, mode=ro …): sqlite3.connect(path) would

@@ -783,3 +783,19 @@ async def test_a_database_file_deleted_or_replaced_is_noticed(
     os.remove(path)
     assert "was deleted while this process ran" in (db.file_problem() or "")
     assert Database(make_engine("postgresql+asyncpg://u@h/d")).file_problem() is None
+
+
+def test_a_relative_database_path_survives_a_chdir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default URL is relative (./data/async_processor.db). A handler's os.chdir made
+    the check look for another file ("deleted", /readyz 503) and the write thread open an
+    empty database there; both hold the absolute path from the start now."""
+    monkeypatch.chdir(tmp_path)
+    sqlite3.connect("here.db").close()
+    db = Database(make_engine("sqlite+aiosqlite:///./here.db"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert db.file_problem() is None
+    assert db.sqlite_file == tmp_path / "here.db"

@@ -837,7 +837,13 @@ class ProcessorEngine:
                 extra={"action": "database_file_replaced", "processor_id": self.processor_id},
             )
             self.fatal = RuntimeError(problem)
-            self.request_stop()
+            if not self._stopping:  # not a second stop signal: the shutdown goes on as it is
+                self.request_stop()
+            # What it writes goes to the old file, if anywhere: the exit must not wait for
+            # it past the grace (no one would send the second signal that ends the wait).
+            asyncio.get_running_loop().call_later(
+                self.config.shutdown_grace + STOP_WRITE_TIMEOUT_SECONDS, self._abandon_flush.set
+            )
         started = asyncio.get_running_loop().time()
         try:
             result = await self.heartbeat.run_once()
@@ -882,9 +888,9 @@ class ProcessorEngine:
                 if running or ahead:
                     logger.warning(
                         "leases not renewed for %.1f s (the database is unreachable, locked or"
-                        " full): stopping %d running jobs (they run again, a retry charged)"
-                        " and releasing %d claimed ahead; finished jobs' results are written"
-                        " when it answers",
+                        " full): stopping %d running jobs (rescued when it answers: run again,"
+                        " a retry charged, or failed with none left) and releasing %d claimed"
+                        " ahead; finished jobs' outcomes are written when it answers",
                         lease,
                         running,
                         ahead,
@@ -918,9 +924,9 @@ class ProcessorEngine:
             )
             if not done:  # say why the exit waits, and how to end the wait
                 logger.warning(
-                    "shutdown: waiting for %d finished jobs' outcomes to be written (the"
-                    " database is not answering); another stop signal abandons them, and"
-                    " their jobs run again",
+                    "shutdown: waiting for %d outcomes (results, failures, releases) to be"
+                    " written (the database is slow or not answering); another stop signal"
+                    " abandons them, and their jobs run again",
                     self.completer.backlog,
                     extra={"action": "outcomes_waiting", "processor_id": self.processor_id},
                 )
