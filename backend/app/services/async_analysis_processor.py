@@ -193,7 +193,7 @@ class ProcessorEngine:
             processor_id=self.processor_id,
             host_key=self.host_key,
             hostname=self.hostname,
-            held=lambda: list(self._held),
+            held=self._ends_unwritten,
         )
         self.pruner = Pruner(
             db,
@@ -552,6 +552,14 @@ class ProcessorEngine:
             "queues": pool.queues,
             "exclude_queues": None if pool.queues else tuple(self._pool_of_queue),
         }
+
+    def _ends_unwritten(self) -> list[int]:
+        """The held jobs that neither run nor wait to start: their outcome (a result, a
+        failure, a release) waits in the completer to be written. The rescuer leaves these
+        alone (its own daemon will write them); a running job whose lease expired is still
+        its to take, as a job of any silent daemon is."""
+        waiting = {entry[2] for pool in self._pools for entry in pool.waiting}
+        return [t for t in self._held if t not in self._running and t not in waiting]
 
     def _wake_after(self, seconds: float) -> None:
         """A rate limit is spent: wake the claim loop when its window frees a start (no

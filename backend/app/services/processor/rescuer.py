@@ -42,7 +42,8 @@ class Rescuer:
     ) -> None:
         """``processor_id``, ``host_key`` and ``hostname``: this daemon's, for finding the
         daemons gone from this machine (none are looked for without a key). ``held``: the
-        ids of the jobs this daemon holds, which its own sweep leaves alone (below)."""
+        ids of this daemon's jobs whose outcome waits to be written, which its own sweep
+        leaves alone (below)."""
         self._held = held
         self._db = db
         self._lease_seconds = lease_seconds
@@ -59,13 +60,13 @@ class Rescuer:
         async with self._db.write_transaction() as session:
             gone = await self._gone(session)
             owners = [processor_id for processor_id, _ in gone]
-            # This daemon's own held jobs are not its rescuer's to take: after an outage
-            # longer than a lease, a job that finished during it waits in the completer
-            # with its result, and the sweep that got through first took it back (run
-            # again, or failed with no attempts left: a result dropped by the only daemon
-            # there was). Its lease watch has stopped those still running and released
-            # those waiting, and whatever it still holds is written, fenced, when the
-            # database answers; another daemon's rescuer may still take them.
+            # This daemon's jobs whose outcome waits to be written are not its rescuer's
+            # to take: after an outage longer than a lease, a job that finished during it
+            # waits in the completer with its result, and the sweep that got through first
+            # took it back (run again, or failed with no attempts left: a result dropped by
+            # the only daemon there was). They are written, fenced, when the database
+            # answers; another daemon's rescuer may still take them. Running jobs whose
+            # lease expired are taken as any others (a renewal that silently failed).
             spare = (self._processor_id, tuple(self._held())) if self._processor_id else None
             result = await queue.rescue_expired(session, gone=owners, spare=spare)
             await queue.reap_processors(session, silent_seconds=silent, gone=owners)
