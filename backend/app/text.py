@@ -43,3 +43,10 @@ def is_showable(text: str) -> bool:
 def _escape(c: str) -> str:
     code = ord(c)
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def error_line(exc: BaseException) -> str:
+    """``Class: first line`` of an error, at most 200 characters of it: a driver's error
+    carries the whole statement and its parameters, which a log line does not need."""
+    text = str(exc)
+    return f"{exc.__class__.__name__}: {text.splitlines()[0][:200] if text else ''}"

@@ -10,7 +10,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 from sqlalchemy.exc import OperationalError
 
 from app.db import Database
@@ -23,6 +23,7 @@ from app.services.processor import host
 from app.services.processor.completer import Completer, RetryPolicy
 from app.services.processor.executor import Outcome, OutcomeKind
 from app.services.processor.heartbeat import Heartbeat, ProcessorStats
+from app.services.processor.progress import progress_sink
 from app.services.processor.pruner import Pruner
 from app.services.processor.rescuer import Rescuer
 from app.services.processor.waker import make_waker
@@ -478,3 +479,52 @@ async def test_a_failed_run_logs_a_warning_a_completed_one_info(
 async def _all_ended(db: Database, ids: list[int]) -> bool:
     rows = [await task_row(db, i) for i in ids]
     return all(r.status in ("completed", "failed") for r in rows)
+
+
+async def test_progress_backs_off_while_the_database_refuses_it(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A failed progress write drops the job's reports for a window that doubles with each
+    failure, so a database that is down or locked costs the handler one failed write per
+    window, not one per report; the first write after the window carries the latest
+    figures and sends the notification the failed write could not."""
+    [t] = await claimed(db)
+    now = [0.0]
+    sink = progress_sink(db, t, PID, clock=lambda: now[0])
+    caplog.set_level(logging.INFO, logger="app.processor")
+
+    async def rename(old: str, new: str) -> None:
+        async with db.write_transaction() as s:
+            await s.execute(text(f"ALTER TABLE {old} RENAME TO {new}"))
+
+    async def progress_of() -> tuple[int | None, list[str]]:
+        row = await task_row(db, t.id)
+        return row.progress_current, [kind for kind, _ in await notes_of(db, t.id)]
+
+    await sink(1, 10, "one")
+    assert await progress_of() == (1, ["started", "progress"])
+    await rename("pending_analysis", "pending_analysis_away")
+    try:
+        await sink(2, 10, "two")  # fails: reports dropped for 1 s
+        now[0] = 0.9
+        await sink(3, 10, "three")  # dropped without a try
+        now[0] = 1.0
+        await sink(4, 10, "four")  # fails again: 2 s
+        now[0] = 2.9
+        await sink(5, 10, "five")  # dropped
+    finally:
+        await rename("pending_analysis_away", "pending_analysis")
+    assert await progress_of() == (1, ["started", "progress"])
+    now[0] = 3.0
+    await sink(6, 10, "six")
+    assert await progress_of() == (6, ["started", "progress", "progress"])
+    logged = [(r.action, r.getMessage()) for r in caplog.records if hasattr(r, "action")]
+    assert [action for action, _ in logged] == [
+        "progress_error",
+        "progress_error",
+        "progress_resumed",
+    ]
+    assert logged[0][1].endswith("); reports dropped for 1 s")
+    assert "UPDATE" not in logged[0][1]  # one line, without the statement
+    assert logged[1][1].endswith("); reports dropped for 2 s")
+    assert logged[2][1] == f"task {t.id}: progress recorded again (2 report(s) dropped meanwhile)"

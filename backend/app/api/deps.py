@@ -15,6 +15,7 @@ from app.config import Settings
 from app.db import Database
 from app.services import auth
 from app.services.auth import Principal
+from app.text import error_line
 
 logger = logging.getLogger("app.api")
 bearer = HTTPBearer(auto_error=False, description="An API token: `async-processor token create`")
@@ -93,7 +94,7 @@ async def _touch(db: Database, key: tuple[int, int]) -> None:
         async with db.write_transaction() as session:
             await auth.touch_token(session, key[1])
     except Exception as exc:  # the next request tries again
-        logger.info("could not record the use of token %s: %s", key[1], exc)
+        logger.info("could not record the use of token %s (%s)", key[1], error_line(exc))
     finally:
         _TOUCHING.pop(key, None)
 

@@ -52,6 +52,7 @@ from app.services.processor.rescuer import Rescuer
 from app.services.processor.scheduler import Scheduler
 from app.services.processor.waker import make_waker
 from app.services.queue import ClaimedTask
+from app.text import error_line
 
 logger = logging.getLogger("app.processor")
 STOP_WRITE_TIMEOUT_SECONDS = 5.0
@@ -983,7 +984,7 @@ class ProcessorEngine:
                         state=ProcessorState.STOPPED,
                     )
         except Exception as exc:
-            logger.warning("could not mark the processors row stopped (%r)", exc)
+            logger.warning("could not mark the processors row stopped (%s)", error_line(exc))
 
     def _spawn(self, name: str, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro, name=name)

@@ -23,6 +23,7 @@ from app.services.processor.completer import RetryPolicy, write_outcome
 from app.services.processor.executor import Executor, Outcome, StopReason
 from app.services.processor.progress import progress_sink
 from app.services.queue import ClaimedTask
+from app.text import error_line
 
 logger = logging.getLogger("app.processor")
 
@@ -94,7 +95,7 @@ async def _run_with_heartbeat(
                             lease_seconds=settings.lease_seconds,
                         )
             except Exception as exc:
-                logger.warning("task %s: inline lease not renewed (%r)", task.id, exc)
+                logger.warning("task %s: inline lease not renewed (%s)", task.id, error_line(exc))
                 if time.monotonic() - renewed_at >= settings.lease_seconds:
                     reason = StopReason.LEASE_LOST
                     job.cancel()

@@ -335,6 +335,10 @@ class ProgressThrottle:
             self._last_at, self._last_percent = at, value
         return due
 
+    def forget(self) -> None:
+        """The notification it allowed was not written: the next update sends one."""
+        self._last_at = None
+
 
 async def list_for_user(
     session: AsyncSession,

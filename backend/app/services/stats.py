@@ -35,6 +35,7 @@ from app.models import PendingAnalysis, Processor, ProcessorState, TaskStatus
 from app.models.async_task import FINISHED_STATUSES, FINISHED_WHERE
 from app.services import queue, schedules
 from app.services.handlers import Schedule
+from app.text import error_line
 
 logger = logging.getLogger("app.stats")
 T = PendingAnalysis
@@ -268,7 +269,7 @@ async def _retake(db: Database, scope: Scope, old: _Base) -> None:
     try:
         new = await _take_base(db, scope)
     except Exception as exc:  # the old base serves on; a later call retries
-        logger.warning("could not recount the finished tasks: %s", exc)
+        logger.warning("could not recount the finished tasks (%s)", error_line(exc))
         old.retaking = None
         return
     if _BASES.get(db, {}).get(scope) is old:  # not forgotten meanwhile

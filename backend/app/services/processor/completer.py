@@ -19,7 +19,7 @@ from app.services.processor.ahead import Room
 from app.services.processor.executor import Outcome, OutcomeKind
 from app.services.processor.looper import ErrorBackoff, is_transient
 from app.services.queue import ClaimedTask
-from app.text import storable
+from app.text import error_line, storable
 
 logger = logging.getLogger("app.processor")
 MAX_BATCH = 500
@@ -259,10 +259,9 @@ class Completer:
             return
         outcome = batch[0]
         logger.error(
-            "task %s: outcome could not be written (%s: %s)",
+            "task %s: outcome could not be written (%s)",
             outcome.task.id,
-            exc.__class__.__name__,
-            exc,
+            error_line(exc),
             extra={"action": "outcome_unwritable", "task_id": outcome.task.id},
         )
         if outcome.error is not None and outcome.error.startswith(_UNSTORABLE):

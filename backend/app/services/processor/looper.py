@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from app.db import TRANSIENT_SQLSTATES, database_unavailable, sqlstate
+from app.text import error_line
 
 logger = logging.getLogger("app.processor")
 
@@ -69,10 +70,9 @@ class ErrorBackoff:
         self._delay = min(self._cap, self._delay * 2 if self._delay else self._first)
         if self._delay < self._cap or self.failures % 10 == 1:
             logger.warning(
-                "%s: database error (%s: %s); retrying in %.1f s",
+                "%s: database error (%s); retrying in %.1f s",
                 self.name,
-                exc.__class__.__name__,
-                str(exc).splitlines()[0][:200] if str(exc) else "",
+                error_line(exc),
                 self._delay,
                 extra={"action": f"{self.name}_error"},
             )
