@@ -1,12 +1,20 @@
 """Floors: the daemon's claim / complete / enqueue SQL run by bare drivers, no framework.
 
-The same statements as the daemon, in the same transactions: a claim takes up to ``batch``
+The same statements as the daemon, in the same transactions. A claim takes up to ``batch``
 pending rows in ONE ``UPDATE … WHERE id IN (SELECT … ORDER BY priority DESC, scheduled_at,
-id LIMIT k [FOR UPDATE SKIP LOCKED]) RETURNING`` and writes their ``started``
-notifications; a completion writes every result of the batch in ONE fenced ``UPDATE … FROM``
-plus their ``completed`` notifications (PostgreSQL: after the feed's advisory lock). Each
-transaction commits on its own, with the daemon's durability settings (SQLite WAL +
-synchronous=NORMAL; PostgreSQL as the server is configured).
+id LIMIT k [FOR UPDATE SKIP LOCKED]) RETURNING`` (paused queues left out) and writes their
+``started`` notifications; a completion writes every result of the batch in ONE fenced
+``UPDATE … FROM`` plus their ``completed`` notifications (PostgreSQL: behind the feed's
+advisory lock). As the daemon sends them:
+
+- PostgreSQL: the claim and its notifications are ONE autocommitted statement (the UPDATE
+  and the INSERT as CTEs, ``queue._claim_alone_statement``), and so is a batch's completion
+  with its notifications (``queue._complete_alone_statement``): one round trip each;
+- SQLite: a batch's completions and the claim of the next batch share ONE ``BEGIN
+  IMMEDIATE`` … ``COMMIT`` (the daemon's completer claims for the slots its batch freed).
+
+Commits use the daemon's durability settings (SQLite WAL + synchronous=NORMAL; PostgreSQL
+as the server is configured).
 
 Drain and pick-up floors run as separate worker processes, like the daemon::
 
@@ -57,6 +65,7 @@ SQLITE_CLAIM = (
     " started_at = ?, updated_at = ?, locked_by = ?, lease_expires_at = ?"
     " WHERE id IN (SELECT id FROM pending_analysis"
     " WHERE status = 'pending' AND scheduled_at <= ?"
+    " AND queue NOT IN (SELECT name FROM queue_states WHERE paused IS 1)"
     " ORDER BY priority DESC, scheduled_at, id LIMIT ?)"
     " RETURNING id, kind, payload, attempts, user_id, project_id, chapter_id"
 )
@@ -89,32 +98,50 @@ PG_ROWS_MADE_HERE = (
     " SELECT 'bench_noop', 'default', 'pending', 5, jsonb_build_object('n', $1 + i), 0, 3, 0,"
     " 600, 'bench', now(), now(), now(), false, 0 FROM generate_series(0, $2 - 1) AS g(i)"
 )
+#: The claim and its ``started`` notifications in one statement (queue._claim_alone_statement):
+#: $1 worker, $2 lease seconds, $3 limit, $4 the feed's lock key.
 PG_CLAIM = (
-    "UPDATE pending_analysis SET status = 'processing', attempts = attempts + 1,"
-    " started_at = now(), updated_at = now(), locked_by = $1,"
+    "WITH claimed AS (UPDATE pending_analysis SET status = 'processing',"
+    " attempts = attempts + 1, started_at = now(), updated_at = now(), locked_by = $1,"
     " lease_expires_at = now() + make_interval(secs => $2)"
     " WHERE id IN (SELECT id FROM pending_analysis"
     " WHERE status = 'pending' AND scheduled_at <= now()"
+    " AND queue NOT IN (SELECT name FROM queue_states WHERE paused IS true)"
     " ORDER BY priority DESC, scheduled_at, id LIMIT $3 FOR UPDATE SKIP LOCKED)"
-    " RETURNING id, kind, payload, attempts, user_id, project_id, chapter_id"
+    " RETURNING id, kind, payload, attempts, user_id, project_id, chapter_id, priority,"
+    " scheduled_at),"
+    " started_notes AS (INSERT INTO analysis_notifications (user_id, project_id, chapter_id,"
+    " task_id, type, title, message, data, is_read, created_at)"
+    " SELECT user_id, project_id, chapter_id, id, 'started', 'Analysis started',"
+    " 'Attempt ' || attempts::text || ' of ' || kind || ' started.',"
+    " jsonb_build_object('task_id', id, 'kind', kind, 'attempt', attempts), false, now()"
+    " FROM claimed WHERE (SELECT pg_advisory_xact_lock($4)::text) = ''"
+    " ORDER BY priority DESC, scheduled_at, id)"
+    " SELECT id, kind, payload, attempts, user_id, project_id, chapter_id FROM claimed"
 )
+#: A batch's completions and their ``completed`` notifications in one statement
+#: (queue._complete_alone_statement): the rows locked in id order, the fenced UPDATE, the
+#: notifications of the rows it wrote. $1-$4 the ends (id, attempt, result, duration), $5
+#: the worker; $6-$11 the notifications (user, project, chapter, task, message, data); $12
+#: the feed's lock key.
 PG_COMPLETE = (
-    "UPDATE pending_analysis AS t SET status = 'completed', result = v.result, error = NULL,"
-    " completed_at = now(), updated_at = now(), locked_by = NULL, lease_expires_at = NULL,"
-    " duration_seconds = v.duration"
-    " FROM unnest($1::bigint[], $2::jsonb[], $3::int[], $4::float8[])"
-    " AS v(id, result, attempts, duration)"
-    " WHERE t.id = v.id AND t.attempts = v.attempts AND t.status = 'processing'"
-    " AND t.locked_by = $5"
-    " RETURNING t.id, t.kind, NULL, t.attempts, t.user_id, t.project_id, t.chapter_id"
-)
-PG_LOCK = "SELECT pg_advisory_xact_lock($1)"
-PG_NOTE = (
-    "INSERT INTO analysis_notifications (user_id, project_id, chapter_id, task_id, type,"
-    " title, message, data, is_read, created_at)"
-    " SELECT n.u, n.p, n.c, n.t, $5, $6, n.m, n.d, false, now()"
-    " FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $7::text[], $8::jsonb[])"
-    " AS n(u, p, c, t, m, d)"
+    "WITH ends AS MATERIALIZED (SELECT * FROM"
+    " unnest($1::bigint[], $2::int[], $3::jsonb[], $4::float8[])"
+    " AS u(id, attempt, result, duration)),"
+    " locked AS (SELECT ends.* FROM ends JOIN pending_analysis AS t ON t.id = ends.id"
+    " AND t.status = 'processing' AND t.locked_by = $5 ORDER BY t.id FOR UPDATE OF t),"
+    " done AS (UPDATE pending_analysis AS t SET status = 'completed', result = locked.result,"
+    " error = NULL, completed_at = now(), updated_at = now(), locked_by = NULL,"
+    " lease_expires_at = NULL, duration_seconds = locked.duration FROM locked"
+    " WHERE t.id = locked.id AND t.status = 'processing' AND t.locked_by = $5"
+    " AND t.attempts = locked.attempt RETURNING t.id),"
+    " completed_notes AS (INSERT INTO analysis_notifications (user_id, project_id,"
+    " chapter_id, task_id, type, title, message, data, is_read, created_at)"
+    " SELECT n.u, n.p, n.c, n.t, 'completed', 'Analysis completed', n.m, n.d, false, now()"
+    " FROM unnest($6::text[], $7::text[], $8::text[], $9::bigint[], $10::text[],"
+    " $11::jsonb[]) AS n(u, p, c, t, m, d)"
+    " WHERE (SELECT pg_advisory_xact_lock($12)::text) = '' AND n.t IN (SELECT id FROM done))"
+    " SELECT id FROM done"
 )
 _SQLITE_COMPLETE: dict[int, str] = {}
 
@@ -189,59 +216,80 @@ def sqlite3_connect(path: str) -> sqlite3.Connection:
     return conn
 
 
+Done = Sequence[tuple[Row, dict[str, Any], float]]  # (claimed row, result, duration)
+
+
+def _sqlite_claim_params(worker: str, limit: int) -> tuple[tuple[Any, ...], str]:
+    now = sqlite_time()
+    return (now, now, worker, sqlite_time(LEASE_SECONDS), now, limit), now
+
+
+def _sqlite_complete_params(worker: str, done: Done) -> tuple[list[Any], str]:
+    now = sqlite_time()
+    params: list[Any] = [now, now]
+    for row, result, duration in done:
+        params += [row[0], json.dumps(result), row[3], duration]
+    params.append(worker)
+    return params, now
+
+
 def sqlite3_claim(conn: sqlite3.Connection, worker: str, limit: int) -> list[Row]:
     """Claim up to ``limit`` jobs and write their notifications; one transaction."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        now = sqlite_time()
-        lease = sqlite_time(LEASE_SECONDS)
-        rows: list[Row] = conn.execute(
-            SQLITE_CLAIM, (now, now, worker, lease, now, limit)
-        ).fetchall()
-        if rows:
-            conn.executemany(SQLITE_NOTE, sqlite_notes(STARTED, rows, now))
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    return rows
+    return sqlite3_complete_and_claim(conn, worker, (), limit)[1]
 
 
-def sqlite3_complete(
-    conn: sqlite3.Connection, worker: str, done: Sequence[tuple[Row, dict[str, Any], float]]
-) -> int:
+def sqlite3_complete(conn: sqlite3.Connection, worker: str, done: Done) -> int:
     """Write a batch's results (one statement) and notifications; one transaction."""
+    return sqlite3_complete_and_claim(conn, worker, done, 0)[0]
+
+
+def sqlite3_complete_and_claim(
+    conn: sqlite3.Connection, worker: str, done: Done, limit: int
+) -> tuple[int, list[Row]]:
+    """Write a batch's results and notifications, then claim up to ``limit`` jobs and write
+    theirs, in ONE transaction, as the daemon's completer does. (jobs written, claimed)."""
     conn.execute("BEGIN IMMEDIATE")
     try:
-        now = sqlite_time()
-        params: list[Any] = [now, now]
-        for row, result, duration in done:
-            params += [row[0], json.dumps(result), row[3], duration]
-        params.append(worker)
-        rows: list[Row] = conn.execute(sqlite_complete_sql(len(done)), params).fetchall()
-        conn.executemany(SQLITE_NOTE, sqlite_notes(COMPLETED, rows, now))
+        written = 0
+        if done:
+            params, now = _sqlite_complete_params(worker, done)
+            rows: list[Row] = conn.execute(sqlite_complete_sql(len(done)), params).fetchall()
+            conn.executemany(SQLITE_NOTE, sqlite_notes(COMPLETED, rows, now))
+            written = len(rows)
+        claimed: list[Row] = []
+        if limit:
+            claim, now = _sqlite_claim_params(worker, limit)
+            claimed = conn.execute(SQLITE_CLAIM, claim).fetchall()
+            if claimed:
+                conn.executemany(SQLITE_NOTE, sqlite_notes(STARTED, claimed, now))
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
         raise
-    return len(rows)
+    return written, claimed
+
+
+def run_batch(rows: Sequence[Row]) -> list[tuple[Row, dict[str, Any], float]]:
+    """The no-op handler over a claimed batch, each run timed."""
+    done = []
+    for row in rows:
+        started = time.perf_counter()
+        result = run_noop(row[2])
+        done.append((row, result, time.perf_counter() - started))
+    return done
 
 
 def sqlite3_drain(path: str, worker: str, batch: int) -> int:
-    """Claim, run and complete batches until nothing is pending; returns jobs done."""
+    """Claim, run and complete batches until nothing is pending; each batch's completion
+    and the next claim share one transaction. Returns jobs done."""
     conn = sqlite3_connect(path)
     done_count = 0
     try:
-        while True:
-            rows = sqlite3_claim(conn, worker, batch)
-            if not rows:
-                return done_count
-            done = []
-            for row in rows:
-                started = time.perf_counter()
-                result = run_noop(row[2])
-                done.append((row, result, time.perf_counter() - started))
-            done_count += sqlite3_complete(conn, worker, done)
+        rows = sqlite3_claim(conn, worker, batch)
+        while rows:
+            written, rows = sqlite3_complete_and_claim(conn, worker, run_batch(rows), batch)
+            done_count += written
+        return done_count
     finally:
         conn.close()
 
@@ -330,70 +378,60 @@ async def aiosqlite_connect(path: str) -> Any:
     return conn
 
 
-async def aiosqlite_claim(conn: Any, worker: str, limit: int) -> list[Row]:
-    """As sqlite3_claim, one await per statement."""
+async def aiosqlite_complete_and_claim(
+    conn: Any, worker: str, done: Done, limit: int
+) -> tuple[int, list[Row]]:
+    """As sqlite3_complete_and_claim, one await per statement."""
     await conn.execute("BEGIN IMMEDIATE")
     try:
-        now = sqlite_time()
-        lease = sqlite_time(LEASE_SECONDS)
-        cursor = await conn.execute(SQLITE_CLAIM, (now, now, worker, lease, now, limit))
-        rows: list[Row] = list(await cursor.fetchall())
-        if rows:
-            await conn.executemany(SQLITE_NOTE, sqlite_notes(STARTED, rows, now))
+        written = 0
+        if done:
+            params, now = _sqlite_complete_params(worker, done)
+            cursor = await conn.execute(sqlite_complete_sql(len(done)), params)
+            rows: list[Row] = list(await cursor.fetchall())
+            await conn.executemany(SQLITE_NOTE, sqlite_notes(COMPLETED, rows, now))
+            written = len(rows)
+        claimed: list[Row] = []
+        if limit:
+            claim, now = _sqlite_claim_params(worker, limit)
+            cursor = await conn.execute(SQLITE_CLAIM, claim)
+            claimed = list(await cursor.fetchall())
+            if claimed:
+                await conn.executemany(SQLITE_NOTE, sqlite_notes(STARTED, claimed, now))
         await conn.execute("COMMIT")
     except BaseException:
         await conn.execute("ROLLBACK")
         raise
-    return rows
-
-
-async def aiosqlite_complete(
-    conn: Any, worker: str, done: Sequence[tuple[Row, dict[str, Any], float]]
-) -> int:
-    """As sqlite3_complete, one await per statement."""
-    await conn.execute("BEGIN IMMEDIATE")
-    try:
-        now = sqlite_time()
-        params: list[Any] = [now, now]
-        for row, result, duration in done:
-            params += [row[0], json.dumps(result), row[3], duration]
-        params.append(worker)
-        cursor = await conn.execute(sqlite_complete_sql(len(done)), params)
-        rows: list[Row] = list(await cursor.fetchall())
-        await conn.executemany(SQLITE_NOTE, sqlite_notes(COMPLETED, rows, now))
-        await conn.execute("COMMIT")
-    except BaseException:
-        await conn.execute("ROLLBACK")
-        raise
-    return len(rows)
+    return written, claimed
 
 
 async def _handler(payload: Any) -> dict[str, Any]:
     return run_noop(payload)
 
 
-async def _async_drain(conn: Any, worker: str, batch: int, claim: Any, complete: Any) -> int:
-    """Claim, run and complete batches on ``conn`` until nothing is pending; jobs done."""
-    done_count = 0
-    try:
-        while True:
-            rows = await claim(conn, worker, batch)
-            if not rows:
-                return done_count
-            done = []
-            for row in rows:
-                started = time.perf_counter()
-                result = await _handler(row[2])
-                done.append((row, result, time.perf_counter() - started))
-            done_count += await complete(conn, worker, done)
-    finally:
-        await conn.close()
+async def _run_batch(rows: Sequence[Row]) -> list[tuple[Row, dict[str, Any], float]]:
+    """As run_batch, the handler awaited as a coroutine."""
+    done = []
+    for row in rows:
+        started = time.perf_counter()
+        result = await _handler(row[2])
+        done.append((row, result, time.perf_counter() - started))
+    return done
 
 
 async def aiosqlite_drain(path: str, worker: str, batch: int) -> int:
     """As sqlite3_drain; the handler is awaited as a coroutine."""
     conn = await aiosqlite_connect(path)
-    return await _async_drain(conn, worker, batch, aiosqlite_claim, aiosqlite_complete)
+    done_count = 0
+    try:
+        _, rows = await aiosqlite_complete_and_claim(conn, worker, (), batch)
+        while rows:
+            done = await _run_batch(rows)
+            written, rows = await aiosqlite_complete_and_claim(conn, worker, done, batch)
+            done_count += written
+        return done_count
+    finally:
+        await conn.close()
 
 
 async def aiosqlite_enqueue(
@@ -457,54 +495,42 @@ async def asyncpg_connect(dsn: str) -> Any:
     return await asyncpg.connect(dsn, timeout=10)
 
 
-async def _pg_notes(conn: Any, kind: tuple[str, str], rows: Sequence[Row]) -> None:
-    await conn.execute(PG_LOCK, FEED_LOCK_KEY)
-    await conn.execute(
-        PG_NOTE,
+async def asyncpg_claim(conn: Any, worker: str, limit: int) -> list[Row]:
+    """Claim up to ``limit`` jobs with their notifications: one autocommitted statement."""
+    return list(await conn.fetch(PG_CLAIM, worker, LEASE_SECONDS, limit, FEED_LOCK_KEY))
+
+
+async def asyncpg_complete(conn: Any, worker: str, done: Done) -> int:
+    """Write a batch's results and notifications: one autocommitted statement."""
+    rows = [d[0] for d in done]
+    written = await conn.fetch(
+        PG_COMPLETE,
+        [r[0] for r in rows],
+        [r[3] for r in rows],
+        [json.dumps(d[1]) for d in done],
+        [d[2] for d in done],
+        worker,
         [r[4] for r in rows],
         [r[5] for r in rows],
         [r[6] for r in rows],
         [r[0] for r in rows],
-        kind[0],
-        kind[1],
-        [_message(kind, r) for r in rows],
+        [_message(COMPLETED, r) for r in rows],
         [_note_data(r) for r in rows],
+        FEED_LOCK_KEY,
     )
-
-
-async def asyncpg_claim(conn: Any, worker: str, limit: int) -> list[Row]:
-    """Claim up to ``limit`` jobs and write their notifications; one transaction."""
-    async with conn.transaction():
-        rows: list[Row] = list(await conn.fetch(PG_CLAIM, worker, LEASE_SECONDS, limit))
-        if rows:
-            await _pg_notes(conn, STARTED, rows)
-    return rows
-
-
-async def asyncpg_complete(
-    conn: Any, worker: str, done: Sequence[tuple[Row, dict[str, Any], float]]
-) -> int:
-    """Write a batch's results (one statement) and notifications; one transaction."""
-    async with conn.transaction():
-        rows: list[Row] = list(
-            await conn.fetch(
-                PG_COMPLETE,
-                [d[0][0] for d in done],
-                [json.dumps(d[1]) for d in done],
-                [d[0][3] for d in done],
-                [d[2] for d in done],
-                worker,
-            )
-        )
-        if rows:
-            await _pg_notes(conn, COMPLETED, rows)
-    return len(rows)
+    return len(written)
 
 
 async def asyncpg_drain(dsn: str, worker: str, batch: int) -> int:
     """Claim, run and complete batches until nothing is pending; returns jobs done."""
     conn = await asyncpg_connect(dsn)
-    return await _async_drain(conn, worker, batch, asyncpg_claim, asyncpg_complete)
+    done_count = 0
+    try:
+        while rows := await asyncpg_claim(conn, worker, batch):
+            done_count += await asyncpg_complete(conn, worker, await _run_batch(rows))
+        return done_count
+    finally:
+        await conn.close()
 
 
 async def asyncpg_pickup(
@@ -610,7 +636,7 @@ async def asyncpg_claim_times(dsn: str, iterations: int, limit: int) -> list[flo
             tx = conn.transaction()
             await tx.start()
             started = time.perf_counter()
-            await conn.fetch(PG_CLAIM, "floor", LEASE_SECONDS, limit)
+            await conn.fetch(PG_CLAIM, "floor", LEASE_SECONDS, limit, FEED_LOCK_KEY)
             times.append(time.perf_counter() - started)
             await tx.rollback()
         return times

@@ -52,7 +52,8 @@ class Target(ABC):
     """One engine: ``setup()`` once, ``clone()`` per workload, ``cleanup()`` at the end."""
 
     name: str
-    floor_driver: str  # the bare driver the application itself uses
+    floor_driver: str  # the bare driver the application's sessions use (the library's)
+    daemon_driver: str  # the bare driver the daemon writes through
     floor_drivers: tuple[str, ...]
     pickup_drivers: tuple[str, ...]
 
@@ -98,6 +99,7 @@ class SQLiteTarget(Target):
 
     name = "sqlite"
     floor_driver = "aiosqlite"
+    daemon_driver = "sqlite3"  # the daemon's write thread (app.sqlite_writer)
     floor_drivers = ("sqlite3", "aiosqlite")
     pickup_drivers = ("sqlite3",)
 
@@ -180,6 +182,7 @@ class PostgresTarget(Target):
 
     name = "postgres"
     floor_driver = "asyncpg"
+    daemon_driver = "asyncpg"
     floor_drivers = ("asyncpg",)
     pickup_drivers = ("asyncpg",)
 
