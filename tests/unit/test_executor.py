@@ -15,6 +15,7 @@ from app.services.handlers import (
     TOKEN_USAGE_MAX,
     HandlerRegistry,
     JobContext,
+    JobStopped,
     PermanentError,
     Snooze,
 )
@@ -22,6 +23,7 @@ from app.services.processor.executor import Executor, OutcomeKind, StopReason
 from app.services.queue import MAX_JSON_DEPTH, ClaimedTask
 
 release = threading.Event()
+SPIN_ENDS: list[str] = []
 
 
 def make_task(kind: str, timeout: int = 5) -> ClaimedTask:
@@ -47,6 +49,15 @@ def registry() -> HandlerRegistry:
 
     def sync_hang(ctx: JobContext) -> None:
         release.wait(10)
+
+    def sync_spin(ctx: JobContext) -> None:
+        n = 0
+        try:
+            while True:  # pure Python: no C call to wait out
+                n += 1
+        except JobStopped:
+            SPIN_ENDS.append("JobStopped")
+            raise
 
     async def perm(ctx: JobContext) -> None:
         raise PermanentError("no text")
@@ -207,6 +218,45 @@ async def test_timeouts_of_async_and_sync_handlers(registry: HandlerRegistry) ->
 
 async def _noop(current: int, total: int | None, message: str | None) -> None:
     return None
+
+
+@pytest.mark.parametrize("reason", [None, StopReason.CANCEL_REQUESTED])
+async def test_a_sync_handler_stopped_gets_job_stopped_in_its_thread(
+    registry: HandlerRegistry, reason: StopReason | None
+) -> None:
+    """A thread cannot be killed: the executor raises JobStopped in it instead (at its
+    next Python instruction), so a timed-out or cancelled plain ``def`` handler ends
+    rather than running on beside the job's next run (a retry started while it spun)."""
+    SPIN_ENDS.clear()
+    executor = Executor(registry)
+    run = asyncio.ensure_future(
+        executor.run(
+            make_task("sync_spin", timeout=1 if reason is None else 30),
+            progress_sink=_noop,
+            stop_reason=lambda: reason,
+        )
+    )
+    if reason is not None:
+        await asyncio.sleep(0.2)
+        run.cancel()  # what the engine does on a cancel request
+    outcome = await run
+    expected = OutcomeKind.FAILED if reason is None else OutcomeKind.CANCELLED
+    assert outcome.kind is expected
+    for _ in range(200):
+        if executor.abandoned_threads == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert executor.abandoned_threads == 0
+    assert SPIN_ENDS == ["JobStopped"]
+
+
+def test_a_stopped_context_refuses_progress_from_a_thread() -> None:
+    ctx = JobContext(task_id=7, kind="k", payload={})
+    assert not ctx.stopped
+    ctx._stop()
+    assert ctx.stopped
+    with pytest.raises(JobStopped, match="task 7: its run has ended"):
+        ctx.progress_threadsafe(1, 2)
 
 
 @pytest.mark.parametrize(

@@ -63,6 +63,15 @@ class Snooze(Exception):
         self.seconds = seconds
 
 
+class JobStopped(BaseException):
+    """Raised inside a plain ``def`` handler's thread when its job's run has ended without
+    it (timed out, cancelled, the daemon shutting down, its lease lost): at the thread's
+    next Python instruction, or at once by ``ctx.progress_threadsafe``. A thread blocked
+    in a C call (``time.sleep``, a socket read) sees it when the call returns. It derives
+    from BaseException, as KeyboardInterrupt does, so ``except Exception`` lets it pass:
+    let it; clean up in ``finally``."""
+
+
 class HandlerImportError(RuntimeError):
     """A module named in HANDLER_MODULES could not be imported. ``bad_setting``: the
     module itself does not exist (the setting is wrong, exit 2), as opposed to a module
@@ -113,6 +122,18 @@ class JobContext:
         self._sink = progress_sink
         self._loop = loop
         self._token_usage = 0
+        self._stopped = False
+
+    @property
+    def stopped(self) -> bool:
+        """True once this run has ended without the handler (timed out, cancelled, shutdown,
+        lease lost). A plain ``def`` handler looping over work can check it and return; its
+        result would be discarded anyway."""
+        return self._stopped
+
+    def _stop(self) -> None:
+        """The run has ended: the handler's further reports are refused."""
+        self._stopped = True
 
     @property
     def token_usage(self) -> int:
@@ -153,7 +174,10 @@ class JobContext:
     def progress_threadsafe(
         self, current: int, total: int | None = None, message: str | None = None
     ) -> None:
-        """``progress`` for plain ``def`` handlers, which run in a thread; waits for it."""
+        """``progress`` for plain ``def`` handlers, which run in a thread; waits for it.
+        Raises ``JobStopped`` once the run has ended (the thread should stop)."""
+        if self._stopped:
+            raise JobStopped(f"task {self.task_id}: its run has ended")
         if self._loop is None:
             raise RuntimeError("this context has no event loop to report progress to")
         future = asyncio.run_coroutine_threadsafe(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import json
 import logging
 import threading
@@ -17,6 +18,7 @@ from app.services import faults
 from app.services.handlers import (
     HandlerRegistry,
     JobContext,
+    JobStopped,
     PermanentError,
     ProgressSink,
     Snooze,
@@ -102,18 +104,6 @@ class Executor:
         engine itself is being torn down). Progress the handler reports after its run ended
         is dropped (``_ClosingSink``)."""
         sink = _ClosingSink(progress_sink)
-        try:
-            return await self._run(task, sink, stop_reason)
-        finally:
-            sink.closed = True
-
-    async def _run(
-        self,
-        task: ClaimedTask,
-        progress_sink: ProgressSink,
-        stop_reason: Callable[[], StopReason | None],
-    ) -> Outcome:
-        start = time.monotonic()
         ctx = JobContext(
             task_id=task.id,
             kind=task.kind,
@@ -123,9 +113,22 @@ class Executor:
             user_id=task.user_id,
             project_id=task.project_id,
             chapter_id=task.chapter_id,
-            progress_sink=progress_sink,
+            progress_sink=sink,
             loop=asyncio.get_running_loop(),
         )
+        try:
+            return await self._run(task, ctx, stop_reason)
+        finally:
+            sink.closed = True
+            ctx._stop()
+
+    async def _run(
+        self,
+        task: ClaimedTask,
+        ctx: JobContext,
+        stop_reason: Callable[[], StopReason | None],
+    ) -> Outcome:
+        start = time.monotonic()
 
         def outcome(kind: OutcomeKind, **kw: Any) -> Outcome:
             return Outcome(task, kind, time.monotonic() - start, token_usage=ctx.token_usage, **kw)
@@ -178,7 +181,7 @@ class Executor:
         # and cannot keep the process alive at exit.
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        state = {"abandoned": False}
+        state = {"abandoned": False, "running": True}
 
         def deliver(setter: Callable[[Any], None], value: Any) -> None:
             if not future.done():
@@ -186,7 +189,11 @@ class Executor:
 
         def target() -> None:
             try:
-                value = func(ctx)
+                try:
+                    value = func(ctx)
+                finally:
+                    with self._lock:  # no JobStopped is sent after this
+                        state["running"] = False
             except BaseException as exc:
                 loop.call_soon_threadsafe(deliver, future.set_exception, exc)
             else:
@@ -196,20 +203,29 @@ class Executor:
                     if state["abandoned"]:
                         self._abandoned -= 1
 
-        threading.Thread(target=target, name=f"task-{ctx.task_id}", daemon=True).start()
+        thread = threading.Thread(target=target, name=f"task-{ctx.task_id}", daemon=True)
+        thread.start()
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
             with self._lock:
+                if state["running"] and thread.ident is not None:
+                    _raise_in_thread(thread.ident, JobStopped)
                 state["abandoned"] = True
                 self._abandoned += 1
             logger.warning(
-                "task %s: sync handler thread abandoned (still running; it can no longer "
-                "write anything)",
+                "task %s: sync handler thread told to stop (JobStopped at its next Python"
+                " instruction); until it does it runs on, and can no longer write anything",
                 ctx.task_id,
                 extra={"action": "thread_abandoned", "task_id": ctx.task_id, "kind": ctx.kind},
             )
             raise
+
+
+def _raise_in_thread(thread_id: int, exc: type[BaseException]) -> None:
+    """Have ``exc`` raised in the thread ``thread_id`` at its next Python instruction
+    (CPython's PyThreadState_SetAsyncExc, as dramatiq's time limits use it)."""
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(exc))
 
 
 class _ClosingSink:
