@@ -33,6 +33,8 @@ DEFAULT_HANDLER_MODULES = ("app.services.analysis",)
 DEFAULT_RETENTION_DAYS = 14.0
 DEFAULT_FAILED_RETENTION_DAYS = 30.0
 DEFAULT_MAX_PAYLOAD_BYTES = 1_048_576
+#: A request body larger than this is refused (413) before it is read to the end.
+DEFAULT_MAX_REQUEST_BYTES = 16 * 1_048_576
 
 SUPPORTED_DRIVERS = ("sqlite+aiosqlite", "postgresql+asyncpg")
 
@@ -213,6 +215,7 @@ class Settings(BaseSettings):
     retention_days: PositiveDays = DEFAULT_RETENTION_DAYS
     failed_retention_days: PositiveDays = DEFAULT_FAILED_RETENTION_DAYS
     max_payload_bytes: int = Field(default=DEFAULT_MAX_PAYLOAD_BYTES, gt=0)
+    max_request_bytes: int = Field(default=DEFAULT_MAX_REQUEST_BYTES, gt=0)
     cors_origins: Annotated[tuple[str, ...], NoDecode] = ()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"

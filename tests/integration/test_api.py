@@ -690,6 +690,119 @@ async def test_cors_is_off_unless_configured(
         assert (bulk.status_code, bulk.headers["Allow"]) == (405, "POST")
 
 
+@pytest.mark.parametrize("engine_name", ["sqlite"])
+async def test_answers_of_the_guard_carry_cors_headers(database_url: str, db: Database) -> None:
+    """CORS is the outermost layer: the guard's 400 and 405 reach a browser as JSON it may
+    read, not as an opaque network error."""
+    app = create_app(
+        load_settings(database_url=database_url, cors_origins=("https://app.example",))
+    )
+    origin = {"Origin": "https://app.example"}
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            not_allowed = await client.get(f"{P}/tasks/bulk", headers=origin)
+            nul = await client.get(f"{P}/tasks/%00/latest", headers=origin)
+    for r, code in ((not_allowed, 405), (nul, 400)):
+        assert r.status_code == code
+        assert r.headers["access-control-allow-origin"] == "https://app.example"
+        assert "detail" in r.json()
+
+
+@pytest.mark.parametrize("field", ["priority", "max_retries", "timeout_seconds", "scheduled_at"])
+@pytest.mark.parametrize("number", ["1e400", "-1e400"])
+async def test_a_number_beyond_a_double_gets_a_422_that_is_json(
+    api: Api, field: str, number: str
+) -> None:
+    """``1e400`` is valid JSON that Python reads as infinity; echoed as ``Infinity`` the
+    detail was not JSON (JSON.parse threw). Non-finite numbers are echoed as text."""
+    headers = {**api.h("alice"), "Content-Type": "application/json"}
+    for path, body in (
+        ("/tasks", f'{{"kind": "noop", "{field}": {number}}}'),
+        ("/tasks/bulk", f'{{"tasks": [{{"kind": "noop", "{field}": {number}}}]}}'),
+    ):
+        r = await api.client.post(P + path, content=body, headers=headers)
+        assert r.status_code == 422, r.text
+        detail = json.loads(r.text, parse_constant=lambda c: pytest.fail(f"{c} in {r.text}"))
+        assert detail["detail"]
+
+
+async def test_a_large_input_is_not_echoed_back(api: Api) -> None:
+    """A body that is not an object (here 50,000 characters of text) gets a 422 naming the
+    problem without sending the body back."""
+    headers = {**api.h("alice"), "Content-Type": "application/json"}
+    body = json.dumps("x" * 50_000)
+    r = await api.client.post(f"{P}/tasks", content=body, headers=headers)
+    assert r.status_code == 422
+    assert len(r.content) < 2_000
+    [error] = r.json()["detail"]
+    assert error["input"] == "(not shown: 50,002 characters as JSON)"
+
+
+async def test_a_body_that_is_not_json_by_its_content_type_is_415(api: Api) -> None:
+    """What fetch() sends for a string body with no headers: text/plain. A 415 says what to
+    send instead (it was a 422, "Input should be a valid dictionary", echoing the body)."""
+    for path in ("/tasks", "/tasks/bulk"):
+        for kind in ("text/plain;charset=UTF-8", "application/x-www-form-urlencoded"):
+            headers = {**api.h("alice"), "Content-Type": kind}
+            r = await api.client.post(P + path, content='{"kind": "noop"}', headers=headers)
+            assert r.status_code == 415, (path, kind, r.text)
+            assert "Content-Type: application/json" in r.json()["detail"]
+    for kind in ("application/json; charset=utf-8", "application/merge-patch+json"):
+        headers = {**api.h("alice"), "Content-Type": kind}
+        r = await api.client.post(f"{P}/tasks", content='{"kind": "noop"}', headers=headers)
+        assert r.status_code == 202, (kind, r.text)
+    async with api.db.read_transaction() as s:
+        assert await s.scalar(select(func.count()).select_from(PendingAnalysis)) == 2
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-32"])
+async def test_a_body_not_in_utf8_is_400(api: Api, encoding: str) -> None:
+    """JSON is UTF-8 (RFC 8259); json.loads of bytes guessed UTF-16 and UTF-32 and took
+    them, although the docs said 400."""
+    body = '{"kind": "noop"}'.encode(encoding)
+    headers = {**api.h("alice"), "Content-Type": "application/json"}
+    r = await api.client.post(f"{P}/tasks", content=body, headers=headers)
+    assert r.status_code == 400, r.text
+    assert r.json() == {"detail": "request bodies must be UTF-8 (RFC 8259)"}
+    bom = b"\xef\xbb\xbf" + b'{"kind": "noop"}'  # a UTF-8 byte order mark is let be
+    assert (await api.client.post(f"{P}/tasks", content=bom, headers=headers)).status_code == 202
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"])
+async def test_a_body_over_max_request_bytes_is_413_before_it_is_read(
+    database_url: str, db: Database
+) -> None:
+    app = create_app(
+        load_settings(database_url=database_url, max_request_bytes=100_000, max_payload_bytes=1000)
+    )
+    async with db.write_transaction() as s:
+        _, token = await auth.create_token(s, user_id="alice")
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    tasks = [{"kind": "noop", "payload": {"text": "x" * 500}} for _ in range(300)]
+    body = json.dumps({"tasks": tasks}).encode()
+    assert len(body) > 100_000
+
+    async def streamed() -> AsyncIterator[bytes]:  # no Content-Length: found while read
+        for at in range(0, len(body), 8_192):
+            yield body[at : at + 8_192]
+
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            said = await client.post(f"{P}/tasks/bulk", content=body, headers=headers)
+            found = await client.post(f"{P}/tasks/bulk", content=streamed(), headers=headers)
+            fits = await client.post(
+                f"{P}/tasks/bulk", json={"tasks": tasks[:100]}, headers=headers
+            )
+    for r in (said, found):
+        assert r.status_code == 413, r.text
+        assert r.json()["detail"].startswith("the request body is over 100,000 bytes")
+    assert fits.status_code == 202
+    async with db.read_transaction() as s:
+        assert await s.scalar(select(func.count()).select_from(PendingAnalysis)) == 100
+
+
 LONE = "a \ud800 b"  # a lone surrogate: no UTF-8 encodes it, PostgreSQL's json refuses it
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 from collections.abc import Mapping
+from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -38,6 +40,7 @@ ERRORS: dict[int | str, dict[str, object]] = {
         " (json_invalid)"
     },
     401: {"description": "Missing, malformed or revoked token"},
+    413: {"description": "A request body over MAX_REQUEST_BYTES"},
     503: {"description": "The database is unreachable; retry after Retry-After seconds"},
 }
 
@@ -92,21 +95,52 @@ def _preflight(scope: Scope) -> bool:
     )
 
 
+#: Routes whose body is JSON: another Content-Type is a 415, not a 422 that echoes it.
+JSON_BODY_PATHS: frozenset[str] = frozenset()
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
+
+
+def _refuse(status: int, detail: str) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status)
+
+
+def _not_utf8(start: bytes) -> bool:
+    """JSON text in UTF-16 or UTF-32 (which ``json.loads`` of bytes would guess and take):
+    a NUL among its first four bytes, or a UTF-16 byte order mark. A UTF-8 BOM is let be."""
+    return b"\x00" in start[:4] or start[:2] in (b"\xff\xfe", b"\xfe\xff")
+
+
 class GuardMiddleware:
     """Refuse URLs with NUL characters (400), answer 405 for a path in ``only`` (path →
     the methods it serves) asked with any other method, and complete 405s' Allow header
-    (Starlette lists only the first matching route's methods).
+    (Starlette lists only the first matching route's methods). Request bodies: over
+    ``max_body`` bytes a 413, said by Content-Length before any of it is read or found
+    while it streams in; not UTF-8 (UTF-16, UTF-32) a 400; on ``json_paths``, a
+    Content-Type other than JSON a 415.
 
     A plain ASGI middleware: Starlette's ``BaseHTTPMiddleware`` (``@app.middleware``) runs
     every request through a task group and memory streams, which cost a POST /tasks ~15 %
     of its server time."""
 
     def __init__(
-        self, app: ASGIApp, routes: FastAPI, only: Mapping[str, tuple[str, ...]] | None = None
+        self,
+        app: ASGIApp,
+        routes: FastAPI,
+        only: Mapping[str, tuple[str, ...]] | None = None,
+        max_body: int | None = None,
+        json_paths: frozenset[str] = JSON_BODY_PATHS,
     ) -> None:
         self.app = app
         self.routes = routes
         self.only = dict(only or {})
+        self.max_body = max_body
+        self.json_paths = json_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -123,6 +157,11 @@ class GuardMiddleware:
             await JSONResponse({"detail": "Method Not Allowed"}, 405, allow)(scope, receive, send)
             return
 
+        refused = self._refused_up_front(scope, path)
+        if refused is not None:
+            await refused(scope, receive, send)
+            return
+
         async def send_allow(message: Message) -> None:
             if message["type"] == "http.response.start" and message["status"] == 405:
                 allowed = list(only) if only is not None else allowed_methods(self.routes, scope)
@@ -130,7 +169,49 @@ class GuardMiddleware:
                     MutableHeaders(scope=message)["Allow"] = ", ".join(allowed)
             await send(message)
 
-        await self.app(scope, receive, send_allow)
+        await self.app(scope, self._checked(receive), send_allow)
+
+    def _refused_up_front(self, scope: Scope, path: str) -> JSONResponse | None:
+        length = _header(scope, b"content-length")
+        if self.max_body is not None and length is not None and length.isdigit():
+            if int(length) > self.max_body:
+                return _refuse(413, self._too_large())
+        if scope["method"] == "POST" and path.rstrip("/") in self.json_paths:
+            kind = _header(scope, b"content-type")
+            media = (kind or "").split(";")[0].strip().lower()
+            if kind is not None and media != "application/json" and not media.endswith("+json"):
+                return _refuse(
+                    415,
+                    "the body must be JSON, sent as Content-Type: application/json"
+                    f" (got {kind[:100]!r})",
+                )
+        return None
+
+    def _too_large(self) -> str:
+        return (
+            f"the request body is over {self.max_body:,} bytes (MAX_REQUEST_BYTES);"
+            " send fewer tasks a request"
+        )
+
+    def _checked(self, receive: Receive) -> Receive:
+        """``receive`` counting the body's bytes and looking at its first ones. A refusal
+        is an HTTPException, raised where the app reads the body: FastAPI lets those
+        through as they are, and answers them as JSON."""
+        seen = 0
+
+        async def checked() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                chunk: bytes = message.get("body", b"")
+                if seen == 0 and chunk and _not_utf8(chunk):
+                    raise HTTPException(400, "request bodies must be UTF-8 (RFC 8259)")
+                seen += len(chunk)
+                if self.max_body is not None and seen > self.max_body:
+                    raise HTTPException(413, self._too_large())
+            return message
+
+        return checked
 
 
 class AsciiJSONResponse(JSONResponse):
@@ -139,21 +220,60 @@ class AsciiJSONResponse(JSONResponse):
     of failing the response."""
 
     def render(self, content: object) -> bytes:
-        return json.dumps(content, separators=(",", ":")).encode("ascii")
+        return json.dumps(content, separators=(",", ":"), allow_nan=False).encode("ascii")
+
+
+#: An input echoed in a 422's detail longer than this (as JSON) is left out.
+MAX_ECHOED_INPUT_CHARS = 1_000
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with non-finite numbers as strings: ``1e400`` is valid JSON, which Python
+    reads as infinity, and a detail echoing it as ``Infinity`` is not JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _shown_error(error: dict[str, Any]) -> dict[str, Any]:
+    error = _json_safe(error)
+    if "input" in error:
+        try:
+            size = len(json.dumps(error["input"], allow_nan=False))
+        except (TypeError, ValueError):
+            size = MAX_ECHOED_INPUT_CHARS + 1
+        if size > MAX_ECHOED_INPUT_CHARS:
+            error["input"] = f"(not shown: {size:,} characters as JSON)"
+    return error
 
 
 async def _on_invalid_request(request: Request, exc: Exception) -> Response:
-    """FastAPI's 422, whose details echo the input, written so that any input can be."""
+    """FastAPI's 422, whose details echo the input, written so that any input can be: as
+    JSON (non-finite numbers as strings), without inputs over MAX_ECHOED_INPUT_CHARS (a
+    30 MB body sent as text/plain came back whole)."""
     if not isinstance(exc, RequestValidationError):
         raise exc
-    errors = jsonable_encoder(exc.errors())
+    errors = [_shown_error(e) for e in jsonable_encoder(exc.errors())]
     return AsciiJSONResponse({"detail": errors}, 422)
 
 
-def install(app: FastAPI, only: Mapping[str, tuple[str, ...]] | None = None) -> None:
+def install(
+    app: FastAPI,
+    only: Mapping[str, tuple[str, ...]] | None = None,
+    *,
+    max_body: int | None = None,
+    json_paths: frozenset[str] = JSON_BODY_PATHS,
+) -> None:
     """Register the handlers that turn outages into 503s, and the URL guard (``only``: paths
-    that serve only these methods, whatever other routes their URL also matches)."""
-    app.add_middleware(GuardMiddleware, routes=app, only=only)
+    that serve only these methods, whatever other routes their URL also matches;
+    ``max_body``, ``json_paths``: GuardMiddleware's body checks)."""
+    app.add_middleware(
+        GuardMiddleware, routes=app, only=only, max_body=max_body, json_paths=json_paths
+    )
     for kind in (*UNAVAILABLE, DBAPIError):
         app.add_exception_handler(kind, _on_dbapi_error)
     app.add_exception_handler(RequestValidationError, _on_invalid_request)

@@ -45,7 +45,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
-    if settings.cors_origins:
+    # /tasks/bulk takes POST only: without this, a GET would read "bulk" as a task id
+    errors.install(
+        app,
+        only={f"{API_PREFIX}/tasks/bulk": ("POST",)},
+        # room for one task of MAX_PAYLOAD_BYTES written with \uXXXX escapes, always
+        max_body=max(settings.max_request_bytes, 6 * settings.max_payload_bytes + 65_536),
+        json_paths=frozenset({f"{API_PREFIX}/tasks", f"{API_PREFIX}/tasks/bulk"}),
+    )
+    if settings.cors_origins:  # added last, so outermost: the guard's answers get CORS too
         app.add_middleware(
             CORSMiddleware,
             allow_origins=list(settings.cors_origins),
@@ -53,8 +61,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
             expose_headers=["Location", "Retry-After"],
         )
-    # /tasks/bulk takes POST only: without this, a GET would read "bulk" as a task id
-    errors.install(app, only={f"{API_PREFIX}/tasks/bulk": ("POST",)})
     for router in (tasks.router, notifications.router, status.router, queues.router):
         app.include_router(router, prefix=API_PREFIX)
     app.include_router(health.router)
