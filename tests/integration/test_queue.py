@@ -1681,3 +1681,52 @@ async def test_concurrent_bulks_sharing_keys_in_other_orders_do_not_deadlock(
             s, [{"kind": "k", "idempotency_key": key} for key in ("z", "a", "m")]
         )
     assert [r.id for r in done] == sorted(r.id for r in done)
+
+
+@pytest.mark.parametrize("engine_name", ["postgresql"])
+async def test_a_key_whose_holder_is_deleted_mid_enqueue_is_enqueued(db: Database) -> None:
+    """PostgreSQL: the keyed INSERT saw the key's holder (ON CONFLICT DO NOTHING), the
+    pruner deleted it and committed, and the SELECT that looks holders up found nothing:
+    the enqueue raised KeyError (a 500 from the API, seen under load). The key is free
+    now, so the next round inserts it; holders found are locked against deletion until
+    the caller's transaction ends."""
+    async with db.write_transaction() as s:
+        [old] = await queue.enqueue_tasks(s, [{"kind": "noop", "idempotency_key": "k-1"}])
+        # statement-level: it fires after every INSERT, rows inserted or not, and holds the
+        # enqueue between its INSERT and its SELECT while the delete commits
+        await s.execute(
+            text(
+                "CREATE FUNCTION slow_insert() RETURNS trigger LANGUAGE plpgsql AS"
+                " $$ BEGIN PERFORM pg_sleep(0.5); RETURN NULL; END $$"
+            )
+        )
+        await s.execute(
+            text(
+                "CREATE TRIGGER slow_insert AFTER INSERT ON pending_analysis"
+                " FOR EACH STATEMENT EXECUTE FUNCTION slow_insert()"
+            )
+        )
+
+    async def enqueue() -> tuple[list[queue.EnqueuedTask], int | None]:
+        async with db.write_transaction() as s:
+            results = await queue.enqueue_tasks(
+                s,
+                [
+                    {"kind": "noop", "idempotency_key": "k-1"},
+                    {"kind": "noop", "idempotency_key": "k-2"},
+                ],
+            )
+            row = await queue.get_task(s, results[0].id)
+            return results, None if row is None else row.id
+
+    async def prune() -> None:
+        await asyncio.sleep(0.2)  # inside the enqueue's first INSERT
+        async with db.write_transaction() as s:
+            await s.execute(text("DELETE FROM pending_analysis WHERE id = :id"), {"id": old.id})
+
+    (results, read_back), _ = await asyncio.gather(enqueue(), prune())
+    assert results[0].created and results[0].id != old.id
+    assert read_back == results[0].id
+    async with db.read_transaction() as s:
+        keys = (await s.execute(select(PendingAnalysis.id, PendingAnalysis.idempotency_key))).all()
+    assert sorted(keys) == sorted([(results[0].id, "k-1"), (results[1].id, "k-2")])

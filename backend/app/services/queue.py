@@ -52,6 +52,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from app.config import QUEUE_NAME_RULE, KeyLimit, RateLimit, is_queue_name
@@ -1044,6 +1045,11 @@ async def _lock_keys(session: AsyncSession, specs: list[TaskSpec]) -> None:
     await session.execute(_KEY_LOCKS, {"keys": keys})
 
 
+#: Rounds of insert-or-find for keyed rows: a round ends short only when a holder of one
+#: of the keys was deleted between its two statements.
+KEYED_INSERT_ROUNDS = 4
+
+
 async def _insert_keyed(
     session: AsyncSession, specs: list[TaskSpec], now: datetime | None
 ) -> dict[str, EnqueuedTask]:
@@ -1056,20 +1062,30 @@ async def _insert_keyed(
         .on_conflict_do_nothing(index_elements=[T.idempotency_key])
         .returning(T.id, T.idempotency_key)
     )
-    created: dict[str, EnqueuedTask] = {
-        key: EnqueuedTask(task_id, True)
-        for task_id, key in (
-            await session.execute(stmt, _with_clock([s.row() for s in specs], now))
-        ).all()
-        if key
-    }
-    missing = {s.idempotency_key for s in specs} - created.keys()
-    if missing:
+    created: dict[str, EnqueuedTask] = {}
+    todo = specs
+    for _ in range(KEYED_INSERT_ROUNDS):
+        inserted = await session.execute(stmt, _with_clock([s.row() for s in todo], now))
+        created.update({key: EnqueuedTask(task_id, True) for task_id, key in inserted.all() if key})
+        missing = {s.idempotency_key for s in todo} - created.keys()
+        if not missing:
+            return created
+        # The holders, locked against deletion until this transaction ends (KEY SHARE does
+        # not hold back a daemon's updates), so the caller's read of them finds them.
         found = await session.execute(
-            select(T.id, T.idempotency_key).where(T.idempotency_key.in_(missing))
+            select(T.id, T.idempotency_key)
+            .where(T.idempotency_key.in_(missing))
+            .with_for_update(key_share=True, read=True)
         )
         created.update({key: EnqueuedTask(task_id, False) for task_id, key in found.all() if key})
-    return created
+        # PostgreSQL: a holder deleted (pruned) between the INSERT, which saw it, and the
+        # SELECT, which did not: its key is free now, so the next round inserts it.
+        todo = [s for s in specs if s.idempotency_key not in created]
+        if not todo:
+            return created
+    raise OperationalError(
+        "enqueue", {}, RuntimeError("idempotency keys deleted while enqueued; retry")
+    )
 
 
 async def notify_daemons(session: AsyncSession, *, cancel: bool = False) -> None:
