@@ -46,8 +46,12 @@ ERRORS: dict[int | str, dict[str, object]] = {
 
 
 def _unavailable(request: Request, exc: Exception) -> JSONResponse:
+    what = "database unavailable"
+    if isinstance(exc, PoolTimeoutError):  # the database answers; this process is overloaded
+        what = "every pooled database connection busy (overload, not an outage)"
     logger.warning(
-        "database unavailable for %s %s: %s",
+        "%s for %s %s: %s",
+        what,
         request.method,
         request.url.path,
         str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__,

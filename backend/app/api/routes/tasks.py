@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Path, Query, Request, Response, status
 from fastapi.responses import JSONResponse
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.api.deps import MAX_ID, CallerDep, DbDep, SettingsDep, TaskId
 from app.api.errors import ERRORS
@@ -63,6 +64,22 @@ async def _load(db: Database, task_id: int, caller: Principal) -> Any:
     if task is None:
         raise HTTPException(404, f"task {task_id} not found")
     return task
+
+
+async def _owned(session: AsyncSession, task_id: int, caller: Principal) -> None:
+    """404 unless the task exists and the caller may act on it."""
+    if await queue.get_task(session, task_id, user_id=caller.scope) is None:
+        raise HTTPException(404, f"task {task_id} not found")
+
+
+async def _answer(session: AsyncSession, task_id: int) -> TaskPublic:
+    """The task as the caller may see it, read in ``session``'s transaction."""
+    await session.flush()
+    task = await queue.get_task(session, task_id)
+    if task is None:
+        raise HTTPException(404, f"task {task_id} not found")
+    await session.refresh(task)
+    return TaskPublic.of(task)
 
 
 def _task_location(request: Request, task_id: int) -> str:
@@ -213,15 +230,18 @@ async def get_task(task_id: TaskId, caller: CallerDep, db: DbDep) -> TaskPublic:
 )
 async def retry_task(task_id: TaskId, caller: CallerDep, db: DbDep) -> TaskPublic:
     """A failed or cancelled task back to pending, with a fresh retry budget."""
-    await _load(db, task_id, caller)
+    # One transaction reads, changes and answers: a 503 never follows a committed change
+    # (a client retrying it as told would get a 409).
     async with db.write_transaction() as session:
+        await _owned(session, task_id, caller)
         outcome = await queue.retry_task(session, task_id)
+        answer = await _answer(session, task_id)
     if outcome is queue.RetryOutcome.NOT_FOUND:
         raise HTTPException(404, f"task {task_id} not found")
     if outcome is queue.RetryOutcome.NOT_RETRYABLE:
         raise HTTPException(409, "only failed or cancelled tasks can be retried")
     stats.forget(db)  # the task is no longer among the finished ones /status counts
-    return TaskPublic.of(await _load(db, task_id, caller))
+    return answer
 
 
 @router.post(
@@ -240,15 +260,16 @@ async def cancel_task(
     task_id: TaskId, caller: CallerDep, db: DbDep, response: Response
 ) -> TaskPublic:
     """pending → cancelled now (200); processing → cancelled by its daemon (202)."""
-    await _load(db, task_id, caller)
-    async with db.write_transaction() as session:
+    async with db.write_transaction() as session:  # one transaction: see retry_task
+        await _owned(session, task_id, caller)
         outcome = await queue.request_cancel(session, task_id)
+        answer = await _answer(session, task_id)
     if outcome is queue.CancelOutcome.NOT_FOUND:
         raise HTTPException(404, f"task {task_id} not found")
     if outcome is queue.CancelOutcome.FINISHED:
         raise HTTPException(409, "the task has already finished")
     response.status_code = 202 if outcome is queue.CancelOutcome.REQUESTED else 200
-    return TaskPublic.of(await _load(db, task_id, caller))
+    return answer
 
 
 # A chapter id may hold "/" (deps.AnyText).
