@@ -12,7 +12,7 @@ import weakref
 from datetime import UTC, datetime
 from typing import Any
 
-CONTEXT_FIELDS = ("action", "task_id", "kind", "processor_id")
+CONTEXT_FIELDS = ("action", "task_id", "kind", "attempt", "final", "processor_id")
 #: Fields every JSON line of this process carries (the daemon sets processor_id).
 PROCESS_CONTEXT: dict[str, str] = {}
 
@@ -56,6 +56,41 @@ class TextFormatter(logging.Formatter):
             text = time.strftime(self.default_time_format, self.converter(record.created))
             self._second = (second, text)
         return f"{text},{int(record.msecs):03d}"  # logging.Formatter.default_msec_format
+
+
+#: syslog priorities of the levels (sd-daemon(3)'s "<N>" line prefixes).
+SYSLOG_PRIORITY = {"CRITICAL": 2, "ERROR": 3, "WARNING": 4, "INFO": 6, "DEBUG": 7}
+
+
+class JournalFormatter(logging.Formatter):
+    """The text format for journald: ``<N><LEVEL> <logger>: <message>``, each line of a
+    record (a traceback's too) prefixed with its syslog priority, which journald reads
+    (SyslogLevelPrefix=, on by default), so ``journalctl -p warning`` finds the failures;
+    no time, which the journal records itself."""
+
+    def __init__(self) -> None:
+        super().__init__("%(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = f"<{SYSLOG_PRIORITY.get(record.levelname, 6)}>"
+        text = super().format(record)
+        if "\n" not in text:
+            return prefix + text
+        return "\n".join(prefix + line for line in text.splitlines())
+
+
+def under_journald(stream: Any = None) -> bool:
+    """True when ``stream`` (stderr) is the journal's stream: systemd sets JOURNAL_STREAM to
+    its ``device:inode`` (systemd.exec(5))."""
+    found = os.environ.get("JOURNAL_STREAM", "")
+    device, _, inode = found.partition(":")
+    if not (device.isdigit() and inode.isdigit()):
+        return False
+    try:
+        info = os.fstat((stream or sys.stderr).fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return (info.st_dev, info.st_ino) == (int(device), int(inode))
 
 
 #: How long an INFO line may wait to be written with the lines after it.
@@ -150,6 +185,8 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     handler = BatchedStreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
+    elif under_journald():
+        handler.setFormatter(JournalFormatter())
     else:
         handler.setFormatter(TextFormatter())
     # Neither format shows the caller's file and line, thread or process: skip collecting

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
@@ -449,10 +450,17 @@ async def _completed_count_is(db: Database, n: int) -> bool:
 async def test_a_failed_run_logs_a_warning_a_completed_one_info(
     db: Database, database_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """LOG_LEVEL=WARNING (a busy daemon's setting) still shows every failure."""
+    """LOG_LEVEL=WARNING (a busy daemon's setting) still shows every failure, with its
+    kind and its fate: retried (which retry, when) or failed for good."""
     async with db.write_transaction() as s:
-        ok, bad = await queue.enqueue_tasks(
-            s, [{"kind": "noop"}, {"kind": "fail", "payload": {"permanent": True}}]
+        ok, bad, last, again = await queue.enqueue_tasks(
+            s,
+            [
+                {"kind": "noop"},
+                {"kind": "fail", "payload": {"permanent": True}},
+                {"kind": "fail", "max_retries": 0},
+                {"kind": "fail", "max_retries": 2},
+            ],
         )
     engine = ProcessorEngine(
         db,
@@ -462,18 +470,39 @@ async def test_a_failed_run_logs_a_warning_a_completed_one_info(
     caplog.set_level(logging.INFO, logger="app.processor")
     await engine.start()
     try:
-        await eventually(lambda: _all_ended(db, [ok.id, bad.id]), within=30)
+        await eventually(lambda: _all_ended(db, [ok.id, bad.id, last.id]), within=30)
+        await eventually(lambda: _retried(db, again.id), within=30)
     finally:
         await engine.stop()
     ends = {
-        (r.levelname, r.getMessage().split(" in ")[0])
+        (r.levelname, re.sub(r"\d+\.\d+ s", "_ s", r.getMessage()), getattr(r, "final", None))
         for r in caplog.records
         if getattr(r, "action", "") in ("job_completed", "job_failed")
     }
     assert ends == {
-        ("INFO", f"task {ok.id}: completed"),
-        ("WARNING", f"task {bad.id}: failed"),
+        ("INFO", f"task {ok.id} (noop): completed in _ s", None),
+        (
+            "WARNING",
+            f"task {bad.id} (fail): failed in _ s, for good (permanent): PermanentError: bad input",
+            True,
+        ),
+        (
+            "WARNING",
+            f"task {last.id} (fail): failed in _ s, for good (0 retries used):"
+            " RuntimeError: boom on attempt 1",
+            True,
+        ),
+        (
+            "WARNING",
+            f"task {again.id} (fail): failed in _ s, retry 1 of 2 in _ s:"
+            " RuntimeError: boom on attempt 1",
+            False,
+        ),
     }
+
+
+async def _retried(db: Database, task_id: int) -> bool:
+    return (await task_row(db, task_id)).retry_count == 1
 
 
 async def _all_ended(db: Database, ids: list[int]) -> bool:

@@ -23,6 +23,8 @@ def test_daemon_unit_is_notify_restarting_and_outlives_the_grace() -> None:
     service = unit("async-processor.service")
     assert service["Type"] == "notify"
     assert service["Restart"] == "always"
+    assert service["RestartPreventExitStatus"] == "2"  # a bad setting: no restart loop
+    assert service["SyslogIdentifier"] == "async-processor"
     assert service["KillSignal"] == "SIGTERM"
     assert int(service["TimeoutStopSec"]) >= DEFAULT_SHUTDOWN_GRACE_SECONDS + 15
     assert service["ExecStart"].endswith("python -m app.background_processor")
@@ -36,6 +38,8 @@ def test_api_unit_runs_the_api_command() -> None:
     service = unit("async-processor-api.service")
     assert "async-processor api" in service["ExecStart"]
     assert service["Restart"] == "always"
+    assert service["RestartPreventExitStatus"] == "2"
+    assert service["SyslogIdentifier"] == "async-processor-api"
 
 
 @pytest.mark.parametrize("field", sorted(Settings.model_fields))

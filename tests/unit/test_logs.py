@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -153,3 +157,44 @@ def test_the_text_format_reuses_a_seconds_stamp_and_writes_what_logging_writes()
         record.created, record.msecs = created, (created - int(created)) * 1000
         assert cached.format(record) == plain.format(record)
         assert cached.formatTime(record, "%H:%M") == plain.formatTime(record, "%H:%M")
+
+
+def test_under_journald_each_line_carries_its_priority(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """systemd hands a unit's stderr to journald and says so in JOURNAL_STREAM
+    (device:inode); lines then start with their syslog priority, which journald reads, so
+    `journalctl -p warning` finds the failures (without it every line was "info")."""
+    path = tmp_path / "stderr"
+    code = (
+        "import logging, sys\n"
+        "from app.logs import setup_logging\n"
+        "setup_logging('INFO', 'text')\n"
+        "log = logging.getLogger('app.processor')\n"
+        "log.info('task 1 (noop): started, attempt 1')\n"
+        "log.warning('task 2 (fail): failed')\n"
+        "try:\n"
+        "    raise RuntimeError('boom')\n"
+        "except RuntimeError:\n"
+        "    log.exception('crashed')\n"
+        "logging.shutdown()\n"
+    )
+    with path.open("wb") as err:
+        info = os.fstat(err.fileno())
+        env = {**os.environ, "JOURNAL_STREAM": f"{info.st_dev}:{info.st_ino}"}
+        subprocess.run([sys.executable, "-c", code], stderr=err, env=env, check=True)
+    lines = path.read_text().splitlines()
+    assert lines[:3] == [
+        "<6>INFO app.processor: task 1 (noop): started, attempt 1",
+        "<4>WARNING app.processor: task 2 (fail): failed",
+        "<3>ERROR app.processor: crashed",
+    ]
+    assert lines[3] == "<3>Traceback (most recent call last):"
+    assert all(line.startswith("<3>") for line in lines[3:])
+    # another file than the journal's stream: the plain text format, with its time
+    with path.open("wb") as err:
+        env = {**os.environ, "JOURNAL_STREAM": "1:2"}
+        subprocess.run([sys.executable, "-c", code], stderr=err, env=env, check=True)
+    first = path.read_text().splitlines()[0]
+    assert first.endswith(" INFO    app.processor: task 1 (noop): started, attempt 1")
+    assert not first.startswith("<")

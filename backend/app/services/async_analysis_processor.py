@@ -688,10 +688,16 @@ class ProcessorEngine:
 
     def _start_job(self, task: ClaimedTask, pool: SlotPool) -> None:
         logger.info(
-            "task %s: started (attempt %d)",
+            "task %s (%s): started, attempt %d",
             task.id,
+            task.kind,
             task.attempt,
-            extra={"action": "job_started", "task_id": task.id, "kind": task.kind},
+            extra={
+                "action": "job_started",
+                "task_id": task.id,
+                "kind": task.kind,
+                "attempt": task.attempt,
+            },
         )
         pool.running += 1
         job = asyncio.create_task(self._run_job(task), name=f"task-{task.id}")
@@ -824,14 +830,35 @@ class ProcessorEngine:
             self._wake_when_due(outcome.snooze_seconds)
         # A run that failed is a WARNING (retried or not), so LOG_LEVEL=WARNING, which a
         # busy daemon runs with (two INFO lines a job), still shows every failure.
+        final = None
+        fate = ""
+        if outcome.kind is OutcomeKind.FAILED:
+            final = outcome.permanent or task.retry_count >= task.max_retries
+            if outcome.permanent:
+                fate = ", for good (permanent)"
+            elif final:
+                fate = f", for good ({task.max_retries} retries used)"
+            else:
+                fate = (
+                    f", retry {task.retry_count + 1} of {task.max_retries}"
+                    f" in {outcome.retry_delay or 0:.1f} s"
+                )
         logger.log(
             logging.WARNING if outcome.kind is OutcomeKind.FAILED else logging.INFO,
-            "task %s: %s in %.3f s%s",
+            "task %s (%s): %s in %.3f s%s%s",
             task.id,
+            task.kind,
             outcome.kind.value,
             outcome.duration,
+            fate,
             f": {outcome.error.splitlines()[0]}" if outcome.error else "",
-            extra={"action": f"job_{outcome.kind.value}", "task_id": task.id, "kind": task.kind},
+            extra={
+                "action": f"job_{outcome.kind.value}",
+                "task_id": task.id,
+                "kind": task.kind,
+                "attempt": task.attempt,
+                **({} if final is None else {"final": final}),
+            },
         )
 
     # --- heartbeat and shutdown --------------------------------------------------------------
