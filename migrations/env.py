@@ -56,7 +56,7 @@ def _run_sync(connection: Connection) -> None:
 
 
 async def _run_async() -> None:
-    engine = make_engine(_database_url(), pool_size=1)
+    engine = make_engine(_database_url(), pool_size=1, create_folder=True)
     try:
         async with engine.connect() as connection:
             await connection.run_sync(_run_sync)

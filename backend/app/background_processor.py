@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from app.config import QueueSpec, Settings, SettingsError, load_settings
-from app.db import Database
+from app.db import Database, login_refused
 from app.logs import PROCESS_CONTEXT, setup_logging
 from app.schema import BadDatabaseURL, SchemaError, check_migrated
 from app.services import faults
@@ -35,6 +35,7 @@ from app.services.handlers import (
 )
 from app.services.processor.looper import ErrorBackoff, is_transient
 from app.services.schedules import resolve_schedules, schedule_defaults
+from app.text import error_line
 
 logger = logging.getLogger("app.processor")
 
@@ -77,6 +78,11 @@ async def _wait_for_schema(db: Database) -> None:
             return
         except SchemaError as exc:
             cause = exc.__cause__
+            if cause is not None and login_refused(cause):
+                raise SchemaError(
+                    f"the database refused the login ({error_line(cause)}); check"
+                    " ASYNC_PROCESSOR_DATABASE_URL"
+                ) from cause
             if cause is None or not is_transient(cause):
                 raise
             await asyncio.sleep(backoff.failed(cause))

@@ -322,6 +322,7 @@ def make_engine(
     echo: bool = False,
     pre_ping: bool = True,
     inline: bool = False,
+    create_folder: bool = False,
 ) -> AsyncEngine:
     """An async engine for sqlite+aiosqlite or postgresql+asyncpg, configured for the queue.
 
@@ -332,10 +333,13 @@ def make_engine(
     aiosqlite's (only for the write thread of app.sqlite_writer). Otherwise a SQLite file
     is opened with app.sqlite_conn's one-trip cursors (one hand-off to aiosqlite's thread
     a statement instead of four).
+    ``create_folder`` (SQLite files): make the file's folder if it is missing, as
+    ``migrate`` does; other commands only read and say that no database is there (a typo
+    in the path left a root-owned folder behind).
     """
     if is_sqlite_url(url):
         path = sqlite_path(url)
-        if path is not None and not path.as_posix().startswith("file:"):  # not a file: URI
+        if create_folder and path is not None and not path.as_posix().startswith("file:"):
             path.expanduser().parent.mkdir(parents=True, exist_ok=True)
         if inline and path is not None:
             from app.sqlite_writer import connect_inline
@@ -754,6 +758,14 @@ def database_unavailable(exc: BaseException) -> bool:
     if code.startswith(("08", "53", "57P", "28")) or code == "3D000":
         return True
     return code == "55000" and "accepting connections" in str(exc)
+
+
+def login_refused(exc: BaseException) -> bool:
+    """PostgreSQL refused the login itself: a wrong user or password (SQLSTATE class 28) or
+    no such database (3D000). Transient in a running process (a password rotation, a
+    restore), a setting to fix in one that is starting."""
+    code = sqlstate(exc)
+    return code is not None and (code.startswith("28") or code == "3D000")
 
 
 def sqlstate(exc: BaseException) -> str | None:

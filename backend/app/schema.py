@@ -13,6 +13,8 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.text import error_line
+
 if TYPE_CHECKING:
     from alembic.config import Config
 
@@ -138,13 +140,18 @@ async def check_migrated(engine: AsyncEngine) -> None:
     path = _file_of(sqlite_path(engine.url))
     if path is not None and not path.expanduser().exists():
         # Checked before connecting: SQLite would create an empty file there.
-        raise SchemaError(f"no database file at {path}; {MIGRATE_HINT}")
+        where = str(path)
+        if not path.expanduser().is_absolute():
+            where += (
+                f" (relative to the current folder, {Path.cwd()}: is"
+                " ASYNC_PROCESSOR_DATABASE_URL set? An absolute path takes four slashes,"
+                " sqlite+aiosqlite:////var/lib/…)"
+            )
+        raise SchemaError(f"no database file at {where}; {MIGRATE_HINT}")
     try:
         current = await current_revision(engine)
     except (SQLAlchemyError, OSError) as exc:  # OSError: asyncpg cannot reach the server
-        raise SchemaError(
-            f"cannot read the schema version ({exc.__class__.__name__}: {exc})"
-        ) from exc
+        raise SchemaError(f"cannot read the database ({error_line(exc)})") from exc
     except URL_ERRORS as exc:
         raise BadDatabaseURL(
             f"the database URL cannot be used ({exc.__class__.__name__}: {exc})"

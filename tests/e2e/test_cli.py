@@ -266,6 +266,26 @@ def test_unmigrated_database_says_what_to_run(tmp_path: Path) -> None:
     assert r.returncode == 1 and "async-processor migrate" in r.stderr
     assert "no database file at" in r.stderr
     assert not (tmp_path / "x.db").exists()  # a read leaves no empty database behind
+    # nor a folder: a typo in the path left a root-owned one
+    away = {**env, "ASYNC_PROCESSOR_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/typo/x.db"}
+    r = subprocess.run(
+        [script, "status"], env=away, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert r.returncode == 1 and not (tmp_path / "typo").exists()
+    # a relative path (three slashes) says where it looked and how to spell an absolute one
+    here = {**env, "ASYNC_PROCESSOR_DATABASE_URL": "sqlite+aiosqlite:///rel/x.db"}
+    r = subprocess.run(
+        [script, "status"],
+        env=here,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert r.returncode == 1
+    assert f"no database file at rel/x.db (relative to the current folder, {tmp_path}" in r.stderr
+    assert "four slashes" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = subprocess.run(
         [script, "migrate"], env=env, capture_output=True, text=True, timeout=60, check=False
     )

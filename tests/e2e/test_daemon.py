@@ -18,6 +18,7 @@ from app.db import Database
 from app.models import AnalysisNotification, PendingAnalysis, Processor
 from app.services import queue
 from app.services.analysis import analyze_chapter
+from tests import pg
 from tests.e2e.daemon import Daemon
 from tests.helpers import all_in, enqueue_many, eventually, task_row
 
@@ -168,6 +169,23 @@ async def test_unmigrated_database_exits_with_a_hint(tmp_path: Path) -> None:
     assert daemon.wait(30) == 1
     assert "async-processor migrate" in daemon.log()
     assert not (tmp_path / "empty.db").exists()
+
+
+async def test_a_login_the_database_refuses_stops_the_start(
+    tmp_path: Path, pg_available: bool
+) -> None:
+    """No such database (3D000; a wrong password is class 28 alike): a setting to fix, not
+    an outage to wait out. Exit 1 with one line naming it (it retried, never READY, until
+    systemd's start timeout killed it)."""
+    if not pg_available:
+        pytest.skip("PostgreSQL not reachable")
+    url = pg.url_for("async_processor_no_such_database")
+    daemon = Daemon(url, tmp_path).start()
+    assert daemon.wait(30) == 1
+    log = daemon.log()
+    assert "cannot start: the database refused the login (" in log
+    assert 'database "async_processor_no_such_database" does not exist' in log
+    assert "check ASYNC_PROCESSOR_DATABASE_URL" in log and "Traceback" not in log
 
 
 async def test_a_stop_while_the_database_is_unreachable_ends_the_wait(tmp_path: Path) -> None:

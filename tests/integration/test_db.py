@@ -84,9 +84,12 @@ async def test_read_transaction_does_not_take_the_write_lock(
             other_connection.execute("ROLLBACK")
 
 
-async def test_make_engine_creates_the_sqlite_folder(tmp_path: Path) -> None:
+async def test_make_engine_creates_the_sqlite_folder_when_asked(tmp_path: Path) -> None:
+    """migrate asks; the other commands only read, and a typo in the path left a folder."""
     path = tmp_path / "not" / "yet" / "q.db"
-    engine = make_engine(f"sqlite+aiosqlite:///{path}")
+    make_engine(f"sqlite+aiosqlite:///{path}")
+    assert not path.parent.exists()
+    engine = make_engine(f"sqlite+aiosqlite:///{path}", create_folder=True)
     try:
         assert path.parent.is_dir()  # created up front, before any connection
         async with engine.connect() as conn:
