@@ -346,15 +346,22 @@ def enqueue(
     }
     spec = build_spec(conf, item, "enqueue")
 
-    async def work(db: Database) -> int:
+    async def work(db: Database) -> queue.EnqueuedTask:
         async with db.write_transaction() as session:
             results = await queue.enqueue_tasks(session, [spec])
             if await queue.held_by_others(session, [spec], results):
                 await session.rollback()
                 _key_conflict(spec)
-        return results[0].id
+        return results[0]
 
-    print(with_db(work))
+    result = with_db(work)
+    if not result.created:  # stdout stays the id alone, for scripts
+        print(
+            f"task {result.id} already holds idempotency key {spec.idempotency_key!r}:"
+            " nothing enqueued",
+            file=sys.stderr,
+        )
+    print(result.id)
 
 
 def _task_dict(task: PendingAnalysis) -> dict[str, Any]:
@@ -413,6 +420,8 @@ def tasks_list(
     if as_json:
         print(json.dumps([_task_dict(t) for t in rows], default=str))
         return
+    if len(rows) == limit:
+        print(f"the newest {limit} shown; --limit N for more", file=sys.stderr)
     table = Table("id", "kind", "queue", "status", "pri", "attempts", "user", "created")
     for t in rows:
         table.add_row(

@@ -421,6 +421,9 @@ async def test_enqueue_with_another_users_idempotency_key_exits_2(
     assert first.returncode == 0, first.stderr
     again = cli(*base, "k1", "--user", "alice")
     assert (again.returncode, again.stdout) == (0, first.stdout)
+    held_id = first.stdout.strip()
+    assert again.stderr == f"task {held_id} already holds idempotency key 'k1': nothing enqueued\n"
+    assert first.stderr == ""
     other = cli(*base, "k1", "--user", "bob")
     assert other.returncode == 2, other.stdout
     assert "idempotency key 'k1' is already used by another user's task" in other.stderr
@@ -435,6 +438,9 @@ async def test_enqueue_with_another_users_idempotency_key_exits_2(
     refused = cli("enqueue", "--bulk", str(held))
     assert refused.returncode == 2 and "task 1: idempotency key 'k1'" in refused.stderr
     assert await count(db) == 2
+    listed = cli("tasks", "list", "--limit", "2")
+    assert listed.returncode == 0 and "the newest 2 shown; --limit N for more" in listed.stderr
+    assert "more" not in cli("tasks", "list", "--limit", "3").stderr
 
 
 async def test_enqueue_refuses_a_payload_over_the_limit(

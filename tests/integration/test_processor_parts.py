@@ -557,3 +557,35 @@ async def test_progress_backs_off_while_the_database_refuses_it(
     assert "UPDATE" not in logged[0][1]  # one line, without the statement
     assert logged[1][1].endswith("); reports dropped for 2 s")
     assert logged[2][1] == f"task {t.id}: progress recorded again (2 report(s) dropped meanwhile)"
+
+
+async def test_the_processors_row_says_draining_as_the_stop_begins(
+    db: Database, database_url: str
+) -> None:
+    """Not at the next beat (a third of the lease later): `status` during a systemctl stop
+    showed the daemon running, 0 in flight."""
+    async with db.write_transaction() as s:
+        [job] = await queue.enqueue_tasks(s, [{"kind": "sleep", "payload": {"seconds": 2}}])
+    engine = ProcessorEngine(
+        db,
+        REGISTRY,
+        EngineConfig(database_url=database_url, concurrency=1, lease_seconds=30, shutdown_grace=5),
+    )
+    await engine.start()
+    try:
+        await eventually(lambda: _status_is(db, job.id, "processing"), within=10)
+        engine.request_stop()
+        await eventually(lambda: _row_state(db, engine.processor_id, "draining", 1), within=2)
+    finally:
+        await engine.stop()
+    assert await _row_state(db, engine.processor_id, "stopped", 0)
+
+
+async def _status_is(db: Database, task_id: int, status: str) -> bool:
+    return (await task_row(db, task_id)).status == status
+
+
+async def _row_state(db: Database, processor_id: str, state: str, in_flight: int) -> bool:
+    async with db.read_transaction() as s:
+        row = (await s.scalars(select(Processor).where(Processor.id == processor_id))).one()
+    return (row.state, row.in_flight) == (state, in_flight)

@@ -395,6 +395,7 @@ class ProcessorEngine:
             return
         self._stopping = True
         self._claiming_stopped.set()
+        self._check_cancels.set()  # a beat now: the processors row says draining at once
         grace = self.config.shutdown_grace if grace is None else grace
         logger.info(
             "shutdown: claiming stopped; %d jobs get up to %.1f s to finish",
