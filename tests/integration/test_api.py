@@ -246,6 +246,15 @@ async def test_urls_with_nul_characters_are_refused(api: Api) -> None:
     assert (await api.get("alice", "/tasks?kind=noop")).status_code == 200
 
 
+async def test_a_trailing_slash_is_a_404_not_a_redirect(api: Api) -> None:
+    """Starlette answered 307 to an absolute http:// URL built from the request: wrong
+    behind a TLS proxy, and browsers drop Authorization when a redirect changes origin."""
+    for method, path in (("GET", "/tasks/"), ("POST", "/tasks/"), ("GET", "/status/")):
+        r = await api.client.request(method, P + path, headers=api.h("alice"), json={})
+        assert r.status_code == 404, (method, path, r.status_code)
+        assert "location" not in r.headers and "detail" in r.json()
+
+
 async def test_method_not_allowed_lists_every_method_of_the_path(api: Api) -> None:
     """Starlette names only the first matching route's methods; the guard names them all."""
     r = await api.client.delete(f"{P}/tasks", headers=api.h("alice"))

@@ -1181,10 +1181,15 @@ async def test_cancel_task_by_its_daemon(db: Database) -> None:
 async def test_update_progress_and_notify(db: Database) -> None:
     task_id = await enqueue(db)
     [t] = await claim(db)
+    claimed_at = (await task_row(db, task_id)).updated_at
+    await asyncio.sleep(0.01)
     async with db.write_transaction() as s:
         assert await queue.update_progress(
             s, task_id=t.id, processor_id=PID, attempt=1, current=1, total=4, message="tokenizing"
         )
+    # a client polling for changes watches updated_at: progress moves it
+    assert (await task_row(db, task_id)).updated_at > claimed_at
+    async with db.write_transaction() as s:
         assert await queue.update_progress(
             s, task_id=t.id, processor_id=PID, attempt=1, current=2, total=4, notify=True
         )

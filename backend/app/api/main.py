@@ -43,6 +43,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         description="Enqueue analysis tasks, follow their progress, read notifications.",
         lifespan=lifespan,
+        # `/tasks/` is a 404, not a 307 to an absolute http:// URL (wrong behind a TLS
+        # proxy, and a browser drops Authorization across origins on the redirect)
+        redirect_slashes=False,
     )
     app.state.settings = settings
     # /tasks/bulk takes POST only: without this, a GET would read "bulk" as a task id

@@ -2266,11 +2266,17 @@ async def update_progress(
     message: str | None = None,
     notify: bool = False,
 ) -> bool:
-    """Record a running job's progress (fenced); with ``notify``, also a notification."""
+    """Record a running job's progress (fenced), and the row's ``updated_at`` with it (a
+    client polling for changes watches that); with ``notify``, also a notification."""
     stmt = (
         update(TASKS)
         .where(_fenced(task_id, processor_id, attempt))
-        .values(progress_current=current, progress_total=total, progress_message=message)
+        .values(
+            progress_current=current,
+            progress_total=total,
+            progress_message=message,
+            updated_at=now_sql(dialect_of(session)),
+        )
         .returning(*REF_COLUMNS)
     )
     row = (await session.execute(stmt)).first()
