@@ -662,7 +662,8 @@ def queues_resume(name: str) -> None:
 def prune(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only count what would go.")] = False,
 ) -> None:
-    """Delete finished tasks and read notifications past their retention."""
+    """Delete finished tasks, read notifications and stopped processors' rows past their
+    retention."""
     from app.services import notifications
     from app.services.processor.pruner import Pruner
 
@@ -678,15 +679,16 @@ def prune(
 
         result = with_db(work)
         print(
-            f"pruned {result.tasks} tasks (with their notifications) "
-            f"and {result.notifications} other read notifications"
+            f"pruned {result.tasks} tasks (with their notifications), "
+            f"{result.notifications} other read notifications "
+            f"and {result.processors} stopped processors"
         )
         return
     now = datetime.now(UTC)
     completed_before = now - timedelta(days=conf.retention_days)
     failed_before = now - timedelta(days=conf.failed_retention_days)
 
-    async def count(db: Database) -> tuple[int, int]:
+    async def count(db: Database) -> tuple[int, int, int]:
         async with db.read_transaction() as session:
             tasks = await queue.count_prunable(
                 session, completed_before=completed_before, failed_before=failed_before
@@ -696,11 +698,15 @@ def prune(
                 read_before=now - timedelta(days=conf.retention_days),
                 sparing=queue.prunable(completed_before, failed_before),
             )
-        return tasks, notes
+            daemons = await queue.count_prunable_processors(
+                session, stopped_before=now - timedelta(days=conf.retention_days)
+            )
+        return tasks, notes, daemons
 
-    tasks, notes = with_db(count)
+    tasks, notes, daemons = with_db(count)
     print(
-        f"would prune {tasks} tasks (with their notifications) and {notes} other read notifications"
+        f"would prune {tasks} tasks (with their notifications), {notes} other read"
+        f" notifications and {daemons} stopped processors"
     )
 
 

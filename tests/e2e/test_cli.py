@@ -211,9 +211,9 @@ async def test_prune_counts_what_it_deletes(cli: Run, db: Database) -> None:
     (its notifications go with it) and the read notifications of tasks that stay."""
     from datetime import UTC, datetime, timedelta
 
-    from sqlalchemy import update
+    from sqlalchemy import select, update
 
-    from app.models import AnalysisNotification, PendingAnalysis
+    from app.models import AnalysisNotification, PendingAnalysis, Processor
 
     old, kept = (int(cli("enqueue", "noop").stdout) for _ in range(2))
     async with db.write_transaction() as s:
@@ -225,11 +225,30 @@ async def test_prune_counts_what_it_deletes(cli: Run, db: Database) -> None:
             update(PendingAnalysis).where(PendingAnalysis.id == old).values(completed_at=past)
         )
         await s.execute(update(AnalysisNotification).values(is_read=True, read_at=past))
-    expected = "prune 1 tasks (with their notifications) and 1 other read notifications"
+        for name in ("gone", "stopped-now", "running"):
+            await queue.register_processor(
+                s, processor_id=name, hostname="h", pid=1, version="v", concurrency=1
+            )
+        await s.execute(
+            update(Processor)
+            .where(Processor.id != "running")
+            .values(state="stopped", last_seen_at=past)
+        )
+        await s.execute(
+            update(Processor)
+            .where(Processor.id == "stopped-now")
+            .values(last_seen_at=datetime.now(UTC))
+        )
+    expected = (
+        "prune 1 tasks (with their notifications), 1 other read notifications"
+        " and 1 stopped processors"
+    )
     assert cli("prune", "--dry-run").stdout.strip() == f"would {expected}"
     assert cli("prune").stdout.strip() == f"{expected.replace('prune', 'pruned', 1)}"
     async with db.read_transaction() as s:
         assert [t.id for t in await queue.list_tasks(s)] == [kept]
+        left = (await s.scalars(select(Processor.id).order_by(Processor.id))).all()
+    assert left == ["running", "stopped-now"]
 
 
 async def test_retry_cancel_prune_and_tokens(cli: Run, db: Database) -> None:
@@ -244,7 +263,8 @@ async def test_retry_cancel_prune_and_tokens(cli: Run, db: Database) -> None:
     assert r.returncode == 0 and "retried 2 task(s)" in r.stdout
     assert cli("tasks", "retry", str(ids[0])).stdout.strip() == f"{ids[0]}: not_retryable"
     assert cli("prune", "--dry-run").stdout.strip() == (
-        "would prune 0 tasks (with their notifications) and 0 other read notifications"
+        "would prune 0 tasks (with their notifications), 0 other read notifications"
+        " and 0 stopped processors"
     )
     assert cli("prune").returncode == 0
     created = cli("token", "create", "--user", "alice", "--name", "web")

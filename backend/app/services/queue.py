@@ -2608,6 +2608,31 @@ async def reap_processors(
     return len(result.all())
 
 
+async def count_prunable_processors(session: AsyncSession, *, stopped_before: datetime) -> int:
+    """How many rows ``prune_processors`` would delete."""
+    stmt = select(func.count()).where(
+        P.state == ProcessorState.STOPPED, P.last_seen_at < stopped_before
+    )
+    return int((await session.execute(stmt)).scalar_one())
+
+
+async def prune_processors(
+    session: AsyncSession, *, stopped_before: datetime, batch_size: int = PRUNE_BATCH_SIZE
+) -> int:
+    """Delete up to ``batch_size`` rows of processors that stopped (or were found dead) and
+    were last seen before ``stopped_before``: every daemon start leaves one row, and they
+    piled up for good. Returns how many."""
+    doomed = (
+        select(P.id)
+        .where(P.state == ProcessorState.STOPPED, P.last_seen_at < stopped_before)
+        .limit(batch_size)
+    )
+    result = await session.execute(
+        delete(PROCESSORS).where(P.id.in_(doomed.scalar_subquery())).returning(P.id)
+    )
+    return len(result.all())
+
+
 async def processors_on_host(
     session: AsyncSession, *, host_key: str, hostname: str, besides: str
 ) -> list[tuple[str, int]]:

@@ -24,6 +24,7 @@ class PruneResult:
 
     tasks: int
     notifications: int
+    processors: int = 0
 
 
 class Pruner:
@@ -65,14 +66,20 @@ class Pruner:
                 s, read_before=now - self._retention, batch_size=self._batch_size
             )
         )
-        if tasks or notes:
+        daemons = await self._drain(
+            lambda s: queue.prune_processors(
+                s, stopped_before=now - self._retention, batch_size=self._batch_size
+            )
+        )
+        if tasks or notes or daemons:
             logger.info(
-                "pruned %d finished tasks and %d read notifications",
+                "pruned %d finished tasks, %d read notifications and %d stopped processors",
                 tasks,
                 notes,
+                daemons,
                 extra={"action": "pruned"},
             )
-        return PruneResult(tasks, notes)
+        return PruneResult(tasks, notes, daemons)
 
     async def _drain(self, step: Callable[[AsyncSession], Awaitable[int]]) -> int:
         total = 0
