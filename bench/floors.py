@@ -208,11 +208,13 @@ def sqlite_notes(kind: tuple[str, str], rows: Sequence[Row], now: str) -> list[t
 # --- sqlite3 -----------------------------------------------------------------------------------
 
 
-def sqlite3_connect(path: str) -> sqlite3.Connection:
-    """A connection with the daemon's pragmas, in autocommit (we BEGIN ourselves)."""
+def sqlite3_connect(path: str, synchronous: str = "NORMAL") -> sqlite3.Connection:
+    """A connection with the daemon's pragmas, in autocommit (we BEGIN ourselves);
+    ``synchronous`` as the daemon's SQLITE_SYNCHRONOUS."""
     conn = sqlite3.connect(path, isolation_level=None, timeout=30, check_same_thread=False)
     for pragma in SQLITE_PRAGMAS:
         conn.execute(pragma)
+    conn.execute(f"PRAGMA synchronous={synchronous}")
     return conn
 
 
@@ -279,10 +281,10 @@ def run_batch(rows: Sequence[Row]) -> list[tuple[Row, dict[str, Any], float]]:
     return done
 
 
-def sqlite3_drain(path: str, worker: str, batch: int) -> int:
+def sqlite3_drain(path: str, worker: str, batch: int, synchronous: str = "NORMAL") -> int:
     """Claim, run and complete batches until nothing is pending; each batch's completion
     and the next claim share one transaction. Returns jobs done."""
-    conn = sqlite3_connect(path)
+    conn = sqlite3_connect(path, synchronous)
     done_count = 0
     try:
         rows = sqlite3_claim(conn, worker, batch)
@@ -319,10 +321,12 @@ def sqlite3_pickup(path: str, worker: str, batch: int, count: int, timeout: floa
         conn.close()
 
 
-def sqlite3_enqueue(path: str, count: int, rows: int, bulk_size: int) -> tuple[float, float]:
+def sqlite3_enqueue(
+    path: str, count: int, rows: int, bulk_size: int, synchronous: str = "NORMAL"
+) -> tuple[float, float]:
     """(seconds for ``count`` single-row transactions, seconds for ``rows`` rows inserted
     ``bulk_size`` per transaction with executemany)."""
-    conn = sqlite3_connect(path)
+    conn = sqlite3_connect(path, synchronous)
     try:
         insert = SQLITE_INSERT + " RETURNING id"
         started = time.perf_counter()
@@ -648,12 +652,13 @@ async def asyncpg_claim_times(dsn: str, iterations: int, limit: int) -> list[flo
 
 
 async def enqueue_floor(
-    driver: str, target: str, count: int, rows: int, bulk_size: int
+    driver: str, target: str, count: int, rows: int, bulk_size: int, synchronous: str = "NORMAL"
 ) -> tuple[float, float]:
     """Enqueue floor of ``driver`` against ``target`` (SQLite path or PostgreSQL DSN):
-    seconds for ``count`` single enqueues, then for ``rows`` rows ``bulk_size`` at a time."""
+    seconds for ``count`` single enqueues, then for ``rows`` rows ``bulk_size`` at a time
+    (``synchronous``: sqlite3's, for the SQLITE_SYNCHRONOUS variant)."""
     if driver == "sqlite3":
-        return await asyncio.to_thread(sqlite3_enqueue, target, count, rows, bulk_size)
+        return await asyncio.to_thread(sqlite3_enqueue, target, count, rows, bulk_size, synchronous)
     if driver == "aiosqlite":
         return await aiosqlite_enqueue(target, count, rows, bulk_size)
     return await asyncpg_enqueue(target, count, rows, bulk_size)
@@ -685,10 +690,18 @@ def rss_kb() -> dict[str, int]:
     return found
 
 
-def _run(mode: str, driver: str, target: str, batch: int, count: int, timeout: float) -> int:
+def _run(
+    mode: str,
+    driver: str,
+    target: str,
+    batch: int,
+    count: int,
+    timeout: float,
+    synchronous: str = "NORMAL",
+) -> int:
     worker = f"floor-{driver}-{os.getpid()}"
     runners: dict[tuple[str, str], Callable[[], int | Awaitable[int]]] = {
-        ("drain", "sqlite3"): lambda: sqlite3_drain(target, worker, batch),
+        ("drain", "sqlite3"): lambda: sqlite3_drain(target, worker, batch, synchronous),
         ("drain", "aiosqlite"): lambda: aiosqlite_drain(target, worker, batch),
         ("drain", "asyncpg"): lambda: asyncpg_drain(target, worker, batch),
         ("pickup", "sqlite3"): lambda: sqlite3_pickup(target, worker, batch, count, timeout),
@@ -718,9 +731,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=10)
     parser.add_argument("--count", type=int, default=0, help="pickup: jobs to wait for")
     parser.add_argument("--timeout", type=float, default=120.0)
+    parser.add_argument(
+        "--synchronous", default="NORMAL", choices=("NORMAL", "FULL"), help="sqlite3's drain"
+    )
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    done = _run(args.mode, args.driver, args.target, args.batch, args.count, args.timeout)
+    done = _run(
+        args.mode, args.driver, args.target, args.batch, args.count, args.timeout, args.synchronous
+    )
     report = {"done": done, "seconds": time.perf_counter() - started, **rss_kb()}
     print(json.dumps(report), flush=True)
     return 0

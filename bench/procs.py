@@ -328,11 +328,21 @@ class FloorWorker:
     """``python -m bench.floors MODE …``: ``start()`` returns at its READY line;
     ``result()`` waits for its JSON line."""
 
-    def __init__(self, mode: str, driver: str, target: str, batch: int, count: int = 0) -> None:
+    def __init__(
+        self,
+        mode: str,
+        driver: str,
+        target: str,
+        batch: int,
+        count: int = 0,
+        synchronous: str = "NORMAL",
+    ) -> None:
         self.args = [
             "-m",
             "bench.floors",
             mode,
+            "--synchronous",
+            synchronous,
             "--driver",
             driver,
             "--target",

@@ -93,9 +93,11 @@ def median_figures(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 @contextlib.asynccontextmanager
-async def database(url: str, pool_size: int = 2) -> AsyncIterator[Database]:
+async def database(
+    url: str, pool_size: int = 2, sqlite_synchronous: str = "NORMAL"
+) -> AsyncIterator[Database]:
     """The application's Database over ``url``, disposed afterwards."""
-    db = Database.from_url(url, pool_size=pool_size)
+    db = Database.from_url(url, pool_size=pool_size, sqlite_synchronous=sqlite_synchronous)
     try:
         yield db
     finally:
@@ -267,7 +269,7 @@ class EngineBench:
                 ("W2", self.drain_rounds),
                 ("floors", self.floors),
             ]
-            if self.profile.relaxed and self.engine == "postgres":
+            if self.profile.relaxed:
                 steps.append(("relaxed", self.relaxed))
             for key, step in steps:
                 try:
@@ -296,9 +298,9 @@ class EngineBench:
         finally:
             await self.target.drop(url)
 
-    async def start_daemon(self, url: str, label: str) -> Daemon:
+    async def start_daemon(self, url: str, label: str, **settings: str) -> Daemon:
         log_path = self.workdir / f"{self.engine}-{label}.log"
-        daemon = Daemon(url, log_path, max_concurrent=str(self.profile.concurrency))
+        daemon = Daemon(url, log_path, max_concurrent=str(self.profile.concurrency), **settings)
         self.daemons.append(daemon)
         return await daemon.start()
 
@@ -307,7 +309,13 @@ class EngineBench:
         await daemon.stop()
 
     async def drain(
-        self, url: str, label: str, *, batch: Batch | None = None, keep: bool = False
+        self,
+        url: str,
+        label: str,
+        *,
+        batch: Batch | None = None,
+        keep: bool = False,
+        **settings: str,
     ) -> tuple[float, Daemon]:
         """Pre-enqueue the drain jobs (unless ``batch`` is already there), start a daemon,
         wait until it ran them all: jobs/s from the first claim to the last completion (the
@@ -317,7 +325,7 @@ class EngineBench:
             if batch is None:
                 batch = await enqueue(db, NOOP, [{"n": i} for i in range(jobs)])
             jobs = len(batch.ids)
-            daemon = await self.start_daemon(url, label)
+            daemon = await self.start_daemon(url, label, **settings)
             await wait_finished(db, batch, drain_timeout(jobs), daemon.check_alive)
             first, last = await window(db, batch)
         seconds = (last - first).total_seconds()
@@ -797,12 +805,18 @@ class EngineBench:
                 await worker.result(30.0)
             self.log(f"floor {driver} pick-up p50 {out['pickup'][driver]['p50_ms']:.2f} ms")
 
-    async def floor_drain(self, url: str, driver: str, size: int | None = None) -> dict[str, Any]:
+    async def floor_drain(
+        self, url: str, driver: str, size: int | None = None, synchronous: str = "NORMAL"
+    ) -> dict[str, Any]:
         jobs = self.profile.drain_jobs
         async with database(url) as db:
             batch = await enqueue(db, NOOP, [{"n": i} for i in range(jobs)])
             worker = await FloorWorker(
-                "drain", driver, self.target.driver_target(url), size or self.profile.floor_batch
+                "drain",
+                driver,
+                self.target.driver_target(url),
+                size or self.profile.floor_batch,
+                synchronous=synchronous,
             ).start()
             report = json.loads(await worker.result(drain_timeout(jobs)))
             if report["done"] != jobs:
@@ -818,29 +832,47 @@ class EngineBench:
     # --- relaxed durability, beside the durable figures -------------------------------------------
 
     async def relaxed(self) -> None:
+        """The other durability setting, beside the default's figures: PostgreSQL relaxed
+        (synchronous_commit=off), SQLite stricter (SQLITE_SYNCHRONOUS=FULL: commits that
+        survive a power loss, which the default NORMAL's may not)."""
         p = self.profile
-        out: dict[str, Any] = {}
+        strict = self.engine == "sqlite"
+        sync = "FULL" if strict else "NORMAL"
+        daemon_settings = {"sqlite_synchronous": "FULL"} if strict else {}
+        out: dict[str, Any] = {"kind": "stricter" if strict else "relaxed"}
         async with self.clone("relaxed-w1") as url:
-            out["setting"] = await self.target.relax(url)
-            async with database(url) as db:
+            out["setting"] = (
+                "synchronous=FULL (SQLITE_SYNCHRONOUS=FULL: every commit synced)"
+                if strict
+                else await self.target.relax(url)
+            )
+            async with database(url, sqlite_synchronous=sync) as db:
                 out["library_single"] = await self.library_single(db, p.single_enqueues)
         async with self.clone("relaxed-w2") as url:
-            await self.target.relax(url)
-            rate, _ = await self.drain(url, "relaxed-w2")
+            if not strict:
+                await self.target.relax(url)
+            rate, _ = await self.drain(url, "relaxed-w2", **daemon_settings)
             out["W2_jobs_per_second"] = rate
         async with self.clone("relaxed-floor") as url:
-            await self.target.relax(url)
+            if not strict:
+                await self.target.relax(url)
+            single_driver = "sqlite3" if strict else self.target.floor_driver
             single, _ = await floors.enqueue_floor(
-                self.target.floor_driver, self.target.driver_target(url), p.single_enqueues, 0, 1
+                single_driver, self.target.driver_target(url), p.single_enqueues, 0, 1, sync
             )
+            out["floor_single_driver"] = single_driver
             out["floor_single_per_second"] = p.single_enqueues / single
         async with self.clone("relaxed-floor-drain") as url:
-            await self.target.relax(url)
-            out["floor_drain"] = await self.floor_drain(url, self.target.floor_driver)
+            if not strict:
+                await self.target.relax(url)
+            out["floor_drain"] = await self.floor_drain(
+                url, self.target.daemon_driver, synchronous=sync
+            )
+            out["floor_drain_driver"] = self.target.daemon_driver
         self.result["relaxed"] = out
         self.log(
-            f"relaxed ({out['setting']}): single {out['library_single']['per_second']:,.0f}/s, "
-            f"W2 {rate:,.0f} jobs/s"
+            f"{out['kind']} ({out['setting']}): single"
+            f" {out['library_single']['per_second']:,.0f}/s, W2 {rate:,.0f} jobs/s"
         )
 
 

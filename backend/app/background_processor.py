@@ -153,7 +153,13 @@ async def serve(settings: Settings, config: EngineConfig) -> int:
         logger.critical("cannot start: %s", exc)
         return 2
     config = dataclasses.replace(config, schedules=tuple(periodic))
-    db = Database.from_url(settings.database_url, pool_size=5, pre_ping=False, write_thread=True)
+    db = Database.from_url(
+        settings.database_url,
+        pool_size=5,
+        pre_ping=False,
+        write_thread=True,
+        sqlite_synchronous=settings.sqlite_synchronous,
+    )
     loop = asyncio.get_running_loop()
     started: list[ProcessorEngine] = []  # the engine, once start() returned
     stop_before_start = asyncio.Event()

@@ -95,7 +95,8 @@ def with_db(work: Callable[[Database], Awaitable[R]], *, check_schema: bool = Tr
     """Run ``work`` against the configured database; database errors exit 1 with a message."""
 
     async def main() -> R:
-        db = Database.from_url(settings().database_url)
+        conf = settings()
+        db = Database.from_url(conf.database_url, sqlite_synchronous=conf.sqlite_synchronous)
         try:
             if check_schema:
                 await schema.check_migrated(db.engine)
@@ -755,7 +756,9 @@ def api(
     load_handlers(conf)
 
     async def check() -> None:
-        db = Database.from_url(conf.database_url, pool_size=1)
+        db = Database.from_url(
+            conf.database_url, pool_size=1, sqlite_synchronous=conf.sqlite_synchronous
+        )
         try:
             await schema.check_migrated(db.engine)
         finally:

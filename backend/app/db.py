@@ -77,13 +77,22 @@ def sqlite_path(url: str | URL) -> Path | None:
 SQLITE_JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
 
 
-def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
+#: SQLite's synchronous settings a database may run with (SQLITE_SYNCHRONOUS). NORMAL, the
+#: default: in WAL mode a commit survives any process's crash, but an OS crash or a power
+#: loss may roll back the last commits. FULL syncs the WAL at every commit, and they
+#: survive those too. (OFF could corrupt the database on a power loss: not offered.)
+SQLITE_SYNCHRONOUS_MODES = ("NORMAL", "FULL", "EXTRA")
+
+
+def _on_sqlite_connect(dbapi_connection: Any, _record: Any, synchronous: str = "NORMAL") -> None:
     # Take BEGIN away from the driver so that we can emit BEGIN IMMEDIATE ourselves.
+    if synchronous not in SQLITE_SYNCHRONOUS_MODES:
+        raise ValueError(f"synchronous must be one of {SQLITE_SYNCHRONOUS_MODES}")
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     for pragma in (
         "PRAGMA journal_mode=WAL",
-        "PRAGMA synchronous=NORMAL",
+        f"PRAGMA synchronous={synchronous}",
         f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}",
         "PRAGMA foreign_keys=ON",
         # The WAL grows while a long reader (a backup, an operator's query, a VACUUM) holds
@@ -194,9 +203,10 @@ class _HereWriter:
     checkpoint (milliseconds of I/O on the event loop): the other connections' commits
     run them, or Database._checkpoint_here."""
 
-    def __init__(self, path: Path, dialect: Dialect) -> None:
+    def __init__(self, path: Path, dialect: Dialect, synchronous: str = "NORMAL") -> None:
         self._path = path
         self._dialect = dialect
+        self._synchronous = synchronous
         self._connections: dict[int, sqlite3.Connection] = {}
         self._checkpointing: sqlite3.Connection | None = None
 
@@ -208,7 +218,7 @@ class _HereWriter:
                 self._path, timeout=0, isolation_level=None, check_same_thread=False
             )
             try:
-                _on_sqlite_connect(conn, None)
+                _on_sqlite_connect(conn, None, self._synchronous)
                 conn.execute("PRAGMA busy_timeout=0")
                 conn.execute("PRAGMA wal_autocheckpoint=0")
             except BaseException:
@@ -323,6 +333,7 @@ def make_engine(
     pre_ping: bool = True,
     inline: bool = False,
     create_folder: bool = False,
+    sqlite_synchronous: str = "NORMAL",
 ) -> AsyncEngine:
     """An async engine for sqlite+aiosqlite or postgresql+asyncpg, configured for the queue.
 
@@ -377,7 +388,11 @@ def make_engine(
                 pool_reset_on_return=None,  # _on_sqlite_reset
                 connect_args={"timeout": SQLITE_CONNECT_TIMEOUT_SECONDS},
             )
-        event.listen(engine.sync_engine, "connect", _on_sqlite_connect)
+        event.listen(
+            engine.sync_engine,
+            "connect",
+            partial(_on_sqlite_connect, synchronous=sqlite_synchronous),
+        )
         event.listen(engine.sync_engine, "begin", _on_sqlite_begin)
         event.listen(engine.sync_engine, "reset", _on_sqlite_reset)
         return engine
@@ -418,7 +433,9 @@ class Database:
     a thread of its own (app.sqlite_writer), one hand-off instead of one per driver call.
     """
 
-    def __init__(self, engine: AsyncEngine, *, write_thread: bool = False) -> None:
+    def __init__(
+        self, engine: AsyncEngine, *, write_thread: bool = False, sqlite_synchronous: str = "NORMAL"
+    ) -> None:
         self.engine = engine
         self.dialect = engine.dialect.name
         self.sessionmaker = async_sessionmaker(engine, expire_on_commit=False)
@@ -450,20 +467,34 @@ class Database:
         self._checkpoint_running: asyncio.Future[None] | None = None
         self._closed = False
         if path is not None and not engine.url.query:  # absolute now, as the engine's
-            self._here = _HereWriter(Path(os.path.abspath(path.expanduser())), engine.dialect)
+            self._here = _HereWriter(
+                Path(os.path.abspath(path.expanduser())), engine.dialect, sqlite_synchronous
+            )
         if write_thread and path is not None:
             from app.sqlite_writer import WriteThread
 
-            self._writer = WriteThread(lambda: Database(make_engine(engine.url, inline=True)))
+            def writer_database() -> Database:
+                inline = make_engine(engine.url, inline=True, sqlite_synchronous=sqlite_synchronous)
+                return Database(inline, sqlite_synchronous=sqlite_synchronous)
+
+            self._writer = WriteThread(writer_database)
 
     @classmethod
     def from_url(
-        cls, url: str, *, pool_size: int = 5, pre_ping: bool = True, write_thread: bool = False
+        cls,
+        url: str,
+        *,
+        pool_size: int = 5,
+        pre_ping: bool = True,
+        write_thread: bool = False,
+        sqlite_synchronous: str = "NORMAL",
     ) -> Database:
-        """Build the engine for ``url`` and wrap it."""
-        return cls(
-            make_engine(url, pool_size=pool_size, pre_ping=pre_ping), write_thread=write_thread
+        """Build the engine for ``url`` and wrap it (``sqlite_synchronous``: the
+        SQLITE_SYNCHRONOUS setting, for SQLite)."""
+        engine = make_engine(
+            url, pool_size=pool_size, pre_ping=pre_ping, sqlite_synchronous=sqlite_synchronous
         )
+        return cls(engine, write_thread=write_thread, sqlite_synchronous=sqlite_synchronous)
 
     async def run_write(
         self,

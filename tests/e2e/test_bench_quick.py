@@ -61,6 +61,10 @@ def test_bench_smoke_profile_measures_every_workload(tmp_path: Path, pg_availabl
         assert engine["W3"]["measured_from"] == "commit sent"
         assert engine["W3"]["min_ms"] > 0, engine["W3"]
         assert engine["W3"]["commit"]["samples"] == report["sizes"]["pickup_jobs"]
+        # the other durability setting, beside the default: SQLite FULL, PostgreSQL off
+        other = engine["relaxed"]
+        assert other["kind"] == ("stricter" if name == "sqlite" else "relaxed")
+        assert other["W2_jobs_per_second"] > 0 and other["floor_drain"]["jobs_per_second"] > 0
         assert engine["W6"]["rss_mb"] > 0
         stack = [mb for _, mb in engine["W6"]["import_rss_mb"]]
         assert len(stack) == 7 and stack[-1] > stack[0] > 0
@@ -88,3 +92,4 @@ def test_bench_smoke_profile_measures_every_workload(tmp_path: Path, pg_availabl
     text = md.read_text()
     assert "<!-- bench:begin -->" in text and "| W2 |" in text
     assert "the engine's own ceiling" in text and "importing the daemon's stack" in text
+    assert "synchronous=FULL" in text and "### Other durability settings" in text

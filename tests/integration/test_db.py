@@ -19,6 +19,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.config import SettingsError, load_settings
 from app.db import Database, later_sql, make_engine, now_sql, sqlite_path
 from app.models.types import utcnow
 
@@ -39,6 +40,31 @@ async def test_sqlite_pragmas_on_every_connection(db: Database) -> None:
         assert await _pragmas(s) == expected
         async with db.write_transaction() as w:
             assert await _pragmas(w) == expected
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"])
+async def test_sqlite_synchronous_full_reaches_every_connection(database_url: str) -> None:
+    """SQLITE_SYNCHRONOUS=FULL (2): the pool's connections, the write thread's and the
+    bare one of run_write's ``here`` all run with it."""
+    import sqlite3 as sqlite3_module
+
+    db = Database.from_url(database_url, write_thread=True, sqlite_synchronous="FULL")
+    try:
+        async with db.read_transaction() as s:
+            assert (await s.execute(text("PRAGMA synchronous"))).scalar_one() == 2
+
+        async def on_thread(s: AsyncSession) -> int:
+            return int((await s.execute(text("PRAGMA synchronous"))).scalar_one())
+
+        def here(conn: sqlite3_module.Connection, _dialect: object) -> int:
+            return int(conn.execute("PRAGMA synchronous").fetchone()[0])
+
+        assert await db.run_write(on_thread) == 2
+        assert await db.run_write(on_thread, here=here) == 2
+    finally:
+        await db.dispose()
+    with pytest.raises(SettingsError, match="SQLITE_SYNCHRONOUS"):  # OFF: a power loss
+        load_settings(database_url=database_url, sqlite_synchronous="OFF")  # may corrupt
 
 
 @pytest.fixture

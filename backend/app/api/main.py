@@ -31,7 +31,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         faults.warn_if_armed(logging.getLogger("app.api"))
-        app.state.db = Database.from_url(settings.database_url, pool_size=10)
+        app.state.db = Database.from_url(
+            settings.database_url, pool_size=10, sqlite_synchronous=settings.sqlite_synchronous
+        )
         try:
             yield
         finally:
