@@ -285,6 +285,24 @@ async def test_head_on_the_health_routes_and_the_dashboard(api: Api) -> None:
     assert (r.status_code, r.headers["Allow"]) == (405, "GET, POST")
 
 
+def test_openapi_types_every_error_response_as_a_problem() -> None:
+    """Generated clients read errors as {detail: string | [problems]}: a 422 on /tasks is
+    often a sentence, which FastAPI's HTTPValidationError (a list) mistyped."""
+    schema = create_app(load_settings(database_url="sqlite+aiosqlite:///unused.db")).openapi()
+    errors = 0
+    for operations in schema["paths"].values():
+        for operation in operations.values():
+            for code, response in operation["responses"].items():
+                if code[0] in "45":
+                    errors += 1
+                    ref = response["content"]["application/json"]["schema"]["$ref"]
+                    assert ref == "#/components/schemas/Problem", (code, response)
+    assert errors > 50
+    assert "HTTPValidationError" not in json.dumps(schema)
+    tasks = schema["paths"][f"{P}/tasks"]["post"]["responses"]
+    assert {"400", "401", "409", "413", "415", "422", "503"} <= set(tasks)
+
+
 def test_openapi_declares_the_nul_rule_on_every_string_input() -> None:
     """Every string a request carries (query, path, body, payload keys and values) has the
     pattern that refuses NUL, so a schema-valid request is one the API accepts."""

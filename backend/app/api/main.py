@@ -97,6 +97,50 @@ def _complete_openapi(app: FastAPI) -> None:
         components = schema["components"]["schemas"]
         components["TaskCreate"]["properties"]["kind"]["enum"] = REGISTRY.kinds()
         components[JSON_VALUE] = JSON_VALUE_SCHEMA
+        _type_the_errors(schema)
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+#: Every error's body: ``detail``, a sentence, or (a 422 from validation) a list of the
+#: problems, each with its ``loc``, ``msg`` and ``type``.
+PROBLEM_SCHEMA: dict[str, Any] = {
+    "title": "Problem",
+    "type": "object",
+    "required": ["detail"],
+    "properties": {
+        "detail": {
+            "anyOf": [
+                {"type": "string"},
+                {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["loc", "msg", "type"],
+                        "properties": {
+                            "loc": {"type": "array", "items": {}},
+                            "msg": {"type": "string"},
+                            "type": {"type": "string"},
+                        },
+                    },
+                },
+            ]
+        }
+    },
+}
+
+
+def _type_the_errors(schema: dict[str, Any]) -> None:
+    """Give every 4xx and 5xx response the Problem body (they had a description only, and
+    422 FastAPI's HTTPValidationError, whose list ``detail`` is a sentence on /tasks)."""
+    components = schema["components"]["schemas"]
+    components["Problem"] = PROBLEM_SCHEMA
+    components.pop("HTTPValidationError", None)
+    components.pop("ValidationError", None)
+    problem = {"application/json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+    for operations in schema["paths"].values():
+        for operation in operations.values():
+            for code, response in operation.get("responses", {}).items():
+                if str(code)[0] in "45":
+                    response["content"] = problem

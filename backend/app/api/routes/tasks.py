@@ -106,6 +106,7 @@ def _owned_or_conflict(task: PendingAnalysis | None, spec: queue.TaskSpec) -> Pe
         200: {"model": TaskPublic, "description": "The task that holds this idempotency_key"},
         409: {"description": "idempotency_key held by another user's task"},
         413: {"description": "Payload too large"},
+        415: {"description": "A body sent with a Content-Type other than JSON"},
         422: {"description": "Invalid task"},
     },
 )
@@ -153,6 +154,7 @@ async def create_task(
         },
         409: {"description": "An idempotency_key held by another user's task"},
         413: {"description": "A payload too large"},
+        415: {"description": "A body sent with a Content-Type other than JSON"},
         422: {"description": "Invalid task"},
     },
 )
