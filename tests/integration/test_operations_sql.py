@@ -124,3 +124,53 @@ async def test_key_recipes_return_the_expected_rows(db: Database, title: str) ->
         ]
     else:
         assert [r[-1] for r in rows] == ["live"]
+
+
+def _set_columns(sql: str) -> set[str]:
+    """The columns an UPDATE's SET clause names."""
+    clause = sql.split("SET", 1)[1].split("WHERE", 1)[0]
+    return {part.split("=")[0].strip() for part in re.split(r",\s*(?![^()]*\))", clause)}
+
+
+async def test_the_requeue_recipe_sets_what_tasks_retry_sets(db: Database) -> None:
+    """Column for column, as its text says: a column the CLI's retry starts resetting
+    (queue._retry_values) and the recipe does not is caught here, and the values agree."""
+    section = DOC.read_text().split("## Requeue the failed jobs of a kind", 1)[1]
+    recipes = {engine: body for engine, body in BLOCK.findall(section.split("\n## ", 1)[0])}
+    expected = set(queue._retry_values(func.now()))
+    for engine in ("sqlite", "postgresql"):
+        assert _set_columns(recipes[engine]) == expected, engine
+    await _seed(db)
+    async with db.write_transaction() as s:
+        # one more failed task, of another kind, left to the CLI's retry
+        [other] = await queue.enqueue_tasks(s, [{"kind": "noop", "max_retries": 0}])
+        await queue.claim_tasks(
+            s, processor_id="p", limit=1, lease_seconds=30, only_ids=[other.id]
+        )
+        await queue.fail_task(
+            s, task_id=other.id, processor_id="p", attempt=1, error="x", retry_delay=1
+        )
+        failed = (
+            await s.scalars(
+                select(PendingAnalysis.id).where(
+                    PendingAnalysis.status == "failed", PendingAnalysis.kind == "chapter_analysis"
+                )
+            )
+        ).all()
+    assert len(failed) == 2
+    await _run(db, recipes[db.dialect])
+    async with db.write_transaction() as s:
+        assert await queue.retry_task(s, other.id) is queue.RetryOutcome.RETRIED
+    columns = sorted(expected - {"scheduled_at", "updated_at"})
+    async with db.read_transaction() as s:
+        rows = {
+            r.id: r
+            for r in (
+                await s.scalars(select(PendingAnalysis).where(PendingAnalysis.id.in_([*failed, other.id])))
+            ).all()
+        }
+    by_cli = {c: getattr(rows[other.id], c) for c in columns}
+    assert by_cli["status"] == "pending" and by_cli["result"] is None
+    for task_id in failed:
+        assert {c: getattr(rows[task_id], c) for c in columns} == by_cli, task_id
+        assert rows[task_id].scheduled_at <= utcnow()
