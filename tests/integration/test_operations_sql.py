@@ -136,7 +136,7 @@ async def test_the_requeue_recipe_sets_what_tasks_retry_sets(db: Database) -> No
     """Column for column, as its text says: a column the CLI's retry starts resetting
     (queue._retry_values) and the recipe does not is caught here, and the values agree."""
     section = DOC.read_text().split("## Requeue the failed jobs of a kind", 1)[1]
-    recipes = {engine: body for engine, body in BLOCK.findall(section.split("\n## ", 1)[0])}
+    recipes = dict(BLOCK.findall(section.split("\n## ", 1)[0]))
     expected = set(queue._retry_values(func.now()))
     for engine in ("sqlite", "postgresql"):
         assert _set_columns(recipes[engine]) == expected, engine
@@ -144,9 +144,7 @@ async def test_the_requeue_recipe_sets_what_tasks_retry_sets(db: Database) -> No
     async with db.write_transaction() as s:
         # one more failed task, of another kind, left to the CLI's retry
         [other] = await queue.enqueue_tasks(s, [{"kind": "noop", "max_retries": 0}])
-        await queue.claim_tasks(
-            s, processor_id="p", limit=1, lease_seconds=30, only_ids=[other.id]
-        )
+        await queue.claim_tasks(s, processor_id="p", limit=1, lease_seconds=30, only_ids=[other.id])
         await queue.fail_task(
             s, task_id=other.id, processor_id="p", attempt=1, error="x", retry_delay=1
         )
@@ -166,7 +164,9 @@ async def test_the_requeue_recipe_sets_what_tasks_retry_sets(db: Database) -> No
         rows = {
             r.id: r
             for r in (
-                await s.scalars(select(PendingAnalysis).where(PendingAnalysis.id.in_([*failed, other.id])))
+                await s.scalars(
+                    select(PendingAnalysis).where(PendingAnalysis.id.in_([*failed, other.id]))
+                )
             ).all()
         }
     by_cli = {c: getattr(rows[other.id], c) for c in columns}
