@@ -547,7 +547,8 @@ def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
         table.add_row(name, *(str(counts.get(s, 0)) for s in stats.STATUS_ORDER))
     out.print(table)
     age = summary["oldest_pending_age_seconds"]
-    out.print(f"oldest pending: {'-' if age is None else f'{age:.1f} s'}")
+    paused_note = " (paused queues not counted)" if summary["paused_queues"] else ""
+    out.print(f"oldest pending: {'-' if age is None else f'{age:.1f} s'}{paused_note}")
     if summary["paused_queues"]:
         out.print(_labelled("paused queues:", "bold yellow", ", ".join(summary["paused_queues"])))
     procs = Table(
