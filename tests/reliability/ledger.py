@@ -1,6 +1,6 @@
 """Test-only handlers for the reliability suite (HANDLER_MODULES=tests.reliability.ledger).
 
-Each run appends ``{task_id, attempt, pid, event: start|end|stopped, t}`` to the file named by
+Each run appends ``{task_id, attempt, pid, event: start|end, t}`` to the file named by
 ``RELIABILITY_LEDGER`` (opened with O_APPEND, one ``write`` per line, so a SIGKILL never
 leaves half a line and lines of several daemons interleave whole). The ledger lives
 outside the database: it survives rollbacks and kills, and tells what really ran.
@@ -10,9 +10,8 @@ Payload knobs (all optional):
   cpu         seconds of busy loop (sync: in its own thread; async: in a worker thread)
   block_loop  async only: block the event loop this many ms in every second of ``sleep``
   fail_times  raise on attempts 1..N
-  hang        async: wait forever (cancellable); sync: sleep this many seconds (a C call:
-              the JobStopped of a timeout or a stop arrives when it returns, and the run
-              records ``stopped`` instead of ``end``)
+  hang        async: wait forever (cancellable); sync: sleep this many seconds, ignoring
+              cancellation
   kill        SIGKILL the daemon (after ``sleep``)
   once        apply sleep/cpu/hang/kill only on the task's first start in the ledger
 
@@ -29,7 +28,7 @@ import signal
 import time
 from typing import Any
 
-from app.services.handlers import JobContext, JobStopped, handler
+from app.services.handlers import JobContext, handler
 
 LEDGER_ENV = "RELIABILITY_LEDGER"
 ASYNC_KIND = "ledger"
@@ -118,11 +117,7 @@ def ledger_sync(ctx: JobContext) -> dict[str, Any]:
     knobs = _knobs(ctx)
     if knobs.get("cpu"):
         _busy(float(knobs["cpu"]))
-    try:
-        time.sleep(float(knobs.get("sleep", 0)) + float(knobs.get("hang", 0)))
-    except JobStopped:
-        record(ctx, "stopped")
-        raise
+    time.sleep(float(knobs.get("sleep", 0)) + float(knobs.get("hang", 0)))
     _fail_or_kill(ctx, knobs)
     record(ctx, "end")
     return {"attempt": ctx.attempt, "pid": os.getpid()}

@@ -83,7 +83,7 @@ async def test_sigterm_past_the_grace_releases_jobs_uncharged(
     db: Database, supervise: Supervise, ledger: Ledger, profile: Profile, figures: Figures
 ) -> None:
     slow = await enqueue_payloads(db, ASYNC_KIND, [{"sleep": HANG, "once": True}] * 2)
-    # A plain def handler's thread cannot be killed: it is told to stop, the job released.
+    # A plain def handler cannot be cancelled: its thread is abandoned, the job released.
     stubborn = await enqueue_payloads(db, SYNC_KIND, [{"hang": HANG, "once": True}])
     sup = supervise("grace", max_concurrent="3", **profile.settings())
     await eventually(lambda: _started(ledger, sup.pid, 3), within=30)
@@ -93,7 +93,7 @@ async def test_sigterm_past_the_grace_releases_jobs_uncharged(
     for task_id in slow + stubborn:
         row = await task_row(db, task_id)
         assert (row.status, row.attempts, row.retry_count, row.locked_by) == ("pending", 0, 0, None)
-    assert "sync handler thread told to stop" in sup.log()
+    assert "sync handler thread abandoned" in sup.log()
     figures["released"] = len(slow + stubborn)
     await _complete_the_rest(db, supervise, ledger, profile, sup)
 

@@ -64,12 +64,12 @@ class Snooze(Exception):
 
 
 class JobStopped(BaseException):
-    """Raised inside a plain ``def`` handler's thread when its job's run has ended without
-    it (timed out, cancelled, the daemon shutting down, its lease lost): at the thread's
-    next Python instruction, or at once by ``ctx.progress_threadsafe``. A thread blocked
-    in a C call (``time.sleep``, a socket read) sees it when the call returns. It derives
-    from BaseException, as KeyboardInterrupt does, so ``except Exception`` lets it pass:
-    let it; clean up in ``finally``."""
+    """Raised by ``ctx.progress_threadsafe`` in a plain ``def`` handler's thread once its
+    job's run has ended without it (timed out, cancelled, the daemon shutting down, its
+    lease lost). A thread cannot be killed, so a long handler should report progress or
+    check ``ctx.stopped`` as it goes, and stop when told. It derives from BaseException,
+    as KeyboardInterrupt does, so ``except Exception`` lets it pass: let it; clean up in
+    ``finally``."""
 
 
 class HandlerImportError(RuntimeError):

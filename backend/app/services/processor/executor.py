@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import json
 import logging
 import threading
@@ -18,7 +17,6 @@ from app.services import faults
 from app.services.handlers import (
     HandlerRegistry,
     JobContext,
-    JobStopped,
     PermanentError,
     ProgressSink,
     Snooze,
@@ -181,10 +179,12 @@ class Executor:
         # and cannot keep the process alive at exit.
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        state = {"abandoned": False, "running": True}
+        state = {"abandoned": False, "running": True, "counted": False}
 
         def deliver(setter: Callable[[Any], None], value: Any) -> None:
-            if not future.done():
+            # An abandoned run's future is awaited by no one: an exception set on it was
+            # logged as "Future exception was never retrieved" when it was collected.
+            if not future.done() and not state["abandoned"]:
                 setter(value)
 
         def target() -> None:
@@ -192,7 +192,7 @@ class Executor:
                 try:
                     value = func(ctx)
                 finally:
-                    with self._lock:  # no JobStopped is sent after this
+                    with self._lock:
                         state["running"] = False
             except BaseException as exc:
                 loop.call_soon_threadsafe(deliver, future.set_exception, exc)
@@ -200,32 +200,37 @@ class Executor:
                 loop.call_soon_threadsafe(deliver, future.set_result, value)
             finally:
                 with self._lock:
-                    if state["abandoned"]:
+                    if state["counted"]:
                         self._abandoned -= 1
 
-        thread = threading.Thread(target=target, name=f"task-{ctx.task_id}", daemon=True)
-        thread.start()
+        threading.Thread(target=target, name=f"task-{ctx.task_id}", daemon=True).start()
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
+            # A thread cannot be killed. An exception raised into it from outside
+            # (PyThreadState_SetAsyncExc) can land between a lock's acquire and its try,
+            # and the lock stays held: a handler stopped while it logged froze the daemon's
+            # event loop on the logging lock. It is told instead: ctx.stopped is true, and
+            # progress_threadsafe raises JobStopped (JobContext._stop, in run()).
             with self._lock:
-                if state["running"] and thread.ident is not None:
-                    _raise_in_thread(thread.ident, JobStopped)
+                running = state["running"]
                 state["abandoned"] = True
-                self._abandoned += 1
-            logger.warning(
-                "task %s: sync handler thread told to stop (JobStopped at its next Python"
-                " instruction); until it does it runs on, and can no longer write anything",
-                ctx.task_id,
-                extra={"action": "thread_abandoned", "task_id": ctx.task_id, "kind": ctx.kind},
-            )
+                state["counted"] = running
+                if running:
+                    self._abandoned += 1
+            if running:
+                logger.warning(
+                    "task %s: sync handler thread abandoned (still running: a thread cannot"
+                    " be killed; ctx.stopped is true and progress_threadsafe raises"
+                    " JobStopped); it can no longer write anything",
+                    ctx.task_id,
+                    extra={
+                        "action": "thread_abandoned",
+                        "task_id": ctx.task_id,
+                        "kind": ctx.kind,
+                    },
+                )
             raise
-
-
-def _raise_in_thread(thread_id: int, exc: type[BaseException]) -> None:
-    """Have ``exc`` raised in the thread ``thread_id`` at its next Python instruction
-    (CPython's PyThreadState_SetAsyncExc, as dramatiq's time limits use it)."""
-    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(exc))
 
 
 class _ClosingSink:
