@@ -79,9 +79,9 @@ async def _wait_for_schema(db: Database) -> None:
         except SchemaError as exc:
             cause = exc.__cause__
             if cause is not None and login_refused(cause):
-                raise SchemaError(
-                    f"the database refused the login ({error_line(cause)}); check"
-                    " ASYNC_PROCESSOR_DATABASE_URL"
+                # a setting to fix: exit 2, which the unit does not restart
+                raise BadDatabaseURL(
+                    f"the database refused the login ({error_line(cause)})"
                 ) from cause
             if cause is None or not is_transient(cause):
                 raise

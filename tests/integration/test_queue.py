@@ -1735,3 +1735,29 @@ async def test_a_key_whose_holder_is_deleted_mid_enqueue_is_enqueued(db: Databas
     async with db.read_transaction() as s:
         keys = (await s.execute(select(PendingAnalysis.id, PendingAnalysis.idempotency_key))).all()
     assert sorted(keys) == sorted([(results[0].id, "k-1"), (results[1].id, "k-2")])
+
+
+@pytest.mark.parametrize("engine_name", ["postgresql"])
+async def test_the_pruner_passes_over_a_holder_a_keyed_enqueue_has_locked(db: Database) -> None:
+    """The keyed enqueue locks the key's holder FOR KEY SHARE until its caller commits; the
+    pruner's batch skips it (SKIP LOCKED) rather than waiting on the caller's transaction
+    (or deadlocking with it), and takes it at a later run."""
+    from app.services.processor.pruner import Pruner
+
+    async with db.write_transaction() as s:
+        [old] = await queue.enqueue_tasks(s, [{"kind": "noop", "idempotency_key": "k-9"}])
+    [t] = await claim(db)
+    async with db.write_transaction() as s:
+        await queue.complete_task(s, task_id=t.id, processor_id=PID, attempt=1, result=None)
+        await s.execute(
+            update(PendingAnalysis)
+            .where(PendingAnalysis.id == old.id)
+            .values(completed_at=utcnow() - timedelta(days=30))
+        )
+    pruner = Pruner(db, retention_days=14)
+    async with db.write_transaction() as s:  # a caller's transaction, still open
+        [again] = await queue.enqueue_tasks(s, [{"kind": "noop", "idempotency_key": "k-9"}])
+        assert (again.id, again.created) == (old.id, False)
+        pruned = await asyncio.wait_for(pruner.run_once(), 10)
+        assert pruned.tasks == 0
+    assert (await pruner.run_once()).tasks == 1

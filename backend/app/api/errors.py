@@ -92,8 +92,13 @@ def allowed_methods(app: FastAPI, scope: Scope) -> list[str] | None:
     return [method for method in METHODS if served(method)]
 
 
+#: Methods whose request body the guard checks (size, encoding).
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
 def _preflight(scope: Scope) -> bool:
-    """A CORS preflight: for the CORS middleware inside the guard to answer."""
+    """A CORS preflight: for CORS to answer (the CORS middleware, when configured, is
+    outside the guard and answers it first; without it, the route's 405 does)."""
     return scope["method"] == "OPTIONS" and any(
         name == b"access-control-request-method" for name, _ in scope.get("headers", ())
     )
@@ -166,18 +171,29 @@ class GuardMiddleware:
             await refused(scope, receive, send)
             return
 
+        started: list[bool] = []
+
         async def send_allow(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                started.append(True)
             if message["type"] == "http.response.start" and message["status"] == 405:
                 allowed = list(only) if only is not None else allowed_methods(self.routes, scope)
                 if allowed is not None:
                     MutableHeaders(scope=message)["Allow"] = ", ".join(allowed)
             await send(message)
 
-        await self.app(scope, self._checked(receive), send_allow)
+        if scope["method"] in BODY_METHODS:
+            receive = self._checked(receive, started)
+        await self.app(scope, receive, send_allow)
 
     def _refused_up_front(self, scope: Scope, path: str) -> JSONResponse | None:
         length = _header(scope, b"content-length")
-        if self.max_body is not None and length is not None and length.isdigit():
+        if (
+            self.max_body is not None
+            and length is not None
+            and length.isascii()
+            and length.isdigit()
+        ):
             if int(length) > self.max_body:
                 return _refuse(413, self._too_large())
         if scope["method"] == "POST" and path.rstrip("/") in self.json_paths:
@@ -197,22 +213,28 @@ class GuardMiddleware:
             " send fewer tasks a request"
         )
 
-    def _checked(self, receive: Receive) -> Receive:
-        """``receive`` counting the body's bytes and looking at its first ones. A refusal
-        is an HTTPException, raised where the app reads the body: FastAPI lets those
-        through as they are, and answers them as JSON."""
+    def _checked(self, receive: Receive, started: list[bool]) -> Receive:
+        """``receive`` counting the body's bytes and looking at its first four, gathered
+        across chunks. A refusal is an HTTPException, raised where the app reads the body:
+        FastAPI lets those through as they are, and answers them as JSON. Never once the
+        response has started (a streaming response listens for the disconnect through
+        ``receive``: raising there was an ASGI error)."""
         seen = 0
+        head = b""
 
         async def checked() -> Message:
-            nonlocal seen
+            nonlocal seen, head
             message = await receive()
-            if message["type"] == "http.request":
-                chunk: bytes = message.get("body", b"")
-                if seen == 0 and chunk and _not_utf8(chunk):
+            if message["type"] != "http.request" or started:
+                return message
+            chunk: bytes = message.get("body", b"")
+            if len(head) < 4:
+                head += chunk[: 4 - len(head)]
+                if (len(head) == 4 or not message.get("more_body")) and _not_utf8(head):
                     raise HTTPException(400, "request bodies must be UTF-8 (RFC 8259)")
-                seen += len(chunk)
-                if self.max_body is not None and seen > self.max_body:
-                    raise HTTPException(413, self._too_large())
+            seen += len(chunk)
+            if self.max_body is not None and seen > self.max_body:
+                raise HTTPException(413, self._too_large())
             return message
 
         return checked

@@ -2514,7 +2514,10 @@ async def prune_finished(
     same). Their notifications go with them. Returns how many; call again while it is
     ``batch_size``, each call in its own short transaction."""
     where = _prunable(completed_before, failed_before or completed_before)
-    doomed = select(T.id).where(where).limit(batch_size)
+    # SKIP LOCKED (PostgreSQL): a row a keyed enqueue holds (FOR KEY SHARE, until its
+    # caller commits) waits for the next run instead of holding this batch up, or
+    # deadlocking with an enqueue that waits on a row this batch deleted.
+    doomed = select(T.id).where(where).limit(batch_size).with_for_update(skip_locked=True)
     result = await session.execute(
         delete(TASKS).where(T.id.in_(doomed.scalar_subquery())).returning(T.id)
     )
