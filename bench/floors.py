@@ -123,17 +123,23 @@ PG_CLAIM = (
 #: (queue._complete_alone_statement): the rows locked in id order, the fenced UPDATE, the
 #: notifications of the rows it wrote. $1-$4 the ends (id, attempt, result, duration), $5
 #: the worker; $6-$11 the notifications (user, project, chapter, task, message, data); $12
-#: the feed's lock key.
+#: the feed's lock key; $13 the ends' token counts.
 PG_COMPLETE = (
-    "WITH ends AS MATERIALIZED (SELECT * FROM"
-    " unnest($1::bigint[], $2::int[], $3::jsonb[], $4::float8[])"
-    " AS u(id, attempt, result, duration)),"
+    # the fence's values as columns of the MATERIALIZED ends, as the daemon's statement
+    # carries them (its docstring: as constants the planner's choice went quadratic)
+    "WITH ends AS MATERIALIZED (SELECT u.*, 'processing'::varchar AS expected,"
+    " $5::varchar AS owner FROM"
+    " unnest($1::bigint[], $2::int[], $3::jsonb[], $4::float8[], $13::int[])"
+    " AS u(id, attempt, result, duration, tokens)),"
     " locked AS (SELECT ends.* FROM ends JOIN pending_analysis AS t ON t.id = ends.id"
-    " AND t.status = 'processing' AND t.locked_by = $5 ORDER BY t.id FOR UPDATE OF t),"
+    " AND t.status = ends.expected AND t.locked_by = ends.owner ORDER BY t.id"
+    " FOR UPDATE OF t),"
     " done AS (UPDATE pending_analysis AS t SET status = 'completed', result = locked.result,"
     " error = NULL, completed_at = now(), updated_at = now(), locked_by = NULL,"
-    " lease_expires_at = NULL, duration_seconds = locked.duration FROM locked"
-    " WHERE t.id = locked.id AND t.status = 'processing' AND t.locked_by = $5"
+    " lease_expires_at = NULL, duration_seconds = locked.duration,"
+    " token_usage = CASE WHEN t.token_usage > 2147483647 - locked.tokens THEN 2147483647"
+    " ELSE t.token_usage + locked.tokens END FROM locked"
+    " WHERE t.id = locked.id AND t.status = locked.expected AND t.locked_by = locked.owner"
     " AND t.attempts = locked.attempt RETURNING t.id),"
     " completed_notes AS (INSERT INTO analysis_notifications (user_id, project_id,"
     " chapter_id, task_id, type, title, message, data, is_read, created_at)"
@@ -521,6 +527,7 @@ async def asyncpg_complete(conn: Any, worker: str, done: Done) -> int:
         [_message(COMPLETED, r) for r in rows],
         [_note_data(r) for r in rows],
         FEED_LOCK_KEY,
+        [0 for _ in rows],
     )
     return len(written)
 

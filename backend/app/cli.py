@@ -413,15 +413,17 @@ def tasks_list(
 
     async def work(db: Database) -> list[PendingAnalysis]:
         async with db.read_transaction() as session:
-            return await queue.list_tasks(
-                session, status=status, kind=kind, user_id=user, chapter_id=chapter, limit=limit
+            return await queue.list_tasks(  # one more: whether there are more to say
+                session, status=status, kind=kind, user_id=user, chapter_id=chapter, limit=limit + 1
             )
 
     rows = with_db(work)
+    more = len(rows) > limit
+    rows = rows[:limit]
     if as_json:
         print(json.dumps([_task_dict(t) for t in rows], default=str))
         return
-    if len(rows) == limit:
+    if more:
         print(f"the newest {limit} shown; --limit N for more", file=sys.stderr)
     table = Table("id", "kind", "queue", "status", "pri", "attempts", "user", "created")
     for t in rows:

@@ -458,9 +458,9 @@ async def test_enqueue_with_another_users_idempotency_key_exits_2(
     refused = cli("enqueue", "--bulk", str(held))
     assert refused.returncode == 2 and "task 1: idempotency key 'k1'" in refused.stderr
     assert await count(db) == 2
-    listed = cli("tasks", "list", "--limit", "2")
-    assert listed.returncode == 0 and "the newest 2 shown; --limit N for more" in listed.stderr
-    assert "more" not in cli("tasks", "list", "--limit", "3").stderr
+    listed = cli("tasks", "list", "--limit", "1")
+    assert listed.returncode == 0 and "the newest 1 shown; --limit N for more" in listed.stderr
+    assert "more" not in cli("tasks", "list", "--limit", "2").stderr  # exactly 2: no more
 
 
 async def test_enqueue_refuses_a_payload_over_the_limit(
