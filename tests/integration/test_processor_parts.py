@@ -44,6 +44,11 @@ async def claimed(db: Database, n: int = 1, **spec: object) -> list[queue.Claime
         return await queue.claim_tasks(s, processor_id=PID, limit=n, lease_seconds=5)
 
 
+def _engine(db: Database, database_url: str, **config: Any) -> ProcessorEngine:
+    """An engine over ``db`` with the registered handlers and ``config``."""
+    return ProcessorEngine(db, REGISTRY, EngineConfig(database_url=database_url, **config))
+
+
 async def test_heartbeat_renews_and_reports_lost_and_cancelled(db: Database) -> None:
     a, b, c = await claimed(db, 3)
     async with db.write_transaction() as s:
@@ -219,11 +224,7 @@ async def test_a_second_stop_leaves_outcomes_the_database_will_not_take(
     """Shutdown waits for every outcome to be written, through an outage; a stop signal
     while it waits stops waiting (the jobs run again once their leases expire)."""
     [task] = await queue_ids(db, 1)
-    engine = ProcessorEngine(
-        db,
-        REGISTRY,
-        EngineConfig(database_url=database_url, concurrency=1, lease_seconds=3, shutdown_grace=1),
-    )
+    engine = _engine(db, database_url, concurrency=1, lease_seconds=3, shutdown_grace=1)
 
     async def outage(_batch: Any) -> list[bool]:
         raise OperationalError("UPDATE", None, Exception("database is locked"))
@@ -261,11 +262,7 @@ async def test_engine_drains_in_process(db: Database, database_url: str) -> None
                 s, [{"kind": "noop", "payload": {"n": i}} for i in range(50)]
             )
         ]
-    engine = ProcessorEngine(
-        db,
-        REGISTRY,
-        EngineConfig(database_url=database_url, concurrency=5, lease_seconds=3, shutdown_grace=1),
-    )
+    engine = _engine(db, database_url, concurrency=5, lease_seconds=3, shutdown_grace=1)
     await engine.start()
     try:
         await eventually(lambda: _all_done(db, ids), within=30)
@@ -462,11 +459,7 @@ async def test_a_failed_run_logs_a_warning_a_completed_one_info(
                 {"kind": "fail", "max_retries": 2},
             ],
         )
-    engine = ProcessorEngine(
-        db,
-        REGISTRY,
-        EngineConfig(database_url=database_url, concurrency=2, lease_seconds=3, shutdown_grace=1),
-    )
+    engine = _engine(db, database_url, concurrency=2, lease_seconds=3, shutdown_grace=1)
     caplog.set_level(logging.INFO, logger="app.processor")
     await engine.start()
     try:
@@ -566,11 +559,7 @@ async def test_the_processors_row_says_draining_as_the_stop_begins(
     showed the daemon running, 0 in flight."""
     async with db.write_transaction() as s:
         [job] = await queue.enqueue_tasks(s, [{"kind": "sleep", "payload": {"seconds": 2}}])
-    engine = ProcessorEngine(
-        db,
-        REGISTRY,
-        EngineConfig(database_url=database_url, concurrency=1, lease_seconds=30, shutdown_grace=5),
-    )
+    engine = _engine(db, database_url, concurrency=1, lease_seconds=30, shutdown_grace=5)
     await engine.start()
     try:
         await eventually(lambda: _status_is(db, job.id, "processing"), within=10)
