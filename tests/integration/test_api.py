@@ -409,12 +409,13 @@ async def test_a_key_repeated_in_one_bulk(api: Api) -> None:
     assert same.status_code == 202
     [first, second] = same.json()["tasks"]
     assert first["id"] == second["id"] and first["user_id"] == "bob"
+    assert same.json()["created"] == [True, False]  # which items made a task
     # every key known already: nothing created, 200 with the tasks (as a single POST says)
     again = await api.post("root", "/tasks/bulk", json={"tasks": [item("bob")]})
     assert again.status_code == 200 and again.json()["tasks"][0]["id"] == first["id"]
     fresh = {"kind": "noop", "idempotency_key": "k4", "user_id": "bob"}
     mixed_new = await api.post("root", "/tasks/bulk", json={"tasks": [item("bob"), fresh]})
-    assert mixed_new.status_code == 202
+    assert mixed_new.status_code == 202 and mixed_new.json()["created"] == [False, True]
 
 
 async def test_list_paging_and_filters(api: Api) -> None:

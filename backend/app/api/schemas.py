@@ -197,6 +197,11 @@ class BulkResult(BaseModel):
     """The tasks a bulk enqueue created (or found by idempotency key), in input order."""
 
     tasks: list[TaskPublic]
+    created: list[bool] = Field(
+        default_factory=list,
+        description="For each item, in input order: true when this call created its task,"
+        " false when its idempotency_key named an existing one (or an earlier item's)",
+    )
 
 
 class NotificationPublic(BaseModel):

@@ -188,7 +188,8 @@ async def create_tasks(
                 await run_inline(db, REGISTRY, result.id, settings)
         async with db.read_transaction() as session:
             tasks = await queue.get_tasks(session, [r.id for r in results])
-    return BulkResult(tasks=[TaskPublic.of(t) for t in tasks if t is not None])
+    shown = [(TaskPublic.of(t), r.created) for t, r in zip(tasks, results, strict=True) if t]
+    return BulkResult(tasks=[t for t, _ in shown], created=[c for _, c in shown])
 
 
 @router.get("", response_model=TaskPage)
