@@ -969,6 +969,22 @@ async def test_a_schedule_given_as_a_number_is_a_422(api: Api, when: object) -> 
     assert ok.status_code == 202 and ok.json()["scheduled_at"].startswith("2030-01-01T00:00:00")
 
 
+@pytest.mark.parametrize("depth", [101, 500, 940, 950, 954, 990])
+async def test_a_payload_nested_too_deep_is_refused_at_any_depth(api: Api, depth: int) -> None:
+    """A 422 where JSON could read it, a 400 past what it can; never a 500 (between ~950
+    and ~955 levels the NUL check's json.dumps ran out of recursion), nothing stored."""
+    payload = "[" * (depth - 1) + "]" * (depth - 1)
+    body = f'{{"kind": "noop", "payload": {{"x": {payload}}}}}'
+    headers = {**api.h("alice"), "Content-Type": "application/json"}
+    for path, content in (("/tasks", body), ("/tasks/bulk", f'{{"tasks": [{body}]}}')):
+        r = await api.client.post(P + path, content=content, headers=headers)
+        assert r.status_code in (400, 422), (path, r.status_code, r.text[:300])
+        if depth <= 500:
+            assert r.status_code == 422 and "levels deep" in json.dumps(r.json()["detail"])
+    async with api.db.read_transaction() as s:
+        assert await s.scalar(select(func.count()).select_from(PendingAnalysis)) == 0
+
+
 @pytest.mark.parametrize(
     ("content", "code"),
     [

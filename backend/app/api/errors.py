@@ -265,15 +265,17 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def _shown_error(error: dict[str, Any]) -> dict[str, Any]:
-    error = _json_safe(error)
-    if "input" in error:
-        try:
-            size = len(json.dumps(error["input"], allow_nan=False))
-        except (TypeError, ValueError):
-            size = MAX_ECHOED_INPUT_CHARS + 1
-        if size > MAX_ECHOED_INPUT_CHARS:
-            error["input"] = f"(not shown: {size:,} characters as JSON)"
+def _without_large_input(error: dict[str, Any]) -> dict[str, Any]:
+    """``error`` with its ``input`` replaced by a note when it is long as JSON, or too
+    deep to write at all (before jsonable_encoder, whose walk is recursive too)."""
+    if "input" not in error:
+        return error
+    try:
+        size = len(json.dumps(error["input"], default=str))
+    except (TypeError, ValueError, RecursionError):
+        return {**error, "input": "(not shown: nested too deep to write)"}
+    if size > MAX_ECHOED_INPUT_CHARS:
+        return {**error, "input": f"(not shown: {size:,} characters as JSON)"}
     return error
 
 
@@ -283,7 +285,9 @@ async def _on_invalid_request(request: Request, exc: Exception) -> Response:
     30 MB body sent as text/plain came back whole)."""
     if not isinstance(exc, RequestValidationError):
         raise exc
-    errors = [_shown_error(e) for e in jsonable_encoder(exc.errors())]
+    errors = [
+        _json_safe(e) for e in jsonable_encoder([_without_large_input(e) for e in exc.errors()])
+    ]
     return AsciiJSONResponse({"detail": errors}, 422)
 
 

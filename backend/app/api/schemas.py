@@ -111,6 +111,12 @@ class TaskCreate(BaseModel):
     @field_validator("payload")
     @classmethod
     def _no_nul(cls, value: dict[str, Any]) -> dict[str, Any]:
+        # Depth first: a payload nested ~950 deep made has_nul's json.dumps raise
+        # RecursionError (a 500); TaskSpec says the same when it checks it again.
+        if queue.nests_deeper_than(value, queue.MAX_JSON_DEPTH):
+            raise ValueError(
+                f"payload nests objects and arrays more than {queue.MAX_JSON_DEPTH} levels deep"
+            )
         if has_nul(value):
             raise ValueError("strings and keys must not contain NUL (\\u0000) characters")
         return value
