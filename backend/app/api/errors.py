@@ -119,6 +119,17 @@ def _refuse(status: int, detail: str) -> JSONResponse:
     return JSONResponse({"detail": detail}, status)
 
 
+def _unauthorized_up_front(authorization: str | None) -> JSONResponse | None:
+    """The 401 the auth dependency gives a request with no bearer token (no Authorization
+    header, or another scheme: FastAPI's HTTPBearer reads both as none), or None: a
+    bearer token is checked there, against the database, as for every route."""
+    scheme = (authorization or "").partition(" ")[0]
+    if authorization and scheme.lower() == "bearer":
+        return None
+    detail = "missing bearer token (Authorization: Bearer <token>)"
+    return JSONResponse({"detail": detail}, 401, {"WWW-Authenticate": "Bearer"})
+
+
 def _not_utf8(start: bytes) -> bool:
     """JSON text in UTF-16 or UTF-32 (which ``json.loads`` of bytes would guess and take):
     a NUL among its first four bytes, or a UTF-16 byte order mark. A UTF-8 BOM is let be."""
@@ -197,6 +208,11 @@ class GuardMiddleware:
             if int(length) > self.max_body:
                 return _refuse(413, self._too_large())
         if scope["method"] == "POST" and path.rstrip("/") in self.json_paths:
+            # No token, or one that cannot be a token: 401 before the body is read and
+            # parsed (up to MAX_REQUEST_BYTES of JSON on the event loop, for anyone).
+            unauthorized = _unauthorized_up_front(_header(scope, b"authorization"))
+            if unauthorized is not None:
+                return unauthorized
             kind = _header(scope, b"content-type")
             media = (kind or "").split(";")[0].strip().lower()
             if kind is not None and media != "application/json" and not media.endswith("+json"):
