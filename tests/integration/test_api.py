@@ -583,6 +583,21 @@ async def test_health_ready_metrics(api: Api) -> None:
     assert "s3cret" not in text and "alice" not in text
 
 
+async def test_metrics_give_at_most_a_hundred_queues_series_of_their_own(api: Api) -> None:
+    """Any user may name a queue: the busiest 99 keep their own series, the rest are summed
+    under "(other queues)", so a flood of queue names cannot flood the scrape."""
+    tasks = [{"kind": "noop", "queue": f"q{i:03}"} for i in range(150)]
+    tasks += [{"kind": "noop", "queue": "q149"} for _ in range(3)]  # the busiest
+    assert (await api.post("alice", "/tasks/bulk", json={"tasks": tasks})).status_code == 202
+    text = (await api.client.get("/metrics")).text
+    pending = re.findall(r'async_processor_tasks\{queue="([^"]+)",status="pending"\} (\S+)', text)
+    assert len(pending) == 100
+    counts = {name: float(n) for name, n in pending}
+    assert counts["q149"] == 4.0
+    # q149 and 98 others keep their series; the 51 left, one task each, are summed
+    assert counts["(other queues)"] == 51.0 and sum(counts.values()) == 153
+
+
 def _routes(app_openapi: dict[str, Any]) -> list[tuple[str, str]]:
     routes = []
     for path, methods in app_openapi["paths"].items():
