@@ -485,9 +485,19 @@ async def test_notifications_feed(api: Api) -> None:
 async def test_status_is_scoped(api: Api) -> None:
     await api.post("alice", "/tasks", json={"kind": "noop"})
     await api.post("bob", "/tasks", json={"kind": "noop"})
+    async with api.db.write_transaction() as s:
+        await queue.register_processor(
+            s, processor_id="web-1:77:abc", hostname="web-1", pid=77, version="v", concurrency=3
+        )
     mine = (await api.get("alice", "/status")).json()
     assert mine["counts"]["pending"] == 1
-    assert (await api.get("root", "/status")).json()["counts"]["pending"] == 2
+    # a user sees that daemons run, not their names, pids or every user's job counts
+    assert [set(p) for p in mine["processors"]] == [
+        {"state", "concurrency", "in_flight", "last_seen_at", "silent_seconds"}
+    ]
+    admin = (await api.get("root", "/status")).json()
+    assert admin["counts"]["pending"] == 2
+    assert admin["processors"][0]["hostname"] == "web-1"
 
 
 async def test_the_oldest_pending_age_leaves_paused_queues_out(api: Api) -> None:

@@ -14,6 +14,9 @@ from app.services.handlers import REGISTRY
 from app.services.schedules import shown_schedules
 
 router = APIRouter(tags=["status"], responses=ERRORS)
+#: What a user token sees of each daemon: not its id, host name, pid, nor its counts of
+#: every user's jobs.
+USER_PROCESSOR_FIELDS = ("state", "concurrency", "in_flight", "last_seen_at", "silent_seconds")
 
 
 @router.get("/status")
@@ -32,6 +35,9 @@ async def get_status(
     summary = await stats.summary(
         db, user_id=caller.scope, project_id=project_id, lease_seconds=settings.lease_seconds
     )
+    if not caller.is_admin:  # the fleet's names and its work are the operators' business
+        for key in ("processors", "silent_processors"):
+            summary[key] = [{k: p[k] for k in USER_PROCESSOR_FIELDS} for p in summary[key]]
     if caller.is_admin:
         summary["timeline"] = await stats.timeline(db, project_id=project_id)
         summary["schedules"] = await stats.schedule_overview(
