@@ -287,8 +287,14 @@ class SettingsError(Exception):
     """Raised with a readable message when the environment holds a bad setting."""
 
 
-#: The password of a URL (scheme://user:password@host): an error message shows *** instead.
-_PASSWORD_IN_URL = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
+#: The password of a URL (scheme://user:password@host), up to the last "@" before the
+#: host's path: a raw "@" or a space in the password is hidden too.
+_PASSWORD_IN_URL = re.compile(r"(://[^:/@\s]*:)[^/?#]*@")
+
+
+def redact_url(value: str) -> str:
+    """``value`` with a URL's password written as ***, for messages and logs."""
+    return _PASSWORD_IN_URL.sub(r"\1***@", value)
 
 
 def describe_validation_error(error: ValidationError) -> str:
@@ -303,7 +309,7 @@ def describe_validation_error(error: ValidationError) -> str:
         field = ".".join(str(part) for part in item["loc"])
         value = item.get("input")
         if isinstance(value, str):
-            value = _PASSWORD_IN_URL.sub(r"\1***@", value)  # the journal keeps it
+            value = redact_url(value)  # the journal keeps it
         shown = "" if isinstance(value, dict) else f"={value!r}"
         lines.append(f"invalid setting {ENV_PREFIX}{field.upper()}{shown}: {message}")
     return "\n".join(lines)

@@ -11,7 +11,7 @@ from pathlib import Path
 from types import FrameType
 
 from app import schema
-from app.config import SettingsError, load_settings
+from app.config import SettingsError, load_settings, redact_url
 
 STOP_TIMEOUT_SECONDS = 45.0
 
@@ -67,7 +67,7 @@ def run(*, host: str, port: int) -> int:
         ),
     ]
     base = f"http://{host}:{port}"
-    print(f"\nasync-processor is running on {settings.database_url}")
+    print(f"\nasync-processor is running on {redact_url(settings.database_url)}")
     print(f"  API docs:   {base}/docs")
     print(f"  dashboard:  {base}/dashboard")
     if token:

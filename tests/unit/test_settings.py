@@ -190,3 +190,18 @@ def test_a_bad_setting_stops_the_daemon_without_a_traceback() -> None:
     assert result.returncode == 2, result.stderr
     assert "ASYNC_PROCESSOR_MAX_CONCURRENT='zero'" in result.stderr
     assert "Traceback" not in result.stderr
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql+asyncpg://u:ret@h@host:5432/db", "postgresql+asyncpg://u:***@host:5432/db"),
+        ("postgresql+asyncpg://u:pa ss@host/db", "postgresql+asyncpg://u:***@host/db"),
+        ("postgresql+asyncpg://u:p@host/db?x=a@b", "postgresql+asyncpg://u:***@host/db?x=a@b"),
+        ("postgresql+asyncpg://u@host/db", "postgresql+asyncpg://u@host/db"),
+        ("sqlite+aiosqlite:///./data/x.db", "sqlite+aiosqlite:///./data/x.db"),
+    ],
+)
+def test_a_urls_password_is_hidden_whatever_it_holds(url: str, shown: str) -> None:
+    """A raw "@" or a space in the password left the rest of it in the message."""
+    from app.config import redact_url
+
+    assert redact_url(url) == shown
