@@ -190,6 +190,8 @@ def test_a_bad_setting_stops_the_daemon_without_a_traceback() -> None:
     assert result.returncode == 2, result.stderr
     assert "ASYNC_PROCESSOR_MAX_CONCURRENT='zero'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize(
     ("url", "shown"),
     [
