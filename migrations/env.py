@@ -49,16 +49,35 @@ def _configure(connection: Connection) -> None:
     )
 
 
+#: Migrations of every process take turns (pg_advisory_xact_lock): a second `migrate` run
+#: at once waits, then finds the database at head, instead of failing halfway.
+MIGRATION_LOCK_KEY = 0x6170_6D69_6772_6174
+#: How long a migration waits for a table lock (PostgreSQL) before it gives up. While it
+#: waits, every other statement on that table queues behind it: a long reader (a report,
+#: pg_dump) would otherwise stop the queue's traffic for as long as it runs.
+MIGRATION_LOCK_TIMEOUT = "5s"
+
+
 def _run_sync(connection: Connection) -> None:
     _configure(connection)
     with context.begin_transaction():
+        if connection.dialect.name == "postgresql":
+            connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_KEY})")
+            connection.exec_driver_sql(f"SET LOCAL lock_timeout = '{MIGRATION_LOCK_TIMEOUT}'")
         context.run_migrations()
+        if connection.dialect.name == "sqlite":
+            broken = connection.exec_driver_sql("PRAGMA foreign_key_check").all()
+            if broken:
+                raise RuntimeError(f"the migration broke foreign keys: {broken[:5]}")
 
 
 async def _run_async() -> None:
-    engine = make_engine(_database_url(), pool_size=1, create_folder=True)
+    engine = make_engine(_database_url(), pool_size=1, create_folder=True, migrating=True)
     try:
+        # SQLite: take the write lock at BEGIN (a deferred transaction that turns into a
+        # write fails at once with "database is locked" while a daemon writes)
         async with engine.connect() as connection:
+            connection = await connection.execution_options(async_processor_begin="IMMEDIATE")
             await connection.run_sync(_run_sync)
     finally:
         await engine.dispose()

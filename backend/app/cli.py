@@ -26,7 +26,7 @@ from app.models import PendingAnalysis, TaskStatus
 from app.services import queue
 from app.services.handlers import REGISTRY, HandlerImportError, import_handler_modules
 from app.services.schedules import RESERVED_KEY_RULE, is_tick_key
-from app.text import shown
+from app.text import error_line, shown
 
 R = TypeVar("R")
 EXIT_ERROR = 1
@@ -149,7 +149,7 @@ def migrate() -> None:
     try:
         schema.upgrade(url)
     except (SQLAlchemyError, OSError) as exc:
-        fail(f"migration failed: {exc.__class__.__name__}: {str(exc).splitlines()[0]}")
+        fail(f"migration failed: {error_line(exc)}")
     except CommandError as exc:  # e.g. the database is at a revision this code lacks
         newer = "Can't locate revision" in str(exc)
         fail(f"migration failed: {exc}" + (f"; {schema.NEWER_HINT}" if newer else ""))

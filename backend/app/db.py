@@ -84,7 +84,9 @@ SQLITE_JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
 SQLITE_SYNCHRONOUS_MODES = ("NORMAL", "FULL", "EXTRA")
 
 
-def _on_sqlite_connect(dbapi_connection: Any, _record: Any, synchronous: str = "NORMAL") -> None:
+def _on_sqlite_connect(
+    dbapi_connection: Any, _record: Any, synchronous: str = "NORMAL", foreign_keys: bool = True
+) -> None:
     # Take BEGIN away from the driver so that we can emit BEGIN IMMEDIATE ourselves.
     if synchronous not in SQLITE_SYNCHRONOUS_MODES:
         raise ValueError(f"synchronous must be one of {SQLITE_SYNCHRONOUS_MODES}")
@@ -94,7 +96,7 @@ def _on_sqlite_connect(dbapi_connection: Any, _record: Any, synchronous: str = "
         "PRAGMA journal_mode=WAL",
         f"PRAGMA synchronous={synchronous}",
         f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}",
-        "PRAGMA foreign_keys=ON",
+        f"PRAGMA foreign_keys={'ON' if foreign_keys else 'OFF'}",
         # The WAL grows while a long reader (a backup, an operator's query, a VACUUM) holds
         # checkpoints back, and SQLite reuses the file without ever shrinking it: 180 MB
         # after a VACUUM stayed until a restart. Truncated to this when it next restarts.
@@ -334,6 +336,7 @@ def make_engine(
     inline: bool = False,
     create_folder: bool = False,
     sqlite_synchronous: str = "NORMAL",
+    migrating: bool = False,
 ) -> AsyncEngine:
     """An async engine for sqlite+aiosqlite or postgresql+asyncpg, configured for the queue.
 
@@ -346,7 +349,11 @@ def make_engine(
     a statement instead of four).
     ``create_folder`` (SQLite files): make the file's folder if it is missing, as
     ``migrate`` does; other commands only read and say that no database is there (a typo
-    in the path left a root-owned folder behind).
+    in the path left a root-owned folder behind). ``migrating`` (migrations/env.py): no
+    statement timeout on PostgreSQL (an index build may take minutes; the migration sets
+    a lock timeout instead), and SQLite's foreign keys off (a batch-mode table rebuild
+    drops the old table, and ON DELETE CASCADE would take the notifications with it; the
+    migration runs foreign_key_check before it commits).
     """
     if is_sqlite_url(url):
         path = sqlite_path(url)
@@ -391,7 +398,7 @@ def make_engine(
         event.listen(
             engine.sync_engine,
             "connect",
-            partial(_on_sqlite_connect, synchronous=sqlite_synchronous),
+            partial(_on_sqlite_connect, synchronous=sqlite_synchronous, foreign_keys=not migrating),
         )
         event.listen(engine.sync_engine, "begin", _on_sqlite_begin)
         event.listen(engine.sync_engine, "reset", _on_sqlite_reset)
@@ -404,7 +411,7 @@ def make_engine(
         pool_timeout=PG_CONNECT_TIMEOUT_SECONDS,
         connect_args={
             "timeout": PG_CONNECT_TIMEOUT_SECONDS,
-            "command_timeout": PG_COMMAND_TIMEOUT_SECONDS,
+            "command_timeout": None if migrating else PG_COMMAND_TIMEOUT_SECONDS,
             "server_settings": {"application_name": "async-processor"},
         },
     )

@@ -188,6 +188,41 @@ async def _predicates(url: str) -> dict[str, str | None]:
         await db.dispose()
 
 
+async def test_two_migrations_at_once_both_end_at_head(empty_url: str) -> None:
+    """A deploy that migrates from every host: the second run waits for the first (an
+    advisory lock on PostgreSQL, BEGIN IMMEDIATE on SQLite) and finds the database at
+    head; it failed halfway ("relation already exists", "database is locked")."""
+    import os
+
+    script = str(Path(sys.executable).with_name("async-processor"))
+    env = {**os.environ, "ASYNC_PROCESSOR_DATABASE_URL": empty_url}
+    runs = [
+        await asyncio.create_subprocess_exec(
+            script, "migrate", env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        for _ in range(2)
+    ]
+    outputs = [await run.communicate() for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    state = await _inspect(empty_url)
+    assert state["tables"] == {"alembic_version", *TABLES} and state["diff"] == []
+
+
+async def test_foreign_keys_are_off_while_migrating_and_checked(empty_url: str) -> None:
+    """SQLite: a batch-mode rebuild of pending_analysis drops the old table, and with
+    foreign keys on, ON DELETE CASCADE took every notification with it. The migration's
+    connection runs with them off and checks them before it commits."""
+    from app.db import make_engine
+
+    engine = make_engine(empty_url, migrating=True)
+    try:
+        async with engine.connect() as conn:
+            if conn.dialect.name == "sqlite":
+                assert (await conn.exec_driver_sql("PRAGMA foreign_keys")).scalar() == 0
+    finally:
+        await engine.dispose()
+
+
 async def test_filter_indexes_hold_only_rows_with_a_value(empty_url: str) -> None:
     """0005: (user_id | project_id | chapter_id, id) and completed_at skip the rows where
     that column is NULL (an enqueue, a claim or a completion, the updates non-HOT, writes
