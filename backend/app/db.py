@@ -137,12 +137,20 @@ def _on_sqlite_reset(_dbapi_connection: Any, record: Any, state: PoolResetState)
     # connection is closed with its transaction still open: after every commit it would
     # send a ROLLBACK, one more trip to aiosqlite's thread. Roll back only what SQLite says
     # is open (sqlite3's in_transaction is the library's own autocommit flag).
+    # On aiosqlite, a call its caller stopped waiting for (cancelled: a request's client
+    # gone, a timeout) may still be queued on the connection's thread, a BEGIN among them:
+    # it opens a transaction after this check, and the next checkout's BEGIN failed with
+    # "cannot start a transaction within a transaction". The ROLLBACK then goes too, queued
+    # behind it (a no-op where nothing is open); only OneTripConnection knows it is idle.
     if state.terminate_only or not state.asyncio_safe or state.transaction_was_reset:
         return
     driver = record.driver_connection
     inline = getattr(driver, "sqlite_connection", None)
-    connection = inline if isinstance(inline, sqlite3.Connection) else driver
-    if getattr(connection, "in_transaction", True):
+    if isinstance(inline, sqlite3.Connection):  # the write thread's: every call synchronous
+        busy = inline.in_transaction
+    else:
+        busy = not getattr(driver, "idle", False) or getattr(driver, "in_transaction", True)
+    if busy:
         record.dbapi_connection.rollback()
 
 

@@ -159,10 +159,33 @@ class _NewCursor:
 
 
 class OneTripConnection(aiosqlite.Connection):
-    """aiosqlite's connection, with one-trip cursors."""
+    """aiosqlite's connection, with one-trip cursors, that knows whether any of its calls
+    is still queued or running on its thread."""
+
+    #: calls handed to the thread (counted on the event loop) and finished there (counted on
+    #: the thread): each counter has one writer
+    _sent: int = 0
+    _done: int = 0
 
     def cursor(self) -> _NewCursor:  # type: ignore[override]
         return _NewCursor(self)
+
+    async def _execute(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        self._sent += 1
+        return await super()._execute(self._counted, partial(fn, *args, **kwargs))  # type: ignore[no-untyped-call]
+
+    def _counted(self, call: Any) -> Any:  # on the connection's thread
+        try:
+            return call()
+        finally:
+            self._done += 1
+
+    @property
+    def idle(self) -> bool:
+        """No call is queued or running on the connection's thread. A caller cancelled
+        while awaiting one stops waiting, and the call still runs: a BEGIN the pool must
+        roll back after it, though SQLite says no transaction is open yet."""
+        return self._done == self._sent
 
 
 async def connect_one_trip(path: Path, *, busy_seconds: float) -> OneTripConnection:

@@ -128,6 +128,39 @@ async def test_bulk_enqueue_keeps_order_in_one_statement(db: Database) -> None:
     assert len(await _enqueue_2500_in_order(db)) == 1
 
 
+async def test_an_enqueue_cancelled_anywhere_leaves_a_clean_connection(db: Database) -> None:
+    """An enqueue cancelled at any point (the caller's timeout, a client gone) leaves the
+    connection clean: the caller's transaction rolls back (or, cancelled while its COMMIT
+    was on the way, commits all of the rows). Cancelled while SQLite's BEGIN IMMEDIATE was
+    queued on aiosqlite's thread, the connection went back to the pool with the BEGIN still
+    to run, and the next transaction on it failed ("cannot start a transaction within a
+    transaction")."""
+    await _cancel_everywhere(db, [{"kind": "k", "payload": {"n": n}} for n in range(200)], 25)
+
+
+async def _cancel_everywhere(db: Database, specs: list[dict[str, Any]], steps: int) -> None:
+    for step in range(steps):
+
+        async def enqueue() -> None:
+            async with db.write_transaction() as s:
+                await queue.enqueue_tasks(s, specs)
+
+        task = asyncio.create_task(enqueue())
+        for _ in range(step):
+            await asyncio.sleep(0)
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        assert len(await _raw_rows(db)) in (0, len(specs)), step
+        async with db.write_transaction() as s:
+            await s.execute(text("DELETE FROM pending_analysis"))
+    async with db.write_transaction() as s:
+        last = await queue.enqueue_tasks(s, specs)
+    assert len(await _raw_rows(db)) == len(last)
+
+
 _RAW_COLUMNS = (
     "kind, queue, status, priority, payload, max_retries, timeout_seconds, user_id, project_id,"
     " chapter_id, idempotency_key, scheduled_at, created_at, updated_at, retry_count, attempts,"
