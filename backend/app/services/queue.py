@@ -8,13 +8,14 @@ lease expired and whose job was rescued and re-run can never overwrite the new r
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import json
 import logging
 import re
 import sqlite3
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -25,6 +26,7 @@ from typing import Any
 from sqlalchemy import (
     BigInteger,
     ColumnElement,
+    DateTime,
     Float,
     Integer,
     Interval,
@@ -494,20 +496,82 @@ async def enqueue_tasks(
     *,
     now: datetime | None = None,
 ) -> list[EnqueuedTask]:
-    """Insert many pending tasks in the caller's transaction; results in the input order."""
-    items = [s if isinstance(s, TaskSpec) else TaskSpec(**s) for s in specs]
-    if not items:
-        return []
-    keyed = [i for i, s in enumerate(items) if s.idempotency_key is not None]
-    if keyed:
-        results = await _enqueue_keyed_too(session, items, keyed, now)
-    else:  # the common call: every row new, ids in input order
-        results = [
-            EnqueuedTask(task_id, True) for task_id in await _insert_plain(session, items, now)
-        ]
+    """Insert many pending tasks in the caller's transaction; results in the input order.
+    All or none: a spec that fails validation raises InvalidTaskError with none of the
+    call's rows inserted."""
+    if len(specs) > PIPELINE_ROWS and dialect_of(session) == "postgresql":
+        results = await _enqueue_pipelined(session, specs, now)
+    else:
+        items = [s if isinstance(s, TaskSpec) else TaskSpec(**s) for s in specs]
+        if not items:
+            return []
+        keyed = [i for i, s in enumerate(items) if s.idempotency_key is not None]
+        if keyed:
+            results = await _enqueue_keyed_too(session, items, keyed, now)
+        else:  # the common call: every row new, ids in input order
+            results = [
+                EnqueuedTask(task_id, True) for task_id in await _insert_plain(session, items, now)
+            ]
     if dialect_of(session) == "sqlite":
         wake_daemons_at_commit(session)  # PostgreSQL: the insert trigger's NOTIFY
     return results
+
+
+#: A bulk enqueue of more rows than this goes in chunks of this many on PostgreSQL
+#: (_enqueue_pipelined). Not on SQLite: its inserts run on aiosqlite's thread, which
+#: needs the GIL the validation holds, and each chunk adds trips to that thread; measured
+#: slower there (session 22).
+PIPELINE_ROWS = 250
+
+
+async def _enqueue_pipelined(
+    session: AsyncSession, specs: Sequence[TaskSpec | Mapping[str, Any]], now: datetime | None
+) -> list[EnqueuedTask]:
+    """PostgreSQL, many rows, in chunks of PIPELINE_ROWS: each chunk is validated and its
+    statement's parameters encoded on the event loop while the server inserts the chunk
+    before it, in its own process, so the two costs overlap instead of adding up (one
+    statement for 1,000 rows spends about half its time on each side). Rows with
+    idempotency keys go last, in one statement, as in
+    _enqueue_keyed_too. A savepoint keeps the call all or none: a spec that fails
+    validation, or a failed insert, undoes the chunks already inserted and leaves the
+    caller's transaction as it was."""
+    items: list[TaskSpec] = []
+    made: dict[int, EnqueuedTask] = {}
+    keyed: list[int] = []
+    async with session.begin_nested():
+        await session.connection()  # SAVEPOINT now: hotpath's statements bypass the session
+        flight: asyncio.Task[list[int]] | None = None
+        flight_at: list[int] = []
+        try:
+            for start in range(0, len(specs), PIPELINE_ROWS):
+                chunk = [
+                    s if isinstance(s, TaskSpec) else TaskSpec(**s)
+                    for s in specs[start : start + PIPELINE_ROWS]
+                ]
+                items.extend(chunk)
+                at = [i for i, s in enumerate(chunk, start) if s.idempotency_key is None]
+                keyed.extend(i for i, s in enumerate(chunk, start) if s.idempotency_key is not None)
+                send = _plain_insert(session, [items[i] for i in at], now) if at else None
+                if flight is not None:
+                    made.update(_created(flight_at, await flight))
+                    flight = None
+                if send is not None:
+                    flight, flight_at = asyncio.ensure_future(send()), at
+                    await asyncio.sleep(0)  # it sends before the next chunk's validation
+            if flight is not None:
+                made.update(_created(flight_at, await flight))
+                flight = None
+        finally:
+            if flight is not None:  # an invalid spec, or cancelled: the statement finishes
+                await asyncio.gather(flight, return_exceptions=True)  # before the rollback
+        if keyed:
+            by_key = await _insert_keyed(session, [items[i] for i in keyed], now)
+            made.update(_keyed_results(items, keyed, by_key))
+    return [made[i] for i in range(len(items))]
+
+
+def _created(positions: list[int], ids: list[int]) -> dict[int, EnqueuedTask]:
+    return {i: EnqueuedTask(task_id, True) for i, task_id in zip(positions, ids, strict=True)}
 
 
 async def enqueue_task_alone(
@@ -616,11 +680,11 @@ async def _insert_plain_alone(
                 db.engine, binder.prepared, sql, args
             )
             return None if rows is None else [rows[0].id]
-    params = _with_clock([s.row() for s in specs], now)
     if len(specs) == 1:
-        statement, bound = _insert_statement("postgresql", pinned), params[0]
+        [bound] = _with_clock([specs[0].row()], now)
+        statement = _insert_statement("postgresql", pinned)
     else:
-        statement, bound = _bulk_insert_statement(pinned), _arrays(specs, params)
+        statement, bound = _pg_bulk_insert_statement(pinned), _pg_bulk_params(specs, now)
     rows = await hotpath.fetch_autocommit_pooled(db.engine, statement, bound)
     return None if rows is None else sorted(row.id for row in rows)
 
@@ -657,19 +721,27 @@ async def _enqueue_keyed_too(
     results: dict[int, EnqueuedTask] = {}
     plain = [i for i, s in enumerate(items) if s.idempotency_key is None]
     if plain:
-        ids = await _insert_plain(session, [items[i] for i in plain], now)
         results.update(
-            {i: EnqueuedTask(task_id, True) for i, task_id in zip(plain, ids, strict=True)}
+            _created(plain, await _insert_plain(session, [items[i] for i in plain], now))
         )
     by_key = await _insert_keyed(session, [items[i] for i in keyed], now)
+    results.update(_keyed_results(items, keyed, by_key))
+    return [results[i] for i in range(len(items))]
+
+
+def _keyed_results(
+    items: list[TaskSpec], keyed: list[int], by_key: Mapping[str, EnqueuedTask]
+) -> dict[int, EnqueuedTask]:
+    """Each keyed position's task; a key repeated in one call: its later items get the
+    first one's task, not created."""
+    results: dict[int, EnqueuedTask] = {}
     seen: set[str] = set()
     for i in keyed:
         key = items[i].idempotency_key or ""
         found = by_key[key]
-        # a key repeated in one call: its later items get the first one's task, not created
         results[i] = found if key not in seen else EnqueuedTask(found.id, False)
         seen.add(key)
-    return [results[i] for i in range(len(items))]
+    return results
 
 
 async def held_by_others(
@@ -725,39 +797,61 @@ _ZERO: ColumnElement[int] = literal_column("0", Integer())
 async def _insert_plain(
     session: AsyncSession, specs: list[TaskSpec], now: datetime | None
 ) -> list[int]:
+    """Rows without idempotency keys: their new ids, in input order."""
+    return await _plain_insert(session, specs, now)()
+
+
+def _plain_insert(
+    session: AsyncSession, specs: list[TaskSpec], now: datetime | None
+) -> Callable[[], Awaitable[list[int]]]:
+    """_insert_plain in two steps: the statement's parameters are made now, on this thread
+    (the Python side of the work), and sent when the function returned is called."""
     dialect = dialect_of(session)
     pinned = now is not None
     if len(specs) > 1 and dialect == "sqlite" and SQLITE_JSON_ARROWS:
-        return await _insert_sqlite_bulk(session, specs, now)
+        documents = list(_sqlite_bulk_params(session.get_bind().dialect, specs, now))
+        return partial(_send_sqlite_bulk, session, documents, len(specs))
+    if len(specs) > 1 and dialect == "postgresql":
+        # ONE statement whatever the count: the rows travel as one JSON document. Each
+        # row draws its id from the sequence in document order (the SELECT orders by it),
+        # so the new ids sorted are the rows in input order (other sessions' ids may
+        # interleave, never reorder them).
+        return partial(_send_pg_bulk, session, pinned, _pg_bulk_params(specs, now))
     params = _with_clock([s.row() for s in specs], now)
     if len(params) == 1:  # the common enqueue: one row, on the bare driver
-        stmt = _insert_statement(dialect, pinned)
-        return [row.id for row in await hotpath.fetch(session, stmt, params[0])]
-    if dialect == "postgresql":
-        # ONE statement whatever the count: the rows travel as arrays, unnested. Each row
-        # draws its id from the sequence in array order (the SELECT orders by it), so the
-        # new ids sorted are the rows in input order (other sessions' ids may interleave,
-        # never reorder them).
-        arrays = _arrays(specs, params)
-        found = await hotpath.fetch(session, _bulk_insert_statement(pinned), arrays)
-        return sorted(row.id for row in found)
-    # SQLite before 3.38 (no ->> operator for _insert_sqlite_bulk): one executemany of
-    # the one-row INSERT, ids as there.
-    await hotpath.execute_many(session, _insert_statement(dialect, pinned, returning=False), params)
+        return partial(_send_one, session, _insert_statement(dialect, pinned), params[0])
+    # SQLite before 3.38 (no ->> operator for _sqlite_bulk_insert_statement): one
+    # executemany of the one-row INSERT, ids as there.
+    return partial(_send_many, session, _insert_statement(dialect, pinned, returning=False), params)
+
+
+async def _send_one(session: AsyncSession, statement: Any, params: dict[str, Any]) -> list[int]:
+    return [row.id for row in await hotpath.fetch(session, statement, params)]
+
+
+async def _send_many(
+    session: AsyncSession, statement: Any, params: list[dict[str, Any]]
+) -> list[int]:
+    await hotpath.execute_many(session, statement, params)
     return await _last_ids(session, len(params))
 
 
-async def _insert_sqlite_bulk(
-    session: AsyncSession, specs: list[TaskSpec], now: datetime | None
+async def _send_pg_bulk(session: AsyncSession, pinned: bool, params: dict[str, Any]) -> list[int]:
+    found = await hotpath.fetch(session, _pg_bulk_insert_statement(pinned), params)
+    return sorted(row.id for row in found)
+
+
+async def _send_sqlite_bulk(
+    session: AsyncSession, documents: list[dict[str, Any]], count: int
 ) -> list[int]:
-    """SQLite: the rows travel as one JSON document (an array of arrays) and ONE INSERT …
-    SELECT FROM json_each(document) ORDER BY the position inserts them all (an
-    executemany steps the one-row INSERT once per row, ~1.6x slower, with each row's
+    """SQLite: the rows travel as JSON documents (arrays of arrays) and ONE INSERT …
+    SELECT FROM json_each(document) ORDER BY the position inserts each document's rows
+    (an executemany steps the one-row INSERT once per row, ~1.6x slower, with each row's
     parameters processed in Python)."""
     statement = _sqlite_bulk_insert_statement()
-    for params in _sqlite_bulk_params(session.get_bind().dialect, specs, now):
+    for params in documents:
         await hotpath.fetch(session, statement, params)
-    return await _last_ids(session, len(specs))
+    return await _last_ids(session, count)
 
 
 def _sqlite_bulk_params(
@@ -949,8 +1043,8 @@ def _spec_args(statement: Any, dialect: Dialect) -> _SpecArgs | None:
 _SPEC_ARGS: dict[tuple[int, tuple[Any, ...]], tuple[Any, _SpecArgs | None]] = {}
 
 
-#: The plain enqueue's columns (TaskSpec.row() without the idempotency key), and the
-#: array type each travels as in PostgreSQL's bulk INSERT.
+#: The plain enqueue's columns (TaskSpec.row() without the idempotency key): the values of
+#: a row in SQLite's bulk document, in order.
 _BULK_COLUMNS = (
     "kind",
     "queue",
@@ -965,34 +1059,84 @@ _BULK_COLUMNS = (
 )
 
 
-def _arrays(specs: list[TaskSpec], params: list[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {f"b_{name}": [row[name] for row in params] for name in _BULK_COLUMNS}
-    out["b_payload"] = [s.payload_json for s in specs]  # JSON text, cast to jsonb by the server
-    first = params[0]
-    out.update({name: first[name] for name in _CLOCKS})  # a pinned clock: one value
-    return out
+def _pg_bulk_params(specs: Sequence[TaskSpec], now: datetime | None) -> dict[str, Any]:
+    """The parameters of _pg_bulk_insert_statement: the rows as ONE JSON document, an
+    array of arrays of _PG_DOCUMENT_COLUMNS, each row ending with its payload as the JSON
+    text validation made, spliced in (not encoded again, and not a string to be parsed
+    twice). One text parameter: no per-value encoding in the driver, so the whole Python
+    side of a bulk enqueue happens before the statement is sent."""
+    encode = _DOCUMENT_ENCODER
+    rows = []
+    for s in specs:
+        when = None if s.scheduled_at is None else _utc(s.scheduled_at).isoformat()
+        head = encode(
+            [
+                s.kind,
+                s.queue,
+                s.priority,
+                s.max_retries,
+                s.timeout_seconds,
+                when,
+                s.user_id,
+                s.project_id,
+                s.chapter_id,
+            ]
+        )
+        rows.append(f"{head[:-1]},{s.payload_json}]")
+    return {**dict.fromkeys(_CLOCKS, now or utcnow()), "b_rows": f"[{','.join(rows)}]"}
+
+
+#: Strings stay UTF-8 (validation refused any that UTF-8 cannot hold).
+_DOCUMENT_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+#: The values of a row in _pg_bulk_params's document, in order; the payload follows.
+_PG_DOCUMENT_COLUMNS = (
+    "kind",
+    "queue",
+    "priority",
+    "max_retries",
+    "timeout_seconds",
+    "sched",
+    "user_id",
+    "project_id",
+    "chapter_id",
+)
+
+
+def _utc(when: datetime) -> datetime:
+    """A schedule as UTCDateTime binds it: naive is read as UTC."""
+    return (when if when.tzinfo is not None else when.replace(tzinfo=UTC)).astimezone(UTC)
 
 
 @functools.cache
-def _bulk_insert_statement(pinned: bool) -> Any:
-    """PostgreSQL: many plain enqueues in ONE INSERT … SELECT FROM unnest(arrays)."""
-    types: dict[str, Any] = {c: T[c].type for c in _BULK_COLUMNS if c != "sched"}
-    # The payloads travel as the JSON text TaskSpec validated (one encoding per payload,
-    # none in the bind), cast to jsonb in the SELECT.
-    types.update(payload=Text(), sched=UTCDateTime())
-    arrays: list[Any] = [bindparam(f"b_{c}", type_=pg_array(types[c])) for c in _BULK_COLUMNS]
+def _pg_bulk_insert_statement(pinned: bool) -> Any:
+    """PostgreSQL: many plain enqueues in ONE INSERT … SELECT FROM
+    jsonb_array_elements(document) WITH ORDINALITY (_pg_bulk_params)."""
     rows = (
-        func.unnest(*arrays)
-        .table_valued(*_BULK_COLUMNS, with_ordinality="ord")
+        func.jsonb_array_elements(cast(bindparam("b_rows", type_=Text()), JSONB()))
+        .table_valued("value", with_ordinality="ord")
         .render_derived(name="b")
     )
-    columns: dict[str, Any] = {c: rows.c[c] for c in _BULK_COLUMNS if c != "sched"}
-    columns["payload"] = cast(rows.c.payload, JSONB())
-    columns.update(_insert_values("postgresql", pinned, sched=rows.c.sched))
-    # ORDER BY the array position: the sequence is then drawn in that order (what
-    # SQLAlchemy's own ordered multi-row INSERT relies on), not only as a scan happens to go.
+    fields = {
+        name: rows.c.value.op("->>", return_type=Text())(literal_column(str(i)))
+        for i, name in enumerate(_PG_DOCUMENT_COLUMNS)
+    }
+    columns: dict[str, Any] = {
+        name: cast(fields[name], Integer()) if name in _NUMBERS else fields[name]
+        for name in _PG_DOCUMENT_COLUMNS
+        if name != "sched"
+    }
+    columns["payload"] = rows.c.value.op("->", return_type=JSONB())(
+        literal_column(str(len(_PG_DOCUMENT_COLUMNS)))
+    )
+    sched = cast(fields["sched"], DateTime(timezone=True))
+    columns.update(_insert_values("postgresql", pinned, sched=sched))
+    # ORDER BY the position: the sequence is then drawn in that order (what SQLAlchemy's
+    # own ordered multi-row INSERT relies on), not only as a scan happens to go.
     pick = select(*(expr.label(name) for name, expr in columns.items())).order_by(rows.c.ord)
     return insert(TASKS).from_select(list(columns), pick).returning(T.id)
+
+
+_NUMBERS = frozenset({"priority", "max_retries", "timeout_seconds"})
 
 
 def _with_clock(rows: list[dict[str, Any]], now: datetime | None) -> list[dict[str, Any]]:
