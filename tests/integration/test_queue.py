@@ -783,6 +783,45 @@ async def test_claim_respects_limit_schedule_and_queues(db: Database) -> None:
     assert [t.id for t in later] == [future]
 
 
+@pytest.mark.parametrize("form", ["session", "alone"])
+async def test_a_row_python_cannot_read_is_claimed_alone_never_holding_the_rest(
+    db: Database, form: str
+) -> None:
+    """Rows edited by hand into values Python cannot read (a payload that is not JSON, or
+    nests 3,000 deep; a schedule before year 1) are claimed beside a plain one: the
+    unreadable payload is flagged for the executor to fail, the odd schedule orders first,
+    and the plain row comes back whole. Decoding the whole result had failed the claim
+    (SQLite: rolled back and retried for ever; PostgreSQL: committed, run by nobody)."""
+    bad = await enqueue(db, priority=9)
+    odd = await enqueue(db, payload={"odd": 1}, priority=8)
+    plain = await enqueue(db, payload={"plain": 1}, priority=7)
+    async with db.write_transaction() as s:
+        if db.dialect == "postgresql":
+            deep = "(repeat('{\"a\":', 3000) || '1' || repeat('}', 3000))::jsonb"
+            await s.execute(text(f"UPDATE pending_analysis SET payload = {deep} WHERE id = {bad}"))
+            when = "'4000-01-01 00:00:00+00 BC'"
+        else:
+            await s.execute(text(f"UPDATE pending_analysis SET payload = '{{not' WHERE id = {bad}"))
+            when = "'0000-01-01 00:00:00'"
+        await s.execute(text(f"UPDATE pending_analysis SET scheduled_at = {when} WHERE id = {odd}"))
+    if form == "alone":
+        found = await _claim_alone(db)
+        if found is None:  # SQLite: no such form
+            return
+    else:
+        found = await claim(db)
+    by_id = {t.id: t for t in found}
+    assert sorted(by_id) == sorted([bad, odd, plain])
+    assert by_id[bad].unreadable is not None and by_id[bad].unreadable.startswith(
+        "the payload stored in this row is not readable JSON: "
+    )
+    assert (by_id[odd].unreadable, by_id[odd].payload) == (None, {"odd": 1})
+    assert by_id[odd].scheduled_at.year == 1
+    assert (by_id[plain].unreadable, by_id[plain].payload) == (None, {"plain": 1})
+    assert abs((by_id[plain].scheduled_at - utcnow()).total_seconds()) < 60
+    assert [r[0] for r in await _started_notes(db)] == sorted([bad, odd, plain])
+
+
 async def _claim_alone(db: Database, **kw: Any) -> list[queue.ClaimedTask] | None:
     kw.setdefault("limit", 10)
     async with db.engine.connect() as conn:

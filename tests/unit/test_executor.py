@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import sys
 import threading
@@ -533,3 +534,33 @@ def test_a_kind_must_be_printable_text(kind: Any) -> None:
         registry.register(kind, lambda ctx: None)
     registry.register("chapter analysis ü", lambda ctx: None)
     assert registry.kinds() == ["chapter analysis ü"]
+
+
+async def test_a_row_that_could_not_be_read_fails_for_good_without_running(
+    registry: HandlerRegistry,
+) -> None:
+    """A claimed row whose payload Python could not read (ClaimedTask.unreadable) fails at
+    once, permanently, with the reason; its handler never runs."""
+    task = dataclasses.replace(make_task("ok"), unreadable="the payload … is not readable JSON")
+    outcome, calls = await run(registry, task)
+    assert (outcome.kind, outcome.error, outcome.permanent) == (
+        OutcomeKind.FAILED,
+        "the payload … is not readable JSON",
+        True,
+    )
+    assert calls == []
+
+
+async def test_a_handlers_own_timeout_is_its_failure_not_the_jobs_timeout() -> None:
+    """A TimeoutError of the handler's own (a wait_for of its own ran out) is a failure with
+    its traceback, not reported as the job's timeout."""
+    reg = HandlerRegistry()
+
+    async def own_timeout(ctx: JobContext) -> None:
+        await asyncio.wait_for(asyncio.sleep(10), 0.01)
+
+    reg.register("own_timeout", own_timeout)
+    outcome, _ = await run(reg, make_task("own_timeout", timeout=30))
+    assert outcome.kind is OutcomeKind.FAILED and outcome.permanent is False
+    assert outcome.error is not None and "timed out after" not in outcome.error
+    assert outcome.error.startswith("TimeoutError") and "own_timeout" in outcome.error

@@ -39,6 +39,7 @@ from sqlalchemy import (
     case,
     cast,
     delete,
+    extract,
     false,
     func,
     insert,
@@ -49,6 +50,7 @@ from sqlalchemy import (
     select,
     text,
     tuple_,
+    type_coerce,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -72,6 +74,7 @@ from app.models import (
 from app.models.types import JSONType, UTCDateTime, pg_array, utcnow
 from app.services import faults, hotpath, notifications
 from app.services.notifications import TaskRef
+from app.text import error_line
 
 # Statements are SQLAlchemy Core over the tables (not ORM-enabled statements): the hot path
 # skips the ORM's bulk-update bookkeeping. Reads that return models use the mapped classes.
@@ -389,6 +392,38 @@ class EnqueuedTask:
     created: bool
 
 
+def _read_payload(text: Any) -> tuple[Any, str | None]:
+    """A claimed row's payload from its JSON text, and why it could not be read (None when
+    it could). Only a hand-edited row holds text that is not JSON, or nests too deep."""
+    if not isinstance(text, str):  # a driver that decoded it anyway
+        return text, None
+    try:
+        return json.loads(text), None
+    except (ValueError, RecursionError) as exc:
+        return {}, f"the payload stored in this row is not readable JSON: {error_line(exc)}"
+
+
+_EARLIEST = datetime.min.replace(tzinfo=UTC)
+_LATEST = datetime.max.replace(tzinfo=UTC)
+
+
+def _read_schedule(value: Any) -> datetime:
+    """A claimed row's scheduled_at, for ordering the claimed jobs only: seconds since the
+    epoch (PostgreSQL) or SQLite's text. A value no datetime can hold (a hand-edited row)
+    orders first or last; it never fails the claim."""
+    if isinstance(value, datetime):
+        return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+    try:
+        if isinstance(value, str):
+            found = datetime.fromisoformat(value)
+            return found if found.tzinfo is not None else found.replace(tzinfo=UTC)
+        return datetime.fromtimestamp(float(value), UTC)
+    except (TypeError, ValueError, OverflowError, OSError):
+        if isinstance(value, int | float) and value > 0:
+            return _LATEST
+        return _EARLIEST
+
+
 @dataclass(frozen=True, slots=True)
 class ClaimedTask:
     """A job this daemon now holds, as plain data (never an ORM row)."""
@@ -406,15 +441,20 @@ class ClaimedTask:
     project_id: str | None
     chapter_id: str | None
     scheduled_at: datetime
+    #: Why this row's values could not be read (its payload): the job fails for good
+    #: without running; None for every row the queue's own writes made.
+    unreadable: str | None = None
 
     @classmethod
     def from_row(cls, row: Any) -> ClaimedTask:
-        """Build from a claim's RETURNING row."""
+        """Build from a claim's RETURNING row (payload as JSON text; scheduled_at as text
+        or seconds since the epoch, see _claimed_schedule)."""
+        payload, unreadable = _read_payload(row.payload)
         return cls(
             id=row.id,
             kind=row.kind,
             queue=row.queue,
-            payload=row.payload,
+            payload=payload,
             priority=row.priority,
             attempt=row.attempts,
             retry_count=row.retry_count,
@@ -423,7 +463,8 @@ class ClaimedTask:
             user_id=row.user_id,
             project_id=row.project_id,
             chapter_id=row.chapter_id,
-            scheduled_at=row.scheduled_at,
+            scheduled_at=_read_schedule(row.scheduled_at),
+            unreadable=unreadable,
         )
 
     @property
@@ -1257,10 +1298,17 @@ _CLAIM_FILTERS = {
 
 
 @functools.cache
-def _claim_statement(db_clock: bool, filters: frozenset[str]) -> Any:
+def _claim_statement(db_clock: bool, filters: frozenset[str], dialect: str = "sqlite") -> Any:
     """The claim, built once per shape: its values are bound parameters (``c_*``), so each
     call skips building the statement and its cache key (a large share of a claim's cost).
-    ``db_clock``: PostgreSQL's ``now()``; otherwise the clock is bound (``c_now``)."""
+    ``db_clock``: PostgreSQL's ``now()``; otherwise the clock is bound (``c_now``).
+
+    The payload and the schedule come back as text and a number (_claim_returning), read
+    row by row in ClaimedTask.from_row: a row whose values Python cannot read (a payload
+    edited into invalid JSON or nested thousands deep, a date before year 1) then fails
+    alone, where decoding the whole result had failed the claim (SQLite: rolled back and
+    tried again for ever, every other job held back; PostgreSQL: committed, and every job
+    claimed with it run by nobody until its lease expired)."""
     if db_clock:
         current: ColumnElement[datetime] = func.now()
         until = func.now() + bindparam("c_lease", type_=Interval())
@@ -1296,14 +1344,23 @@ def _claim_statement(db_clock: bool, filters: frozenset[str]) -> Any:
         .returning(
             *REF_COLUMNS,
             T.queue,
-            T.payload,
+            cast(T.payload, Text()).label("payload"),
             T.priority,
             T.retry_count,
             T.max_retries,
             T.timeout_seconds,
-            T.scheduled_at,
+            _claimed_schedule(dialect).label("scheduled_at"),
         )
     )
+
+
+def _claimed_schedule(dialect: str) -> ColumnElement[Any]:
+    """scheduled_at as the claim returns it: PostgreSQL's seconds since the epoch (any
+    timestamptz has one, BC and infinity included; as a timestamp, asyncpg fails the whole
+    result on one it cannot make a datetime of); SQLite's stored text."""
+    if dialect == "postgresql":
+        return cast(extract("epoch", T.scheduled_at), Float())
+    return type_coerce(T.scheduled_at, Text())
 
 
 async def claim_tasks(
@@ -1333,8 +1390,9 @@ async def claim_tasks(
         "exclude_kinds": exclude_kinds,
         "only_ids": only_ids,
     }
-    db_clock = now is None and dialect_of(session) == "postgresql"
-    stmt, params = _claim_call(filters, processor_id, limit, lease_seconds, db_clock, now)
+    dialect = dialect_of(session)
+    db_clock = now is None and dialect == "postgresql"
+    stmt, params = _claim_call(filters, processor_id, limit, lease_seconds, db_clock, now, dialect)
     claimed = _in_claim_order(await hotpath.fetch(session, stmt, params))
     await notifications.add(session, _started_notes(claimed))
     return claimed
@@ -1357,7 +1415,7 @@ def claim_tasks_sqlite3(
     if limit <= 0:
         return []
     filters = {"queues": queues, "exclude_queues": exclude_queues, "exclude_kinds": exclude_kinds}
-    stmt, params = _claim_call(filters, processor_id, limit, lease_seconds, False, None)
+    stmt, params = _claim_call(filters, processor_id, limit, lease_seconds, False, None, "sqlite")
     claimed = _in_claim_order(hotpath.sqlite3_fetch(conn, dialect, stmt, params))
     notifications.add_sqlite3(conn, dialect, _started_notes(claimed))
     return claimed
@@ -1370,6 +1428,7 @@ def _claim_call(
     lease_seconds: float,
     db_clock: bool,
     now: datetime | None,
+    dialect: str,
 ) -> tuple[Any, dict[str, Any]]:
     """The claim statement of this shape and its parameters, the clock's included."""
     used, params = _claim_params(filters, processor_id, limit)
@@ -1378,7 +1437,7 @@ def _claim_call(
     else:
         clock = now or utcnow()
         params.update(c_now=clock, c_lease_until=clock + timedelta(seconds=lease_seconds))
-    return _claim_statement(db_clock, used), params
+    return _claim_statement(db_clock, used, dialect), params
 
 
 def _started_notes(claimed: Sequence[ClaimedTask]) -> list[dict[str, Any]]:
@@ -1395,7 +1454,7 @@ def _claim_alone_statement(filters: frozenset[str]) -> Any:
     """PostgreSQL: the claim and its ``started`` notifications in ONE statement (the claim's
     UPDATE … RETURNING as a CTE, the notifications INSERT as another), for a claim that is
     its own transaction: sent outside BEGIN … COMMIT it is one round trip, not four."""
-    claimed = _claim_statement(True, filters).cte("claimed")
+    claimed = _claim_statement(True, filters, "postgresql").cte("claimed")
     notes = notifications.started_insert(
         claimed, (claimed.c.priority.desc(), claimed.c.scheduled_at, claimed.c.id)
     ).cte("started_notes")

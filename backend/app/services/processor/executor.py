@@ -131,20 +131,25 @@ class Executor:
         def outcome(kind: OutcomeKind, **kw: Any) -> Outcome:
             return Outcome(task, kind, time.monotonic() - start, token_usage=ctx.token_usage, **kw)
 
+        if task.unreadable is not None:  # a hand-edited row: nothing to run it with
+            return outcome(OutcomeKind.FAILED, error=task.unreadable, permanent=True)
         entry = self._registry.get(task.kind)
         if entry is None:
             known = ", ".join(self._registry.kinds()) or "none"
             error = f"no handler registered for kind {task.kind!r} (known kinds: {known})"
             return outcome(OutcomeKind.FAILED, error=error, permanent=True)
         faults.fault_point("before_handler")
+        deadline = asyncio.timeout(task.timeout_seconds)
         try:
-            async with asyncio.timeout(task.timeout_seconds):
+            async with deadline:
                 if entry.is_async:
                     value = await entry.func(ctx)
                 else:
                     value = await self._in_thread(entry.func, ctx)
             return outcome(OutcomeKind.COMPLETED, result=_jsonable(value))
-        except TimeoutError:
+        except TimeoutError as exc:
+            if not deadline.expired():  # the handler's own (a wait_for of its own ran out)
+                return outcome(OutcomeKind.FAILED, error=describe(exc, with_traceback=True))
             error = f"timed out after {task.timeout_seconds} s"
             return outcome(OutcomeKind.FAILED, error=error)
         except asyncio.CancelledError as exc:
