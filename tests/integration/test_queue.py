@@ -822,6 +822,29 @@ async def test_a_row_python_cannot_read_is_claimed_alone_never_holding_the_rest(
     assert [r[0] for r in await _started_notes(db)] == sorted([bad, odd, plain])
 
 
+async def test_a_job_whose_schedule_python_cannot_read_still_ends(db: Database) -> None:
+    """A schedule edited by hand to a date no datetime holds: its job's failure (with a
+    retry) and its completion are written (the end read scheduled_at back into Python, and
+    the completer retried the failing write for ever)."""
+    retried = await enqueue(db)
+    completed = await enqueue(db)
+    when = "'4000-01-01 00:00:00+00 BC'" if db.dialect == "postgresql" else "'0000-01-01 00:00:00'"
+    async with db.write_transaction() as s:
+        await s.execute(text(f"UPDATE pending_analysis SET scheduled_at = {when}"))
+    assert sorted(t.id for t in await claim(db)) == [retried, completed]
+    async with db.write_transaction() as s:
+        assert await queue.fail_task(
+            s, task_id=retried, processor_id=PID, attempt=1, error="e", retry_delay=1
+        )
+        assert await queue.complete_task(
+            s, task_id=completed, processor_id=PID, attempt=1, result={"a": 1}
+        )
+    async with db.read_transaction() as s:
+        rows = await s.execute(text("SELECT id, status, retry_count FROM pending_analysis"))
+        states = sorted(tuple(r) for r in rows.all())
+    assert states == sorted([(retried, "pending", 1), (completed, "completed", 0)])
+
+
 async def _claim_alone(db: Database, **kw: Any) -> list[queue.ClaimedTask] | None:
     kw.setdefault("limit", 10)
     async with db.engine.connect() as conn:
@@ -1401,6 +1424,28 @@ async def test_rescue_expired_requeues_or_fails(db: Database) -> None:
     assert (await task_row(db, live)).status == "processing"
     assert [n for n, _ in await notes_of(db, dead)] == ["started", "retrying"]
     assert [n for n, _ in await notes_of(db, poison)] == ["started", "failed"]
+
+
+async def test_counters_at_the_32_bit_limit_never_fail_a_claim_or_a_rescue(db: Database) -> None:
+    """max_retries at MAX_INT (the library takes it), and attempts and retry_count edited to
+    MAX_INT by hand: the claim and the rescue go on (PostgreSQL's 32-bit ``+ 1`` had failed
+    every sweep of the rescuer, and every claim, for all jobs, for good)."""
+    many = await enqueue(db, max_retries=queue.MAX_INT)
+    edited = await enqueue(db)
+    async with db.write_transaction() as s:
+        await s.execute(
+            update(PendingAnalysis)
+            .where(PendingAnalysis.id == edited)
+            .values(attempts=queue.MAX_INT, retry_count=queue.MAX_INT, max_retries=queue.MAX_INT)
+        )
+    assert sorted(t.id for t in await claim(db)) == sorted([many, edited])
+    assert (await task_row(db, edited)).attempts == queue.MAX_INT
+    async with db.write_transaction() as s:
+        result = await queue.rescue_expired(s, now=utcnow() + timedelta(minutes=5))
+    assert (sorted(result.rescued), result.failed) == (sorted([many, edited]), ())
+    assert (await task_row(db, many)).retry_count == 1
+    row = await task_row(db, edited)
+    assert (row.status, row.retry_count) == ("pending", queue.MAX_INT)
 
 
 async def test_prune_finished_in_batches(db: Database) -> None:

@@ -1336,7 +1336,8 @@ def _claim_statement(db_clock: bool, filters: frozenset[str], dialect: str = "sq
         .values(
             status=TaskStatus.PROCESSING,
             locked_by=bindparam("c_processor", type_=String()),
-            attempts=T.attempts + 1,
+            # A hand-edited MAX_INT stays (PostgreSQL's 32-bit + 1 failed every claim)
+            attempts=case((T.attempts < MAX_INT, T.attempts + 1), else_=T.attempts),
             started_at=current,
             updated_at=current,
             lease_expires_at=until,
@@ -1860,7 +1861,6 @@ _LOCKED_COLUMNS = (
     T.max_retries,
     T.cancel_requested,
     T.error,
-    T.scheduled_at,
     T.duration_seconds,
 )
 _FENCE = and_(
@@ -1917,7 +1917,12 @@ _END = (
         error=bindparam("b_error", type_=Text()),
         retry_count=bindparam("b_retry_count", type_=Integer()),
         attempts=bindparam("b_attempts", type_=Integer()),
-        scheduled_at=bindparam("b_scheduled_at", type_=UTCDateTime()),
+        # None keeps the row's own: never read back into Python, where a hand-edited value
+        # no datetime holds (a BC date) had failed the write, and the completer retried it
+        # for ever
+        scheduled_at=func.coalesce(
+            bindparam("b_scheduled_at", type_=UTCDateTime()), T.scheduled_at
+        ),
         **_UNLOCKED_VALUES,
     )
 )
@@ -2317,7 +2322,7 @@ def _decide(
         "b_error": row.error,
         "b_retry_count": row.retry_count,
         "b_attempts": row.attempts,
-        "b_scheduled_at": row.scheduled_at,
+        "b_scheduled_at": None,
     }
     if item.how is Finish.COMPLETE:
         params["b_result"] = item.result
@@ -2635,7 +2640,9 @@ async def rescue_expired(
     common = _unlocked(current)
     spent = (
         update(TASKS)
-        .where(expired, T.attempts >= T.max_retries + 1, T.cancel_requested.is_(False))
+        # attempts > max_retries, not attempts >= max_retries + 1: max_retries may be
+        # MAX_INT, and PostgreSQL's 32-bit + 1 then failed the whole sweep (every rescue)
+        .where(expired, T.attempts > T.max_retries, T.cancel_requested.is_(False))
         .values(
             status=TaskStatus.FAILED,
             completed_at=current,
@@ -2652,7 +2659,10 @@ async def rescue_expired(
         .values(
             status=case((T.cancel_requested, TaskStatus.CANCELLED), else_=TaskStatus.PENDING),
             completed_at=case((T.cancel_requested, current), else_=None),
-            retry_count=case((T.cancel_requested, T.retry_count), else_=T.retry_count + 1),
+            retry_count=case(
+                (or_(T.cancel_requested, T.retry_count >= MAX_INT), T.retry_count),
+                else_=T.retry_count + 1,
+            ),
             error=error,
             **common,
         )
