@@ -101,3 +101,10 @@ async def snooze_then_finish(ctx: JobContext) -> dict[str, Any]:
     if runs <= int(ctx.payload.get("snoozes", 1)):
         raise Snooze(float(ctx.payload.get("seconds", 1.0)))
     return {"runs": runs, "attempt": ctx.attempt}
+
+
+@handler("block_loop")
+async def block_loop(ctx: JobContext) -> dict[str, Any]:
+    """Blocking work in an async def: holds the daemon's event loop for ``seconds``."""
+    time.sleep(float(ctx.payload["seconds"]))  # noqa: ASYNC251 (the point of it)
+    return {"blocked": True}

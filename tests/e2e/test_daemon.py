@@ -315,6 +315,27 @@ async def test_lost_lease_stops_jobs_without_completing_them(
     assert daemon.stop() == 0
 
 
+async def test_a_handler_blocking_the_loop_past_a_lease_costs_the_others_nothing(
+    db: Database, spawn: Spawn
+) -> None:
+    """An async handler that blocks the event loop for longer than a lease: when the loop
+    runs again the daemon says so, renews the leases its own stall let lapse (nobody else
+    took them), and the job beside it runs on, once, uncharged (it used to be stopped as a
+    lost lease, run again with a retry charged, or failed with none left)."""
+    [beside] = await enqueue_many(db, "sleep", 1, payload={"seconds": 6}, max_retries=0)
+    daemon = spawn(max_concurrent="2", lease_seconds="2")
+    await eventually(lambda: _progress_is(db, beside, "sleeping"), within=20)
+    [blocker] = await enqueue_many(db, "block_loop", 1, payload={"seconds": 3.5})
+    row = await eventually(lambda: _finished(db, beside), within=30)
+    assert (row.status, row.attempts, row.retry_count) == ("completed", 1, 0)
+    blocked = await eventually(lambda: _finished(db, blocker), within=10)
+    assert (blocked.status, blocked.attempts) == ("completed", 1)
+    assert "the event loop was blocked for" in daemon.log()
+    assert "block_loop" in daemon.log()
+    assert "stopping (lease_lost)" not in daemon.log()
+    assert daemon.stop() == 0
+
+
 async def test_a_restarted_daemon_takes_back_its_killed_predecessors_jobs_at_once(
     db: Database, spawn: Spawn, tmp_path: Path
 ) -> None:

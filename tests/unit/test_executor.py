@@ -564,3 +564,17 @@ async def test_a_handlers_own_timeout_is_its_failure_not_the_jobs_timeout() -> N
     assert outcome.kind is OutcomeKind.FAILED and outcome.permanent is False
     assert outcome.error is not None and "timed out after" not in outcome.error
     assert outcome.error.startswith("TimeoutError") and "own_timeout" in outcome.error
+
+
+async def test_progress_threadsafe_on_the_event_loop_says_to_await_progress() -> None:
+    """Called from an async def handler it waited, on the loop's own thread, for the loop:
+    the daemon froze for good (SIGTERM ignored). Now the job fails, saying what to call."""
+    reg = HandlerRegistry()
+
+    async def wrong_call(ctx: JobContext) -> None:
+        ctx.progress_threadsafe(1, 2, "x")
+
+    reg.register("wrong_call", wrong_call)
+    outcome, calls = await asyncio.wait_for(run(reg, make_task("wrong_call")), 5)
+    assert outcome.kind is OutcomeKind.FAILED and calls == []
+    assert "an async def handler awaits ctx.progress() instead" in outcome.error

@@ -69,6 +69,10 @@ STALE_RECHECK_SECONDS = 0.25
 FLUSH_NOTICE_SECONDS = 2.0
 #: the lease watch sleeps at least this long between looks
 LEASE_WATCH_MIN_SECONDS = 0.01
+#: the lease watch woke this much later than it meant to: the event loop was blocked
+LOOP_STALL_SECONDS = 1.0
+#: after a stall, how long a renewal may take before lapsed leases' jobs are stopped anyway
+STALL_RENEW_SECONDS = 2.0
 
 #: Jobs this daemon retries or snoozes wake it when they are due, a little after (the
 #: database's clock and this one's may differ by that much), up to this many at once.
@@ -913,11 +917,16 @@ class ProcessorEngine:
         (a partition, a hung connection) says nothing until the driver's timeout."""
         lease = self.config.lease_seconds
         loop = asyncio.get_running_loop()
+        due = loop.time()
         while True:
             now = loop.time()
             for task_id in [t for t in self._lease_from if t not in self._held]:
                 del self._lease_from[task_id]
             lapsed = [t for t, since in self._lease_from.items() if since + lease <= now]
+            if now - due >= LOOP_STALL_SECONDS:
+                await self._after_stall(now - due, bool(lapsed))
+                now = loop.time()
+                lapsed = [t for t, since in self._lease_from.items() if since + lease <= now]
             if lapsed:
                 waiting = {entry[2] for pool in self._pools for entry in pool.waiting}
                 running = sum(1 for t in lapsed if t in self._running)
@@ -942,8 +951,38 @@ class ProcessorEngine:
                     if task_id in self._running:
                         self._stop_job(task_id, StopReason.LEASE_LOST)
             first = min(self._lease_from.values(), default=now) + lease
-            if await sleep_or_stop(stop, max(LEASE_WATCH_MIN_SECONDS, min(first - now, lease / 3))):
+            pause = max(LEASE_WATCH_MIN_SECONDS, min(first - now, lease / 3))
+            due = now + pause
+            if await sleep_or_stop(stop, pause):
                 return
+
+    async def _after_stall(self, seconds: float, lapsed: bool) -> None:
+        """The event loop ran nothing for ``seconds`` (a handler running blocking code in an
+        async def, or the host starved): say so, naming what ran; when leases seem to have
+        lapsed, renew them first. A lease only this daemon's stall let lapse is renewed
+        (fenced: a job another daemon's rescuer took is not) and its job goes on; stopping
+        every job for it had charged the innocent ones a retry, or failed them."""
+        kinds = sorted({self._held[t].kind for t in self._running if t in self._held})
+        logger.warning(
+            "the event loop was blocked for %.1f s (running: %s); a handler doing blocking"
+            " work in an async def holds up every job, the heartbeat and the claims: run it"
+            " with asyncio.to_thread or make the handler a plain def",
+            seconds,
+            ", ".join(kinds) or "no job",
+            extra={"action": "loop_blocked", "processor_id": self.processor_id},
+        )
+        if not lapsed:
+            return
+        bound = min(STALL_RENEW_SECONDS, self.config.lease_seconds / 6)
+        try:
+            async with asyncio.timeout(bound):
+                await self._heartbeat_once()
+        except Exception as exc:  # the database too: the lapsed jobs are stopped as ever
+            logger.warning(
+                "leases not renewed after the stall: %s",
+                error_line(exc),
+                extra={"action": "leases_lapsed", "processor_id": self.processor_id},
+            )
 
     async def _flush_outcomes(self) -> None:
         """Wait until every outcome is written (the completer retries them through a

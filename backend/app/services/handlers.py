@@ -180,10 +180,22 @@ class JobContext:
             raise JobStopped(f"task {self.task_id}: its run has ended")
         if self._loop is None:
             raise RuntimeError("this context has no event loop to report progress to")
+        if _loop_of_this_thread() is self._loop:  # waiting here would hold the loop for good
+            raise RuntimeError(
+                "progress_threadsafe() is for plain def handlers, which run in a thread; "
+                "an async def handler awaits ctx.progress() instead"
+            )
         future = asyncio.run_coroutine_threadsafe(
             self.progress(current, total, message), self._loop
         )
         future.result()
+
+
+def _loop_of_this_thread() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 @dataclass(frozen=True, slots=True)
