@@ -414,7 +414,10 @@ def aiosqlite_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     original = aiosqlite.core.Connection._execute
 
     async def counted(self: Any, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        calls.append(f"{fn.__name__} {args[0] if args else ''}".strip())
+        shown, shown_args = fn, args
+        if getattr(fn, "__name__", "") == "_counted":  # OneTripConnection's count of its calls
+            shown, shown_args = args[0].func, args[0].args
+        calls.append(f"{shown.__name__} {shown_args[0] if shown_args else ''}".strip())
         return await original(self, fn, *args, **kwargs)
 
     monkeypatch.setattr(aiosqlite.core.Connection, "_execute", counted)
