@@ -73,6 +73,32 @@ def sqlite_path(url: str | URL) -> Path | None:
     return Path(parsed.database)
 
 
+def absolute_sqlite_url(url: str | URL) -> URL:
+    """A SQLite URL whose file path is absolute, resolved against the working directory
+    now: whatever the engine derives from it later (the write thread's connections, the
+    daemons' doorbells) then opens the same file after a chdir (a handler's). A relative
+    path had made a daemon's new connections open an empty database in the handler's
+    directory ("no such table", for ever) while its heartbeat, on an old connection, kept
+    its leases alive."""
+    parsed = make_url(url)
+    path = sqlite_path(parsed)
+    if path is None or path.is_absolute() or parsed.database.startswith("file:"):  # type: ignore[union-attr]
+        return parsed
+    absolute = os.path.abspath(path.expanduser())
+    _GIVEN_AS[Path(absolute)] = str(path)
+    return parsed.set(database=absolute)
+
+
+#: The paths absolute_sqlite_url resolved, as they were given (messages about a missing file
+#: say that it was taken relative to the working directory).
+_GIVEN_AS: dict[Path, str] = {}
+
+
+def sqlite_path_as_given(path: Path) -> str | None:
+    """The relative text a resolved SQLite path was given as; None if it was absolute."""
+    return _GIVEN_AS.get(path)
+
+
 #: Bytes the WAL file is cut back to after a checkpoint lets it restart.
 SQLITE_JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
 
@@ -364,6 +390,7 @@ def make_engine(
     migration runs foreign_key_check before it commits).
     """
     if is_sqlite_url(url):
+        url = absolute_sqlite_url(url)
         path = sqlite_path(url)
         if create_folder and path is not None and not path.as_posix().startswith("file:"):
             path.expanduser().parent.mkdir(parents=True, exist_ok=True)

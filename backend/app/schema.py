@@ -135,13 +135,14 @@ def _file_of(path: Path | None) -> Path | None:
 
 async def check_migrated(engine: AsyncEngine) -> None:
     """Raise SchemaError, saying what to run, unless the database is at head."""
-    from app.db import sqlite_path
+    from app.db import sqlite_path, sqlite_path_as_given
 
     path = _file_of(sqlite_path(engine.url))
     if path is not None and not path.expanduser().exists():
         # Checked before connecting: SQLite would create an empty file there.
-        where = str(path)
-        if not path.expanduser().is_absolute():
+        given = sqlite_path_as_given(path)
+        where = str(path) if given is None else given
+        if given is not None or not path.expanduser().is_absolute():
             where += (
                 f" (relative to the current folder, {Path.cwd()}: is"
                 " ASYNC_PROCESSOR_DATABASE_URL set? An absolute path takes four slashes,"

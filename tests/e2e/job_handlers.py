@@ -108,3 +108,10 @@ async def block_loop(ctx: JobContext) -> dict[str, Any]:
     """Blocking work in an async def: holds the daemon's event loop for ``seconds``."""
     time.sleep(float(ctx.payload["seconds"]))  # noqa: ASYNC251 (the point of it)
     return {"blocked": True}
+
+
+@handler("chdir")
+async def chdir(ctx: JobContext) -> dict[str, Any]:
+    """A handler that moves the daemon's working directory."""
+    os.chdir(str(ctx.payload["to"]))
+    return {"cwd": os.getcwd()}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 from collections import Counter
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from app.models import AnalysisNotification, PendingAnalysis, Processor
 from app.services import queue
 from app.services.analysis import analyze_chapter
 from tests import pg
-from tests.e2e.daemon import Daemon
+from tests.e2e.daemon import REPO, Daemon
 from tests.helpers import all_in, enqueue_many, eventually, task_row
 
 pytestmark = [pytest.mark.e2e]
@@ -334,6 +335,32 @@ async def test_a_handler_blocking_the_loop_past_a_lease_costs_the_others_nothing
     assert "block_loop" in daemon.log()
     assert "stopping (lease_lost)" not in daemon.log()
     assert daemon.stop() == 0
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"])
+async def test_a_handlers_chdir_leaves_a_relative_sqlite_path_on_its_file(
+    db: Database, database_url: str, tmp_path: Path
+) -> None:
+    """DATABASE_URL with a relative path (the default's ./data/…) and a handler that
+    changes the working directory: the jobs after it still run, on the same file (new
+    connections had opened an empty database in the handler's directory, "no such table"
+    for ever, while the heartbeat kept the held jobs' leases alive)."""
+    absolute = database_url.split("///", 1)[1]
+    relative = os.path.relpath(absolute, REPO)  # noqa: ASYNC240 (no I/O: a path's text)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    [moved] = await enqueue_many(db, "chdir", 1, payload={"to": str(elsewhere)})
+    daemon = Daemon(f"sqlite+aiosqlite:///{relative}", tmp_path, "relative").start()
+    try:
+        assert (await eventually(lambda: _finished(db, moved), within=20)).status == "completed"
+        after = await enqueue_many(db, "noop", 3)
+        for task_id in after:
+            row = await eventually(lambda t=task_id: _finished(db, t), within=20)
+            assert row.status == "completed"
+        assert list(elsewhere.iterdir()) == []
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()
 
 
 async def test_a_restarted_daemon_takes_back_its_killed_predecessors_jobs_at_once(
