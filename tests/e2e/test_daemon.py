@@ -283,6 +283,7 @@ async def test_sd_notify_ready_watchdog_stopping(database_url: str, tmp_path: Pa
         ("no_such_package.handlers", 2, "No module named 'no_such_package'"),
         # the module exists and fails while importing: an error, 1
         ("tests.e2e.broken_handlers", 1, "No module named 'no_such_dependency_of_the_handlers'"),
+        ("tests.e2e.exiting_handlers", 1, "SystemExit: 0 (at "),
     ],
 )
 async def test_handler_module_that_fails_to_import_stops_the_daemon(

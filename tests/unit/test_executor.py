@@ -401,6 +401,8 @@ async def test_results_at_the_limits_complete(registry: HandlerRegistry, kind: s
         ({1, 2}, "Object of type set is not JSON serializable"),
         ("cycle", "Circular reference detected"),
         ("deep", "it nests too deeply to encode"),
+        ({"s": "a\x00b"}, "a NUL character"),
+        ({"k\x00": 1}, "a NUL character"),
     ],
 )
 def test_a_result_that_is_not_json_says_why(value: object, error: str) -> None:
@@ -578,3 +580,19 @@ async def test_progress_threadsafe_on_the_event_loop_says_to_await_progress() ->
     outcome, calls = await asyncio.wait_for(run(reg, make_task("wrong_call")), 5)
     assert outcome.kind is OutcomeKind.FAILED and calls == []
     assert "an async def handler awaits ctx.progress() instead" in outcome.error
+
+
+async def test_a_plain_def_handler_raising_stop_iteration_fails_at_once() -> None:
+    """StopIteration (a next() on an empty iterator) out of a plain def handler: a future
+    refuses it, and the job waited for its timeout, reported as a timeout."""
+    reg = HandlerRegistry()
+
+    def empty_next(ctx: JobContext) -> Any:
+        return next(iter([]))
+
+    reg.register("empty_next", empty_next)
+    started = time.monotonic()
+    outcome, _ = await run(reg, make_task("empty_next", timeout=30))
+    assert time.monotonic() - started < 5
+    assert outcome.kind is OutcomeKind.FAILED and outcome.error is not None
+    assert outcome.error.startswith("RuntimeError: the handler raised StopIteration")

@@ -17,6 +17,7 @@ import asyncio
 import importlib
 import inspect
 import math
+import traceback
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -367,10 +368,14 @@ def import_handler_modules(modules: Iterable[str]) -> None:
     for name in modules:
         try:
             importlib.import_module(name)
-        except Exception as exc:
+        except (Exception, SystemExit, KeyboardInterrupt) as exc:
+            # SystemExit too: a module that calls sys.exit() as it is imported had ended
+            # the daemon, the API and the CLI silently, with its code (0: "success").
             missing = getattr(exc, "name", None) if isinstance(exc, ModuleNotFoundError) else None
+            frames = traceback.extract_tb(exc.__traceback__)
+            where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
             raise HandlerImportError(
                 f"cannot import handler module {name!r} (from HANDLER_MODULES): "
-                f"{exc.__class__.__name__}: {exc}",
+                f"{exc.__class__.__name__}: {exc}{where}",
                 bad_setting=missing is not None and f"{name}.".startswith(f"{missing}."),
             ) from exc

@@ -25,6 +25,7 @@ from app.services.queue import (
     MAX_JSON_DEPTH,
     ClaimedTask,
     encode_payload,
+    has_nul,
     is_unicode,
     nests_deeper_than,
 )
@@ -199,6 +200,12 @@ class Executor:
                 finally:
                     with self._lock:
                         state["running"] = False
+            except StopIteration as exc:
+                # A future refuses StopIteration ("interacts badly with generators"): the
+                # job waited for its timeout, its error lost. Delivered as what it is.
+                error = RuntimeError(f"the handler raised StopIteration: {exc!r}")
+                error.__cause__ = exc
+                loop.call_soon_threadsafe(deliver, future.set_exception, error)
             except BaseException as exc:
                 loop.call_soon_threadsafe(deliver, future.set_exception, exc)
             else:
@@ -282,6 +289,13 @@ def _jsonable(value: Any) -> Any:
         raise _NotJSONError(
             f"handler returned a value that nests objects and arrays more than "
             f"{MAX_JSON_DEPTH} levels deep"
+        )
+    if "u0000" in text and has_nul(value):
+        # PostgreSQL's jsonb refuses it (the write failed with its SQL in the job's error);
+        # refused on SQLite too, so a handler behaves the same on both.
+        raise _NotJSONError(
+            "handler returned a value with a NUL character (\\u0000) in a string or key,"
+            " which cannot be stored"
         )
     if type(value) is int and not MIN_INT64 <= value <= MAX_INT64:
         # Alone (not inside an object or array), SQLite's column would keep it as a
