@@ -1448,6 +1448,24 @@ async def test_counters_at_the_32_bit_limit_never_fail_a_claim_or_a_rescue(db: D
     assert (row.status, row.retry_count) == ("pending", queue.MAX_INT)
 
 
+async def test_a_processing_row_without_a_lease_is_rescued(db: Database) -> None:
+    """A row in processing with no lease and no owner (edited by hand) is rescued like an
+    expired one; it was stuck there for good (its cancel never applied, retry refused)."""
+    orphan = await enqueue(db)
+    await claim(db)
+    async with db.write_transaction() as s:
+        await s.execute(
+            update(PendingAnalysis)
+            .where(PendingAnalysis.id == orphan)
+            .values(locked_by=None, lease_expires_at=None)
+        )
+    async with db.write_transaction() as s:
+        result = await queue.rescue_expired(s)
+    assert result.rescued == (orphan,)
+    row = await task_row(db, orphan)
+    assert (row.status, row.retry_count, row.locked_by) == ("pending", 1, None)
+
+
 async def test_prune_finished_in_batches(db: Database) -> None:
     ids = [await enqueue(db, max_retries=0) for _ in range(5)]
     held = await claim(db)

@@ -2627,7 +2627,8 @@ async def rescue_expired(
     live processor's id and the ids it still holds, left alone (the sweep of that very
     processor)."""
     current = now_sql(dialect_of(session), now)
-    lapsed: ColumnElement[bool] = T.lease_expires_at < current
+    # No lease at all: only a row edited by hand, which nothing else would ever free
+    lapsed: ColumnElement[bool] = or_(T.lease_expires_at < current, T.lease_expires_at.is_(None))
     error: ColumnElement[str] = literal(LEASE_EXPIRED_ERROR, String())
     if gone:
         owner_gone = T.locked_by.in_(list(gone))
