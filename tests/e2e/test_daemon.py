@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from app.db import Database
 from app.models import AnalysisNotification, PendingAnalysis, Processor
@@ -362,6 +362,32 @@ async def test_a_handlers_chdir_leaves_a_relative_sqlite_path_on_its_file(
         assert daemon.stop() == 0
     finally:
         daemon.kill()
+
+
+async def test_a_running_job_set_back_to_pending_by_hand_is_not_claimed_in_a_loop(
+    db: Database, spawn: Spawn
+) -> None:
+    """An operator sets a running job's row back to pending: the daemon claims it while the
+    old run is still stopping, and puts it back for a second each time (it released it at
+    once and claimed it again, hundreds of times a second, a `started` notification each),
+    then runs it once the old run has stopped."""
+    [task_id] = await enqueue_many(db, "sleep", 1, payload={"seconds": 4})
+    daemon = spawn(lease_seconds="3", poll_interval="0.2")
+    await eventually(lambda: _progress_is(db, task_id, "sleeping"), within=20)
+    async with db.write_transaction() as s:
+        await s.execute(
+            update(PendingAnalysis).where(PendingAnalysis.id == task_id).values(status="pending")
+        )
+    row = await eventually(lambda: _finished(db, task_id), within=30)
+    assert row.status == "completed"
+    async with db.read_transaction() as s:
+        started = await s.scalar(
+            select(func.count())
+            .select_from(AnalysisNotification)
+            .where(AnalysisNotification.task_id == task_id, AnalysisNotification.type == "started")
+        )
+    assert started is not None and 2 <= started <= 10, started
+    assert daemon.stop() == 0
 
 
 async def test_a_restarted_daemon_takes_back_its_killed_predecessors_jobs_at_once(

@@ -69,6 +69,8 @@ STALE_RECHECK_SECONDS = 0.25
 FLUSH_NOTICE_SECONDS = 2.0
 #: the lease watch sleeps at least this long between looks
 LEASE_WATCH_MIN_SECONDS = 0.01
+#: a job claimed while its last run here has not stopped yet goes back for this long
+STILL_RUNNING_DELAY_SECONDS = 1.0
 #: the lease watch woke this much later than it meant to: the event loop was blocked
 LOOP_STALL_SECONDS = 1.0
 #: after a stall, how long a renewal may take before lapsed leases' jobs are stopped anyway
@@ -630,7 +632,14 @@ class ProcessorEngine:
         since = min((room.since for room in slots.values() if room.since is not None), default=now)
         for task in claimed:
             if task.id in self._running:  # its last run (lease lost) has not stopped yet
-                self.completer.submit(Outcome(task, OutcomeKind.RELEASED, 0.0))
+                # Back to pending uncharged, due a little later: released at once, it was
+                # claimed again at once, hundreds of times a second (each claim a `started`
+                # notification) until the old run ended.
+                self.completer.submit(
+                    Outcome(
+                        task, OutcomeKind.SNOOZED, 0.0, snooze_seconds=STILL_RUNNING_DELAY_SECONDS
+                    )
+                )
                 continue
             self._held[task.id] = task
             self._lease_from[task.id] = since
