@@ -242,6 +242,10 @@ POOL_THREAD_PREFIX = "handler-pool"
 POOL_EXIT_WAIT_SECONDS = 1.0
 
 
+#: at exit, how long tasks still running get to end once cancelled
+EXIT_TASKS_WAIT_SECONDS = 2.0
+
+
 def run_loop(main: Coroutine[Any, Any, int], pool_threads: int) -> int:
     """``asyncio.run(main)``, with a default executor of ``pool_threads`` (asyncio's default
     is min(32, CPUs + 4): six here, fewer than ten jobs at once each needing one), and an
@@ -263,7 +267,22 @@ def run_loop(main: Coroutine[Any, Any, int], pool_threads: int) -> int:
             for task in left:
                 task.cancel()
             if left:
-                loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
+                # Bounded: a task that catches CancelledError and carries on (a handler's
+                # own, or one it left behind) had kept the process alive after it said it
+                # had stopped, deaf to further signals.
+                done, stuck = loop.run_until_complete(
+                    asyncio.wait(left, timeout=EXIT_TASKS_WAIT_SECONDS)
+                )
+                for task in done:
+                    if not task.cancelled():
+                        task.exception()  # retrieved: no "never retrieved" noise
+                if stuck:
+                    logger.warning(
+                        "exiting with %d task(s) that ignored cancellation (%s): not waiting",
+                        len(stuck),
+                        ", ".join(sorted(t.get_name() for t in stuck)),
+                        extra={"action": "tasks_left"},
+                    )
             loop.run_until_complete(loop.shutdown_asyncgens())
         finally:
             pool.shutdown(wait=False, cancel_futures=True)

@@ -115,3 +115,23 @@ async def chdir(ctx: JobContext) -> dict[str, Any]:
     """A handler that moves the daemon's working directory."""
     os.chdir(str(ctx.payload["to"]))
     return {"cwd": os.getcwd()}
+
+
+@handler("stubborn")
+async def stubborn(ctx: JobContext) -> None:
+    """Catches every CancelledError and carries on: never ends (a bare except: in a loop)."""
+    while True:
+        try:
+            await asyncio.sleep(0.2)
+        except asyncio.CancelledError:
+            pass
+
+
+_LEFT_BEHIND: list[asyncio.Task[None]] = []
+
+
+@handler("leave_stubborn_task")
+async def leave_stubborn_task(ctx: JobContext) -> dict[str, Any]:
+    """Starts a task that ignores cancellation, and returns."""
+    _LEFT_BEHIND.append(asyncio.get_running_loop().create_task(stubborn(ctx)))
+    return {"left": True}

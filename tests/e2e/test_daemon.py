@@ -229,7 +229,9 @@ async def test_a_daemon_says_which_handlers_it_runs_and_warns_when_none(
 ) -> None:
     daemon = spawn()
     await eventually(lambda: _logged(daemon, " started: concurrency"), within=20)
-    assert "handlers: base_exception, chapter_analysis, fail" in daemon.log()
+    [line] = [x for x in daemon.log().splitlines() if "app.processor: handlers: " in x]
+    kinds = line.split("handlers: ", 1)[1].split(", ")
+    assert kinds == sorted(kinds) and {"base_exception", "chapter_analysis", "fail"} <= set(kinds)
     assert daemon.stop() == 0
     none = spawn(handler_modules=",,")
     await eventually(lambda: _logged(none, " started: concurrency"), within=20)
@@ -388,6 +390,30 @@ async def test_a_running_job_set_back_to_pending_by_hand_is_not_claimed_in_a_loo
         )
     assert started is not None and 2 <= started <= 10, started
     assert daemon.stop() == 0
+
+
+async def test_a_handler_that_swallows_cancellation_is_given_up_on(
+    db: Database, spawn: Spawn
+) -> None:
+    """A handler that catches CancelledError and carries on: past its timeout it is given
+    up on (failed, its slot freed: the job beside it runs), and at shutdown one that will
+    not stop is released and the daemon exits, as does one whose handler left such a task
+    behind (each had held the daemon for ever, deaf to further signals)."""
+    [timed] = await enqueue_many(db, "stubborn", 1, timeout_seconds=1, max_retries=0)
+    daemon = spawn(max_concurrent="1")
+    row = await eventually(lambda: _finished(db, timed), within=30)
+    assert row.status == "failed" and row.error is not None
+    assert "did not stop when cancelled" in row.error
+    [left] = await enqueue_many(db, "leave_stubborn_task", 1)
+    assert (await eventually(lambda: _finished(db, left), within=20)).status == "completed"
+    [held] = await enqueue_many(db, "stubborn", 1)
+    await eventually(lambda: all_in(db, "processing", 1), within=20)
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(30) == 0
+    row = await task_row(db, held)
+    assert (row.status, row.attempts, row.retry_count) == ("pending", 0, 0)
+    assert "given up on" in daemon.log()
+    assert "ignored cancellation" in daemon.log()
 
 
 async def test_a_restarted_daemon_takes_back_its_killed_predecessors_jobs_at_once(

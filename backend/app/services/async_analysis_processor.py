@@ -69,6 +69,9 @@ STALE_RECHECK_SECONDS = 0.25
 FLUSH_NOTICE_SECONDS = 2.0
 #: the lease watch sleeps at least this long between looks
 LEASE_WATCH_MIN_SECONDS = 0.01
+#: a run told to stop (or past its timeout) and still running this much later is given up
+#: on (_abandon_unstoppable)
+UNSTOPPABLE_SECONDS = 5.0
 #: a job claimed while its last run here has not stopped yet goes back for this long
 STILL_RUNNING_DELAY_SECONDS = 1.0
 #: the lease watch woke this much later than it meant to: the event loop was blocked
@@ -227,6 +230,11 @@ class ProcessorEngine:
         self._claiming_stopped = asyncio.Event()
         self._held: dict[int, ClaimedTask] = {}
         self._stop_reasons: dict[asyncio.Task[Any], StopReason] = {}  # per run
+        # Per run: loop time it started, and when it was told to stop (_abandon_unstoppable)
+        self._job_started: dict[asyncio.Task[Any], float] = {}
+        self._stop_times: dict[asyncio.Task[Any], float] = {}
+        # Runs given up on: told to stop (or timed out) and still running long after
+        self._abandoned: set[asyncio.Task[Any]] = set()
         self._renewing: dict[int, ClaimedTask] = {}
         # Loop time from which each held job's lease surely runs for a whole lease: when it
         # was claimed (settle, just after the claim's commit), then the start of each beat
@@ -717,6 +725,7 @@ class ProcessorEngine:
         job = asyncio.create_task(self._run_job(task), name=f"task-{task.id}")
         self._running[task.id] = job
         started = asyncio.get_running_loop().time()
+        self._job_started[job] = started
         job.add_done_callback(lambda _: self._job_done(task, pool, job, started))
 
     async def _run_job(self, task: ClaimedTask) -> None:
@@ -733,11 +742,17 @@ class ProcessorEngine:
             logger.exception("task %s: the executor failed", task.id)
             outcome = Outcome(task, OutcomeKind.FAILED, 0.0, error=describe(exc))
         faults.fault_point("after_handler_before_complete")
-        self.completer.submit(outcome)
+        if run not in self._abandoned:  # given up on: its end was written then
+            self.completer.submit(outcome)
 
     def _job_done(
         self, task: ClaimedTask, pool: SlotPool, job: asyncio.Task[None], started: float
     ) -> None:
+        self._job_started.pop(job, None)
+        self._stop_times.pop(job, None)
+        if job in self._abandoned:  # its slot was freed when it was given up on
+            self._abandoned.discard(job)
+            return
         if self._running.get(task.id) is job:  # not a later run of the same id
             del self._running[task.id]
         self._stop_reasons.pop(job, None)
@@ -817,6 +832,7 @@ class ProcessorEngine:
         if job in self._stop_reasons:
             return
         self._stop_reasons[job] = reason
+        self._stop_times[job] = asyncio.get_running_loop().time()
         held = self._held.get(task_id)
         logger.warning(
             "task %s: stopping (%s)",
@@ -896,6 +912,7 @@ class ProcessorEngine:
             )
         started = asyncio.get_running_loop().time()
         try:
+            self._abandon_unstoppable()
             result = await self.heartbeat.run_once()
         except Exception:
             if self.heartbeat.lease_at_risk():
@@ -1045,7 +1062,60 @@ class ProcessorEngine:
             self._stop_job(task_id, StopReason.SHUTDOWN)
         left = set(self._running.values())
         if left:
-            await asyncio.wait(left)
+            await asyncio.wait(left, timeout=UNSTOPPABLE_SECONDS)
+            self._abandon_unstoppable(at_once=True)
+
+    def _abandon_unstoppable(self, *, at_once: bool = False) -> None:
+        """Give up on runs that do not end when told to: stopped (a cancel, a lost lease,
+        the shutdown) UNSTOPPABLE_SECONDS ago, or past their timeout by as much (the
+        timeout's cancellation swallowed too), or, ``at_once``, every run still going (the
+        shutdown waited for them). A handler that catches CancelledError and carries on
+        had held its slot, its lease (renewed) and the shutdown for ever. Its end is
+        written now, as the stop would have (a timeout: failed), its slot freed; the
+        coroutine runs on in this process, and what it returns later is dropped."""
+        now = asyncio.get_running_loop().time()
+        for task_id, job in list(self._running.items()):
+            task = self._held.get(task_id)
+            if task is None or job.done():
+                continue
+            reason = self._stop_reasons.get(job)
+            told = self._stop_times.get(job)
+            started = self._job_started.get(job, now)
+            overdue = now - started - task.timeout_seconds
+            if reason is not None and (
+                at_once or (told is not None and now - told >= UNSTOPPABLE_SECONDS)
+            ):
+                outcome = Outcome(
+                    task, REASON_TO_OUTCOME[reason], now - started, error=f"stopped: {reason.value}"
+                )
+                what = f"told to stop ({reason.value}) {now - (told or now):.1f} s ago"
+            elif reason is None and overdue >= UNSTOPPABLE_SECONDS:
+                error = (
+                    f"timed out after {task.timeout_seconds} s, and the handler did not stop"
+                    " when cancelled (does it catch CancelledError and carry on?): given up on"
+                )
+                outcome = Outcome(task, OutcomeKind.FAILED, now - started, error=error)
+                what = f"past its timeout by {overdue:.1f} s"
+            else:
+                continue
+            logger.error(
+                "task %s (%s): still running, %s; given up on: its slot is freed and its end"
+                " written, the handler runs on in this process (it swallows"
+                " CancelledError?) and what it returns is dropped",
+                task_id,
+                task.kind,
+                what,
+                extra={"action": "job_abandoned", "task_id": task_id, "kind": task.kind},
+            )
+            self._abandoned.add(job)
+            del self._running[task_id]
+            self._stop_reasons.pop(job, None)
+            pool = self._pool_for(task)
+            pool.running -= 1
+            self.completer.submit(outcome)
+            if pool.waiting and not self._stopping:
+                self._start_job(heapq.heappop(pool.waiting)[-1], pool)
+            self.wake()
 
     async def _mark_stopped(self) -> None:
         try:
