@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 
 from app.db import Database
 from app.models import AnalysisNotification, PendingAnalysis, Processor
@@ -414,6 +414,34 @@ async def test_a_handler_that_swallows_cancellation_is_given_up_on(
     assert (row.status, row.attempts, row.retry_count) == ("pending", 0, 0)
     assert "given up on" in daemon.log()
     assert "ignored cancellation" in daemon.log()
+
+
+async def test_a_daemon_whose_processors_row_is_deleted_registers_again(
+    db: Database, spawn: Spawn
+) -> None:
+    """An operator deletes a live daemon's processors row: at its next beat it is back
+    (running, its counters kept), and said so; it had run on unseen by the status views."""
+    daemon = spawn()
+    await eventually(lambda: _logged(daemon, " started: concurrency"), within=20)
+    [done] = await enqueue_many(db, "noop", 1)
+    await eventually(lambda: _finished(db, done), within=20)
+    async with db.write_transaction() as s:
+        await s.execute(delete(Processor))
+
+    async def back() -> Processor | None:
+        async with db.read_transaction() as s:
+            return (await s.execute(select(Processor))).scalar_one_or_none()
+
+    row = await eventually(back, within=20)
+    assert (row.state, row.pid) == ("running", daemon.pid)
+    assert (await eventually(lambda: _processed(db, 1), within=20)) is True
+    assert "processors row was gone (deleted?): registered again" in daemon.log()
+    assert daemon.stop() == 0
+
+
+async def _processed(db: Database, count: int) -> bool:
+    async with db.read_transaction() as s:
+        return (await s.scalar(select(Processor.processed))) == count
 
 
 async def test_a_restarted_daemon_takes_back_its_killed_predecessors_jobs_at_once(

@@ -194,6 +194,7 @@ class ProcessorEngine:
             lease_seconds=config.lease_seconds,
             held=self.held,
             stats=self.stats,
+            register=self._register_in,
         )
         self.hostname = socket.gethostname()
         self.host_key = host_key()
@@ -365,21 +366,24 @@ class ProcessorEngine:
             extra={"action": "started", "processor_id": self.processor_id},
         )
 
+    async def _register_in(self, session: AsyncSession) -> None:
+        await queue.register_processor(
+            session,
+            processor_id=self.processor_id,
+            hostname=self.hostname,
+            pid=os.getpid(),
+            version=__version__,
+            concurrency=self.capacity,
+            queues=self.queues_label,
+            host_key=self.host_key,
+        )
+
     async def _register(self) -> None:
         backoff = ErrorBackoff("register")
         while True:
             try:
                 async with self.db.write_transaction() as session:
-                    await queue.register_processor(
-                        session,
-                        processor_id=self.processor_id,
-                        hostname=self.hostname,
-                        pid=os.getpid(),
-                        version=__version__,
-                        concurrency=self.capacity,
-                        queues=self.queues_label,
-                        host_key=self.host_key,
-                    )
+                    await self._register_in(session)
                 return
             except Exception as exc:
                 if not is_transient(exc):

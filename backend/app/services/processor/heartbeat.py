@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
+
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db import Database
 from app.models import ProcessorState
 from app.services import faults, queue
+
+logger = logging.getLogger("app.processor")
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +47,7 @@ class Heartbeat:
         lease_seconds: float,
         held: Callable[[], Sequence[tuple[int, int]]],
         stats: Callable[[], ProcessorStats],
+        register: Callable[[AsyncSession], Awaitable[None]] | None = None,
     ) -> None:
         if lease_seconds <= 0:
             raise ValueError(f"lease_seconds must be positive, got {lease_seconds}")
@@ -50,6 +57,7 @@ class Heartbeat:
         self.interval = lease_seconds / 3
         self._held = held
         self._stats = stats
+        self._register = register
         self.last_success = time.monotonic()
 
     async def run_once(self) -> HeartbeatResult:
@@ -64,7 +72,8 @@ class Heartbeat:
                 lease_seconds=self.lease_seconds,
             )
             faults.fault_point("inside_heartbeat_txn")
-            await queue.touch_processor(
+            touch = partial(
+                queue.touch_processor,
                 session,
                 processor_id=self._processor_id,
                 in_flight=stats.in_flight,
@@ -72,6 +81,15 @@ class Heartbeat:
                 failed=stats.failed,
                 state=stats.state,
             )
+            if not await touch() and self._register is not None:
+                # Deleted by hand (or pruned as stopped): a daemon missing from the status
+                # views and from other daemons' sight runs on unseen. Back it goes.
+                logger.warning(
+                    "this daemon's processors row was gone (deleted?): registered again",
+                    extra={"action": "reregistered", "processor_id": self._processor_id},
+                )
+                await self._register(session)
+                await touch()
         self.last_success = time.monotonic()
         if faults.seeded("lease_renewal"):  # test-only seeded bug: renewed nothing, say all
             renewal = queue.LeaseRenewal(frozenset(t for t, _ in held), frozenset())
