@@ -1466,6 +1466,44 @@ async def test_a_processing_row_without_a_lease_is_rescued(db: Database) -> None
     assert (row.status, row.retry_count, row.locked_by) == ("pending", 1, None)
 
 
+async def test_a_cancel_answers_what_it_did_while_the_job_changes_state(db: Database) -> None:
+    """The job flips between pending and processing in other transactions (a snooze loop)
+    while a cancel is asked for: the answer is always what happened to the row (it read
+    the row and changed it in separate statements, and on PostgreSQL answered 'requested'
+    with no flag set, or 'finished' for a job that never finished)."""
+    for round_ in range(30):
+        task_id = await enqueue(db)
+        stop = asyncio.Event()
+
+        async def flip(task_id: int = task_id, stop: asyncio.Event = stop) -> None:
+            turn = 0
+            while not stop.is_set():
+                turn += 1
+                async with db.write_transaction() as s:
+                    await s.execute(
+                        update(PendingAnalysis)
+                        .where(
+                            PendingAnalysis.id == task_id,
+                            PendingAnalysis.status.in_(["pending", "processing"]),
+                        )
+                        .values(status="processing" if turn % 2 else "pending")
+                    )
+                await asyncio.sleep(0)
+
+        flipper = asyncio.create_task(flip())
+        await asyncio.sleep(0.001 * (round_ % 5))
+        async with db.write_transaction() as s:
+            outcome = await queue.request_cancel(s, task_id)
+        stop.set()
+        await flipper
+        row = await task_row(db, task_id)
+        if outcome is CancelOutcome.CANCELLED:
+            assert row.status == "cancelled"
+        else:
+            assert outcome is CancelOutcome.REQUESTED, (round_, outcome, row.status)
+            assert row.cancel_requested is True
+
+
 async def test_prune_finished_in_batches(db: Database) -> None:
     ids = [await enqueue(db, max_retries=0) for _ in range(5)]
     held = await claim(db)

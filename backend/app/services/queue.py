@@ -2513,31 +2513,37 @@ async def request_cancel(
 ) -> CancelOutcome:
     """pending → cancelled at once; processing → flagged for its daemon, which is told at
     commit and stops the job within milliseconds (at its next heartbeat, should the word
-    not reach it); else FINISHED."""
+    not reach it); else FINISHED. The row is locked first: between separate statements a
+    job changing state fast (snoozed, retried) had moved, and the answer was wrong
+    ('requested' with no flag set, 'finished' for a pending job)."""
     current = now_sql(dialect_of(session), now)
-    pending = (
-        update(TASKS)
-        .where(T.id == task_id, T.status == TaskStatus.PENDING)
-        .values(status=TaskStatus.CANCELLED, completed_at=current, updated_at=current)
-        .returning(*REF_COLUMNS)
-    )
-    row = (await session.execute(pending)).first()
-    if row is not None:
+    state = (
+        await session.execute(
+            select(T.status, T.cancel_requested).where(T.id == task_id).with_for_update()
+        )
+    ).first()
+    if state is None:
+        return CancelOutcome.NOT_FOUND
+    if state.status == TaskStatus.PENDING:
+        pending = (
+            update(TASKS)
+            .where(T.id == task_id, T.status == TaskStatus.PENDING)
+            .values(status=TaskStatus.CANCELLED, completed_at=current, updated_at=current)
+            .returning(*REF_COLUMNS)
+        )
+        row = (await session.execute(pending)).one()
         await notifications.add(session, [_cancelled_note(TaskRef.from_row(row))])
         return CancelOutcome.CANCELLED
-    running = (
-        update(TASKS)
-        .where(T.id == task_id, T.status == TaskStatus.PROCESSING, T.cancel_requested.is_(False))
-        .values(cancel_requested=True, updated_at=current)
-        .returning(T.id)
-    )
-    if (await session.execute(running)).first() is not None:
+    if state.status != TaskStatus.PROCESSING:
+        return CancelOutcome.FINISHED
+    if not state.cancel_requested:  # flagged already: its daemon was told then
+        await session.execute(
+            update(TASKS)
+            .where(T.id == task_id, T.status == TaskStatus.PROCESSING)
+            .values(cancel_requested=True, updated_at=current)
+        )
         await notify_daemons(session, cancel=True)
-        return CancelOutcome.REQUESTED
-    status = await session.scalar(select(T.status).where(T.id == task_id))
-    if status == TaskStatus.PROCESSING:  # flagged already: its daemon was told then
-        return CancelOutcome.REQUESTED
-    return CancelOutcome.FINISHED if status is not None else CancelOutcome.NOT_FOUND
+    return CancelOutcome.REQUESTED
 
 
 def _retry_values(current: ColumnElement[datetime]) -> dict[str, Any]:
