@@ -596,3 +596,29 @@ async def test_a_plain_def_handler_raising_stop_iteration_fails_at_once() -> Non
     assert time.monotonic() - started < 5
     assert outcome.kind is OutcomeKind.FAILED and outcome.error is not None
     assert outcome.error.startswith("RuntimeError: the handler raised StopIteration")
+
+
+@pytest.mark.parametrize("kind", ["a,b", "a=b", "a;b", " lead", "trail "])
+def test_a_kind_the_settings_cannot_name_is_refused(kind: str) -> None:
+    """RATE_LIMITS, KEY_LIMITS, SCHEDULES and the kind filters split on these and trim."""
+    with pytest.raises(ValueError, match="must not start or end with spaces"):
+        HandlerRegistry().register(kind, lambda ctx: None)
+
+
+def test_a_handler_must_be_callable() -> None:
+    with pytest.raises(TypeError, match="must be callable"):
+        HandlerRegistry().register("k", 42)  # type: ignore[arg-type]
+
+
+def test_a_long_message_is_cut_in_the_traceback_too() -> None:
+    """A 10 MB message filled the traceback's kept tail: the frames were lost."""
+    from app.services.processor.executor import MAX_TRACEBACK_CHARS, describe
+
+    def deep_helper() -> None:
+        raise ValueError("E" * 10_000_000)
+
+    try:
+        deep_helper()
+    except ValueError as exc:
+        text = describe(exc, with_traceback=True)
+    assert "deep_helper" in text and len(text) < 2 * MAX_TRACEBACK_CHARS + 1_000

@@ -199,6 +199,10 @@ def _loop_of_this_thread() -> asyncio.AbstractEventLoop | None:
         return None
 
 
+#: characters the settings that name kinds use as separators
+_NOT_IN_KINDS = (",", "=", ";")
+
+
 @dataclass(frozen=True, slots=True)
 class Handler:
     """A registered handler: its kind, its function, and whether it is a coroutine."""
@@ -264,6 +268,16 @@ class HandlerRegistry:
                 f"handler kind must be printable text (no control, format or surrogate"
                 f" characters), got {kind!r}"
             )
+        if kind != kind.strip() or any(c in kind for c in _NOT_IN_KINDS):
+            # The settings that name kinds (RATE_LIMITS, KEY_LIMITS, SCHEDULES, the
+            # processor's kind filters) split on these and trim: such a kind ran but could
+            # never be named there.
+            raise ValueError(
+                f"handler kind must not start or end with spaces nor hold any of"
+                f" {' '.join(_NOT_IN_KINDS)}, got {kind!r}"
+            )
+        if not callable(func):
+            raise TypeError(f"handler for kind {kind!r} must be callable, got {func!r}")
         existing = self._handlers.get(kind)
         if existing is not None and existing.func is not func:
             raise ValueError(f"a handler for kind {kind!r} is already registered ({existing.func})")

@@ -315,11 +315,14 @@ def describe(exc: BaseException, *, with_traceback: bool = False) -> str:
         message = str(exc)
     except BaseException as failed:  # a __str__ that raises, or returns no string
         message = f"<str() of the exception failed: {failed.__class__.__name__}>"
+    whole = message
     if len(message) > MAX_MESSAGE_CHARS:
         cut = len(message) - MAX_MESSAGE_CHARS
         message = f"{message[:MAX_MESSAGE_CHARS]}… [{cut:,} more characters]"
     head = f"{exc.__class__.__name__}: {message}" if message else exc.__class__.__name__
     if with_traceback:
         tb = "".join(traceback.format_exception(exc))  # its own str() failure is caught
+        if whole is not message:  # its tail was the long message alone, the frames lost
+            tb = tb.replace(whole, f"{whole[:200]}… [the message above]")
         head = f"{head}\n\n{tb[-MAX_TRACEBACK_CHARS:]}"
     return storable(head)
