@@ -1129,18 +1129,9 @@ def _pg_bulk_params(specs: Sequence[TaskSpec], now: datetime | None) -> dict[str
 
 #: Strings stay UTF-8 (validation refused any that UTF-8 cannot hold).
 _DOCUMENT_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
-#: The values of a row in _pg_bulk_params's document, in order; the payload follows.
-_PG_DOCUMENT_COLUMNS = (
-    "kind",
-    "queue",
-    "priority",
-    "max_retries",
-    "timeout_seconds",
-    "sched",
-    "user_id",
-    "project_id",
-    "chapter_id",
-)
+#: The values of a row in _pg_bulk_params's document, in order (as it writes them); the
+#: payload follows.
+_PG_DOCUMENT_COLUMNS = tuple(c for c in _BULK_COLUMNS if c != "payload")
 
 
 def _utc(when: datetime) -> datetime:
