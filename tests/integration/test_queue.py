@@ -129,6 +129,23 @@ async def test_bulk_enqueue_keeps_order_in_a_statement_a_chunk(db: Database) -> 
     assert len(await _enqueue_2500_in_order(db)) == chunks
 
 
+@pytest.mark.parametrize("engine_name", ["postgresql"])
+async def test_postgresql_splits_a_bulk_document_past_its_payload_bytes(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """jsonb refuses an array past 256 MB (and numbers take ~6x their text there): a
+    document is cut at PG_DOCUMENT_BYTES of payload, the ids still in input order, in a
+    session and alone."""
+    monkeypatch.setattr(queue, "PG_DOCUMENT_BYTES", 100 * len('{"n": 100}'))
+    assert len(await _enqueue_2500_in_order(db)) > -(-2500 // queue.PIPELINE_ROWS)
+    alone = await queue.enqueue_tasks_alone(
+        db, [{"kind": "k", "payload": {"n": n}} for n in range(300)]
+    )
+    assert [r.id for r in alone] == sorted(r.id for r in alone)
+    payloads = [(await task_row(db, r.id)).payload for r in alone]
+    assert payloads == [{"n": n} for n in range(300)]
+
+
 async def test_a_chunked_enqueue_mixes_keys_across_chunks(db: Database) -> None:
     """More rows than a chunk, keys among them: every position gets its own task in input
     order, a known key its existing task (created=False), a key repeated in the call the

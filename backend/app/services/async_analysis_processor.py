@@ -234,8 +234,12 @@ class ProcessorEngine:
         # Per run: loop time it started, and when it was told to stop (_abandon_unstoppable)
         self._job_started: dict[asyncio.Task[Any], float] = {}
         self._stop_times: dict[asyncio.Task[Any], float] = {}
-        # Runs given up on: told to stop (or timed out) and still running long after
+        # Runs given up on: told to stop (or timed out) and still running long after; by
+        # task id too, so a claim of the same job while one runs on waits (settle)
         self._abandoned: set[asyncio.Task[Any]] = set()
+        self._abandoned_ids: dict[int, asyncio.Task[Any]] = {}
+        self._stall_ended = 0.0  # loop time the last stall of the event loop ended
+        self._beat_lock = asyncio.Lock()  # one heartbeat at a time (the loop's, a stall's)
         self._renewing: dict[int, ClaimedTask] = {}
         # Loop time from which each held job's lease surely runs for a whole lease: when it
         # was claimed (settle, just after the claim's commit), then the start of each beat
@@ -643,7 +647,8 @@ class ProcessorEngine:
         # PostgreSQL at the transaction's start: now() is its clock).
         since = min((room.since for room in slots.values() if room.since is not None), default=now)
         for task in claimed:
-            if task.id in self._running:  # its last run (lease lost) has not stopped yet
+            if task.id in self._running or task.id in self._abandoned_ids:
+                # its last run (lease lost, or given up on) has not stopped yet
                 # Back to pending uncharged, due a little later: released at once, it was
                 # claimed again at once, hundreds of times a second (each claim a `started`
                 # notification) until the old run ended.
@@ -756,6 +761,8 @@ class ProcessorEngine:
         self._stop_times.pop(job, None)
         if job in self._abandoned:  # its slot was freed when it was given up on
             self._abandoned.discard(job)
+            if self._abandoned_ids.get(task.id) is job:
+                del self._abandoned_ids[task.id]
             return
         if self._running.get(task.id) is job:  # not a later run of the same id
             del self._running[task.id]
@@ -898,6 +905,10 @@ class ProcessorEngine:
     # --- heartbeat and shutdown --------------------------------------------------------------
 
     async def _heartbeat_once(self) -> HeartbeatResult:
+        async with self._beat_lock:  # a stall's beat waits for the loop's, never overlaps
+            return await self._beat()
+
+    async def _beat(self) -> HeartbeatResult:
         problem = self.db.file_problem()
         if problem is not None and self.fatal is None:
             logger.critical(
@@ -992,6 +1003,7 @@ class ProcessorEngine:
         lapsed, renew them first. A lease only this daemon's stall let lapse is renewed
         (fenced: a job another daemon's rescuer took is not) and its job goes on; stopping
         every job for it had charged the innocent ones a retry, or failed them."""
+        self._stall_ended = asyncio.get_running_loop().time()
         kinds = sorted({self._held[t].kind for t in self._running if t in self._held})
         logger.warning(
             "the event loop was blocked for %.1f s (running: %s); a handler doing blocking"
@@ -1078,6 +1090,8 @@ class ProcessorEngine:
         written now, as the stop would have (a timeout: failed), its slot freed; the
         coroutine runs on in this process, and what it returns later is dropped."""
         now = asyncio.get_running_loop().time()
+        if not at_once and now - self._stall_ended < UNSTOPPABLE_SECONDS:
+            return  # a stop or a deadline that fell in a stall: the runs have not run since
         for task_id, job in list(self._running.items()):
             task = self._held.get(task_id)
             if task is None or job.done():
@@ -1096,9 +1110,12 @@ class ProcessorEngine:
             elif reason is None and overdue >= UNSTOPPABLE_SECONDS:
                 error = (
                     f"timed out after {task.timeout_seconds} s, and the handler did not stop"
-                    " when cancelled (does it catch CancelledError and carry on?): given up on"
+                    " when cancelled (does it catch CancelledError and carry on?): given up on,"
+                    " not retried (a retry would run beside it)"
                 )
-                outcome = Outcome(task, OutcomeKind.FAILED, now - started, error=error)
+                outcome = Outcome(
+                    task, OutcomeKind.FAILED, now - started, error=error, permanent=True
+                )
                 what = f"past its timeout by {overdue:.1f} s"
             else:
                 continue
@@ -1112,6 +1129,7 @@ class ProcessorEngine:
                 extra={"action": "job_abandoned", "task_id": task_id, "kind": task.kind},
             )
             self._abandoned.add(job)
+            self._abandoned_ids[task_id] = job
             del self._running[task_id]
             self._stop_reasons.pop(job, None)
             pool = self._pool_for(task)

@@ -603,8 +603,8 @@ async def _enqueue_pipelined(
                 made.update(_created(flight_at, await flight))
                 flight = None
         finally:
-            if flight is not None:  # an invalid spec, or cancelled: the statement finishes
-                await asyncio.gather(flight, return_exceptions=True)  # before the rollback
+            if flight is not None:  # an invalid spec, or cancelled: the statement in
+                await asyncio.gather(flight, return_exceptions=True)  # flight settles first
         if keyed:
             by_key = await _insert_keyed(session, [items[i] for i in keyed], now)
             made.update(_keyed_results(items, keyed, by_key))
@@ -725,6 +725,8 @@ async def _insert_plain_alone(
         [bound] = _with_clock([specs[0].row()], now)
         statement = _insert_statement("postgresql", pinned)
     else:
+        if len(_pg_parts(specs)) > 1:  # more than one statement: a transaction, as usual
+            return None
         statement, bound = _pg_bulk_insert_statement(pinned), _pg_bulk_params(specs, now)
     rows = await hotpath.fetch_autocommit_pooled(db.engine, statement, bound)
     return None if rows is None else sorted(row.id for row in rows)
@@ -857,7 +859,8 @@ def _plain_insert(
         # row draws its id from the sequence in document order (the SELECT orders by it),
         # so the new ids sorted are the rows in input order (other sessions' ids may
         # interleave, never reorder them).
-        return partial(_send_pg_bulk, session, pinned, _pg_bulk_params(specs, now))
+        documents = [_pg_bulk_params(part, now) for part in _pg_parts(specs)]
+        return partial(_send_pg_bulk, session, pinned, documents)
     params = _with_clock([s.row() for s in specs], now)
     if len(params) == 1:  # the common enqueue: one row, on the bare driver
         return partial(_send_one, session, _insert_statement(dialect, pinned), params[0])
@@ -877,9 +880,34 @@ async def _send_many(
     return await _last_ids(session, len(params))
 
 
-async def _send_pg_bulk(session: AsyncSession, pinned: bool, params: dict[str, Any]) -> list[int]:
-    found = await hotpath.fetch(session, _pg_bulk_insert_statement(pinned), params)
-    return sorted(row.id for row in found)
+async def _send_pg_bulk(
+    session: AsyncSession, pinned: bool, documents: list[dict[str, Any]]
+) -> list[int]:
+    ids: list[int] = []
+    for params in documents:  # one after another: each one's ids above the last's
+        found = await hotpath.fetch(session, _pg_bulk_insert_statement(pinned), params)
+        ids += sorted(row.id for row in found)
+    return ids
+
+
+#: One PostgreSQL bulk document's payload text before another statement starts: jsonb
+#: refuses an array past 256 MB, and a payload of small numbers takes ~6x its text there.
+PG_DOCUMENT_BYTES = 32 * 1024 * 1024
+
+
+def _pg_parts(specs: Sequence[TaskSpec]) -> list[Sequence[TaskSpec]]:
+    """``specs`` cut where their payload text passes PG_DOCUMENT_BYTES (one part, almost
+    always)."""
+    parts: list[Sequence[TaskSpec]] = []
+    start = size = 0
+    for i, spec in enumerate(specs):
+        size += len(spec.payload_json)
+        if size >= PG_DOCUMENT_BYTES:
+            parts.append(specs[start : i + 1])
+            start, size = i + 1, 0
+    if start < len(specs):
+        parts.append(specs[start:])
+    return parts
 
 
 async def _send_sqlite_bulk(
