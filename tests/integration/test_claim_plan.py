@@ -68,7 +68,9 @@ async def _fill(db: Database, *, spread: bool) -> None:
     assert counts == {"completed": 90_000, "failed": 10_000, "pending": len(PENDING_QUEUES)}
 
 
-async def _claim_sql(db: Database, **kw: Any) -> tuple[str, Any]:
+async def _claim_sql(
+    db: Database, *, limit: int = 5, expect: int | None = 5, **kw: Any
+) -> tuple[str, Any]:
     """The exact statement claim_tasks sends, captured on its way to the driver."""
     seen: list[tuple[str, Any]] = []
 
@@ -79,9 +81,12 @@ async def _claim_sql(db: Database, **kw: Any) -> tuple[str, Any]:
     with hotpath.watch(capture):  # the claim goes to the driver directly (hotpath)
         async with db.write_sessionmaker() as s:
             await s.begin()
-            claimed = await queue.claim_tasks(s, processor_id="p", limit=5, lease_seconds=30, **kw)
+            claimed = await queue.claim_tasks(
+                s, processor_id="p", limit=limit, lease_seconds=30, **kw
+            )
             await s.rollback()
-    assert len(claimed) == 5  # the statement works on this data
+    if expect is not None:
+        assert len(claimed) == expect  # the statement works on this data
     assert len(seen) == 1, seen
     return seen[0]
 
@@ -274,3 +279,62 @@ async def test_sqlite_completions_find_each_row_by_primary_key(db: Database) -> 
     # (the quadratic plan: SEARCH pending_analysis USING INDEX ix_pending_analysis_locked_by,
     # then SCAN of the document inside it)
     assert _sqlite_indexes(plan) == {PK}, plan
+
+
+LATER_ROWS = 20_000
+
+
+def _bounded_by_schedule(db: Database, plan: Any) -> bool:
+    """Whether the plan reads the pending index with the schedule as a bound of each
+    priority's range (SQLite: ``SEARCH … (priority=? AND scheduled_at<?)``; PostgreSQL: an
+    Index Cond holding both), not as a filter over every pending row."""
+    if db.dialect == "postgresql":
+        conds = [n.get("Index Cond", "") for n in plan if n.get("Index Name") in (CLAIM, CLAIM_ANY)]
+        return bool(conds) and all("priority" in c and "scheduled_at" in c for c in conds)
+    searches = [line for line in plan if "ix_pending_analysis_claim" in line]
+    return bool(searches) and all("priority=?" in s and "scheduled_at<" in s for s in searches)
+
+
+async def test_claim_passes_no_task_scheduled_for_later(db: Database) -> None:
+    """Tasks scheduled for tomorrow (a backlog of retries, a nightly batch enqueued early)
+    are never read by a claim, whatever their priority: each priority's due range is a
+    bound of the index scan. With the schedule a filter, a claim finding fewer due tasks
+    than it asked for read every later task (100,000: ~12 ms a SQLite claim against 0.6)."""
+    pg = db.dialect == "postgresql"
+    tomorrow = "now() + interval '1 day'" if pg else "'2999-01-01 00:00:00.000000'"
+    series = (
+        "generate_series(1, :n) AS g"
+        if pg
+        else "(WITH RECURSIVE s(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM s WHERE x < :n)"
+        " SELECT x FROM s)"
+    )
+    empty = "'{}'::jsonb" if pg else "'{}'"
+    fill = (
+        f"INSERT INTO pending_analysis ({COLUMNS}) SELECT 'k', 'default', 'pending',"
+        f" 1 + (9 * ({'g' if pg else 'x'} % 2)), {empty}, 0, 3, 0, 600, 0, {tomorrow},"
+        f" {tomorrow}, {tomorrow}, NULL, {'false' if pg else '0'} FROM {series}"
+    )
+    async with db.write_transaction() as s:
+        await s.execute(text(fill), {"n": LATER_ROWS})
+        pairs = [(3, "default"), (7, "other")] * 3
+        due = await queue.enqueue_tasks(
+            s, [{"kind": "k", "priority": p, "queue": q} for p, q in pairs]
+        )
+    async with db.write_transaction() as s:
+        await s.execute(text("ANALYZE pending_analysis" if pg else "ANALYZE"))
+    for queues, found in ((None, 6), (["default"], 3), (["default", "other"], 6)):
+        statement, params = await _claim_sql(db, queues=queues, limit=10, expect=found)
+        if pg:
+            for generic in (False, True):
+                plan: Any = await _pg_plan(db, statement, params, generic=generic)
+                assert _bounded_by_schedule(db, plan), (queues, generic, plan)
+        else:
+            plan = await _sqlite_plan(db, statement, params)
+            assert _bounded_by_schedule(db, plan), (queues, plan)
+    async with db.write_transaction() as s:
+        claimed = await queue.claim_tasks(s, processor_id="p", limit=10, lease_seconds=30)
+    # every due task, in claim order, and none of tomorrow's
+    assert [(t.priority, t.id) for t in claimed] == sorted(
+        ((t.priority, t.id) for t in claimed), key=lambda pair: (-pair[0], pair[1])
+    )
+    assert sorted(t.id for t in claimed) == sorted(d.id for d in due)

@@ -112,6 +112,17 @@ DAEMON_GONE_ERROR = (
 )
 
 _PENDING_LITERAL: ColumnElement[str] = literal_column(f"'{TaskStatus.PENDING.value}'", String())
+#: ``priority IN (10, 9, …, 1)``, every priority the table's CHECK allows, written out: the
+#: claim's scan of the pending index (priority DESC, scheduled_at, id) then searches each
+#: priority's due range (``priority = p AND scheduled_at <= now``) and stops at the first
+#: row not yet due, in index order (both engines, no sort). Without it the scan had the
+#: schedule as a filter, not a bound, and a claim that found fewer due rows than it asked
+#: for read every pending row scheduled for later, whatever its priority: with 100,000
+#: tasks scheduled for tomorrow each SQLite claim took ~10-13 ms (~0.6 ms without them),
+#: PostgreSQL's 2 ms (0.05 ms).
+_DUE_PRIORITIES: ColumnElement[bool] = T.priority.in_(
+    [literal_column(str(p), Integer()) for p in range(MAX_PRIORITY, MIN_PRIORITY - 1, -1)]
+)
 REF_COLUMNS = (T.id, T.kind, T.user_id, T.project_id, T.chapter_id, T.attempts)
 
 
@@ -1340,7 +1351,10 @@ def _claim_statement(db_clock: bool, filters: frozenset[str], dialect: str = "sq
     # in a generic (parameter-blind) plan.
     paused = select(QUEUE_STATES.c.name).where(QUEUE_STATES.c.paused.is_(True))
     pick = select(T.id).where(
-        T.status == _PENDING_LITERAL, T.scheduled_at <= current, T.queue.not_in(paused)
+        T.status == _PENDING_LITERAL,
+        _DUE_PRIORITIES,
+        T.scheduled_at <= current,
+        T.queue.not_in(paused),
     )
     for name in sorted(filters):
         pick = pick.where(_CLAIM_FILTERS[name](bindparam(f"c_{name}", expanding=True)))
@@ -1569,7 +1583,12 @@ def _due_select(
     paused = select(QUEUE_STATES.c.name).where(QUEUE_STATES.c.paused.is_(True))
     stmt = (
         select(*columns)
-        .where(T.status == _PENDING_LITERAL, T.scheduled_at <= current, T.queue.not_in(paused))
+        .where(
+            T.status == _PENDING_LITERAL,
+            _DUE_PRIORITIES,
+            T.scheduled_at <= current,
+            T.queue.not_in(paused),
+        )
         .order_by(T.priority.desc(), T.scheduled_at, T.id)
     )
     if queues:
