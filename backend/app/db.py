@@ -29,9 +29,12 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import PoolResetState
+from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.sql.visitors import InternalTraversal
 from sqlalchemy.util import await_only  # 2.1's await_; this name is in 2.0 too
 
 from app.models.types import UTCDateTime, utcnow
@@ -875,3 +878,28 @@ def later_sql(dialect: str, seconds: float, now: datetime | None = None) -> Colu
     if now is None and dialect == "postgresql":
         return func.now() + literal(delta, Interval())
     return literal((now or utcnow()) + delta, UTCDateTime())
+
+
+class Unindexed(ColumnElement[Any]):
+    """A column the planner must not search an index of: ``+column`` on SQLite (its way
+    to keep a term off an index), the column itself elsewhere. SQLite plans without
+    statistics, so an equality on an indexed column looks cheapest to it even where that
+    index holds every finished row (``kind = ?`` through ``(kind, id)`` read a kind's whole
+    history); PostgreSQL weighs it with its statistics."""
+
+    inherit_cache = True
+    _traverse_internals = [("column", InternalTraversal.dp_clauseelement)]  # noqa: RUF012
+
+    def __init__(self, column: ColumnElement[Any]) -> None:
+        self.column = column
+        self.type = column.type
+
+
+@compiles(Unindexed)
+def _unindexed(element: Unindexed, compiler: SQLCompiler, **kw: Any) -> str:
+    return compiler.process(element.column, **kw)
+
+
+@compiles(Unindexed, "sqlite")
+def _unindexed_sqlite(element: Unindexed, compiler: SQLCompiler, **kw: Any) -> str:
+    return "+" + compiler.process(element.column, **kw)

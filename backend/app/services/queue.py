@@ -60,7 +60,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from app.config import QUEUE_NAME_RULE, KeyLimit, RateLimit, is_queue_name
-from app.db import Database, dialect_of, later_sql, now_sql, wake_daemons_at_commit
+from app.db import Database, Unindexed, dialect_of, later_sql, now_sql, wake_daemons_at_commit
 from app.models import (
     FINISHED_STATUSES,
     NotificationType,
@@ -112,6 +112,10 @@ DAEMON_GONE_ERROR = (
 )
 
 _PENDING_LITERAL: ColumnElement[str] = literal_column(f"'{TaskStatus.PENDING.value}'", String())
+#: As a literal, so a read of running rows can go through the partial indexes over them.
+_PROCESSING_LITERAL: ColumnElement[str] = literal_column(
+    f"'{TaskStatus.PROCESSING.value}'", String()
+)
 #: ``priority IN (10, 9, …, 1)``, every priority the table's CHECK allows, written out: the
 #: claim's scan of the pending index (priority DESC, scheduled_at, id) then searches each
 #: priority's due range (``priority = p AND scheduled_at <= now``) and stops at the first
@@ -1618,6 +1622,14 @@ async def peek_due(
     return [(p, at, i) for p, at, i in (await session.execute(stmt)).all()]
 
 
+def _of_kind(kind: str) -> ColumnElement[bool]:
+    """``kind = :kind`` for a read of pending or running rows, kept off the ``(kind, id)``
+    index (which holds the kind's whole history: SQLite, planning without statistics, read
+    all of it, ~47 ms a pick with 300,000 finished rows of the kind, against 0.03 ms through
+    the pending index)."""
+    return Unindexed(T.kind) == kind
+
+
 async def pick_limited(
     session: AsyncSession,
     *,
@@ -1669,7 +1681,7 @@ async def pick_limited(
         )
     else:
         stmt = _due_select((T.priority, T.scheduled_at, T.id), current, queues, exclude_queues)
-        rows = await session.execute(stmt.where(T.kind == kind).limit(allowed))
+        rows = await session.execute(stmt.where(_of_kind(kind)).limit(allowed))
         due = [(p, at, i) for p, at, i in rows.all()]
     return LimitedPick(kind, rate, due, None, now)
 
@@ -1728,10 +1740,13 @@ async def _pick_within_key_limit(
     held every other chapter back for hours while slots stood idle). A page can still fill
     with a key that reaches its limit within the page; the next round leaves it out too."""
     column = T[key.column]
+    # The running rows of the kind, through the partial index over running rows: neither
+    # the kind's nor the key column's index, which hold every finished row too.
+    running_of_kind = (T.status == _PROCESSING_LITERAL, _of_kind(kind))
     at_limit = (
         select(column)
-        .where(T.status == TaskStatus.PROCESSING, T.kind == kind, column.is_not(None))
-        .group_by(column)
+        .where(*running_of_kind, Unindexed(column).is_not(None))
+        .group_by(Unindexed(column))
         .having(func.count() >= key.limit)
     )
     page = allowed * KEY_SCAN_PER_SLOT
@@ -1742,7 +1757,7 @@ async def _pick_within_key_limit(
     for _ in range(KEY_SCAN_ROUNDS):
         stmt = _due_select(
             (T.priority, T.scheduled_at, T.id, column), current, queues, exclude_queues
-        ).where(T.kind == kind, or_(column.is_(None), column.not_in(at_limit)))
+        ).where(_of_kind(kind), or_(column.is_(None), column.not_in(at_limit)))
         if filled:
             stmt = stmt.where(or_(column.is_(None), column.not_in(list(filled))))
         if taken:
@@ -1752,8 +1767,8 @@ async def _pick_within_key_limit(
         if new_keys:
             busy = (
                 select(column, func.count())
-                .where(T.status == TaskStatus.PROCESSING, T.kind == kind, column.in_(new_keys))
-                .group_by(column)
+                .where(*running_of_kind, Unindexed(column).in_(new_keys))
+                .group_by(Unindexed(column))
             )
             running.update(dict.fromkeys(new_keys, 0))
             for value, n in (await session.execute(busy)).all():
