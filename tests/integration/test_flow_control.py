@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import text
 
 from app.api.main import create_app
 from app.config import (
@@ -113,6 +114,22 @@ async def test_a_paused_queue_is_not_claimed_until_resumed(db: Database) -> None
     assert await claim(db) == a
     async with db.read_transaction() as s:
         assert (await queue.queue_switches(s))["a"].paused is False
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"])
+async def test_a_queue_paused_by_hand_with_any_true_value_is_not_claimed(db: Database) -> None:
+    """SQLite keeps the flag as a number: an operator's ``paused = 2`` reads back as paused,
+    so no daemon claims from the queue either (``paused IS 1`` had let them)."""
+    a = await enqueue(db, "a", 2)
+    async with db.write_transaction() as s:
+        await queue.set_queue_paused(s, "a", paused=True, by="ops")
+        await s.execute(text("UPDATE queue_states SET paused = 2 WHERE name = 'a'"))
+    async with db.read_transaction() as s:
+        assert (await queue.queue_switches(s))["a"].paused is True
+    assert await claim(db) == []
+    async with db.write_transaction() as s:
+        await queue.set_queue_paused(s, "a", paused=False, by="ops")
+    assert await claim(db) == a
 
 
 BAD_QUEUE_NAMES = ("", "x" * 101, "a\x00b", "a,b", "a=2", "a b", " a", "a\n", "a\tb", "a\x85b")

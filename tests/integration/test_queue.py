@@ -839,6 +839,19 @@ async def test_a_row_python_cannot_read_is_claimed_alone_never_holding_the_rest(
     assert [r[0] for r in await _started_notes(db)] == sorted([bad, odd, plain])
 
 
+async def test_a_claim_carries_a_cancel_requested_by_hand_while_pending(db: Database) -> None:
+    """A pending row whose cancel_requested was set by hand comes back flagged from the
+    claim (the executor then cancels it without running it); the others do not."""
+    flagged = await enqueue(db, priority=9)
+    plain = await enqueue(db, priority=8)
+    async with db.write_transaction() as s:
+        await s.execute(
+            text(f"UPDATE pending_analysis SET cancel_requested = true WHERE id = {flagged}")
+        )
+    found = {t.id: t.cancel_requested for t in await claim(db)}
+    assert found == {flagged: True, plain: False}
+
+
 async def test_a_job_whose_schedule_python_cannot_read_still_ends(db: Database) -> None:
     """A schedule edited by hand to a date no datetime holds: its job's failure (with a
     retry) and its completion are written (the end read scheduled_at back into Python, and

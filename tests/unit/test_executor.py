@@ -622,3 +622,14 @@ def test_a_long_message_is_cut_in_the_traceback_too() -> None:
     except ValueError as exc:
         text = describe(exc, with_traceback=True)
     assert "deep_helper" in text and len(text) < 2 * MAX_TRACEBACK_CHARS + 1_000
+
+
+async def test_a_job_claimed_with_a_cancel_request_is_cancelled_without_running(
+    registry: HandlerRegistry,
+) -> None:
+    """A pending row flagged cancel_requested by hand is claimed like any other; its job ends
+    cancelled at once and its handler never runs (it had run to the end first)."""
+    task = dataclasses.replace(make_task("ok"), cancel_requested=True)
+    outcome, calls = await run(registry, task)
+    assert (outcome.kind, outcome.error) == (OutcomeKind.CANCELLED, "stopped: cancel_requested")
+    assert calls == []

@@ -116,6 +116,10 @@ _PENDING_LITERAL: ColumnElement[str] = literal_column(f"'{TaskStatus.PENDING.val
 _PROCESSING_LITERAL: ColumnElement[str] = literal_column(
     f"'{TaskStatus.PROCESSING.value}'", String()
 )
+#: The paused queues' names. Any value but false pauses (``IS NOT false``): SQLite keeps a
+#: boolean as a number, and a hand-written ``paused = 2`` showed the queue paused (read back
+#: as True) while ``paused IS 1`` let every daemon claim from it.
+PAUSED_QUEUES = select(QUEUE_STATES.c.name).where(QUEUE_STATES.c.paused.is_not(False))
 #: ``priority IN (10, 9, …, 1)``, every priority the table's CHECK allows, written out: the
 #: claim's scan of the pending index (priority DESC, scheduled_at, id) then searches each
 #: priority's due range (``priority = p AND scheduled_at <= now``) and stops at the first
@@ -459,6 +463,9 @@ class ClaimedTask:
     #: Why this row's values could not be read (its payload): the job fails for good
     #: without running; None for every row the queue's own writes made.
     unreadable: str | None = None
+    #: A cancel was requested before the claim (a pending row flagged by hand: the queue's
+    #: own cancel ends a pending task at once): the job is cancelled without running.
+    cancel_requested: bool = False
 
     @classmethod
     def from_row(cls, row: Any) -> ClaimedTask:
@@ -480,6 +487,7 @@ class ClaimedTask:
             chapter_id=row.chapter_id,
             scheduled_at=_read_schedule(row.scheduled_at),
             unreadable=unreadable,
+            cancel_requested=bool(row.cancel_requested),
         )
 
     @property
@@ -1353,12 +1361,11 @@ def _claim_statement(db_clock: bool, filters: frozenset[str], dialect: str = "sq
     # SKIP LOCKED lets daemons claim side by side without waiting on each other.
     # status as a literal, so the planner can match the partial index's predicate even
     # in a generic (parameter-blind) plan.
-    paused = select(QUEUE_STATES.c.name).where(QUEUE_STATES.c.paused.is_(True))
     pick = select(T.id).where(
         T.status == _PENDING_LITERAL,
         _DUE_PRIORITIES,
         T.scheduled_at <= current,
-        T.queue.not_in(paused),
+        T.queue.not_in(PAUSED_QUEUES),
     )
     for name in sorted(filters):
         pick = pick.where(_CLAIM_FILTERS[name](bindparam(f"c_{name}", expanding=True)))
@@ -1388,6 +1395,7 @@ def _claim_statement(db_clock: bool, filters: frozenset[str], dialect: str = "sq
             T.max_retries,
             T.timeout_seconds,
             _claimed_schedule(dialect).label("scheduled_at"),
+            T.cancel_requested,
         )
     )
 
@@ -1584,14 +1592,13 @@ def _due_select(
     exclude_queues: Sequence[str] | None,
 ) -> Select[Any]:
     """Due pending tasks outside paused queues, in claim order (no limit yet)."""
-    paused = select(QUEUE_STATES.c.name).where(QUEUE_STATES.c.paused.is_(True))
     stmt = (
         select(*columns)
         .where(
             T.status == _PENDING_LITERAL,
             _DUE_PRIORITIES,
             T.scheduled_at <= current,
-            T.queue.not_in(paused),
+            T.queue.not_in(PAUSED_QUEUES),
         )
         .order_by(T.priority.desc(), T.scheduled_at, T.id)
     )

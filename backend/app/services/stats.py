@@ -60,7 +60,7 @@ async def summary(
     counts = await task_counts(db, user_id=user_id, project_id=project_id)
     async with db.read_transaction() as session:
         # A paused queue's tasks wait on purpose: they would trip every alert on this age.
-        paused = select(queue.QUEUE_STATES.c.name).where(queue.QUEUE_STATES.c.paused.is_(True))
+        paused = queue.PAUSED_QUEUES
         oldest = select(func.min(_due_since())).where(
             T.status == TaskStatus.PENDING,
             T.scheduled_at <= now_sql(db.dialect),
