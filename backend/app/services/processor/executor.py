@@ -135,8 +135,8 @@ class Executor:
         if task.unreadable is not None:  # a hand-edited row: nothing to run it with
             return outcome(OutcomeKind.FAILED, error=task.unreadable, permanent=True)
         if task.cancel_requested:  # flagged while pending (by hand): never started
-            reason = StopReason.CANCEL_REQUESTED
-            return outcome(REASON_TO_OUTCOME[reason], error=f"stopped: {reason.value}")
+            asked = StopReason.CANCEL_REQUESTED
+            return outcome(REASON_TO_OUTCOME[asked], error=f"stopped: {asked.value}")
         entry = self._registry.get(task.kind)
         if entry is None:
             known = ", ".join(self._registry.kinds()) or "none"
