@@ -13,15 +13,17 @@ import os
 import shutil
 from collections import Counter
 from collections.abc import Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import func, select, update
 
-from app.config import parse_key_limits, parse_rate_limits
+from app.config import parse_key_limits, parse_queues, parse_rate_limits
 from app.db import Database, sqlite_path
 from app.models import PendingAnalysis
+from app.models.types import utcnow
 from app.services import queue
 from app.services.async_analysis_processor import (
     EngineConfig,
@@ -501,3 +503,42 @@ async def test_retries_and_snoozes_run_when_due_not_at_the_next_poll(
     assert all(b - a >= 0.3 for a, b in itertools.pairwise(starts))
     assert (await task_row(db, failing)).attempts == 3
     assert engine.starts[failing] == 3
+
+
+@pytest.mark.parametrize("queues", [None, "mail"])
+async def test_tasks_scheduled_for_later_start_when_due_not_at_the_next_poll(
+    db: Database, database_url: str, queues: str | None
+) -> None:
+    """Tasks enqueued for a moment ahead (one before the daemon starts, one while it idles)
+    start when due, with a poll interval of a minute: the claim that found nothing asks
+    when the next task of its queues is due and sets a timer. None starts early, and a
+    task scheduled past the poll interval is left for the poll."""
+    where = {"queue": queues} if queues else {}
+    soon = utcnow() + timedelta(seconds=1)
+    [before] = await _enqueue(db, [{"kind": "noop", "scheduled_at": soon, **where}])
+    [far] = await _enqueue(
+        db, [{"kind": "noop", "scheduled_at": utcnow() + timedelta(hours=1), **where}]
+    )
+    # a minute's poll; the default lease, so heartbeats (whose writes wake a SQLite daemon's
+    # doorbell) come every 10 s
+    engine = _engine(
+        db,
+        database_url,
+        concurrency=2,
+        poll_interval=60,
+        lease_seconds=30,
+        queues=parse_queues(queues) if queues else None,
+    )
+    await engine.start()
+    try:
+        await eventually(lambda: _all(db, [before], "completed"), within=10)
+        later = utcnow() + timedelta(seconds=0.5)
+        [idle] = await _enqueue(db, [{"kind": "noop", "scheduled_at": later, **where}])
+        await eventually(lambda: _all(db, [idle], "completed"), within=10)
+    finally:
+        await engine.stop()
+    for task_id, due in ((before, soon), (idle, later)):
+        row = await task_row(db, task_id)
+        assert row.started_at is not None and row.started_at >= due - timedelta(seconds=0.01)
+        assert (row.started_at - due).total_seconds() < 2, (row.started_at, due)
+    assert (await task_row(db, far)).status == "pending"

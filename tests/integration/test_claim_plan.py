@@ -332,6 +332,32 @@ async def test_claim_passes_no_task_scheduled_for_later(db: Database) -> None:
         else:
             plan = await _sqlite_plan(db, statement, params)
             assert _bounded_by_schedule(db, plan), (queues, plan)
+    # When the next of them is due (the daemon's timer): one index seek per priority.
+    for queues in (None, ["default"]):
+        seen: list[tuple[str, Any]] = []
+
+        def capture(_conn: Any, _cursor: Any, statement: str, params: Any, *_: Any) -> None:
+            seen.append((statement, params))  # noqa: B023 (used before the loop moves on)
+
+        event.listen(db.engine.sync_engine, "before_cursor_execute", capture)
+        try:
+            async with db.read_transaction() as s:
+                seconds = await queue.next_due_in(s, queues=queues)
+        finally:
+            event.remove(db.engine.sync_engine, "before_cursor_execute", capture)
+        assert seconds is not None and 3600 < seconds
+        [(statement, params)] = [x for x in seen if "min(" in x[0]]
+        if pg:
+            nodes = await _pg_plan(db, statement, params)
+            reads = [n for n in nodes if n.get("Relation Name") == "pending_analysis"]
+            assert len(reads) == 10 and all(
+                n["Node Type"].startswith("Index") and "scheduled_at" in n.get("Index Cond", "")
+                for n in reads
+            ), nodes
+        else:
+            lines = await _sqlite_plan(db, statement, params)
+            searches = [x for x in lines if x.startswith("SEARCH pending_analysis")]
+            assert len(searches) == 10 and all("scheduled_at>?" in x for x in searches), lines
     async with db.write_transaction() as s:
         claimed = await queue.claim_tasks(s, processor_id="p", limit=10, lease_seconds=30)
     # every due task, in claim order, and none of tomorrow's

@@ -484,7 +484,31 @@ class ProcessorEngine:
                 backoff.succeeded()
                 if len(claimed) == sum(room.total for room in slots.values()):
                     continue
+                if not claimed:
+                    await self._wake_at_next_due()
             await self._wait_for_wake(self.config.poll_interval)
+
+    async def _wake_at_next_due(self) -> None:
+        """Nothing is due: when a task of this daemon's queues scheduled for later comes due
+        before the next poll, wake then (a timer). A task enqueued for in two seconds
+        starts then, not up to POLL_INTERVAL later; the enqueue's own wake (or the poll)
+        brings the claim that finds nothing and asks. One read, an index seek per priority
+        (~0.5 ms), taken only when a claim found nothing."""
+        queues = None
+        if self._shared_pool is None:
+            queues = sorted({q for pool in self._pools for q in pool.queues or ()})
+        try:
+            async with self.db.read_transaction() as session:
+                seconds = await queue.next_due_in(session, queues=queues)
+        except Exception as exc:
+            if not is_transient(exc):
+                logger.exception("claimer: could not read when the next task is due")
+            return  # the poll finds it
+        if seconds is not None and seconds < self.config.poll_interval:
+            loop = asyncio.get_running_loop()
+            when = loop.time() + seconds + DUE_SLACK_SECONDS
+            if not (self._due and self._due[0] <= when):
+                self._wake_when_due(seconds)
 
     async def _wait_for_completer(self) -> None:
         idle = asyncio.ensure_future(self.completer.wait_idle())

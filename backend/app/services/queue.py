@@ -51,6 +51,7 @@ from sqlalchemy import (
     text,
     tuple_,
     type_coerce,
+    union_all,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -1607,6 +1608,55 @@ def _due_select(
     if exclude_queues:
         stmt = stmt.where(T.queue.not_in(list(exclude_queues)))
     return stmt
+
+
+@functools.cache
+def _next_due_statement(dialect: str, filtered: bool) -> Any:
+    """The earliest schedule of a pending task not yet due: one ``min`` per priority (each
+    the first entry of that priority's range after now in the pending index, an index
+    seek), the least of them. PostgreSQL answers in seconds from its own clock."""
+    current = func.now() if dialect == "postgresql" else bindparam("n_now", type_=UTCDateTime())
+    arms = []
+    for priority in range(MAX_PRIORITY, MIN_PRIORITY - 1, -1):
+        arm = select(func.min(T.scheduled_at).label("at")).where(
+            T.status == _PENDING_LITERAL,
+            T.priority == literal_column(str(priority), Integer()),
+            T.scheduled_at > current,
+        )
+        if filtered:
+            arm = arm.where(T.queue.in_(bindparam("n_queues", expanding=True)))
+        arms.append(arm)
+    earliest = union_all(*arms).subquery()
+    if dialect == "postgresql":
+        return select(extract("epoch", func.min(earliest.c.at) - current))
+    return select(type_coerce(func.min(earliest.c.at), Text()))
+
+
+async def next_due_in(
+    session: AsyncSession, *, queues: Sequence[str] | None = None, now: datetime | None = None
+) -> float | None:
+    """Seconds until the next pending task (of ``queues``, default any) scheduled for later
+    becomes due; None when there is none. By the database's clock on PostgreSQL."""
+    dialect = dialect_of(session)
+    params: dict[str, Any] = {}
+    if queues is not None:
+        if not queues:
+            return None
+        params["n_queues"] = list(queues)
+    if dialect == "postgresql":
+        value = (
+            await session.execute(_next_due_statement(dialect, queues is not None), params)
+        ).scalar_one()
+        return None if value is None else max(float(value), 0.0)
+    current = now or utcnow()
+    params["n_now"] = current
+    text_value = (
+        await session.execute(_next_due_statement(dialect, queues is not None), params)
+    ).scalar_one()
+    if text_value is None:
+        return None
+    at = _read_schedule(text_value)
+    return max((at - current).total_seconds(), 0.0)
 
 
 async def peek_due(
