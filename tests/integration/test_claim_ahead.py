@@ -542,3 +542,40 @@ async def test_tasks_scheduled_for_later_start_when_due_not_at_the_next_poll(
         assert row.started_at is not None and row.started_at >= due - timedelta(seconds=0.01)
         assert (row.started_at - due).total_seconds() < 2, (row.started_at, due)
     assert (await task_row(db, far)).status == "pending"
+
+
+async def test_claims_that_find_nothing_ask_for_the_next_due_task_at_most_every_quarter_second(
+    db: Database, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A daemon woken again and again with nothing to claim (many daemons sharing one
+    NOTIFY) reads the next due time at most once per NEXT_DUE_MIN_GAP_SECONDS, and reads it
+    again when the gap has passed."""
+    from app.services import async_analysis_processor as engine_module
+
+    asked: list[float] = []
+    real = queue.next_due_in
+
+    async def counting(*args: Any, **kw: Any) -> float | None:
+        asked.append(asyncio.get_running_loop().time())
+        return await real(*args, **kw)
+
+    monkeypatch.setattr(queue, "next_due_in", counting)
+    engine = _engine(db, database_url, concurrency=2, poll_interval=60, lease_seconds=30)
+    await engine.start()
+    try:
+        await eventually(lambda: _len_at_least(asked, 1), within=10)
+        first = len(asked)
+        for _ in range(40):  # 40 empty claims within ~0.2 s
+            engine.wake()
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(engine_module.NEXT_DUE_MIN_GAP_SECONDS + 0.2)
+    finally:
+        await engine.stop()
+    later = asked[first - 1 :]
+    assert 2 <= len(later) <= 4, later
+    gaps = [b - a for a, b in itertools.pairwise(later)]
+    assert all(g >= engine_module.NEXT_DUE_MIN_GAP_SECONDS - 0.01 for g in gaps), gaps
+
+
+async def _len_at_least(items: list[Any], n: int) -> bool:
+    return len(items) >= n

@@ -83,6 +83,9 @@ STALL_RENEW_SECONDS = 2.0
 #: database's clock and this one's may differ by that much), up to this many at once.
 DUE_SLACK_SECONDS = 0.005
 MAX_DUE_TIMERS = 10_000
+#: A daemon whose claims find nothing reads when the next scheduled task is due at most
+#: this often (each claim that finds nothing would otherwise add a read).
+NEXT_DUE_MIN_GAP_SECONDS = 0.25
 
 #: a job waiting in a pool: (-priority, scheduled_at, id) orders it as the claim does
 Waiting = tuple[int, datetime, int, float, ClaimedTask]
@@ -228,6 +231,7 @@ class ProcessorEngine:
         self._rate_wait: float | None = None  # a claim found a rate limit spent (seconds)
         self._due: list[float] = []  # loop times when jobs this daemon wrote back are due
         self._due_timer: asyncio.TimerHandle | None = None
+        self._next_due_asked = -NEXT_DUE_MIN_GAP_SECONDS  # loop time _wake_at_next_due read
         self._claiming_stopped = asyncio.Event()
         self._held: dict[int, ClaimedTask] = {}
         self._stop_reasons: dict[asyncio.Task[Any], StopReason] = {}  # per run
@@ -494,6 +498,15 @@ class ProcessorEngine:
         starts then, not up to POLL_INTERVAL later; the enqueue's own wake (or the poll)
         brings the claim that finds nothing and asks. One read, an index seek per priority
         (~0.5 ms), taken only when a claim found nothing."""
+        loop = asyncio.get_running_loop()
+        since = loop.time() - self._next_due_asked
+        if since < NEXT_DUE_MIN_GAP_SECONDS:
+            # Many daemons woken by one NOTIFY each find nothing but one: they ask at most
+            # this often, and look again when the gap has passed (a task scheduled for
+            # later, enqueued meanwhile, is then seen that much later at most).
+            self._wake_when_due(NEXT_DUE_MIN_GAP_SECONDS - since, dedupe=True)
+            return
+        self._next_due_asked = loop.time()
         queues = None
         if self._shared_pool is None:
             queues = sorted({q for pool in self._pools for q in pool.queues or ()})
@@ -505,10 +518,7 @@ class ProcessorEngine:
                 logger.exception("claimer: could not read when the next task is due")
             return  # the poll finds it
         if seconds is not None and seconds < self.config.poll_interval:
-            loop = asyncio.get_running_loop()
-            when = loop.time() + seconds + DUE_SLACK_SECONDS
-            if not (self._due and self._due[0] <= when):
-                self._wake_when_due(seconds)
+            self._wake_when_due(seconds, dedupe=True)
 
     async def _wait_for_completer(self) -> None:
         idle = asyncio.ensure_future(self.completer.wait_idle())
@@ -620,14 +630,18 @@ class ProcessorEngine:
             self._rate_timer.cancel()
         self._rate_timer = loop.call_at(due, self.wake)
 
-    def _wake_when_due(self, seconds: float) -> None:
+    def _wake_when_due(self, seconds: float, *, dedupe: bool = False) -> None:
         """A job this daemon wrote back (a retry, a snooze) is due in ``seconds``: wake the
         claim loop then, not at the next poll (another daemon may claim it first: then
-        this wake finds nothing, as any)."""
+        this wake finds nothing, as any). ``dedupe``: not when a wake at or before then is
+        set already (that claim finds nothing, asks again and sets the next)."""
         if self._stopping or len(self._due) >= MAX_DUE_TIMERS:
             return  # the poll still finds it
         loop = asyncio.get_running_loop()
-        heapq.heappush(self._due, loop.time() + seconds + DUE_SLACK_SECONDS)
+        when = loop.time() + seconds + DUE_SLACK_SECONDS
+        if dedupe and self._due and self._due[0] <= when:
+            return
+        heapq.heappush(self._due, when)
         self._arm_due()
 
     def _arm_due(self) -> None:
