@@ -30,6 +30,7 @@ class Profile:
     sleep_seconds: float
     # W5 scale
     finished_rows: int
+    later_rows: int  # pending, scheduled a day ahead at priority 10
     claim_iterations: int
     claim_limit: int
     # W6 idle cost
@@ -62,6 +63,7 @@ PROFILES = {
         sleep_jobs=200,
         sleep_seconds=0.05,
         finished_rows=1_000_000,
+        later_rows=100_000,
         claim_iterations=300,
         claim_limit=10,
         idle_seconds=30.0,
@@ -86,6 +88,7 @@ PROFILES = {
         sleep_jobs=200,
         sleep_seconds=0.05,
         finished_rows=20_000,
+        later_rows=20_000,
         claim_iterations=100,
         claim_limit=10,
         idle_seconds=5.0,
@@ -109,6 +112,7 @@ PROFILES = {
         sleep_jobs=20,
         sleep_seconds=0.05,
         finished_rows=2_000,
+        later_rows=2_000,
         claim_iterations=20,
         claim_limit=10,
         idle_seconds=1.0,

@@ -562,6 +562,15 @@ def details_table(report: dict[str, Any]) -> list[str]:
         ),
     )
     row(
+        "W5 claim statement p50 / p95 / max with pending tasks due tomorrow at priority 10"
+        " (how many; ratio to empty; the floor's)",
+        lambda e: (
+            f"{_latency(e['W5']['claim_later']['statement'])} "
+            f"({fmt(e['W5']['later_rows'])}; {fmt(e['W5']['later_ratio'])}; "
+            f"floor {_latency(e['W5']['claim_later']['floor_statement'])})"
+        ),
+    )
+    row(
         "W5 finished rows (fill time)",
         lambda e: f"{fmt(e['W5']['finished_rows'])} ({fmt(e['W5']['fill_seconds'], 's')})",
     )
@@ -704,6 +713,9 @@ How each figure is measured (see `bench/workloads.py`):
   notifications' INSERT), the statement at the driver (`hotpath.watch`) and the whole call,
   each in a transaction that is rolled back, in rounds alternating with the floor driver's
   claim; then that table is drained (above), vacuumed before each round on PostgreSQL.
+  The same claim is timed on a third table: the drain's due jobs (priority 5) behind
+  pending tasks of priority 10 scheduled a day ahead (`later_rows`), which a claim whose
+  scan took the schedule as a filter, not a bound, read through every time.
 - Floors (`bench/floors.py`): the daemon's SQL, sent as the daemon sends it, with bare
   drivers in a separate process — claim up to 10 in one `UPDATE … RETURNING` plus their
   `started` notifications, then one fenced `UPDATE … FROM` for the batch's results plus

@@ -42,6 +42,22 @@ PG_FILL = (
     " LATERAL (SELECT now() - make_interval(secs => $2)) AS s(t)"
 )
 
+#: W5's other scale: pending tasks scheduled a day ahead at the top priority (retries in
+#: their backoff, work enqueued early), which a claim must pass over to reach the due ones.
+LATER_SECONDS = 86_400.0
+SQLITE_LATER_FILL = (
+    "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < ?)"
+    f" INSERT INTO pending_analysis ({_HISTORY_COLUMNS})"
+    " SELECT 'bench_noop', 'default', 'pending', 10, '{\"n\": 0}', NULL, 0, 3, 0,"
+    " 600, 'bench', ?, ?, NULL, NULL, ?, 0, NULL, 0 FROM c"
+)
+PG_LATER_FILL = (
+    f"INSERT INTO pending_analysis ({_HISTORY_COLUMNS})"
+    " SELECT 'bench_noop', 'default', 'pending', 10, '{\"n\": 0}'::jsonb,"
+    " NULL, 0, 3, 0, 600, 'bench', now() + make_interval(secs => $2), now(), NULL, NULL,"
+    " now(), false, NULL, 0 FROM generate_series(1, $1) AS g(x)"
+)
+
 
 def _unlink_database(path: Path) -> None:
     for suffix in ("", "-wal", "-shm"):
@@ -80,6 +96,10 @@ class Target(ABC):
     @abstractmethod
     async def fill_history(self, url: str, rows: int) -> None:
         """Insert ``rows`` completed jobs in one statement."""
+
+    @abstractmethod
+    async def fill_later(self, url: str, rows: int) -> None:
+        """Insert ``rows`` pending jobs scheduled LATER_SECONDS ahead, at priority 10."""
 
     @abstractmethod
     async def prepare_claims(self, url: str, *, vacuum: bool) -> None:
@@ -140,6 +160,22 @@ class SQLiteTarget(Target):
                 t = sqlite_time(-HISTORY_AGE_SECONDS)
                 conn.execute("BEGIN IMMEDIATE")
                 conn.execute(SQLITE_FILL, (rows, t, t, t, t, t))
+                conn.execute("COMMIT")
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            finally:
+                conn.close()
+
+        await asyncio.to_thread(fill)
+
+    async def fill_later(self, url: str, rows: int) -> None:
+        def fill() -> None:
+            conn = sqlite3.connect(self.driver_target(url), isolation_level=None)
+            try:
+                for pragma in SQLITE_PRAGMAS:
+                    conn.execute(pragma)
+                later, now = sqlite_time(LATER_SECONDS), sqlite_time()
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute(SQLITE_LATER_FILL, (rows, later, now, now))
                 conn.execute("COMMIT")
                 conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             finally:
@@ -249,6 +285,9 @@ class PostgresTarget(Target):
 
     async def fill_history(self, url: str, rows: int) -> None:
         await self._execute(url, PG_FILL, rows, HISTORY_AGE_SECONDS)
+
+    async def fill_later(self, url: str, rows: int) -> None:
+        await self._execute(url, PG_LATER_FILL, rows, LATER_SECONDS)
 
     async def prepare_claims(self, url: str, *, vacuum: bool) -> None:
         # Autovacuum would have analysed (and vacuumed) a table this size by now, and the

@@ -766,7 +766,18 @@ class EngineBench:
             self.history = (url, batch)
             await self.target.prepare_claims(empty_url, vacuum=True)
             await self.target.prepare_claims(url, vacuum=True)
-            timed = await self.claim_times({"claim_empty": empty_url, "claim_history": url})
+            async with self.clone("w5-later") as later_url:
+                # The due jobs at priority 5, behind tasks of priority 10 due tomorrow.
+                async with database(later_url) as db:
+                    await enqueue(db, NOOP, [{"n": i} for i in range(p.drain_jobs)])
+                started = time.perf_counter()
+                await self.target.fill_later(later_url, p.later_rows)
+                out["later_rows"] = p.later_rows
+                out["later_fill_seconds"] = round(time.perf_counter() - started, 2)
+                await self.target.prepare_claims(later_url, vacuum=True)
+                timed = await self.claim_times(
+                    {"claim_empty": empty_url, "claim_history": url, "claim_later": later_url}
+                )
         out.update(timed)
         # The claims were rolled back: the same pending rows are the first drain's jobs.
         await self.target.prepare_claims(url, vacuum=True)
@@ -775,7 +786,15 @@ class EngineBench:
         key = "statement" if empty["statement"] and history["statement"] else "claim_tasks_call"
         out["claim_measure"] = key
         out["claim_ratio"] = history[key]["p50_ms"] / empty[key]["p50_ms"]
+        later = out["claim_later"]
+        if later[key] is not None:
+            out["later_ratio"] = later[key]["p50_ms"] / empty[key]["p50_ms"]
         self.log(f"W5 claim p50 {empty[key]['p50_ms']:.3f} → {history[key]['p50_ms']:.3f} ms")
+        if later[key] is not None:
+            self.log(
+                f"W5 claim p50 with {p.later_rows:,} tasks scheduled for later:"
+                f" {later[key]['p50_ms']:.3f} ms"
+            )
 
     # --- floors ----------------------------------------------------------------------------------
 
