@@ -579,3 +579,29 @@ async def test_claims_that_find_nothing_ask_for_the_next_due_task_at_most_every_
 
 async def _len_at_least(items: list[Any], n: int) -> bool:
     return len(items) >= n
+
+
+async def test_a_task_scheduled_for_later_starts_when_due_beside_a_running_job(
+    db: Database, database_url: str
+) -> None:
+    """A busy daemon with room left (one long job running, one slot free) starts a task
+    scheduled two seconds ahead when it is due: the claim that took the long job and left
+    room asks when the next task is due (it had waited for the poll, a minute here)."""
+    due = utcnow() + timedelta(seconds=1.5)
+    [long_job, later] = await _enqueue(
+        db,
+        [
+            {"kind": "sleep", "payload": {"seconds": 20}},
+            {"kind": "noop", "scheduled_at": due},
+        ],
+    )
+    engine = _engine(db, database_url, concurrency=2, poll_interval=60, lease_seconds=30)
+    await engine.start()
+    try:
+        await eventually(lambda: _all(db, [later], "completed"), within=10)
+        assert (await task_row(db, long_job)).status == "processing"
+    finally:
+        await engine.stop(grace=0)
+    row = await task_row(db, later)
+    assert row.started_at is not None and row.started_at >= due - timedelta(seconds=0.01)
+    assert (row.started_at - due).total_seconds() < 2, (row.started_at, due)

@@ -83,8 +83,8 @@ STALL_RENEW_SECONDS = 2.0
 #: database's clock and this one's may differ by that much), up to this many at once.
 DUE_SLACK_SECONDS = 0.005
 MAX_DUE_TIMERS = 10_000
-#: A daemon whose claims find nothing reads when the next scheduled task is due at most
-#: this often (each claim that finds nothing would otherwise add a read).
+#: A daemon whose claims leave room reads when the next scheduled task is due at most this
+#: often (each such claim would otherwise add a read).
 NEXT_DUE_MIN_GAP_SECONDS = 0.25
 
 #: a job waiting in a pool: (-priority, scheduled_at, id) orders it as the claim does
@@ -488,16 +488,16 @@ class ProcessorEngine:
                 backoff.succeeded()
                 if len(claimed) == sum(room.total for room in slots.values()):
                     continue
-                if not claimed:
-                    await self._wake_at_next_due()
+                await self._wake_at_next_due()  # room left: nothing else is due now
             await self._wait_for_wake(self.config.poll_interval)
 
     async def _wake_at_next_due(self) -> None:
-        """Nothing is due: when a task of this daemon's queues scheduled for later comes due
-        before the next poll, wake then (a timer). A task enqueued for in two seconds
-        starts then, not up to POLL_INTERVAL later; the enqueue's own wake (or the poll)
-        brings the claim that finds nothing and asks. One read, an index seek per priority
-        (~0.5 ms), taken only when a claim found nothing."""
+        """Nothing more is due (a claim left room): when a task of this daemon's queues
+        scheduled for later comes due before the next poll, wake then (a timer). A task
+        enqueued for in two seconds starts then, not up to POLL_INTERVAL later, whether the
+        daemon idles or runs other jobs; the enqueue's own wake (or the poll) brings the
+        claim that asks. One read, an index seek per priority (~0.5 ms), at most every
+        NEXT_DUE_MIN_GAP_SECONDS."""
         loop = asyncio.get_running_loop()
         since = loop.time() - self._next_due_asked
         if since < NEXT_DUE_MIN_GAP_SECONDS:
