@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
+from pydantic import TypeAdapter, ValidationError
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
@@ -26,7 +27,7 @@ from app.models import PendingAnalysis, TaskStatus
 from app.services import queue
 from app.services.handlers import REGISTRY, HandlerImportError, import_handler_modules
 from app.services.schedules import RESERVED_KEY_RULE, is_tick_key
-from app.text import error_line, shown
+from app.text import NUMBER, error_line, shown
 
 R = TypeVar("R")
 EXIT_ERROR = 1
@@ -210,9 +211,9 @@ def build_spec(conf: Settings, item: dict[str, Any], where: str) -> queue.TaskSp
     key = item.get("idempotency_key")
     if isinstance(key, str) and is_tick_key(key):
         fail(f"{where}: {RESERVED_KEY_RULE}", EXIT_USAGE)
+    if isinstance(values.get("scheduled_at"), str):
+        values["scheduled_at"] = _iso_time(values["scheduled_at"], f"{where}: scheduled_at")
     try:
-        if isinstance(values.get("scheduled_at"), str):
-            values["scheduled_at"] = datetime.fromisoformat(values["scheduled_at"])
         spec = queue.TaskSpec(**values)
     except (queue.InvalidTaskError, TypeError, ValueError) as exc:
         fail(f"{where}: {exc}", EXIT_USAGE)
@@ -220,6 +221,25 @@ def build_spec(conf: Settings, item: dict[str, Any], where: str) -> queue.TaskSp
     if size > conf.max_payload_bytes:  # the API's 413
         fail(f"{where}: payload is {size} bytes; the limit is {conf.max_payload_bytes}", EXIT_USAGE)
     return spec
+
+
+_TIME = TypeAdapter(datetime)
+
+
+def _iso_time(text: str, what: str) -> datetime:
+    """An ISO 8601 date-time read as the API reads it (pydantic), so the CLI and the API
+    accept the same times; exit 2 with an example otherwise. (``datetime.fromisoformat``
+    took week dates and basic forms the API refuses, and said why in Python's words.)"""
+    try:
+        if NUMBER.fullmatch(text.strip()):
+            raise ValueError("a number")
+        return _TIME.validate_python(text)
+    except (ValueError, ValidationError):
+        fail(
+            f"{what} {text!r} is not an ISO 8601 date-time (for example"
+            " 2030-01-01T09:00:00Z; without an offset it is read as UTC)",
+            EXIT_USAGE,
+        )
 
 
 def read_payload(payload: str | None, payload_file: Path | None) -> dict[str, Any]:

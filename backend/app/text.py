@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import unicodedata
+
+#: A decimal number as text, which pydantic would read as Unix time where a date-time is
+#: expected (the API and the CLI refuse it there).
+NUMBER = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
 #: Unicode categories that are not shown as themselves: control, format (zero-width, bidi
 #: overrides), lone surrogate, line and paragraph separator.

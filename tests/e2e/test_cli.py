@@ -154,6 +154,13 @@ async def test_a_handler_module_that_cannot_be_imported_stops_the_cli(
     ("content", "message"),
     [
         (b'{"kind": "noop", "scheduled_at": 12}\n', "line 1: invalid scheduled_at: 12"),
+        # the API's reading of times: no week dates, basic forms or Unix time as text
+        (b'{"kind": "noop", "scheduled_at": "2030-W01-1"}\n', "is not an ISO 8601 date-time"),
+        (
+            b'{"kind": "noop", "scheduled_at": "20300101T053000+0530"}\n',
+            "line 1: scheduled_at '20300101T053000+0530' is not an ISO 8601 date-time",
+        ),
+        (b'{"kind": "noop", "scheduled_at": "1893456000"}\n', "is not an ISO 8601 date-time"),
         (b'{"kind": ["noop"]}\n', "line 1: unknown kind ['noop']"),
         (b'{"kind": "noop", "max_retries": true}\n', "line 1: invalid max_retries: True"),
         (b'{"kind": "noop", "max_retries": 100000}\n', "max_retries must be at most 1000"),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -12,6 +11,7 @@ from app.config import QUEUE_NAME_PATTERN, QUEUE_NAME_RULE, is_queue_name
 from app.models import AnalysisNotification, PendingAnalysis
 from app.services import notifications, queue
 from app.services.schedules import RESERVED_KEY_RULE, is_tick_key
+from app.text import NUMBER
 
 #: No NUL (U+0000) in any string the API stores: PostgreSQL's text and jsonb cannot hold it,
 #: so neither engine takes it (422, naming the field). Declared as each string's pattern.
@@ -43,7 +43,7 @@ PAYLOAD_SCHEMA: dict[str, Any] = {
 # backslashes) that is a NUL; after an odd run it is the literal text "\u0000".
 has_nul = queue.has_nul
 
-_NUMBER = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+_NUMBER = NUMBER
 
 
 class TaskCreate(BaseModel):
