@@ -3223,15 +3223,16 @@ async def flow_limits(
     *,
     now: datetime | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
-    """The configured rate limits with the starts in their current window, and the per-key
-    limits, for status displays."""
-    clock = now or utcnow()
+    """The configured rate limits with the starts in their current window (by the
+    database's clock on PostgreSQL, which stamped the starts), and the per-key limits, for
+    status displays."""
+    dialect = dialect_of(session)
     rates = []
     for limit in rate_limits:
         used = await session.scalar(
             select(func.count()).where(
                 STARTS.c.kind == limit.kind,
-                STARTS.c.started_at > clock - timedelta(seconds=limit.seconds),
+                STARTS.c.started_at > later_sql(dialect, -limit.seconds, now),
             )
         )
         rates.append(
