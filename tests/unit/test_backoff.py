@@ -75,3 +75,16 @@ def test_without_an_rng_the_shared_one_is_used() -> None:
 def test_bad_arguments_raise_value_error(retry: int, base: float, cap: float) -> None:
     with pytest.raises(ValueError):
         next_retry_delay(retry, base=base, cap=cap, rng=random.Random(0))
+
+
+def test_a_retrying_notification_says_a_short_delay_in_tenths() -> None:
+    """"retry 1 of 3 in 0.8 s", not "in 1 s" for 0.78 s; whole seconds from ten on."""
+    from app.services.queue import _seconds_text
+
+    assert [_seconds_text(s) for s in (0.78, 0.04, 9.94, 10.4, 3599.6)] == [
+        "0.8",
+        "0.0",
+        "9.9",
+        "10",
+        "3600",
+    ]

@@ -1196,6 +1196,11 @@ _DOCUMENT_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).
 _PG_DOCUMENT_COLUMNS = tuple(c for c in _BULK_COLUMNS if c != "payload")
 
 
+def _seconds_text(seconds: float) -> str:
+    """A delay as a person reads it: tenths under ten seconds (0.8, not 1), whole above."""
+    return f"{seconds:.1f}" if seconds < 10 else f"{seconds:.0f}"
+
+
 def _utc(when: datetime) -> datetime:
     """A schedule as UTCDateTime binds it: naive is read as UTC."""
     return (when if when.tzinfo is not None else when.replace(tzinfo=UTC)).astimezone(UTC)
@@ -2472,7 +2477,7 @@ def _decide(
                 NotificationType.RETRYING,
                 task,
                 f"Attempt {task.attempts} failed; retry {row.retry_count + 1} of "
-                f"{row.max_retries} in {item.retry_delay:.0f} s.",
+                f"{row.max_retries} in {_seconds_text(item.retry_delay)} s.",
                 error=short,
                 retry_at=retry_at.isoformat(),
             )
