@@ -78,7 +78,7 @@ def test_bad_arguments_raise_value_error(retry: int, base: float, cap: float) ->
 
 
 def test_a_retrying_notification_says_a_short_delay_in_tenths() -> None:
-    """"retry 1 of 3 in 0.8 s", not "in 1 s" for 0.78 s; whole seconds from ten on."""
+    """A delay of 0.78 s reads "in 0.8 s", not "in 1 s"; whole seconds from ten on."""
     from app.services.queue import _seconds_text
 
     assert [_seconds_text(s) for s in (0.78, 0.04, 9.94, 10.4, 3599.6)] == [
