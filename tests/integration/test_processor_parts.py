@@ -11,7 +11,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select, text, update
+from sqlalchemy import func, insert, select, text, update
 from sqlalchemy.exc import OperationalError
 
 from app.db import Database
@@ -78,8 +78,21 @@ async def test_rescuer_and_pruner_run_once(db: Database) -> None:
     assert result.failed == (t.id,)
     async with db.write_transaction() as s:
         await s.execute(update(PendingAnalysis).values(completed_at=utcnow() - timedelta(days=30)))
+    # rate-limit starts of a kind whose limit was removed: nothing else deletes them
+    async with db.write_transaction() as s:
+        await s.execute(
+            insert(queue.STARTS),
+            [
+                {"kind": "gone", "started_at": utcnow() - timedelta(days=30)},
+                {"kind": "gone", "started_at": utcnow() - timedelta(days=31)},
+                {"kind": "kept", "started_at": utcnow()},
+            ],
+        )
     pruned = await Pruner(db, retention_days=14, batch_size=1).run_once()
-    assert (pruned.tasks, pruned.notifications) == (1, 0)
+    assert (pruned.tasks, pruned.notifications, pruned.task_starts) == (1, 0, 2)
+    async with db.read_transaction() as s:
+        kinds = (await s.execute(select(queue.STARTS.c.kind))).scalars().all()
+    assert kinds == ["kept"]
 
 
 @pytest.fixture

@@ -2989,6 +2989,19 @@ async def prune_processors(
     return len(result.all())
 
 
+async def prune_task_starts(
+    session: AsyncSession, *, started_before: datetime, batch_size: int = PRUNE_BATCH_SIZE
+) -> int:
+    """Delete up to ``batch_size`` rate-limit starts older than ``started_before``. A claim
+    of a rate-limited kind deletes its kind's starts past the window; a kind whose limit
+    was removed kept its last window's for good. Returns how many."""
+    doomed = select(STARTS.c.id).where(STARTS.c.started_at < started_before).limit(batch_size)
+    result = await session.execute(
+        delete(STARTS).where(STARTS.c.id.in_(doomed.scalar_subquery())).returning(STARTS.c.id)
+    )
+    return len(result.all())
+
+
 async def processors_on_host(
     session: AsyncSession, *, host_key: str, hostname: str, besides: str
 ) -> list[tuple[str, int]]:

@@ -25,6 +25,7 @@ class PruneResult:
     tasks: int
     notifications: int
     processors: int = 0
+    task_starts: int = 0
 
 
 class Pruner:
@@ -71,15 +72,22 @@ class Pruner:
                 s, stopped_before=now - self._retention, batch_size=self._batch_size
             )
         )
-        if tasks or notes or daemons:
+        starts = await self._drain(
+            lambda s: queue.prune_task_starts(
+                s, started_before=now - self._retention, batch_size=self._batch_size
+            )
+        )
+        if tasks or notes or daemons or starts:
             logger.info(
-                "pruned %d finished tasks, %d read notifications and %d stopped processors",
+                "pruned %d finished tasks, %d read notifications, %d stopped processors"
+                " and %d rate-limit starts",
                 tasks,
                 notes,
                 daemons,
+                starts,
                 extra={"action": "pruned"},
             )
-        return PruneResult(tasks, notes, daemons)
+        return PruneResult(tasks, notes, daemons, starts)
 
     async def _drain(self, step: Callable[[AsyncSession], Awaitable[int]]) -> int:
         total = 0
