@@ -894,6 +894,10 @@ class Unindexed(ColumnElement[Any]):
         self.column = column
         self.type = column.type
 
+    @property
+    def _from_objects(self) -> list[Any]:  # its column's table, for a SELECT of it alone
+        return self.column._from_objects
+
 
 @compiles(Unindexed)
 def _unindexed(element: Unindexed, compiler: SQLCompiler, **kw: Any) -> str:

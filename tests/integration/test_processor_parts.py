@@ -83,9 +83,10 @@ async def test_rescuer_and_pruner_run_once(db: Database) -> None:
         await s.execute(
             insert(queue.STARTS),
             [
-                {"kind": "gone", "started_at": utcnow() - timedelta(days=30)},
-                {"kind": "gone", "started_at": utcnow() - timedelta(days=31)},
-                {"kind": "kept", "started_at": utcnow()},
+                {"kind": "gone", "started_at": utcnow() - timedelta(days=367)},
+                {"kind": "gone", "started_at": utcnow() - timedelta(days=400)},
+                # inside a year: a live limit's window may be that long (report=100/720h)
+                {"kind": "kept", "started_at": utcnow() - timedelta(days=30)},
             ],
         )
     pruned = await Pruner(db, retention_days=14, batch_size=1).run_once()

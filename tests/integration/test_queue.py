@@ -852,6 +852,22 @@ async def test_a_claim_carries_a_cancel_requested_by_hand_while_pending(db: Data
     assert found == {flagged: True, plain: False}
 
 
+async def test_the_next_due_time_of_a_schedule_no_one_can_tell_is_none(db: Database) -> None:
+    """A pending task scheduled by hand for a time that cannot be told (PostgreSQL's
+    'infinity'; SQLite text Python cannot read) gives no next due time: no error at every
+    ask, no timer for 'now' again and again. A readable later task still does."""
+    odd = await enqueue(db)
+    when = "'infinity'" if db.dialect == "postgresql" else "'tomorrow'"
+    async with db.write_transaction() as s:
+        await s.execute(text(f"UPDATE pending_analysis SET scheduled_at = {when} WHERE id = {odd}"))
+    async with db.read_transaction() as s:
+        assert await queue.next_due_in(s) is None
+    await enqueue(db, scheduled_at=utcnow() + timedelta(minutes=5))
+    async with db.read_transaction() as s:
+        seconds = await queue.next_due_in(s)
+    assert seconds is not None and 290 < seconds <= 300
+
+
 async def test_a_job_whose_schedule_python_cannot_read_still_ends(db: Database) -> None:
     """A schedule edited by hand to a date no datetime holds: its job's failure (with a
     retry) and its completion are written (the end read scheduled_at back into Python, and

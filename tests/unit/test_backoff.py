@@ -81,10 +81,11 @@ def test_a_retrying_notification_says_a_short_delay_in_tenths() -> None:
     """A delay of 0.78 s reads "in 0.8 s", not "in 1 s"; whole seconds from ten on."""
     from app.services.queue import _seconds_text
 
-    assert [_seconds_text(s) for s in (0.78, 0.04, 9.94, 10.4, 3599.6)] == [
+    assert [_seconds_text(s) for s in (0.78, 0.04, 9.94, 9.96, 10.4, 3599.6)] == [
         "0.8",
         "0.0",
         "9.9",
+        "10",
         "10",
         "3600",
     ]

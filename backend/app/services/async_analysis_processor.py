@@ -498,6 +498,8 @@ class ProcessorEngine:
         daemon idles or runs other jobs; the enqueue's own wake (or the poll) brings the
         claim that asks. One read, an index seek per priority (~0.5 ms), at most every
         NEXT_DUE_MIN_GAP_SECONDS."""
+        if self._stopping:
+            return
         loop = asyncio.get_running_loop()
         since = loop.time() - self._next_due_asked
         if since < NEXT_DUE_MIN_GAP_SECONDS:
@@ -517,7 +519,9 @@ class ProcessorEngine:
             if not is_transient(exc):
                 logger.exception("claimer: could not read when the next task is due")
             return  # the poll finds it
-        if seconds is not None and seconds < self.config.poll_interval:
+        # 0: the database calls it later but it is due by the time it answered (or by
+        # this host's reading of the text): the next claim or the poll takes it
+        if seconds is not None and 0 < seconds < self.config.poll_interval:
             self._wake_when_due(seconds, dedupe=True)
 
     async def _wait_for_completer(self) -> None:

@@ -13,6 +13,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import re
 import sqlite3
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
@@ -121,7 +122,7 @@ _PROCESSING_LITERAL: ColumnElement[str] = literal_column(
 #: boolean as a number, and a hand-written ``paused = 2`` showed the queue paused (read back
 #: as True) while ``paused IS 1`` let every daemon claim from it.
 PAUSED_QUEUES = select(QUEUE_STATES.c.name).where(QUEUE_STATES.c.paused.is_not(False))
-#: ``priority IN (10, 9, …, 1)``, every priority the table's CHECK allows, written out, for
+#: ``priority IN (10, 9, …, 1)``, every whole priority the table's CHECK allows, written out, for
 #: SQLite: its claim then searches each priority's due range of the pending index
 #: (``priority = p AND scheduled_at <= now``) and stops at the first row not yet due, in
 #: index order, no sort. Without it the schedule was a filter, not a bound, and a claim that
@@ -1199,7 +1200,8 @@ _PG_DOCUMENT_COLUMNS = tuple(c for c in _BULK_COLUMNS if c != "payload")
 
 def _seconds_text(seconds: float) -> str:
     """A delay as a person reads it: tenths under ten seconds (0.8, not 1), whole above."""
-    return f"{seconds:.1f}" if seconds < 10 else f"{seconds:.0f}"
+    tenths = round(seconds, 1)
+    return f"{tenths:.1f}" if tenths < 10 else f"{seconds:.0f}"
 
 
 def _utc(when: datetime) -> datetime:
@@ -1645,7 +1647,8 @@ def _next_due_statement(dialect: str, filtered: bool) -> Any:
         arms.append(arm)
     earliest = union_all(*arms).subquery()
     if dialect == "postgresql":
-        return select(extract("epoch", func.min(earliest.c.at) - current))
+        # epochs, not a difference of timestamps: 'infinity' (by hand) has an epoch
+        return select(extract("epoch", func.min(earliest.c.at)) - extract("epoch", current))
     return select(type_coerce(func.min(earliest.c.at), Text()))
 
 
@@ -1653,7 +1656,8 @@ async def next_due_in(
     session: AsyncSession, *, queues: Sequence[str] | None = None, now: datetime | None = None
 ) -> float | None:
     """Seconds until the next pending task (of ``queues``, default any) scheduled for later
-    becomes due; None when there is none. By the database's clock on PostgreSQL."""
+    becomes due; None when there is none, or when its time cannot be told (a hand-edited
+    'infinity', or text Python cannot read). By the database's clock on PostgreSQL."""
     dialect = dialect_of(session)
     params: dict[str, Any] = {}
     if queues is not None:
@@ -1664,7 +1668,9 @@ async def next_due_in(
         value = (
             await session.execute(_next_due_statement(dialect, queues is not None), params)
         ).scalar_one()
-        return None if value is None else max(float(value), 0.0)
+        if value is None or not math.isfinite(float(value)):
+            return None
+        return max(float(value), 0.0)
     current = now or utcnow()
     params["n_now"] = current
     text_value = (
@@ -1673,6 +1679,8 @@ async def next_due_in(
     if text_value is None:
         return None
     at = _read_schedule(text_value)
+    if at in (_EARLIEST, _LATEST):  # not a time Python can read: the poll finds it
+        return None
     return max((at - current).total_seconds(), 0.0)
 
 
@@ -2993,9 +3001,10 @@ async def prune_processors(
 async def prune_task_starts(
     session: AsyncSession, *, started_before: datetime, batch_size: int = PRUNE_BATCH_SIZE
 ) -> int:
-    """Delete up to ``batch_size`` rate-limit starts older than ``started_before``. A claim
-    of a rate-limited kind deletes its kind's starts past the window; a kind whose limit
-    was removed kept its last window's for good. Returns how many."""
+    """Delete up to ``batch_size`` rate-limit starts older than ``started_before`` (the
+    pruner: past retention and past the longest window a limit may have). A claim of a
+    rate-limited kind deletes its kind's starts past the window; a kind whose limit was
+    removed kept its last window's for good. Returns how many."""
     doomed = select(STARTS.c.id).where(STARTS.c.started_at < started_before).limit(batch_size)
     result = await session.execute(
         delete(STARTS).where(STARTS.c.id.in_(doomed.scalar_subquery())).returning(STARTS.c.id)

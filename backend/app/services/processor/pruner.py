@@ -9,6 +9,7 @@ from datetime import timedelta
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.config import MAX_SECONDS
 from app.db import Database
 from app.models.types import utcnow
 from app.services import notifications, queue
@@ -72,9 +73,13 @@ class Pruner:
                 s, stopped_before=now - self._retention, batch_size=self._batch_size
             )
         )
+        # No window a rate limit may have (up to MAX_SECONDS, a year) is cut short, on any
+        # daemon: the claims of a limited kind trim its own starts; these are the starts of
+        # kinds whose limit was removed.
+        starts_kept = max(self._retention, timedelta(seconds=MAX_SECONDS))
         starts = await self._drain(
             lambda s: queue.prune_task_starts(
-                s, started_before=now - self._retention, batch_size=self._batch_size
+                s, started_before=now - starts_kept, batch_size=self._batch_size
             )
         )
         if tasks or notes or daemons or starts:
