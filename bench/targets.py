@@ -152,30 +152,23 @@ class SQLiteTarget(Target):
         return str(sqlite_path(url))
 
     async def fill_history(self, url: str, rows: int) -> None:
-        def fill() -> None:
-            conn = sqlite3.connect(self.driver_target(url), isolation_level=None)
-            try:
-                for pragma in SQLITE_PRAGMAS:
-                    conn.execute(pragma)
-                t = sqlite_time(-HISTORY_AGE_SECONDS)
-                conn.execute("BEGIN IMMEDIATE")
-                conn.execute(SQLITE_FILL, (rows, t, t, t, t, t))
-                conn.execute("COMMIT")
-                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            finally:
-                conn.close()
-
-        await asyncio.to_thread(fill)
+        t = sqlite_time(-HISTORY_AGE_SECONDS)
+        await self._fill(url, SQLITE_FILL, (rows, t, t, t, t, t))
 
     async def fill_later(self, url: str, rows: int) -> None:
+        later, now = sqlite_time(LATER_SECONDS), sqlite_time()
+        await self._fill(url, SQLITE_LATER_FILL, (rows, later, now, now))
+
+    async def _fill(self, url: str, sql: str, params: tuple[Any, ...]) -> None:
+        """One INSERT … SELECT in one transaction, then the WAL written back."""
+
         def fill() -> None:
             conn = sqlite3.connect(self.driver_target(url), isolation_level=None)
             try:
                 for pragma in SQLITE_PRAGMAS:
                     conn.execute(pragma)
-                later, now = sqlite_time(LATER_SECONDS), sqlite_time()
                 conn.execute("BEGIN IMMEDIATE")
-                conn.execute(SQLITE_LATER_FILL, (rows, later, now, now))
+                conn.execute(sql, params)
                 conn.execute("COMMIT")
                 conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             finally:
