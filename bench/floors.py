@@ -2,7 +2,8 @@
 
 The same statements as the daemon, in the same transactions. A claim takes up to ``batch``
 pending rows in ONE ``UPDATE … WHERE id IN (SELECT … ORDER BY priority DESC, scheduled_at,
-id LIMIT k [FOR UPDATE SKIP LOCKED]) RETURNING`` (paused queues left out) and writes their
+id LIMIT k [FOR UPDATE SKIP LOCKED]) RETURNING`` (paused queues left out; on PostgreSQL the
+pick runs per priority, highest first, as the daemon's does) and writes their
 ``started`` notifications; a completion writes every result of the batch in ONE fenced
 ``UPDATE … FROM`` plus their ``completed`` notifications (PostgreSQL: behind the feed's
 advisory lock). As the daemon sends them:
@@ -104,10 +105,12 @@ PG_CLAIM = (
     "WITH claimed AS (UPDATE pending_analysis SET status = 'processing',"
     " attempts = attempts + 1, started_at = now(), updated_at = now(), locked_by = $1,"
     " lease_expires_at = now() + make_interval(secs => $2)"
-    " WHERE id IN (SELECT id FROM pending_analysis"
-    " WHERE status = 'pending' AND scheduled_at <= now()"
+    # the pick as the daemon's (queue._due_in_order): per priority, highest first
+    " WHERE id IN (SELECT due.id FROM generate_series(10, 1, -1) AS p(priority)"
+    " JOIN LATERAL (SELECT id FROM pending_analysis"
+    " WHERE priority = p.priority AND status = 'pending' AND scheduled_at <= now()"
     " AND queue NOT IN (SELECT name FROM queue_states WHERE paused IS NOT false)"
-    " ORDER BY priority DESC, scheduled_at, id LIMIT $3 FOR UPDATE SKIP LOCKED)"
+    " ORDER BY scheduled_at, id LIMIT $3 FOR UPDATE SKIP LOCKED) AS due ON true LIMIT $3)"
     " RETURNING id, kind, payload, attempts, user_id, project_id, chapter_id, priority,"
     " scheduled_at),"
     " started_notes AS (INSERT INTO analysis_notifications (user_id, project_id, chapter_id,"
