@@ -385,9 +385,14 @@ def enqueue(
     print(result.id)
 
 
-def _task_dict(task: PendingAnalysis) -> dict[str, Any]:
+def _task_dict(task: Any) -> dict[str, Any]:
+    """Every column of a task row; ``unreadable`` names the columns whose stored value could
+    not be read (edited by hand; shown as null), when there are any."""
     values = {column.key: getattr(task, column.key) for column in PendingAnalysis.__table__.columns}
-    return {k: v.isoformat() if hasattr(v, "isoformat") else v for k, v in values.items()}
+    shown = {k: v.isoformat() if hasattr(v, "isoformat") else v for k, v in values.items()}
+    if getattr(task, "unreadable", None):
+        shown["unreadable"] = list(task.unreadable)
+    return shown
 
 
 @tasks_cli.command("show")
@@ -396,9 +401,9 @@ def tasks_show(
 ) -> None:
     """Everything about one task."""
 
-    async def work(db: Database) -> PendingAnalysis | None:
+    async def work(db: Database) -> Any:
         async with db.read_transaction() as session:
-            return await queue.get_task(session, task_id)
+            return (await queue.task_rows(session, [task_id]))[0]
 
     task = with_db(work)
     if task is None:
@@ -431,7 +436,7 @@ def tasks_list(
 ) -> None:
     """Newest tasks first."""
 
-    async def work(db: Database) -> list[PendingAnalysis]:
+    async def work(db: Database) -> list[Any]:
         async with db.read_transaction() as session:
             return await queue.list_tasks(  # one more: whether there are more to say
                 session, status=status, kind=kind, user_id=user, chapter_id=chapter, limit=limit + 1
@@ -447,17 +452,19 @@ def tasks_list(
         print(f"the newest {limit} shown; --limit N for more", file=sys.stderr)
     table = Table("id", "kind", "queue", "status", "pri", "attempts", "user", "created")
     for t in rows:
+        created = t.created_at.isoformat(timespec="seconds") if t.created_at else "?"
         table.add_row(
             str(t.id),
-            t.kind,
-            t.queue,
-            t.status,
-            str(t.priority),
-            str(t.attempts),
+            *(_shown(v) for v in (t.kind, t.queue, t.status, t.priority, t.attempts)),
             t.user_id or "",
-            t.created_at.isoformat(timespec="seconds"),
+            created,
         )
     out.print(table)
+
+
+def _shown(value: Any) -> str:
+    """A value for a table cell: "?" for one that could not be read (None here)."""
+    return "?" if value is None else str(value)
 
 
 @tasks_cli.command("retry")

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 
 from app.db import Database
 from app.services import queue
@@ -609,3 +610,40 @@ def test_a_sqlite_path_that_cannot_be_opened_fails_cleanly(tmp_path: Path) -> No
         )
         assert r.returncode == 1 and "unable to open database file" in r.stderr, r.stderr
         assert "Exception in thread" not in r.stderr and "Traceback" not in r.stderr
+
+
+async def test_a_task_edited_by_hand_into_unreadable_values_is_shown(
+    cli: Run, db: Database
+) -> None:
+    """``tasks show`` / ``tasks list`` / ``status`` show a row an operator edited into values
+    its columns cannot hold (a date before year 1 on PostgreSQL; text in a date, a number
+    and the payload on SQLite): null / "?" where unreadable, no traceback."""
+    async with db.write_transaction() as s:
+        good = await queue.enqueue_task(s, kind="chapter_analysis", payload={"a": 1})
+        bad = await queue.enqueue_task(s, kind="chapter_analysis", payload={"b": 2})
+        if db.dialect == "postgresql":
+            edit = "UPDATE pending_analysis SET created_at = '0044-03-15 BC' WHERE id = :id"
+            fields = ["created_at"]
+        else:
+            edit = (
+                "UPDATE pending_analysis SET created_at = 'garbage', attempts = 'x',"
+                " payload = '{bad' WHERE id = :id"
+            )
+            fields = ["attempts", "created_at", "payload"]
+        await s.execute(text(edit), {"id": bad.id})
+    r = cli("tasks", "show", str(bad.id), "--json")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    shown = json.loads(r.stdout)
+    assert shown["unreadable"] == fields and all(shown[f] is None for f in fields)
+    assert cli("tasks", "show", str(bad.id)).returncode == 0
+    r = cli("tasks", "list", "--json")
+    assert r.returncode == 0, r.stderr
+    rows = {t["id"]: t for t in json.loads(r.stdout)}
+    assert set(rows) == {good.id, bad.id} and rows[bad.id]["unreadable"] == fields
+    assert "unreadable" not in rows[good.id] and rows[good.id]["payload"] == {"a": 1}
+    r = cli("tasks", "list")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert str(bad.id) in r.stdout and "?" in r.stdout
+    for args in (["status"], ["status", "--json"]):
+        r = cli(*args)
+        assert r.returncode == 0 and "Traceback" not in r.stderr, (args, r.stderr)

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 from datetime import datetime
+from types import SimpleNamespace
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+)
 
 from app.config import QUEUE_NAME_PATTERN, QUEUE_NAME_RULE, is_queue_name
 from app.models import AnalysisNotification, PendingAnalysis
-from app.services import notifications, queue
+from app.services import notifications, queue, readable
 from app.services.schedules import RESERVED_KEY_RULE, is_tick_key
 from app.text import NUMBER
 
@@ -149,47 +157,79 @@ class Progress(BaseModel):
     percent: float | None
 
 
+UNREADABLE_DESCRIPTION = (
+    "The fields whose stored value could not be read (a row edited by hand into a value"
+    " its column's type cannot hold: text in a number, a date before year 1, JSON that"
+    " does not parse); each is null here. Empty for every row the service wrote."
+)
+
+
+def _unreadable_of(row: Any) -> list[str]:
+    return list(row.unreadable) if isinstance(row, SimpleNamespace) else []
+
+
 class TaskPublic(BaseModel):
-    """A task as its owner sees it."""
+    """A task as its owner sees it. A field whose stored value cannot be read is null and
+    named in ``unreadable`` (only a row edited by hand has one); the rest show as stored."""
 
     id: int
-    kind: str
-    queue: str
-    status: str
-    priority: int
-    payload: dict[str, Any]
+    kind: str | None
+    queue: str | None
+    status: str | None
+    priority: int | None
+    payload: dict[str, Any] | None
     result: Any
     error: str | None
-    attempts: int
-    retry_count: int
-    max_retries: int
-    timeout_seconds: int
+    attempts: int | None
+    retry_count: int | None
+    max_retries: int | None
+    timeout_seconds: int | None
     user_id: str | None
     project_id: str | None
     chapter_id: str | None
     idempotency_key: str | None
-    cancel_requested: bool
+    cancel_requested: bool | None
     locked_by: str | None
     progress: Progress
-    created_at: datetime
-    scheduled_at: datetime
+    created_at: datetime | None
+    scheduled_at: datetime | None
     started_at: datetime | None
     completed_at: datetime | None
-    updated_at: datetime
+    updated_at: datetime | None
     duration_seconds: float | None
-    token_usage: int
+    token_usage: int | None
+    unreadable: list[str] = Field(default_factory=list, description=UNREADABLE_DESCRIPTION)
 
     @classmethod
-    def of(cls, t: PendingAnalysis) -> TaskPublic:
-        """From a row."""
+    def of(cls, t: Any) -> TaskPublic:
+        """From a row (an ORM object, a row of every column, or one read value by value)."""
+        try:
+            return cls._of(t, _unreadable_of(t))
+        except (ValidationError, *readable.UNREADABLE_ERRORS):
+            # a value its field cannot hold (SQLite keeps 5.5 in priority, text in a
+            # count): each value alone, the unreadable ones null
+            row = readable.readable(TASK_COLUMNS, t)
+            unreadable = _unreadable_of(t) + row.unreadable
+            if not isinstance(row.payload, dict | None):
+                row.payload = None
+                unreadable.append("payload")
+            return cls._of(row, unreadable)
+
+    @classmethod
+    def _of(cls, t: Any, unreadable: list[str]) -> TaskPublic:
         progress = Progress(
             current=t.progress_current,
             total=t.progress_total,
             message=t.progress_message,
             percent=notifications.percent(t.progress_current, t.progress_total),
         )
-        fields = {name: getattr(t, name) for name in cls.model_fields if name != "progress"}
-        return cls(progress=progress, **fields)
+        fields = {name: getattr(t, name) for name in cls.model_fields if name not in _DERIVED}
+        return cls(progress=progress, unreadable=sorted(set(unreadable)), **fields)
+
+
+_DERIVED = frozenset({"progress", "unreadable"})
+TASK_COLUMNS = list(PendingAnalysis.__table__.columns)
+NOTIFICATION_COLUMNS = list(AnalysisNotification.__table__.columns)
 
 
 class TaskPage(BaseModel):
@@ -218,18 +258,32 @@ class NotificationPublic(BaseModel):
     user_id: str | None
     project_id: str | None
     chapter_id: str | None
-    type: str
-    title: str
-    message: str
+    type: str | None
+    title: str | None
+    message: str | None
     data: dict[str, Any] | None
-    is_read: bool
-    created_at: datetime
+    is_read: bool | None
+    created_at: datetime | None
     read_at: datetime | None
+    unreadable: list[str] = Field(default_factory=list, description=UNREADABLE_DESCRIPTION)
 
     @classmethod
-    def of(cls, n: AnalysisNotification) -> NotificationPublic:
-        """From a row."""
-        return cls.model_validate({name: getattr(n, name) for name in cls.model_fields})
+    def of(cls, n: Any) -> NotificationPublic:
+        """From a row (as ``TaskPublic.of``)."""
+        try:
+            return cls._of(n, _unreadable_of(n))
+        except (ValidationError, *readable.UNREADABLE_ERRORS):
+            row = readable.readable(NOTIFICATION_COLUMNS, n)
+            unreadable = _unreadable_of(n) + row.unreadable
+            if not isinstance(row.data, dict | None):
+                row.data = None
+                unreadable.append("data")
+            return cls._of(row, unreadable)
+
+    @classmethod
+    def _of(cls, n: Any, unreadable: list[str]) -> NotificationPublic:
+        fields = {name: getattr(n, name) for name in cls.model_fields if name != "unreadable"}
+        return cls.model_validate({**fields, "unreadable": sorted(set(unreadable))})
 
 
 class NotificationPage(BaseModel):

@@ -5,10 +5,11 @@ from __future__ import annotations
 import functools
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
+from types import SimpleNamespace
 from typing import Any
 
 from sqlalchemy import (
@@ -36,7 +37,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.db import Database, dialect_of, now_sql
 from app.models import AnalysisNotification, NotificationType, PendingAnalysis
 from app.models.types import UTCDateTime, pg_array, utcnow
-from app.services import auth, hotpath
+from app.services import auth, hotpath, readable
 
 NOTIFICATIONS: Table = AnalysisNotification.__table__  # type: ignore[assignment]
 N = NOTIFICATIONS.c
@@ -70,7 +71,8 @@ class TaskRef:
     @classmethod
     def from_row(cls, row: Any) -> TaskRef:
         """Build from a row holding the columns of ``queue.REF_COLUMNS``."""
-        return cls(row.id, row.kind, row.user_id, row.project_id, row.chapter_id, row.attempts)
+        kind = row.kind if isinstance(row.kind, str) else readable.as_text(row.kind)
+        return cls(row.id, kind, row.user_id, row.project_id, row.chapter_id, row.attempts)
 
 
 def percent(current: int | None, total: int | None) -> float | None:
@@ -413,13 +415,11 @@ async def page_for_user(
     ONE statement (one snapshot), on the bare driver where it can (``Database.read_alone``:
     a frontend polls this; through a session it cost ~1 ms of CPU a poll). The page's rows
     carry the notification's columns by name."""
-    stmt = _page_statement(
-        user_id is not None, unread_only, task_id is not None, after_id is not None
-    )
+    shape = (user_id is not None, unread_only, task_id is not None, after_id is not None)
     params = {"user_id": user_id, "task_id": task_id, "after_id": after_id}
     bound = {name: value for name, value in params.items() if value is not None}
     bound["limit"] = limit
-    rows = await _read_headed(db, stmt, bound)
+    rows = await _read_headed(db, _page_statement, shape, bound)
     return [row for row in rows if row.id is not None], int(rows[0].unread_count)
 
 
@@ -429,16 +429,36 @@ async def stream_page(
     """A notification stream's poll: the notifications after ``after_id`` (oldest first)
     and whether its token is still good, read together in ONE statement (one snapshot:
     nothing committed after a revocation goes out), on the bare driver where it can."""
-    stmt = _stream_statement(user_id is not None)
     bound: dict[str, Any] = {"after_id": after_id, "token_id": token_id, "limit": limit}
     if user_id is not None:
         bound["user_id"] = user_id
-    rows = await _read_headed(db, stmt, bound)
+    rows = await _read_headed(db, _stream_statement, (user_id is not None,), bound)
     return [row for row in rows if row.id is not None], bool(rows[0].token_active)
 
 
-async def _read_headed(db: Database, stmt: Any, params: dict[str, Any]) -> list[Any]:
-    """The rows of a ``_headed`` statement: at least one (the head's)."""
+async def _read_headed(
+    db: Database, statement: Callable[..., Any], shape: tuple[bool, ...], params: dict[str, Any]
+) -> list[Any]:
+    """The rows of the ``_headed`` statement ``statement(*shape)``: at least one (the
+    head's). A page holding a notification a hand edit left unreadable is read again
+    undecoded, its notifications value by value (app.services.readable), the head as is."""
+    try:
+        return await _read(db, statement(*shape), params)
+    except readable.UNREADABLE_ERRORS:
+        rows = await _read(db, statement(*shape, raw=db.dialect), params)
+    head = [c.key for c in NOTIFICATIONS.c]
+    return [
+        row
+        if row.id is None
+        else SimpleNamespace(
+            **{k: v for k, v in row._asdict().items() if k not in head},
+            **vars(readable.readable(NOTIFICATIONS.c, row)),
+        )
+        for row in rows
+    ]
+
+
+async def _read(db: Database, stmt: Any, params: dict[str, Any]) -> list[Any]:
     rows = await db.read_alone(stmt, params, scans=True)
     if rows is None:
         async with db.read_transaction() as session:
@@ -459,7 +479,11 @@ def _headed(head: Select[Any], page: Select[Any], *, forward: bool) -> Any:
 
 
 @functools.cache
-def _page_statement(scoped: bool, unread_only: bool, one_task: bool, forward: bool) -> Any:
+def _page_statement(
+    scoped: bool, unread_only: bool, one_task: bool, forward: bool, raw: str | None = None
+) -> Any:
+    """GET /notifications' statement; ``raw`` (a dialect's name): its notifications'
+    columns undecoded (readable.raw_columns)."""
     counted = (
         select(func.count().label("unread_count"))
         .select_from(NOTIFICATIONS)
@@ -467,14 +491,21 @@ def _page_statement(scoped: bool, unread_only: bool, one_task: bool, forward: bo
     )
     if scoped:
         counted = counted.where(N.user_id == bindparam("user_id"))
-    page = _feed_statement(scoped, unread_only, False, one_task, forward)
+    page = _undecoded(_feed_statement(scoped, unread_only, False, one_task, forward), raw)
     return _headed(counted, page, forward=forward)
 
 
 @functools.cache
-def _stream_statement(scoped: bool) -> Any:
+def _stream_statement(scoped: bool, raw: str | None = None) -> Any:
     active = select(func.count().label("token_active")).where(auth.token_active_where())
-    return _headed(active, _feed_statement(scoped, False, False, False, True), forward=True)
+    page = _undecoded(_feed_statement(scoped, False, False, False, True), raw)
+    return _headed(active, page, forward=True)
+
+
+def _undecoded(page: Select[Any], dialect: str | None) -> Select[Any]:
+    if dialect is None:
+        return page
+    return page.with_only_columns(*readable.raw_columns(NOTIFICATIONS.c, dialect))
 
 
 async def mark_read(session: AsyncSession, notification_id: int, *, user_id: str | None) -> bool:

@@ -63,7 +63,15 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from app.config import QUEUE_NAME_RULE, KeyLimit, RateLimit, is_queue_name
-from app.db import Database, Unindexed, dialect_of, later_sql, now_sql, wake_daemons_at_commit
+from app.db import (
+    Database,
+    Unindexed,
+    UnindexedText,
+    dialect_of,
+    later_sql,
+    now_sql,
+    wake_daemons_at_commit,
+)
 from app.models import (
     FINISHED_STATUSES,
     NotificationType,
@@ -75,7 +83,7 @@ from app.models import (
     TaskStatus,
 )
 from app.models.types import JSONType, UTCDateTime, pg_array, utcnow
-from app.services import faults, hotpath, notifications
+from app.services import faults, hotpath, notifications, readable
 from app.services.notifications import TaskRef
 from app.text import error_line
 
@@ -1373,7 +1381,15 @@ def _claim_statement(db_clock: bool, filters: frozenset[str], dialect: str = "sq
     # In claim order through the pending index, stopping after `limit` rows, locked as
     # read; SKIP LOCKED lets daemons claim side by side without waiting on each other.
     pick = _due_in_order(
-        dialect, (T.id,), current, filtered, bindparam("c_limit", type_=Integer()), lock=True
+        dialect,
+        (T.id,),
+        current,
+        filtered,
+        bindparam("c_limit", type_=Integer()),
+        lock=True,
+        # tasks named by id (a flow-limited kind's pick, inline mode): the ids bound the
+        # read, and reading them once beats once per priority
+        by_priority="only_ids" not in filters,
     )
     return (
         update(TASKS)
@@ -1409,6 +1425,7 @@ def _due_in_order(
     limit: Any,
     *,
     lock: bool = False,
+    by_priority: bool = True,
 ) -> Select[Any]:
     """The first ``limit`` due pending tasks outside paused queues that match ``wheres``,
     in claim order (priority DESC, scheduled_at, id), read from the pending index in its
@@ -1417,7 +1434,8 @@ def _due_in_order(
     priority. With the schedule a filter over the whole index, a read that found fewer due
     tasks than it asked for read every later task (100,000 due tomorrow: a SQLite claim
     ~12 ms instead of ~0.6, a PostgreSQL one ~4 ms instead of ~1.3). ``lock``: FOR UPDATE
-    SKIP LOCKED (the claim).
+    SKIP LOCKED (the claim). Not ``by_priority`` (PostgreSQL): one ordered read, the
+    schedule a filter, for a read that ``wheres`` bound otherwise (by task ids).
 
     SQLite: the priorities written out (_DUE_PRIORITIES), a plan fixed without statistics.
     PostgreSQL: the priorities from highest to lowest, and for each (LATERAL) its due tasks,
@@ -1433,10 +1451,10 @@ def _due_in_order(
         T.queue.not_in(PAUSED_QUEUES),
         *wheres,
     )
-    if dialect != "postgresql":
+    if dialect != "postgresql" or not by_priority:
         stmt = (
             select(*columns)
-            .where(_DUE_PRIORITIES, *base)
+            .where(*([_DUE_PRIORITIES] if dialect != "postgresql" else []), *base)
             .order_by(T.priority.desc(), T.scheduled_at, T.id)
             .limit(limit)
         )
@@ -1743,15 +1761,15 @@ async def peek_due(
         [T.kind.not_in(list(exclude_kinds))] if exclude_kinds else [],
         limit,
     )
-    return [(p, at, i) for p, at, i in (await session.execute(stmt)).all()]
+    return sorted(((p, at, i) for p, at, i in (await session.execute(stmt)).all()), key=claim_order)
 
 
 def _of_kind(kind: str) -> ColumnElement[bool]:
     """``kind = :kind`` for a read of pending or running rows, kept off the ``(kind, id)``
-    index (which holds the kind's whole history: SQLite, planning without statistics, read
-    all of it, ~47 ms a pick with 300,000 finished rows of the kind, against 0.03 ms through
-    the pending index)."""
-    return Unindexed(T.kind) == kind
+    index, which holds the kind's whole history, on both engines (SQLite, planning without
+    statistics, read all of it: ~47 ms a pick with 300,000 finished rows of the kind,
+    against 0.03 ms through the pending index; PostgreSQL, db.UnindexedText)."""
+    return UnindexedText(T.kind) == kind
 
 
 async def pick_limited(
@@ -1814,7 +1832,7 @@ async def pick_limited(
             allowed,
         )
         rows = await session.execute(stmt)
-        due = [(p, at, i) for p, at, i in rows.all()]
+        due = sorted(((p, at, i) for p, at, i in rows.all()), key=claim_order)
     return LimitedPick(kind, rate, due, None, now)
 
 
@@ -1901,7 +1919,8 @@ async def _pick_within_key_limit(
             wheres,
             page,
         )
-        candidates = (await session.execute(stmt)).all()
+        # in claim order (PostgreSQL's per-priority read gives it, but says no ORDER BY)
+        candidates = sorted((await session.execute(stmt)).all(), key=lambda r: claim_order(r[:3]))
         new_keys = {v for *_, v in candidates if v is not None and v not in running}
         if new_keys:
             busy = (
@@ -3106,10 +3125,7 @@ async def read_task(db: Database, task_id: int, *, user_id: str | None = None) -
         stmt, params = _TASK_ROW_BY_ID, {"task_id": task_id}
     else:
         stmt, params = _USERS_TASK_ROW_BY_ID, {"task_id": task_id, "user_id": user_id}
-    rows = await db.read_alone(stmt, params)
-    if rows is None:
-        async with db.read_transaction() as session:
-            rows = list((await session.execute(stmt, params)).all())
+    rows = await _read_task_rows(db, stmt, params, scans=False)
     return rows[0] if rows else None
 
 
@@ -3142,7 +3158,10 @@ async def list_tasks(
     """Newest first; ``before_id`` is the cursor (the last id of the previous page). Rows
     with every column of the task by name."""
     stmt, params = _listing(user_id, status, kind, project_id, chapter_id, before_id, limit)
-    return list((await session.execute(stmt, params)).all())
+    try:
+        return list((await session.execute(stmt, params)).all())
+    except readable.UNREADABLE_ERRORS:
+        return await _readable_task_rows(session, stmt, params)
 
 
 async def read_tasks(
@@ -3160,11 +3179,51 @@ async def read_tasks(
     (``Database.read_alone``; GET /tasks and a chapter's latest task, which frontends and
     the dashboard poll)."""
     stmt, params = _listing(user_id, status, kind, project_id, chapter_id, before_id, limit)
-    rows = await db.read_alone(stmt, params, scans=True)
-    if rows is None:
+    return await _read_task_rows(db, stmt, params, scans=True)
+
+
+async def _read_task_rows(
+    db: Database, stmt: Select[Any], params: dict[str, Any], *, scans: bool
+) -> list[Any]:
+    """The rows of a SELECT of every task column, on the bare driver where it can; rows a
+    hand edit left unreadable come back value by value (app.services.readable)."""
+    try:
+        rows = await db.read_alone(stmt, params, scans=scans)
+        if rows is None:
+            async with db.read_transaction() as session:
+                rows = list((await session.execute(stmt, params)).all())
+    except readable.UNREADABLE_ERRORS:
         async with db.read_transaction() as session:
-            rows = list((await session.execute(stmt, params)).all())
+            return await _readable_task_rows(session, stmt, params)
     return rows
+
+
+async def _readable_task_rows(
+    session: AsyncSession, stmt: Select[Any], params: dict[str, Any]
+) -> list[Any]:
+    """``stmt``'s rows read again undecoded, each value read alone."""
+    raw = stmt.with_only_columns(*readable.raw_columns(TASKS.c, dialect_of(session)))
+    return [readable.readable(TASKS.c, row) for row in (await session.execute(raw, params)).all()]
+
+
+async def task_rows(
+    session: AsyncSession, task_ids: Sequence[int], *, user_id: str | None = None
+) -> list[Any]:
+    """Tasks by id as rows of every column (``user_id``: only that user's), in the order
+    asked (None where there is none), in one SELECT per 1,000; read as ``read_tasks``
+    reads them, whatever a hand edit left in a row."""
+    found: dict[int, Any] = {}
+    unique = list(dict.fromkeys(task_ids))
+    for start in range(0, len(unique), 1_000):
+        stmt = select(*TASKS.c).where(TASKS.c.id.in_(unique[start : start + 1_000]))
+        if user_id is not None:
+            stmt = stmt.where(TASKS.c.user_id == user_id)
+        try:
+            rows = list((await session.execute(stmt)).all())
+        except readable.UNREADABLE_ERRORS:
+            rows = await _readable_task_rows(session, stmt, {})
+        found.update({row.id: row for row in rows})
+    return [found.get(task_id) for task_id in task_ids]
 
 
 def _listing(

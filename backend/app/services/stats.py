@@ -35,6 +35,7 @@ from app.models import PendingAnalysis, Processor, ProcessorState, TaskStatus
 from app.models.async_task import FINISHED_STATUSES, FINISHED_WHERE
 from app.services import queue, schedules
 from app.services.handlers import Schedule
+from app.services.readable import as_text
 from app.text import error_line
 
 logger = logging.getLogger("app.stats")
@@ -243,7 +244,7 @@ def live_counts(
 async def _count(session: AsyncSession, stmt: Executable) -> Counts:
     counts: Counts = Counter()
     for status, name, kind, n in (await session.execute(stmt)).all():
-        counts[(status, name, kind)] += n
+        counts[(as_text(status), as_text(name), as_text(kind))] += n
     return counts
 
 

@@ -13,7 +13,7 @@ from app.api.errors import ERRORS
 from app.api.schemas import NO_NUL, BulkCreate, BulkResult, TaskCreate, TaskPage, TaskPublic
 from app.config import Settings
 from app.db import Database
-from app.models import PendingAnalysis, TaskStatus
+from app.models import TaskStatus
 from app.services import queue, stats
 from app.services.auth import Principal
 from app.services.handlers import REGISTRY
@@ -68,17 +68,16 @@ async def _load(db: Database, task_id: int, caller: Principal) -> Any:
 
 async def _owned(session: AsyncSession, task_id: int, caller: Principal) -> None:
     """404 unless the task exists and the caller may act on it."""
-    if await queue.get_task(session, task_id, user_id=caller.scope) is None:
+    if (await queue.task_rows(session, [task_id], user_id=caller.scope))[0] is None:
         raise HTTPException(404, f"task {task_id} not found")
 
 
 async def _answer(session: AsyncSession, task_id: int) -> TaskPublic:
     """The task as the caller may see it, read in ``session``'s transaction."""
     await session.flush()
-    task = await queue.get_task(session, task_id)
+    [task] = await queue.task_rows(session, [task_id])
     if task is None:
         raise HTTPException(404, f"task {task_id} not found")
-    await session.refresh(task)
     return TaskPublic.of(task)
 
 
@@ -92,7 +91,7 @@ def _task_location(request: Request, task_id: int) -> str:
     return template + str(task_id)
 
 
-def _owned_or_conflict(task: PendingAnalysis | None, spec: queue.TaskSpec) -> PendingAnalysis:
+def _owned_or_conflict(task: Any, spec: queue.TaskSpec) -> Any:
     if task is None or task.user_id != spec.user_id:
         raise BadTask(409, "idempotency_key already used")
     return task
@@ -128,7 +127,7 @@ async def create_task(
         else:  # a key (its owner is checked where it is found), or no such path here
             async with db.write_transaction() as session:
                 [result] = await queue.enqueue_tasks(session, [spec])
-                task = await queue.get_task(session, result.id)
+                [task] = await queue.task_rows(session, [result.id])
                 if not result.created:
                     task = _owned_or_conflict(task, spec)
     except BadTask as exc:
@@ -140,7 +139,7 @@ async def create_task(
         task = await _load(db, result.id, caller)
     response.status_code = 202 if result.created else 200
     response.headers["Location"] = _task_location(request, result.id)
-    return TaskPublic.of(task)  # type: ignore[arg-type]
+    return TaskPublic.of(task)
 
 
 @router.post(
@@ -172,7 +171,7 @@ async def create_tasks(
             return JSONResponse({"detail": f"tasks[{index}]: {exc.detail}"}, status_code=exc.code)
     async with db.write_transaction() as session:
         results = await queue.enqueue_tasks(session, specs)
-        tasks = await queue.get_tasks(session, [r.id for r in results])
+        tasks = await queue.task_rows(session, [r.id for r in results])
         for index, (spec, result, task) in enumerate(zip(specs, results, tasks, strict=True)):
             if not result.created and (task is None or task.user_id != spec.user_id):
                 await session.rollback()
@@ -187,7 +186,7 @@ async def create_tasks(
             if result.created:
                 await run_inline(db, REGISTRY, result.id, settings)
         async with db.read_transaction() as session:
-            tasks = await queue.get_tasks(session, [r.id for r in results])
+            tasks = await queue.task_rows(session, [r.id for r in results])
     shown = [(TaskPublic.of(t), r.created) for t, r in zip(tasks, results, strict=True) if t]
     return BulkResult(tasks=[t for t, _ in shown], created=[c for _, c in shown])
 
