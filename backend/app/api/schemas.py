@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from types import SimpleNamespace
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -168,6 +169,29 @@ def _unreadable_of(row: Any) -> list[str]:
     return list(row.unreadable) if isinstance(row, SimpleNamespace) else []
 
 
+Shown = TypeVar("Shown", bound=BaseModel)
+
+
+def _shown(
+    row: Any,
+    columns: list[Any],
+    document: str,
+    build: Callable[[Any, list[str]], Shown],
+) -> Shown:
+    """``build(row, unreadable)``; when a value does not fit its field (SQLite keeps 5.5 in
+    a priority, text in a count), each value read alone (readable.readable), the
+    unreadable ones null; ``document`` (a JSON object column) null unless an object."""
+    try:
+        return build(row, _unreadable_of(row))
+    except (ValidationError, *readable.UNREADABLE_ERRORS):
+        values = readable.readable(columns, row)
+        unreadable = _unreadable_of(row) + values.unreadable
+        if not isinstance(getattr(values, document), dict | None):
+            setattr(values, document, None)
+            unreadable.append(document)
+        return build(values, unreadable)
+
+
 class TaskPublic(BaseModel):
     """A task as its owner sees it. A field whose stored value cannot be read is null and
     named in ``unreadable`` (only a row edited by hand has one); the rest show as stored."""
@@ -203,17 +227,7 @@ class TaskPublic(BaseModel):
     @classmethod
     def of(cls, t: Any) -> TaskPublic:
         """From a row (an ORM object, a row of every column, or one read value by value)."""
-        try:
-            return cls._of(t, _unreadable_of(t))
-        except (ValidationError, *readable.UNREADABLE_ERRORS):
-            # a value its field cannot hold (SQLite keeps 5.5 in priority, text in a
-            # count): each value alone, the unreadable ones null
-            row = readable.readable(TASK_COLUMNS, t)
-            unreadable = _unreadable_of(t) + row.unreadable
-            if not isinstance(row.payload, dict | None):
-                row.payload = None
-                unreadable.append("payload")
-            return cls._of(row, unreadable)
+        return _shown(t, TASK_COLUMNS, "payload", cls._of)
 
     @classmethod
     def _of(cls, t: Any, unreadable: list[str]) -> TaskPublic:
@@ -270,15 +284,7 @@ class NotificationPublic(BaseModel):
     @classmethod
     def of(cls, n: Any) -> NotificationPublic:
         """From a row (as ``TaskPublic.of``)."""
-        try:
-            return cls._of(n, _unreadable_of(n))
-        except (ValidationError, *readable.UNREADABLE_ERRORS):
-            row = readable.readable(NOTIFICATION_COLUMNS, n)
-            unreadable = _unreadable_of(n) + row.unreadable
-            if not isinstance(row.data, dict | None):
-                row.data = None
-                unreadable.append("data")
-            return cls._of(row, unreadable)
+        return _shown(n, NOTIFICATION_COLUMNS, "data", cls._of)
 
     @classmethod
     def _of(cls, n: Any, unreadable: list[str]) -> NotificationPublic:
