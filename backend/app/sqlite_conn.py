@@ -25,6 +25,7 @@ from typing import Any
 
 import aiosqlite
 
+from app.db import LenientConnection
 from app.threads import in_own_thread
 
 #: (description, rows, rowcount, lastrowid) of one statement
@@ -191,7 +192,13 @@ class OneTripConnection(aiosqlite.Connection):
 async def connect_one_trip(path: Path, *, busy_seconds: float) -> OneTripConnection:
     """Open ``path`` as SQLAlchemy's aiosqlite dialect would (its ``async_creator``)."""
     connection = OneTripConnection(
-        partial(sqlite3.connect, str(path), timeout=busy_seconds, check_same_thread=False),
+        partial(
+            sqlite3.connect,
+            str(path),
+            timeout=busy_seconds,
+            check_same_thread=False,
+            factory=LenientConnection,
+        ),
         iter_chunk_size=64,
     )
     # As SQLAlchemy's dialect does, so that a connection never holds up the exit (before

@@ -24,6 +24,7 @@ from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from app.db import LenientConnection
 from app.threads import in_own_thread
 
 T = TypeVar("T")
@@ -141,7 +142,13 @@ class InlineConnection:
 async def connect_inline(path: Path, *, busy_seconds: float) -> InlineConnection:
     """Open ``path`` for the write thread (SQLAlchemy's ``async_creator``)."""
     return InlineConnection(
-        sqlite3.connect(path, timeout=busy_seconds, isolation_level=None, check_same_thread=False)
+        sqlite3.connect(
+            path,
+            timeout=busy_seconds,
+            isolation_level=None,
+            check_same_thread=False,
+            factory=LenientConnection,
+        )
     )
 
 

@@ -5,10 +5,13 @@ PostgreSQL keeps dates before year 1 and JSON nested deeper than Python decodes.
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import text
 
+from app.db import Database
 from app.services import queue
 from tests.integration.test_api import Api, api  # noqa: F401 (the fixture)
 
@@ -30,8 +33,11 @@ SQLITE_EDITS = [
     ("UPDATE pending_analysis SET kind = x'ff00' WHERE id = :id", ["kind"]),
     (
         "UPDATE pending_analysis SET progress_current = 'a', progress_total = 3 WHERE id = :id",
-        ["progress_current"],
+        ["progress.current"],
     ),
+    # text that is not UTF-8 is read with U+FFFD in place of the bad bytes, not a 503
+    ("UPDATE pending_analysis SET kind = CAST(x'ff00' AS TEXT) WHERE id = :id", []),
+    ("UPDATE pending_analysis SET queue = x'ff00' WHERE id = :id", ["queue"]),
 ]
 PG_EDITS = [
     ("UPDATE pending_analysis SET created_at = '0044-03-15 BC' WHERE id = :id", ["created_at"]),
@@ -62,7 +68,7 @@ async def test_tasks_edited_by_hand_into_unreadable_values_are_shown(
 ) -> None:
     edits = PG_EDITS if api.db.dialect == "postgresql" else SQLITE_EDITS
     for sql, fields in edits:
-        await _check_edit(api, sql, fields or ["attempts", "token_usage"])
+        await _check_edit(api, sql, ["attempts", "token_usage"] if fields is None else fields)
         async with api.db.write_transaction() as s:
             await s.execute(text("DELETE FROM analysis_notifications"))
             await s.execute(text("DELETE FROM pending_analysis"))
@@ -79,6 +85,8 @@ async def _check_edit(api: Api, sql: str, fields: list[str]) -> None:  # noqa: F
         shown = r.json()
         assert shown["unreadable"] == sorted(fields), (sql, shown)
         assert all(shown[f] is None for f in fields if not f.startswith("progress"))
+        if "CAST(x'ff00' AS TEXT)" in sql:
+            assert shown["kind"] == "\ufffd\x00"
         assert (shown["id"], shown["user_id"], shown["chapter_id"]) == (bad, "alice", "c1")
         # one bad row does not take the list (nor a chapter's latest) down with it
         page = await api.get(who, "/tasks")
@@ -106,9 +114,10 @@ async def test_a_notification_edited_by_hand_is_shown_and_the_feed_goes_on(
 ) -> None:
     task_id = await _task(api)
     async with api.db.write_transaction() as s:
-        await queue.enqueue_task(s, kind="chapter_analysis", payload={}, user_id="alice")
-        claimed = await queue.claim_tasks(s, processor_id="p", limit=2, lease_seconds=30)
-    assert len(claimed) == 2  # two "started" notifications for alice
+        for _ in range(11):
+            await queue.enqueue_task(s, kind="chapter_analysis", payload={}, user_id="alice")
+        claimed = await queue.claim_tasks(s, processor_id="p", limit=20, lease_seconds=30)
+    assert len(claimed) == 12  # twelve "started" notifications for alice, ids 1 to 12
     if api.db.dialect == "postgresql":
         edit = "UPDATE analysis_notifications SET created_at = '0044-03-15 BC' WHERE task_id = :id"
         fields = ["created_at"]
@@ -123,10 +132,40 @@ async def test_a_notification_edited_by_hand_is_shown_and_the_feed_goes_on(
         r = await api.get("alice", "/notifications" + query)
         assert r.status_code == 200, r.text
         items = r.json()["items"]
-        assert len(items) == 2 and r.json()["unread_count"] == 2
+        assert len(items) == 12 and r.json()["unread_count"] == 12
+        ids = [n["id"] for n in items]  # in id order, as numbers (9 before 10)
+        assert ids == sorted(ids, reverse="after_id" not in query), ids
         by_task = {n["task_id"]: n for n in items}
         assert by_task[task_id]["unreadable"] == fields
         assert all(by_task[task_id][f] is None for f in fields)
         assert by_task[task_id]["type"] == "started"
-        [other] = [n for n in items if n["task_id"] != task_id]
-        assert other["unreadable"] == [] and other["created_at"] is not None
+        others = [n for n in items if n["task_id"] != task_id]
+        assert all(n["unreadable"] == [] and n["created_at"] is not None for n in others)
+
+
+async def test_text_that_is_not_utf8_is_claimed_and_fails_saying_so(
+    sqlite_template: Path, tmp_path: Path
+) -> None:
+    """SQLite only (PostgreSQL refuses such text): a kind edited by hand into bytes that
+    are not UTF-8 made every claim that met the row fail ("Could not decode to UTF-8"),
+    for ever, holding every other job back. Now the row is claimed beside the others, its
+    kind read with U+FFFD, and the daemon's executor fails it as a kind no handler has."""
+    path = tmp_path / "q.db"
+    shutil.copyfile(sqlite_template, path)
+    db = Database.from_url(f"sqlite+aiosqlite:///{path}")
+    try:
+        async with db.write_transaction() as s:
+            bad = await queue.enqueue_task(s, kind="chapter_analysis", payload={})
+            good = await queue.enqueue_task(s, kind="chapter_analysis", payload={})
+            await s.execute(
+                text("UPDATE pending_analysis SET kind = CAST(x'ff00' AS TEXT) WHERE id = :id"),
+                {"id": bad.id},
+            )
+        async with db.write_transaction() as s:
+            claimed = await queue.claim_tasks(s, processor_id="p", limit=5, lease_seconds=30)
+        assert [(t.id, t.kind) for t in claimed] == [
+            (bad.id, "\ufffd\x00"),
+            (good.id, "chapter_analysis"),
+        ]
+    finally:
+        await db.dispose()

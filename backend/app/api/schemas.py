@@ -231,6 +231,9 @@ class TaskPublic(BaseModel):
 
     @classmethod
     def _of(cls, t: Any, unreadable: list[str]) -> TaskPublic:
+        # named as the fields show them; a column the task does not show is left out
+        unreadable = [_TASK_FIELD_OF.get(c, c) for c in unreadable]
+        unreadable = [f for f in unreadable if f in cls.model_fields or f.startswith("progress.")]
         progress = Progress(
             current=t.progress_current,
             total=t.progress_total,
@@ -242,6 +245,11 @@ class TaskPublic(BaseModel):
 
 
 _DERIVED = frozenset({"progress", "unreadable"})
+_TASK_FIELD_OF = {
+    "progress_current": "progress.current",
+    "progress_total": "progress.total",
+    "progress_message": "progress.message",
+}
 TASK_COLUMNS = list(PendingAnalysis.__table__.columns)
 NOTIFICATION_COLUMNS = list(AnalysisNotification.__table__.columns)
 

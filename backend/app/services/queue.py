@@ -3328,7 +3328,9 @@ async def queue_depths(session: AsyncSession) -> dict[str, dict[str, int]]:
         literal_status = literal_column(f"'{status.value}'", String())
         stmt = select(T.queue, func.count()).where(T.status == literal_status).group_by(T.queue)
         for name, n in (await session.execute(stmt)).all():
-            depths.setdefault(name, {})[status.value] = n
+            # a name written by hand as bytes or a number (SQLite) as text: it is sorted
+            # with the others and shown
+            depths.setdefault(readable.as_text(name), {})[status.value] = n
     return depths
 
 

@@ -15,19 +15,21 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, Float, Integer, Text, cast, type_coerce
+from sqlalchemy import JSON, Boolean, Float, Integer, Text, cast, extract, type_coerce
 from sqlalchemy.sql.elements import ColumnElement, KeyedColumnElement
 from sqlalchemy.types import NullType
 
 from app.models.types import UTCDateTime
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 #: What decoding a stored value can raise (JSON too deep: RecursionError; a BC date:
-#: OverflowError or ValueError).
-UNREADABLE_ERRORS = (ValueError, TypeError, OverflowError, RecursionError, AttributeError)
+#: OverflowError or ValueError; 'infinity' as seconds: ArithmeticError).
+UNREADABLE_ERRORS = (ValueError, TypeError, ArithmeticError, RecursionError, AttributeError)
 
 
 def _int(value: Any) -> int:
@@ -57,6 +59,8 @@ def _bool(value: Any) -> bool:
 
 
 def _datetime(value: Any) -> datetime:
+    if isinstance(value, Decimal):  # PostgreSQL's seconds since the epoch (raw_columns)
+        return _EPOCH + timedelta(microseconds=int(value * 1_000_000))
     if isinstance(value, str):
         value = datetime.fromisoformat(value.strip())
     if not isinstance(value, datetime):
@@ -107,11 +111,21 @@ def converter(column: KeyedColumnElement[Any]) -> Callable[[Any], Any]:
 def raw_columns(
     columns: Iterable[KeyedColumnElement[Any]], dialect: str
 ) -> list[ColumnElement[Any]]:
-    """``columns`` selected so that the driver hands over what is stored, undecoded:
-    PostgreSQL's as text (asyncpg itself fails on a BC date), SQLite's as they are."""
-    if dialect == "postgresql":
-        return [cast(c, Text()).label(c.key) for c in columns]
-    return [type_coerce(c, NullType()).label(c.key) for c in columns]
+    """``columns`` selected so that the driver hands over what is stored, undecoded.
+    SQLite's as they are. PostgreSQL's times as seconds since the epoch (asyncpg itself
+    fails on a BC date; a time as text would follow the session's DateStyle), JSON as
+    text; the rest as they are (asyncpg reads any number, boolean or text it holds)."""
+    if dialect != "postgresql":
+        return [type_coerce(c, NullType()).label(c.key) for c in columns]
+    shown: list[ColumnElement[Any]] = []
+    for c in columns:
+        if isinstance(c.type, UTCDateTime):
+            shown.append(extract("epoch", c).label(c.key))
+        elif isinstance(c.type, JSON):
+            shown.append(cast(c, Text()).label(c.key))
+        else:
+            shown.append(c)
+    return shown
 
 
 def readable(columns: Iterable[KeyedColumnElement[Any]], row: Any) -> SimpleNamespace:
