@@ -44,6 +44,11 @@ def _configure(connection: Connection) -> None:
         connection=connection,
         target_metadata=target_metadata,
         render_as_batch=connection.dialect.name == "sqlite",
+        # One transaction for the whole upgrade on SQLite too (Alembic's SQLite default,
+        # no transactional DDL, commits after each revision): a second `migrate` run at
+        # once took the write lock between two of them and ran the next revisions itself
+        # ("table schedules already exists"). SQLite's DDL is transactional.
+        transactional_ddl=True,
         compare_type=True,
         include_object=include_object,
     )

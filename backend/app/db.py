@@ -132,15 +132,25 @@ SQLITE_SYNCHRONOUS_MODES = ("NORMAL", "FULL", "EXTRA")
 
 
 def _on_sqlite_connect(
-    dbapi_connection: Any, _record: Any, synchronous: str = "NORMAL", foreign_keys: bool = True
+    dbapi_connection: Any,
+    _record: Any,
+    synchronous: str = "NORMAL",
+    foreign_keys: bool = True,
+    *,
+    patient: bool = True,
 ) -> None:
+    """The project's pragmas; ``patient``: wait out a WAL switch that meets a lock (_wal),
+    not for a connection that must never block (the event loop's own)."""
     # Take BEGIN away from the driver so that we can emit BEGIN IMMEDIATE ourselves.
     if synchronous not in SQLITE_SYNCHRONOUS_MODES:
         raise ValueError(f"synchronous must be one of {SQLITE_SYNCHRONOUS_MODES}")
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
+    if patient:
+        _wal(cursor)
+    else:
+        cursor.execute("PRAGMA journal_mode=WAL")
     for pragma in (
-        "PRAGMA journal_mode=WAL",
         f"PRAGMA synchronous={synchronous}",
         f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}",
         f"PRAGMA foreign_keys={'ON' if foreign_keys else 'OFF'}",
@@ -151,6 +161,26 @@ def _on_sqlite_connect(
     ):
         cursor.execute(pragma)
     cursor.close()
+
+
+#: Pause between tries of the WAL switch (_wal).
+WAL_RETRY_SECONDS = 0.02
+
+
+def _wal(cursor: Any) -> None:
+    """``PRAGMA journal_mode=WAL``, tried again while SQLite says the database is locked,
+    up to the busy timeout. Two processes opening a file that is not yet in WAL (two
+    ``migrate`` runs on a new database) could meet where SQLite answers "database is locked"
+    at once, without waiting for its busy handler; the second run then failed."""
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() > deadline:
+                raise
+        time.sleep(WAL_RETRY_SECONDS)  # only while a database file is being created
 
 
 def _on_sqlite_begin(conn: Connection) -> None:
@@ -279,7 +309,7 @@ class _HereWriter:
                 factory=LenientConnection,
             )
             try:
-                _on_sqlite_connect(conn, None, self._synchronous)
+                _on_sqlite_connect(conn, None, self._synchronous, patient=False)
                 conn.execute("PRAGMA busy_timeout=0")
                 conn.execute("PRAGMA wal_autocheckpoint=0")
             except BaseException:
