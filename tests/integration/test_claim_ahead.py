@@ -111,17 +111,27 @@ async def test_long_jobs_are_not_claimed_ahead(db: Database, database_url: str) 
 
 
 async def test_shutdown_releases_what_waits_uncharged(db: Database, database_url: str) -> None:
+    """What waited never started: its claim's `started` notification is taken back (its
+    user saw "started" for a job that then waited, and "started" again when it ran); the
+    jobs stopped while running keep theirs."""
     ids = await _enqueue(db, _fast_then_slow(20, 10, 30.0))
     slow = ids[20:]
     engine = _engine(db, database_url, concurrency=2, prefetch_window=0.1)
     await engine.start()
     try:
         await eventually(lambda: _waiting_and_running(engine, 8, 2), within=15)
+        waiting = [entry[2] for pool in engine._pools for entry in pool.waiting]
+        running = sorted(engine._running)
     finally:
         await engine.stop(grace=0.2)
+    assert sorted(waiting + running) == slow
     for task_id in slow:
         row = await task_row(db, task_id)
         assert (row.status, row.attempts, row.locked_by) == ("pending", 0, None), task_id
+    for task_id in waiting:
+        assert await notes_of(db, task_id) == [], task_id
+    for task_id in running:  # (the sleep handler reports progress)
+        assert [t for t, _ in await notes_of(db, task_id)][:1] == ["started"], task_id
     assert engine.processed == 20
 
 
@@ -138,7 +148,9 @@ async def test_what_waits_too_long_goes_back_to_pending(db: Database, database_u
         await eventually(lambda: _waiting_and_running(engine, 0, 1), within=5)
         for task_id in behind:
             assert (await task_row(db, task_id)).attempts == 0
+            assert await notes_of(db, task_id) == [], task_id
         assert (await task_row(db, first)).status == "processing"
+        assert [t for t, _ in await notes_of(db, first)][:1] == ["started"]
     finally:
         await engine.stop(grace=0)
 
@@ -162,7 +174,7 @@ async def test_a_cancel_request_reaches_a_waiting_job(db: Database, database_url
         await engine.stop(grace=0)
     row = await task_row(db, waiting)
     assert row.progress_total is None and row.locked_by is None
-    assert [t for t, _ in await notes_of(db, waiting)] == ["started", "cancelled"]
+    assert [t for t, _ in await notes_of(db, waiting)] == ["cancelled"]  # it never started
 
 
 async def test_a_job_released_and_claimed_back_stays_held_and_runs_once(
@@ -278,6 +290,7 @@ async def test_a_lease_at_risk_releases_what_waits(db: Database, database_url: s
         await eventually(lambda: _all(db, waiting, "pending"), within=10)
         for task_id in waiting:
             assert (await task_row(db, task_id)).attempts == 0
+            assert await notes_of(db, task_id) == [], task_id
     finally:
         await engine.stop(grace=0)
 
@@ -340,6 +353,7 @@ async def test_a_lapsed_lease_releases_what_waits_uncharged(
         for task_id in waiting:
             row = await task_row(db, task_id)
             assert (row.attempts, row.retry_count, row.error) == (0, 0, None), task_id
+            assert await notes_of(db, task_id) == [], task_id
     finally:
         await engine.stop(grace=0)
 

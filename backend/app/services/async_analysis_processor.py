@@ -682,7 +682,7 @@ class ProcessorEngine:
             self._waker.heat()
         if self._stopping:
             for task in claimed:
-                self.completer.submit(Outcome(task, OutcomeKind.RELEASED, 0.0))
+                self.completer.submit(Outcome(task, OutcomeKind.RELEASED, 0.0, ran=False))
             return
         now = asyncio.get_running_loop().time()
         # The leases started in the claim's transaction, after the room was taken (on
@@ -696,7 +696,11 @@ class ProcessorEngine:
                 # notification) until the old run ended.
                 self.completer.submit(
                     Outcome(
-                        task, OutcomeKind.SNOOZED, 0.0, snooze_seconds=STILL_RUNNING_DELAY_SECONDS
+                        task,
+                        OutcomeKind.SNOOZED,
+                        0.0,
+                        snooze_seconds=STILL_RUNNING_DELAY_SECONDS,
+                        ran=False,
                     )
                 )
                 continue
@@ -829,7 +833,7 @@ class ProcessorEngine:
                 continue
             for entry in pool.waiting:
                 if which(entry):
-                    self.completer.submit(Outcome(entry[-1], OutcomeKind.RELEASED, 0.0))
+                    self.completer.submit(Outcome(entry[-1], OutcomeKind.RELEASED, 0.0, ran=False))
                     released += 1
             heapq.heapify(keep)
             pool.waiting = keep
@@ -880,7 +884,7 @@ class ProcessorEngine:
         if job is None:
             waiting = self._drop_waiting(task_id)
             if waiting is not None:  # never started: its end, without running it
-                self.completer.submit(Outcome(waiting, REASON_TO_OUTCOME[reason], 0.0))
+                self.completer.submit(Outcome(waiting, REASON_TO_OUTCOME[reason], 0.0, ran=False))
             return
         if job in self._stop_reasons:
             return

@@ -141,6 +141,22 @@ def started_insert(claimed: Any, order_by: Sequence[Any]) -> Any:
     return insert(NOTIFICATIONS).from_select([*_ROW_KEYS, "is_read", "created_at"], rows)
 
 
+async def retract_started(session: AsyncSession, task_ids: Sequence[int]) -> None:
+    """Delete the newest ``started`` notification of each task: its claim wrote it, and
+    the job was handed back (or cancelled) before its handler ran, so it never started.
+    Without this a user saw "started" for a job that then waited, and "started" again when
+    it did run. In the caller's transaction, which holds the tasks (nobody else claims
+    them meanwhile, so the newest ``started`` is that claim's)."""
+    if not task_ids:
+        return
+    newest = (
+        select(func.max(N.id))
+        .where(N.task_id.in_(task_ids), N.type == NotificationType.STARTED.value)
+        .group_by(N.task_id)
+    )
+    await session.execute(delete(NOTIFICATIONS).where(N.id.in_(newest)))
+
+
 def _feed_lock_gate() -> Any:
     # An uncorrelated subquery in WHERE is a one-time filter: evaluated once, before the
     # first row reaches the insert and draws its id.

@@ -85,6 +85,8 @@ async def write_outcomes(
             applied[i] = (
                 await queue.release_tasks(session, processor_id=processor_id, tasks=pair) == 1
             )
+    unstarted = [o.task.id for o, ok in zip(outcomes, applied, strict=True) if ok and not o.ran]
+    await notifications.retract_started(session, unstarted)
     return applied
 
 

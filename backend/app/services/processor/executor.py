@@ -77,6 +77,9 @@ class Outcome:
     #: FAILED: the seconds before its retry, drawn once when the completer takes it (the
     #: write and the daemon's wake-up timer use the same figure)
     retry_delay: float | None = None
+    #: False: its handler never ran (claimed, then handed back or cancelled before it
+    #: started): the ``started`` notification its claim wrote is taken back with the write
+    ran: bool = True
 
 
 class Executor:
