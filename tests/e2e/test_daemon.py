@@ -298,6 +298,28 @@ async def test_handler_module_that_fails_to_import_stops_the_daemon(
 
 
 @pytest.mark.parametrize("engine_name", ["sqlite"])
+async def test_a_handler_module_that_configures_logging_keeps_the_daemons_log(
+    db: Database, spawn: Spawn
+) -> None:
+    """The module calls logging.config.dictConfig as it is imported, which disables every
+    logger that exists and is not named (the daemon's): its log held nothing at all, not
+    even a job's failure. Its loggers are enabled again, with a warning, and write through
+    the handler the application configured."""
+    [task_id] = await enqueue_many(db, "configured_fail", 1, max_retries=0)
+    daemon = spawn(handler_modules="tests.e2e.logging_config_handlers")
+    row = await eventually(lambda: _finished(db, task_id), within=30)
+    assert row.status == "failed"
+    assert daemon.stop() == 0
+    lines = daemon.log().splitlines()
+    warned = [line for line in lines if "of this program's loggers as it was imported" in line]
+    assert len(warned) == 1 and warned[0].startswith("APPLOG WARNING"), warned
+    failed = [line for line in lines if f"task {task_id} (configured_fail): failed" in line]
+    assert len(failed) == 1, lines
+    assert failed[0].startswith("APPLOG ") and "the failure the operator must see" in failed[0]
+    assert any(line.startswith("APPLOG INFO app.processor: processor ") for line in lines)
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"])
 async def test_lost_lease_stops_jobs_without_completing_them(
     db: Database, spawn: Spawn, database_url: str, tmp_path: Path
 ) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import inspect
+import logging
 import math
 import traceback
 from collections.abc import Awaitable, Callable, Iterable, Iterator
@@ -378,8 +379,12 @@ def handler(
 
 def import_handler_modules(modules: Iterable[str]) -> None:
     """Import each module so its ``@handler`` decorators run; raise HandlerImportError naming
-    the module and the cause when one fails."""
+    the module and the cause when one fails. A module that disables this program's loggers
+    as it is imported (``logging.config.dictConfig``, whose ``disable_existing_loggers``
+    is true by default) has them enabled again, with a warning: the daemon's job lines,
+    warnings and errors had vanished from its log."""
     for name in modules:
+        disabled = _disabled_own_loggers()
         try:
             importlib.import_module(name)
         except (Exception, SystemExit, KeyboardInterrupt) as exc:
@@ -393,3 +398,35 @@ def import_handler_modules(modules: Iterable[str]) -> None:
                 f"{exc.__class__.__name__}: {exc}{where}",
                 bad_setting=missing is not None and f"{name}.".startswith(f"{missing}."),
             ) from exc
+        _enable_own_loggers(name, _disabled_own_loggers() - disabled)
+
+
+#: The loggers of this program: "app" and those below it.
+_OWN_LOGGERS = "app"
+
+
+def _disabled_own_loggers() -> set[str]:
+    return {
+        name
+        for name, item in logging.Logger.manager.loggerDict.items()
+        if isinstance(item, logging.Logger)
+        and item.disabled
+        and (name == _OWN_LOGGERS or name.startswith(_OWN_LOGGERS + "."))
+    }
+
+
+def _enable_own_loggers(module: str, names: set[str]) -> None:
+    """Enable again the loggers that importing ``module`` disabled, and say so."""
+    if not names:
+        return
+    for name in names:
+        logging.getLogger(name).disabled = False
+    logging.getLogger(__name__).warning(
+        "handler module %r disabled %d of this program's loggers as it was imported"
+        " (logging.config.dictConfig disables every logger that exists and is not named in"
+        " its config, unless given disable_existing_loggers=False): enabled again, else the"
+        " daemon's job lines, warnings and errors were lost",
+        module,
+        len(names),
+        extra={"action": "loggers_enabled"},
+    )
