@@ -246,6 +246,28 @@ POOL_EXIT_WAIT_SECONDS = 1.0
 EXIT_TASKS_WAIT_SECONDS = 2.0
 
 
+def _run_past_stray_exits(loop: asyncio.AbstractEventLoop, main: asyncio.Task[int]) -> int:
+    """``loop.run_until_complete(main)``, carried on past a SystemExit that another task
+    raised. asyncio lets SystemExit out of the loop from any task, so one a handler started
+    and left running (``sys.exit()`` in it) ended the daemon on the spot: no shutdown, its
+    jobs left to expire and be charged a retry, and with status 2 systemd's
+    ``RestartPreventExitStatus=2`` kept it down. The daemon's own SystemExit, from
+    ``main``, still ends it. (KeyboardInterrupt is left alone: before the signal handlers
+    are installed it is the operator's Ctrl-C.)"""
+    while True:
+        try:
+            return loop.run_until_complete(main)
+        except SystemExit as exc:
+            if main.done():
+                raise
+            logger.error(
+                "a task outside any job (one a handler started and left running?) raised"
+                " SystemExit(%s): ignored, the daemon carries on",
+                exc.code,
+                extra={"action": "stray_exit"},
+            )
+
+
 def run_loop(main: Coroutine[Any, Any, int], pool_threads: int) -> int:
     """``asyncio.run(main)``, with a default executor of ``pool_threads`` (asyncio's default
     is min(32, CPUs + 4): six here, fewer than ten jobs at once each needing one), and an
@@ -260,7 +282,7 @@ def run_loop(main: Coroutine[Any, Any, int], pool_threads: int) -> int:
     asyncio.set_event_loop(loop)
     busy = 0
     try:
-        code = loop.run_until_complete(main)
+        code = _run_past_stray_exits(loop, loop.create_task(main))
     finally:
         try:
             left = asyncio.all_tasks(loop)

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -128,6 +129,18 @@ async def stubborn(ctx: JobContext) -> None:
 
 
 _LEFT_BEHIND: list[asyncio.Task[None]] = []
+
+
+@handler("leave_exiting_task")
+async def leave_exiting_task(ctx: JobContext) -> dict[str, Any]:
+    """Starts a task that calls sys.exit() a moment later, outside any job, and returns."""
+
+    async def exit_later() -> None:
+        await asyncio.sleep(float(ctx.payload.get("after", 0.2)))
+        sys.exit(int(ctx.payload.get("code", 2)))
+
+    _LEFT_BEHIND.append(asyncio.get_running_loop().create_task(exit_later()))
+    return {"left": True}
 
 
 @handler("leave_stubborn_task")

@@ -298,6 +298,24 @@ async def test_handler_module_that_fails_to_import_stops_the_daemon(
 
 
 @pytest.mark.parametrize("engine_name", ["sqlite"])
+async def test_a_task_left_behind_that_calls_sys_exit_does_not_end_the_daemon(
+    db: Database, spawn: Spawn
+) -> None:
+    """A handler starts a task and returns; the task calls sys.exit(2) outside any job. The
+    SystemExit left the event loop and ended the daemon at once: no shutdown, its jobs
+    left to expire and be charged a retry, and with status 2 systemd's
+    RestartPreventExitStatus=2 kept it down. It is logged and the daemon carries on."""
+    [left] = await enqueue_many(db, "leave_exiting_task", 1, payload={"after": 0.3, "code": 2})
+    daemon = spawn()
+    assert (await eventually(lambda: _finished(db, left), within=30)).status == "completed"
+    await asyncio.to_thread(daemon.wait_for_log, "raised SystemExit(2)", 20)
+    [after] = await enqueue_many(db, "noop", 1)
+    assert (await eventually(lambda: _finished(db, after), within=30)).status == "completed"
+    assert daemon.stop() == 0
+    assert "stopped: 2 completed, 0 failed" in daemon.log()
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"])
 async def test_a_handler_module_that_configures_logging_keeps_the_daemons_log(
     db: Database, spawn: Spawn
 ) -> None:
