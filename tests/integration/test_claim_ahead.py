@@ -31,7 +31,7 @@ from app.services.async_analysis_processor import (
     SlotPool,
 )
 from app.services.handlers import REGISTRY, import_handler_modules
-from app.services.processor.executor import Outcome
+from app.services.processor.executor import Outcome, StopReason
 from app.services.processor.heartbeat import HeartbeatResult
 from tests.helpers import eventually, notes_of, task_row
 
@@ -175,6 +175,43 @@ async def test_a_cancel_request_reaches_a_waiting_job(db: Database, database_url
     row = await task_row(db, waiting)
     assert row.progress_total is None and row.locked_by is None
     assert [t for t, _ in await notes_of(db, waiting)] == ["cancelled"]  # it never started
+
+
+class _CancelledBeforeItsFirstStep(_Probe):
+    """The heartbeat's cancel request lands right after a job is started, before its task
+    took its first step."""
+
+    def _start_job(self, task: queue.ClaimedTask, pool: SlotPool) -> None:
+        super()._start_job(task, pool)
+        if task.kind == "sleep":
+            self._stop_job(task.id, StopReason.CANCEL_REQUESTED)
+
+
+async def test_a_job_cancelled_before_its_first_step_is_written(
+    db: Database, database_url: str
+) -> None:
+    """Cancelled before its first step, the job's coroutine never ran: no outcome was
+    written and it stayed processing, held and renewed by its daemon, for good (from a
+    review). Its end is written, as for a job that never started: no `started` left."""
+    [task_id] = await _enqueue(db, [{"kind": "sleep", "payload": {"seconds": 30}}])
+    config = EngineConfig(
+        database_url=database_url, lease_seconds=3, shutdown_grace=1, prefetch_window=0
+    )
+    engine = _CancelledBeforeItsFirstStep(db, REGISTRY, config)
+    await engine.start()
+    try:
+        await eventually(lambda: _all(db, [task_id], "cancelled"), within=10)
+
+        async def settled() -> bool:
+            return engine.in_flight == 0 and not engine._held
+
+        await eventually(settled, within=5)
+        assert engine.starts[task_id] == 1
+    finally:
+        await engine.stop(grace=0)
+    row = await task_row(db, task_id)
+    assert (row.status, row.locked_by, row.progress_message) == ("cancelled", None, None)
+    assert [t for t, _ in await notes_of(db, task_id)] == ["cancelled"]
 
 
 async def test_a_job_released_and_claimed_back_stays_held_and_runs_once(

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import event, func, select, text, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from app import db as db_module
@@ -1604,6 +1605,56 @@ async def test_notifications_feed_read_and_prune(db: Database) -> None:
         assert await notifications.mark_all_read(s, user_id="bob") == 1
     async with db.write_transaction() as s:
         assert await notifications.prune_read(s, read_before=utcnow() + timedelta(seconds=5)) == 2
+
+
+class _Undo(Exception):
+    """Raised to roll a write transaction back."""
+
+
+@pytest.mark.parametrize("engine_name", ["postgresql"])
+async def test_taking_back_started_notes_while_a_user_reads_all_does_not_deadlock(
+    db: Database,
+) -> None:
+    """A daemon deletes the `started` notes of jobs handed back before they ran (a user's
+    unread notifications) while that user marks all read: the delete locked the rows in
+    task order, read-all in the feed index's order (newest first), and PostgreSQL broke
+    the cycles with 'deadlock detected' (9 in 10 s in the review; a second's stall each,
+    the completer holding its task rows). Both lock in id order now."""
+    async with db.write_transaction() as s:
+        await queue.enqueue_tasks(
+            s, [{"kind": "chapter_analysis", "user_id": "u"} for _ in range(200)]
+        )
+    ids = [t.id for t in await claim(db, limit=200)]
+    deadlocks: list[str] = []
+    until = time.monotonic() + 4
+
+    async def repeat(work: Any) -> int:
+        rounds = 0
+        while time.monotonic() < until:
+            try:
+                async with db.write_transaction() as s:
+                    await work(s)
+                    raise _Undo
+            except _Undo:
+                rounds += 1
+            except DBAPIError as exc:
+                if db_module.sqlstate(exc) != "40P01":
+                    raise
+                deadlocks.append(str(exc.orig))
+        return rounds
+
+    async def retract(s: Any) -> None:
+        await notifications.retract_started(s, ids)
+
+    async def read_all(s: Any) -> None:
+        assert await notifications.mark_all_read(s, user_id="u") in (0, 200)
+
+    rounds = await asyncio.gather(repeat(retract), repeat(read_all), repeat(read_all))
+    assert deadlocks == [] and min(rounds) > 10, (deadlocks[:1], rounds)
+    async with db.write_transaction() as s:  # each does its work when alone
+        await notifications.retract_started(s, ids[:5])
+        assert await notifications.mark_all_read(s, user_id="u") == 195
+    assert await notes_of(db, ids[0]) == [] and await notes_of(db, ids[5]) == [("started", "u")]
 
 
 async def test_processor_rows(db: Database) -> None:

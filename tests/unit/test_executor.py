@@ -632,4 +632,4 @@ async def test_a_job_claimed_with_a_cancel_request_is_cancelled_without_running(
     task = dataclasses.replace(make_task("ok"), cancel_requested=True)
     outcome, calls = await run(registry, task)
     assert (outcome.kind, outcome.error) == (OutcomeKind.CANCELLED, "stopped: cancel_requested")
-    assert calls == []
+    assert calls == [] and outcome.ran is False  # its claim's `started` is taken back

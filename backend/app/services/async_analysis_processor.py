@@ -238,6 +238,7 @@ class ProcessorEngine:
         # Per run: loop time it started, and when it was told to stop (_abandon_unstoppable)
         self._job_started: dict[asyncio.Task[Any], float] = {}
         self._stop_times: dict[asyncio.Task[Any], float] = {}
+        self._begun: set[asyncio.Task[Any]] = set()  # runs whose _run_job has started
         # Runs given up on: told to stop (or timed out) and still running long after; by
         # task id too, so a claim of the same job while one runs on waits (settle)
         self._abandoned: set[asyncio.Task[Any]] = set()
@@ -785,6 +786,8 @@ class ProcessorEngine:
 
     async def _run_job(self, task: ClaimedTask) -> None:
         run = asyncio.current_task()
+        if run is not None:
+            self._begun.add(run)
         try:
             outcome = await self.executor.run(
                 task,
@@ -805,6 +808,8 @@ class ProcessorEngine:
     ) -> None:
         self._job_started.pop(job, None)
         self._stop_times.pop(job, None)
+        began = job in self._begun
+        self._begun.discard(job)
         if job in self._abandoned:  # its slot was freed when it was given up on
             self._abandoned.discard(job)
             if self._abandoned_ids.get(task.id) is job:
@@ -812,7 +817,12 @@ class ProcessorEngine:
             return
         if self._running.get(task.id) is job:  # not a later run of the same id
             del self._running[task.id]
-        self._stop_reasons.pop(job, None)
+        reason = self._stop_reasons.pop(job, None)
+        if not began and reason is not None:
+            # Told to stop (a cancel request the heartbeat brought, a lost lease) between
+            # its start and its first step: cancelled there, _run_job never ran, so no
+            # outcome was written and it stayed held, its lease renewed, for good.
+            self.completer.submit(Outcome(task, REASON_TO_OUTCOME[reason], 0.0, ran=False))
         pool.running -= 1
         pool.ahead.freed(asyncio.get_running_loop().time() - started)
         if pool.waiting and not self._stopping:

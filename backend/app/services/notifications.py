@@ -144,9 +144,12 @@ def started_insert(claimed: Any, order_by: Sequence[Any]) -> Any:
 async def retract_started(session: AsyncSession, task_ids: Sequence[int]) -> None:
     """Delete the newest ``started`` notification of each task: its claim wrote it, and
     the job was handed back (or cancelled) before its handler ran, so it never started.
-    Without this a user saw "started" for a job that then waited, and "started" again when
-    it did run. In the caller's transaction, which holds the tasks (nobody else claims
-    them meanwhile, so the newest ``started`` is that claim's)."""
+    Without this the feed held "started" for a job that then waited, and "started" again
+    when it did run. In the caller's transaction, which holds the tasks (nobody else claims
+    them meanwhile, so the newest ``started`` is that claim's). A client that already read
+    it keeps what it saw (a feed's ids can go: marking a deleted one read answers 404).
+    The rows are locked in id order, as ``mark_all_read`` locks a user's (PostgreSQL: two
+    transactions locking the same rows in opposite orders deadlock)."""
     if not task_ids:
         return
     newest = (
@@ -154,7 +157,8 @@ async def retract_started(session: AsyncSession, task_ids: Sequence[int]) -> Non
         .where(N.task_id.in_(task_ids), N.type == NotificationType.STARTED.value)
         .group_by(N.task_id)
     )
-    await session.execute(delete(NOTIFICATIONS).where(N.id.in_(newest)))
+    locked = select(N.id).where(N.id.in_(newest)).order_by(N.id).with_for_update()
+    await session.execute(delete(NOTIFICATIONS).where(N.id.in_(locked)))
 
 
 def _feed_lock_gate() -> Any:
@@ -541,12 +545,16 @@ async def mark_all_read(
 ) -> int:
     """Mark every unread notification of the user read (with ``up_to_id``, only those up to
     that id: a client marks what it has shown, not what arrived since); returns how many."""
-    stmt = update(NOTIFICATIONS).where(N.is_read.is_(False))
+    unread = select(N.id).where(N.is_read.is_(False))
     if user_id is not None:
-        stmt = stmt.where(N.user_id == user_id)
+        unread = unread.where(N.user_id == user_id)
     if up_to_id is not None:
-        stmt = stmt.where(N.id <= up_to_id)
+        unread = unread.where(N.id <= up_to_id)
+    # Locked in id order (PostgreSQL), as retract_started locks the rows it deletes: in the
+    # feed index's order (newest first) the two deadlocked.
+    locked = unread.order_by(N.id).with_for_update()
     current = now_sql(dialect_of(session))
+    stmt = update(NOTIFICATIONS).where(N.id.in_(locked), N.is_read.is_(False))
     result = await session.execute(stmt.values(is_read=True, read_at=current).returning(N.id))
     return len(result.all())
 

@@ -139,7 +139,7 @@ class Executor:
             return outcome(OutcomeKind.FAILED, error=task.unreadable, permanent=True)
         if task.cancel_requested:  # flagged while pending (by hand): never started
             asked = StopReason.CANCEL_REQUESTED
-            return outcome(REASON_TO_OUTCOME[asked], error=f"stopped: {asked.value}")
+            return outcome(REASON_TO_OUTCOME[asked], error=f"stopped: {asked.value}", ran=False)
         entry = self._registry.get(task.kind)
         if entry is None:
             known = ", ".join(self._registry.kinds()) or "none"
