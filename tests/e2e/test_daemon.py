@@ -286,6 +286,12 @@ async def test_sd_notify_ready_watchdog_stopping(database_url: str, tmp_path: Pa
         # the module exists and fails while importing: an error, 1
         ("tests.e2e.broken_handlers", 1, "No module named 'no_such_dependency_of_the_handlers'"),
         ("tests.e2e.exiting_handlers", 1, "SystemExit: 0 (at "),
+        # it disables the daemon's loggers first: the report was lost, the log empty
+        (
+            "tests.e2e.logging_config_broken_handlers",
+            1,
+            "No module named 'no_such_dependency_of_the_logging_handlers'",
+        ),
     ],
 )
 async def test_handler_module_that_fails_to_import_stops_the_daemon(
@@ -329,8 +335,9 @@ async def test_a_handler_module_that_configures_logging_keeps_the_daemons_log(
     assert row.status == "failed"
     assert daemon.stop() == 0
     lines = daemon.log().splitlines()
-    warned = [line for line in lines if "of this program's loggers as it was imported" in line]
+    warned = [line for line in lines if "loggers as it was imported (" in line]
     assert len(warned) == 1 and warned[0].startswith("APPLOG WARNING"), warned
+    assert "app.processor" in warned[0] and "asyncio" in warned[0]  # asyncio's lines too
     failed = [line for line in lines if f"task {task_id} (configured_fail): failed" in line]
     assert len(failed) == 1, lines
     assert failed[0].startswith("APPLOG ") and "the failure the operator must see" in failed[0]

@@ -379,12 +379,14 @@ def handler(
 
 def import_handler_modules(modules: Iterable[str]) -> None:
     """Import each module so its ``@handler`` decorators run; raise HandlerImportError naming
-    the module and the cause when one fails. A module that disables this program's loggers
-    as it is imported (``logging.config.dictConfig``, whose ``disable_existing_loggers``
-    is true by default) has them enabled again, with a warning: the daemon's job lines,
-    warnings and errors had vanished from its log."""
+    the module and the cause when one fails. Loggers that importing a module disabled
+    (``logging.config.dictConfig``, whose ``disable_existing_loggers`` is true by default,
+    disables every logger that exists and is not named: the daemon's, asyncio's,
+    uvicorn's) are enabled again, with a warning, whether the import succeeded or not:
+    the daemon's job lines, warnings and errors, and the report of the failed import
+    itself, had vanished from its log."""
     for name in modules:
-        disabled = _disabled_own_loggers()
+        disabled = _disabled_loggers()
         try:
             importlib.import_module(name)
         except (Exception, SystemExit, KeyboardInterrupt) as exc:
@@ -398,35 +400,31 @@ def import_handler_modules(modules: Iterable[str]) -> None:
                 f"{exc.__class__.__name__}: {exc}{where}",
                 bad_setting=missing is not None and f"{name}.".startswith(f"{missing}."),
             ) from exc
-        _enable_own_loggers(name, _disabled_own_loggers() - disabled)
+        finally:
+            _enable_loggers(name, _disabled_loggers() - disabled)
 
 
-#: The loggers of this program: "app" and those below it.
-_OWN_LOGGERS = "app"
+def _disabled_loggers() -> set[str]:
+    with logging._lock:  # type: ignore[attr-defined]  # a thread may be adding one
+        items = list(logging.Logger.manager.loggerDict.items())
+    return {name for name, item in items if isinstance(item, logging.Logger) and item.disabled}
 
 
-def _disabled_own_loggers() -> set[str]:
-    return {
-        name
-        for name, item in logging.Logger.manager.loggerDict.items()
-        if isinstance(item, logging.Logger)
-        and item.disabled
-        and (name == _OWN_LOGGERS or name.startswith(_OWN_LOGGERS + "."))
-    }
-
-
-def _enable_own_loggers(module: str, names: set[str]) -> None:
+def _enable_loggers(module: str, names: set[str]) -> None:
     """Enable again the loggers that importing ``module`` disabled, and say so."""
     if not names:
         return
     for name in names:
         logging.getLogger(name).disabled = False
+    shown = sorted(names)
     logging.getLogger(__name__).warning(
-        "handler module %r disabled %d of this program's loggers as it was imported"
-        " (logging.config.dictConfig disables every logger that exists and is not named in"
-        " its config, unless given disable_existing_loggers=False): enabled again, else the"
-        " daemon's job lines, warnings and errors were lost",
+        "handler module %r disabled %d loggers as it was imported (%s%s; a"
+        " logging.config.dictConfig disables every logger that exists and is not named in"
+        " its config, unless given disable_existing_loggers=False): enabled again, else"
+        " the daemon's job lines, warnings and errors were lost",
         module,
-        len(names),
+        len(shown),
+        ", ".join(shown[:8]),
+        ", …" if len(shown) > 8 else "",
         extra={"action": "loggers_enabled"},
     )
