@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 from app.config import QueueSpec, Settings, SettingsError, load_settings
 from app.db import Database, login_refused
@@ -236,6 +236,8 @@ def run(
     return run_loop(serve(settings, config), max(32, 4 * capacity))
 
 
+R = TypeVar("R")
+
 #: The name of the default executor's threads (handlers' ``asyncio.to_thread`` work).
 POOL_THREAD_PREFIX = "handler-pool"
 #: How long the exit waits for that pool's threads to end once the daemon has stopped.
@@ -246,19 +248,19 @@ POOL_EXIT_WAIT_SECONDS = 1.0
 EXIT_TASKS_WAIT_SECONDS = 2.0
 
 
-def _run_past_stray_exits(loop: asyncio.AbstractEventLoop, main: asyncio.Task[int]) -> int:
+def _run_past_stray_exits(loop: asyncio.AbstractEventLoop, main: asyncio.Future[R]) -> R:
     """``loop.run_until_complete(main)``, carried on past a SystemExit that another task
     raised. asyncio lets SystemExit out of the loop from any task, so one a handler started
-    and left running (``sys.exit()`` in it) ended the daemon on the spot: no shutdown, its
-    jobs left to expire and be charged a retry, and with status 2 systemd's
-    ``RestartPreventExitStatus=2`` kept it down. The daemon's own SystemExit, from
-    ``main``, still ends it. (KeyboardInterrupt is left alone: before the signal handlers
-    are installed it is the operator's Ctrl-C.)"""
+    and left running (``sys.exit()`` in it, or when it is cancelled at exit) ended the
+    daemon on the spot: no shutdown, its jobs left to expire and be charged a retry, and
+    with status 2 systemd's ``RestartPreventExitStatus=2`` kept it down. Only ``main``'s
+    own SystemExit (the daemon's) is raised. (KeyboardInterrupt is left alone: before the
+    signal handlers are installed it is the operator's Ctrl-C.)"""
     while True:
         try:
             return loop.run_until_complete(main)
         except SystemExit as exc:
-            if main.done():
+            if main.done() and not main.cancelled() and main.exception() is exc:
                 raise
             logger.error(
                 "a task outside any job (one a handler started and left running?) raised"
@@ -292,9 +294,8 @@ def run_loop(main: Coroutine[Any, Any, int], pool_threads: int) -> int:
                 # Bounded: a task that catches CancelledError and carries on (a handler's
                 # own, or one it left behind) had kept the process alive after it said it
                 # had stopped, deaf to further signals.
-                done, stuck = loop.run_until_complete(
-                    asyncio.wait(left, timeout=EXIT_TASKS_WAIT_SECONDS)
-                )
+                waiting = loop.create_task(asyncio.wait(left, timeout=EXIT_TASKS_WAIT_SECONDS))
+                done, stuck = _run_past_stray_exits(loop, waiting)
                 for task in done:
                     if not task.cancelled():
                         task.exception()  # retrieved: no "never retrieved" noise
@@ -305,7 +306,7 @@ def run_loop(main: Coroutine[Any, Any, int], pool_threads: int) -> int:
                         ", ".join(sorted(t.get_name() for t in stuck)),
                         extra={"action": "tasks_left"},
                     )
-            loop.run_until_complete(loop.shutdown_asyncgens())
+            _run_past_stray_exits(loop, loop.create_task(loop.shutdown_asyncgens()))
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
             # before the loop closes: work ending meanwhile still finds it open

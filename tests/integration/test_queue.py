@@ -1657,6 +1657,57 @@ async def test_taking_back_started_notes_while_a_user_reads_all_does_not_deadloc
     assert await notes_of(db, ids[0]) == [] and await notes_of(db, ids[5]) == [("started", "u")]
 
 
+@pytest.mark.parametrize("engine_name", ["postgresql"])
+async def test_pruning_while_a_user_reads_all_does_not_deadlock(db: Database) -> None:
+    """The pruner deleting finished tasks whose notifications their user never read, while
+    that user (or an admin) marks all read: the cascade locked the notifications task by
+    task (a claim's `started` notes, then the `completed` ones, interleave by task), read-all
+    in id order, and PostgreSQL broke the cycles (from a review). The pruner deletes the
+    notifications first, in id order."""
+    async with db.write_transaction() as s:
+        await queue.enqueue_tasks(
+            s, [{"kind": "chapter_analysis", "user_id": "u"} for _ in range(200)]
+        )
+    held = await claim(db, limit=200)
+    async with db.write_transaction() as s:
+        for t in held:
+            await queue.complete_task(
+                s, task_id=t.id, processor_id=PID, attempt=t.attempt, result={}, duration_seconds=0
+            )
+    later = utcnow() + timedelta(hours=1)
+    deadlocks: list[str] = []
+    until = time.monotonic() + 4
+
+    async def repeat(work: Any) -> int:
+        rounds = 0
+        while time.monotonic() < until:
+            try:
+                async with db.write_transaction() as s:
+                    await work(s)
+                    raise _Undo
+            except _Undo:
+                rounds += 1
+            except DBAPIError as exc:
+                if db_module.sqlstate(exc) != "40P01":
+                    raise
+                deadlocks.append(str(exc.orig))
+        return rounds
+
+    async def prune(s: Any) -> None:
+        assert await queue.prune_finished(s, completed_before=later) in (0, 200)
+
+    async def read_all(s: Any) -> None:
+        assert await notifications.mark_all_read(s, user_id=None) in (0, 400)
+
+    rounds = await asyncio.gather(repeat(prune), repeat(read_all))
+    assert deadlocks == [] and min(rounds) > 10, (deadlocks[:1], rounds)
+    async with db.write_transaction() as s:
+        assert await queue.prune_finished(s, completed_before=later) == 200
+    async with db.read_transaction() as s:
+        left = await s.scalar(select(func.count()).select_from(AnalysisNotification))
+    assert left == 0
+
+
 async def test_processor_rows(db: Database) -> None:
     async with db.write_transaction() as s:
         await queue.register_processor(

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from sqlalchemy import event
 
 from app.db import Database
 from app.services import notifications, queue, stats
@@ -311,3 +312,42 @@ async def test_a_feed_page_with_its_unread_count_reads_indexes(
     if history.dialect == "sqlite":
         plan = await scale.explain(history, statement, params)
         assert plan.count("TEMP B-TREE") <= 1, plan  # the outer ORDER BY of <= 50 rows
+
+
+class _Undo(Exception):
+    """Raised to roll a write transaction back."""
+
+
+@pytest.mark.parametrize("scope", ["user-7", None], ids=["user", "admin"])
+async def test_read_all_reads_only_unread_notifications(
+    history: Database, scope: str | None
+) -> None:
+    """POST /notifications/read-all: the user's (or, for an admin, every user's) unread rows
+    through the unread indexes, never the notification history (on SQLite an ORDER BY id
+    there had it read the user's every notification; on PostgreSQL `is_read IS false`
+    matched no index)."""
+    sent: list[tuple[str, Any]] = []
+
+    def capture(conn: Any, cursor: Any, statement: str, params: Any, *_: Any) -> None:
+        if statement.lstrip().upper().startswith("UPDATE ANALYSIS_NOTIFICATIONS"):
+            sent.append((statement, params))
+
+    engine = history.engine.sync_engine
+    event.listen(engine, "before_cursor_execute", capture)
+    try:
+        async with history.write_transaction() as s:
+            await notifications.mark_all_read(s, user_id=scope)
+            raise _Undo
+    except _Undo:
+        pass
+    finally:
+        event.remove(engine, "before_cursor_execute", capture)
+    [(statement, params)] = sent
+    plan = await scale.explain(history, statement, params)
+    unread = {"ix_analysis_notifications_unread", "ix_analysis_notifications_feed"}
+    assert any(index in plan for index in unread), plan
+    if history.dialect == "postgresql":
+        assert "Seq Scan" not in plan, plan
+    else:
+        assert "SCAN analysis_notifications\n" not in plan + "\n", plan
+        assert "ix_analysis_notifications_user_id" not in plan, plan

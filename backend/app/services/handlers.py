@@ -379,12 +379,13 @@ def handler(
 
 def import_handler_modules(modules: Iterable[str]) -> None:
     """Import each module so its ``@handler`` decorators run; raise HandlerImportError naming
-    the module and the cause when one fails. Loggers that importing a module disabled
-    (``logging.config.dictConfig``, whose ``disable_existing_loggers`` is true by default,
-    disables every logger that exists and is not named: the daemon's, asyncio's,
-    uvicorn's) are enabled again, with a warning, whether the import succeeded or not:
-    the daemon's job lines, warnings and errors, and the report of the failed import
-    itself, had vanished from its log."""
+    the module and the cause when one fails. The loggers these processes report through
+    (``app.*``, asyncio's, uvicorn's errors) are enabled again, with a warning, when
+    importing a module disabled them (``logging.config.dictConfig``, whose
+    ``disable_existing_loggers`` is true by default, disables every logger that exists and
+    is not named), whether the import succeeded or not: the daemon's job lines, warnings
+    and errors, and the report of the failed import itself, had vanished from its log.
+    Other loggers a module disables (uvicorn's access log, say) stay as it left them."""
     for name in modules:
         disabled = _disabled_loggers()
         try:
@@ -404,10 +405,23 @@ def import_handler_modules(modules: Iterable[str]) -> None:
             _enable_loggers(name, _disabled_loggers() - disabled)
 
 
+#: The loggers the daemon, the API and the CLI report through: a handler module's logging
+#: configuration may not silence them.
+REPORTING_LOGGERS = ("asyncio", "uvicorn", "uvicorn.error")
+
+
+def _reports(name: str) -> bool:
+    return name == "app" or name.startswith("app.") or name in REPORTING_LOGGERS
+
+
 def _disabled_loggers() -> set[str]:
     with logging._lock:  # type: ignore[attr-defined]  # a thread may be adding one
         items = list(logging.Logger.manager.loggerDict.items())
-    return {name for name, item in items if isinstance(item, logging.Logger) and item.disabled}
+    return {
+        name
+        for name, item in items
+        if isinstance(item, logging.Logger) and item.disabled and _reports(name)
+    }
 
 
 def _enable_loggers(module: str, names: set[str]) -> None:
@@ -421,7 +435,7 @@ def _enable_loggers(module: str, names: set[str]) -> None:
         "handler module %r disabled %d loggers as it was imported (%s%s; a"
         " logging.config.dictConfig disables every logger that exists and is not named in"
         " its config, unless given disable_existing_loggers=False): enabled again, else"
-        " the daemon's job lines, warnings and errors were lost",
+        " this program's own reports (job lines, warnings, errors) were lost",
         module,
         len(shown),
         ", ".join(shown[:8]),

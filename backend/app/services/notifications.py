@@ -13,11 +13,14 @@ from types import SimpleNamespace
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
     Integer,
     Select,
     String,
     Table,
     Text,
+    any_,
     bindparam,
     cast,
     delete,
@@ -141,6 +144,17 @@ def started_insert(claimed: Any, order_by: Sequence[Any]) -> Any:
     return insert(NOTIFICATIONS).from_select([*_ROW_KEYS, "is_read", "created_at"], rows)
 
 
+def locked_in_id_order(*where: Any) -> ColumnElement[bool]:
+    """PostgreSQL: a condition on notification ids that first locks the rows ``where``
+    selects, in id order (an InitPlan: ``SELECT array_agg(id) FROM (SELECT id … ORDER BY id
+    FOR UPDATE)``), then matches them by primary key. Every statement that writes many
+    notifications at once takes its rows this way (read-all, retract_started, the
+    pruner's): two of them taking the same rows in different orders deadlocked."""
+    locked = select(N.id).where(*where).order_by(N.id).with_for_update().subquery()
+    ids = select(func.array_agg(locked.c.id)).scalar_subquery()
+    return N.id == any_(cast(ids, pg_array(BigInteger())))
+
+
 async def retract_started(session: AsyncSession, task_ids: Sequence[int]) -> None:
     """Delete the newest ``started`` notification of each task: its claim wrote it, and
     the job was handed back (or cancelled) before its handler ran, so it never started.
@@ -157,8 +171,10 @@ async def retract_started(session: AsyncSession, task_ids: Sequence[int]) -> Non
         .where(N.task_id.in_(task_ids), N.type == NotificationType.STARTED.value)
         .group_by(N.task_id)
     )
-    locked = select(N.id).where(N.id.in_(newest)).order_by(N.id).with_for_update()
-    await session.execute(delete(NOTIFICATIONS).where(N.id.in_(locked)))
+    if dialect_of(session) == "postgresql":
+        await session.execute(delete(NOTIFICATIONS).where(locked_in_id_order(N.id.in_(newest))))
+    else:  # one writer at a time
+        await session.execute(delete(NOTIFICATIONS).where(N.id.in_(newest)))
 
 
 def _feed_lock_gate() -> Any:
@@ -398,7 +414,7 @@ def _feed_statement(
     if scoped:
         stmt = stmt.where(N.user_id == bindparam("user_id"))
     if unread_only:
-        stmt = stmt.where(N.is_read.is_(False))
+        stmt = stmt.where(N.is_read == false())
     if capped:
         stmt = stmt.where(N.id <= bindparam("max_id"))
     if one_task:
@@ -545,17 +561,22 @@ async def mark_all_read(
 ) -> int:
     """Mark every unread notification of the user read (with ``up_to_id``, only those up to
     that id: a client marks what it has shown, not what arrived since); returns how many."""
-    unread = select(N.id).where(N.is_read.is_(False))
+    unread = N.is_read == false()  # as the unread index's predicate reads (not IS false)
+    scope = [unread]
     if user_id is not None:
-        unread = unread.where(N.user_id == user_id)
+        scope.append(N.user_id == user_id)
     if up_to_id is not None:
-        unread = unread.where(N.id <= up_to_id)
-    # Locked in id order (PostgreSQL), as retract_started locks the rows it deletes: in the
-    # feed index's order (newest first) the two deadlocked.
-    locked = unread.order_by(N.id).with_for_update()
+        scope.append(N.id <= up_to_id)
     current = now_sql(dialect_of(session))
-    stmt = update(NOTIFICATIONS).where(N.id.in_(locked), N.is_read.is_(False))
-    result = await session.execute(stmt.values(is_read=True, read_at=current).returning(N.id))
+    stmt = update(NOTIFICATIONS).values(is_read=True, read_at=current).returning(N.id)
+    if dialect_of(session) == "postgresql":
+        # Lock the rows in id order first, as retract_started locks the ones it deletes
+        # (in the feed index's order, newest first, the two deadlocked), then update them
+        # by primary key.
+        stmt = stmt.where(locked_in_id_order(*scope), unread)
+    else:  # one writer at a time
+        stmt = stmt.where(*scope)
+    result = await session.execute(stmt)
     return len(result.all())
 
 

@@ -36,6 +36,7 @@ from sqlalchemy import (
     Table,
     Text,
     and_,
+    any_,
     bindparam,
     case,
     cast,
@@ -2949,9 +2950,24 @@ async def prune_finished(
     # caller commits) waits for the next run instead of holding this batch up, or
     # deadlocking with an enqueue that waits on a row this batch deleted.
     doomed = select(T.id).where(where).limit(batch_size).with_for_update(skip_locked=True)
-    result = await session.execute(
-        delete(TASKS).where(T.id.in_(doomed.scalar_subquery())).returning(T.id)
+    if dialect_of(session) == "sqlite":  # one writer at a time
+        result = await session.execute(
+            delete(TASKS).where(T.id.in_(doomed.scalar_subquery())).returning(T.id)
+        )
+        return len(result.all())
+    # PostgreSQL: their notifications go first, locked in id order, as read-all and
+    # retract_started lock theirs; left to the cascade, they were locked task by task and
+    # a read-all of the same unread rows could deadlock with it.
+    ids = list((await session.execute(doomed)).scalars())
+    if not ids:
+        return 0
+    bound = bindparam("ids", ids, type_=pg_array(BigInteger()))
+    await session.execute(
+        delete(notifications.NOTIFICATIONS).where(
+            notifications.locked_in_id_order(notifications.N.task_id == any_(bound))
+        )
     )
+    result = await session.execute(delete(TASKS).where(T.id == any_(bound)).returning(T.id))
     return len(result.all())
 
 
