@@ -808,8 +808,9 @@ def api(
         "port": port,
         "log_config": None,
         "access_log": False,
-        # An open notification stream never ends by itself: after SIGTERM, requests still
-        # running get this long, then are cancelled (the unit's TimeoutStopSec is 30 s).
+        # After SIGTERM, requests still running get this long, then are cancelled (the
+        # unit's TimeoutStopSec is 30 s); notification streams end at once (main's
+        # _tell_on_stop).
         "timeout_graceful_shutdown": API_SHUTDOWN_SECONDS,
     }
     try:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
+import signal
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -34,9 +36,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.db = Database.from_url(
             settings.database_url, pool_size=10, sqlite_synchronous=settings.sqlite_synchronous
         )
+        app.state.stopping = asyncio.Event()
+        restore = _tell_on_stop(app.state.stopping)
         try:
             yield
         finally:
+            restore()
             await finish_touches(app.state.db)
             await app.state.db.dispose()
 
@@ -72,6 +77,37 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(dashboard.router)
     _complete_openapi(app)
     return app
+
+
+def _tell_on_stop(stopping: asyncio.Event) -> Callable[[], None]:
+    """Set ``stopping`` when the server is told to stop (SIGTERM, SIGINT), before the
+    server's own handler runs: open notification streams end at once, instead of holding
+    the stop for uvicorn's graceful timeout and being cancelled with an ERROR and a
+    traceback in the log at every restart. Returns what undoes it. A no-op where no
+    Python handler is installed (an app served without uvicorn's signal handling)."""
+    loop = asyncio.get_running_loop()
+    chained: dict[int, Any] = {}
+
+    def told(signum: int, frame: Any) -> None:
+        loop.call_soon_threadsafe(stopping.set)
+        chained[signum](signum, frame)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        current = signal.getsignal(signum)
+        if not callable(current):
+            continue
+        try:
+            signal.signal(signum, told)
+        except ValueError:  # not the main thread
+            continue
+        chained[signum] = current
+
+    def restore() -> None:
+        for signum, previous in chained.items():
+            if signal.getsignal(signum) is told:
+                signal.signal(signum, previous)
+
+    return restore
 
 
 def worker_app() -> FastAPI:

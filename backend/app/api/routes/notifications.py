@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from collections.abc import AsyncIterator
 from typing import Annotated
@@ -63,8 +64,11 @@ async def _events(
     request: Request, db: Database, caller: Principal, after_id: int
 ) -> AsyncIterator[str]:
     last, idle = after_id, 0.0
+    stopping: asyncio.Event | None = getattr(request.app.state, "stopping", None)
     yield "retry: 2000\n\n"
     while not await request.is_disconnected():
+        if stopping is not None and stopping.is_set():
+            return  # the server is stopping: the client reconnects (to another, or later)
         try:
             # Each poll checks the token in the same snapshot as the page it reads:
             # nothing committed after a revocation goes out.
@@ -84,7 +88,17 @@ async def _events(
             idle = 0.0
             yield ": keep-alive\n\n"
         if len(rows) < 100:
-            await asyncio.sleep(STREAM_POLL_SECONDS)
+            await _pause(stopping)
+
+
+async def _pause(stopping: asyncio.Event | None) -> None:
+    """STREAM_POLL_SECONDS, or less when the server begins to stop."""
+    if stopping is None:
+        await asyncio.sleep(STREAM_POLL_SECONDS)
+        return
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(STREAM_POLL_SECONDS):
+            await stopping.wait()
 
 
 @router.get(
