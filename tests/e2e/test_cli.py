@@ -647,3 +647,45 @@ async def test_a_task_edited_by_hand_into_unreadable_values_is_shown(
     for args in (["status"], ["status", "--json"]):
         r = cli(*args)
         assert r.returncode == 0 and "Traceback" not in r.stderr, (args, r.stderr)
+
+
+def test_a_handler_module_in_the_working_directory_is_found(
+    database_url: str, tmp_path: Path
+) -> None:
+    """`python -m app.background_processor` imports handler modules from the folder it
+    starts in (Python puts it on sys.path); the `async-processor` script did not: the same
+    unit folder worked for the daemon and not for `async-processor api`, `processor` or the
+    CLI (exit 2, "No module named …", from a newcomer's walk-through)."""
+    (tmp_path / "my_jobs.py").write_text(
+        "from app.services.handlers import handler\n\n"
+        "@handler('my_kind')\n"
+        "async def my_kind(ctx):\n"
+        "    return {}\n"
+    )
+    env = {
+        **{k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)},
+        "ASYNC_PROCESSOR_DATABASE_URL": database_url,
+        "ASYNC_PROCESSOR_HANDLER_MODULES": "app.services.analysis,my_jobs",
+    }
+    script = str(Path(sys.executable).with_name("async-processor"))
+    r = subprocess.run(
+        [script, "enqueue", "my_kind", "--payload", "{}"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().isdigit()
+    elsewhere = subprocess.run(  # from another folder it is not there to find
+        [script, "enqueue", "my_kind", "--payload", "{}"],
+        env=env,
+        cwd=tmp_path.parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert elsewhere.returncode == 2 and "No module named 'my_jobs'" in elsewhere.stderr

@@ -18,6 +18,8 @@ import importlib
 import inspect
 import logging
 import math
+import os
+import sys
 import traceback
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -386,6 +388,7 @@ def import_handler_modules(modules: Iterable[str]) -> None:
     is not named), whether the import succeeded or not: the daemon's job lines, warnings
     and errors, and the report of the failed import itself, had vanished from its log.
     Other loggers a module disables (uvicorn's access log, say) stay as it left them."""
+    _import_from_the_working_directory()
     for name in modules:
         disabled = _disabled_loggers()
         try:
@@ -403,6 +406,21 @@ def import_handler_modules(modules: Iterable[str]) -> None:
             ) from exc
         finally:
             _enable_loggers(name, _disabled_loggers() - disabled)
+
+
+def _import_from_the_working_directory() -> None:
+    """Let handler modules be found in the folder the process started in, for every entry
+    point alike: ``python -m app.background_processor`` puts it first on sys.path, the
+    ``async-processor`` script (``processor``, ``api``, the CLI) did not, so the daemon's
+    unit found a module there that the API's unit, or ``async-processor processor``
+    ("the same as python -m …"), refused (from a newcomer's walk-through). Appended, so an
+    installed package of the same name wins."""
+    try:
+        here = os.getcwd()
+    except OSError:  # the folder was deleted under the process
+        return
+    if "" not in sys.path and here not in sys.path:
+        sys.path.append(here)
 
 
 #: The loggers the daemon, the API and the CLI report through: a handler module's logging
