@@ -21,7 +21,7 @@ from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from app.config import QueueSpec, Settings, SettingsError, load_settings
+from app.config import QueueSpec, Settings, SettingsError, load_settings, unknown_settings
 from app.db import Database, login_refused
 from app.logs import PROCESS_CONTEXT, setup_logging
 from app.schema import BadDatabaseURL, SchemaError, check_migrated
@@ -231,6 +231,8 @@ def run(
         print(f"async-processor: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings.log_level, settings.log_format)
+    for message in unknown_settings():
+        logger.warning("%s", message, extra={"action": "unknown_setting"})
     sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
     capacity = config.concurrency + sum(n or 0 for _, n in config.queues or ())
     return run_loop(serve(settings, config), max(32, 4 * capacity))

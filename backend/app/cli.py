@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -21,7 +22,15 @@ from rich.text import Text
 from sqlalchemy.exc import SQLAlchemyError
 
 from app import schema
-from app.config import MAX_SECONDS, QueueSpec, Settings, SettingsError, load_settings, parse_queues
+from app.config import (
+    MAX_SECONDS,
+    QueueSpec,
+    Settings,
+    SettingsError,
+    load_settings,
+    parse_queues,
+    unknown_settings,
+)
 from app.db import Database
 from app.models import PendingAnalysis, TaskStatus
 from app.services import queue
@@ -85,11 +94,20 @@ def fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
 
 
 def settings() -> Settings:
-    """The settings, or exit 2 naming the bad variable."""
+    """The settings, or exit 2 naming the bad variable. A variable with the settings'
+    prefix that names none is reported (once), not fatal."""
     try:
-        return load_settings()
+        conf = load_settings()
     except SettingsError as exc:
         fail(str(exc), EXIT_USAGE)
+    _warn_unknown_settings()
+    return conf
+
+
+@functools.cache
+def _warn_unknown_settings() -> None:
+    for message in unknown_settings():
+        err.print(_labelled("warning:", "bold yellow", message), highlight=False)
 
 
 def with_db(work: Callable[[Database], Awaitable[R]], *, check_schema: bool = True) -> R:

@@ -4,8 +4,11 @@ read elsewhere."""
 
 from __future__ import annotations
 
+import difflib
 import math
+import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Annotated, Literal, Self
@@ -321,6 +324,32 @@ def load_settings(**overrides: object) -> Settings:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         raise SettingsError(describe_validation_error(exc)) from None
+
+
+#: Variables with the settings' prefix that are not settings: the test-only switches of
+#: app.services.faults (docs/reliability.md) and the test suite's PostgreSQL server.
+NOT_SETTINGS = frozenset(
+    f"{ENV_PREFIX}{name}" for name in ("FAULT_POINT", "SEEDED_BUG", "TEST_PG_URL")
+)
+
+
+def unknown_settings(environ: Mapping[str, str] | None = None) -> list[str]:
+    """One message per ``ASYNC_PROCESSOR_*`` variable that names no setting (a typo, or a
+    guess such as MAX_CONCURRENCY for MAX_CONCURRENT): pydantic-settings ignores them, so
+    the program ran on the default, silently. With the closest setting's name."""
+    known = [name.upper() for name in Settings.model_fields]
+    messages = []
+    for variable in sorted(os.environ if environ is None else environ):
+        name = variable.upper()
+        if not name.startswith(ENV_PREFIX) or name in NOT_SETTINGS:
+            continue
+        bare = name.removeprefix(ENV_PREFIX)
+        if bare in known:
+            continue
+        close = difflib.get_close_matches(bare, known, n=1, cutoff=0.7)
+        hint = f"; did you mean {ENV_PREFIX}{close[0]}?" if close else ""
+        messages.append(f"{variable} is not a setting: ignored{hint}")
+    return messages
 
 
 @lru_cache(maxsize=1)

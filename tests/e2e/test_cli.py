@@ -689,3 +689,10 @@ def test_a_handler_module_in_the_working_directory_is_found(
         check=False,
     )
     assert elsewhere.returncode == 2 and "No module named 'my_jobs'" in elsewhere.stderr
+
+
+def test_a_misspelled_setting_is_reported_not_fatal(cli: Run) -> None:
+    r = cli("status", max_concurrency="10")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("ASYNC_PROCESSOR_MAX_CONCURRENCY is not a setting") == 1, r.stderr
+    assert "did you mean ASYNC_PROCESSOR_MAX_CONCURRENT?" in r.stderr

@@ -304,6 +304,15 @@ async def test_handler_module_that_fails_to_import_stops_the_daemon(
 
 
 @pytest.mark.parametrize("engine_name", ["sqlite"])
+async def test_a_misspelled_setting_is_logged_at_start(db: Database, spawn: Spawn) -> None:
+    daemon = spawn(max_concurrency="10")
+    await asyncio.to_thread(daemon.wait_for_log, "started: concurrency", 20)
+    assert daemon.stop() == 0
+    [line] = [x for x in daemon.log().splitlines() if "is not a setting" in x]
+    assert "WARNING" in line and "did you mean ASYNC_PROCESSOR_MAX_CONCURRENT?" in line
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"])
 async def test_a_task_left_behind_that_calls_sys_exit_does_not_end_the_daemon(
     db: Database, spawn: Spawn
 ) -> None:

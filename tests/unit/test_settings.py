@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from app.config import ENV_PREFIX, Settings, SettingsError, load_settings
+from app.config import ENV_PREFIX, Settings, SettingsError, load_settings, unknown_settings
 
 # DESIGN.md §4, "Settings (contract)": variable (without the prefix) -> default.
 CONTRACT_DEFAULTS: dict[str, object] = {
@@ -207,3 +207,28 @@ def test_a_urls_password_is_hidden_whatever_it_holds(url: str, shown: str) -> No
     from app.config import redact_url
 
     assert redact_url(url) == shown
+
+
+def test_a_variable_that_names_no_setting_is_reported_with_the_closest() -> None:
+    """pydantic-settings ignores unknown names: MAX_CONCURRENCY (the CLI's flag is
+    --concurrency) ran the daemon at the default 3, silently (a newcomer's walk-through)."""
+    environ = {
+        "ASYNC_PROCESSOR_MAX_CONCURRENCY": "10",
+        "async_processor_handlers_modules": "x",
+        "ASYNC_PROCESSOR_FOO": "1",
+        "ASYNC_PROCESSOR_MAX_CONCURRENT": "4",  # a setting
+        "ASYNC_PROCESSOR_FAULT_POINT": "before_handler",  # a test switch, not a setting
+        "ASYNC_PROCESSOR_TEST_PG_URL": "postgresql://x",
+        "OTHER_MAX_CONCURRENCY": "1",
+    }
+    assert unknown_settings(environ) == [
+        "ASYNC_PROCESSOR_FOO is not a setting: ignored",
+        "ASYNC_PROCESSOR_MAX_CONCURRENCY is not a setting: ignored;"
+        " did you mean ASYNC_PROCESSOR_MAX_CONCURRENT?",
+        "async_processor_handlers_modules is not a setting: ignored;"
+        " did you mean ASYNC_PROCESSOR_HANDLER_MODULES?",
+    ]
+    assert (
+        unknown_settings({f"{ENV_PREFIX}{name.upper()}": "" for name in Settings.model_fields})
+        == []
+    )
