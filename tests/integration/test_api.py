@@ -144,6 +144,8 @@ async def test_enqueue_validation(
 async def test_pausing_a_queue_no_daemon_could_name_is_422(api: Api, name: str) -> None:
     r = await api.post("root", f"/queues/{name}/pause")
     assert r.status_code == 422 and "detail" in r.json()
+    # the rule, in words, as for a task's queue (it showed the pattern's regex)
+    assert "a queue's name is" in str(r.json()["detail"]), r.json()
     assert (await api.get("root", "/queues")).json() == []
 
 

@@ -39,7 +39,7 @@ logger = logging.getLogger("app.scheduler")
 
 #: What an enqueue from a user (the API, the CLI) is told when its key could be a tick's.
 RESERVED_KEY_RULE = (
-    f"idempotency keys starting with {KEY_PREFIX!r}: are reserved for periodic schedules"
+    f"idempotency keys starting with '{KEY_PREFIX}:' are reserved for periodic schedules"
 )
 
 
