@@ -856,20 +856,36 @@ def token_create(
         bool, typer.Option("--admin", help="Sees and acts on every user's tasks.")
     ] = False,
     name: Annotated[str | None, typer.Option(help="A label, e.g. the client's name.")] = None,
+    replace: Annotated[
+        bool,
+        typer.Option(
+            "--replace",
+            help="Revoke the user's other active tokens with this --name, in the same"
+            " transaction (a rotation).",
+        ),
+    ] = False,
 ) -> None:
     """Create a token; the token is printed alone on the last line (shown only once)."""
     from app.services import auth
 
-    async def work(db: Database) -> tuple[int, str]:
+    if replace and not name:
+        fail("--replace needs --name: it revokes the user's tokens with that name", EXIT_USAGE)
+
+    async def work(db: Database) -> tuple[int, str, int]:
         async with db.write_transaction() as session:
+            revoked = 0
+            if replace and name:
+                revoked = await auth.revoke_named(session, user_id=user, name=name)
             row, plain = await auth.create_token(session, user_id=user, is_admin=admin, name=name)
-            return row.id, plain
+            return row.id, plain, revoked
 
     try:
-        token_id, plain = with_db(work)
+        token_id, plain, revoked = with_db(work)
     except ValueError as exc:
         fail(str(exc), EXIT_USAGE)
     role = " (admin)" if admin else ""
+    if revoked:
+        print(f"revoked {revoked} earlier token(s) named {shown(name or '')}")
     print(f"token {token_id} for user {shown(user)}{role}; store it now, it is not shown again:")
     print(plain)
 

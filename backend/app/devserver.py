@@ -26,8 +26,10 @@ def _command() -> list[str]:
 
 
 def _admin_token() -> str | None:
+    # --replace: the last start's token is revoked, not piled up with every restart
+    create = ["token", "create", "--user", "admin", "--admin", "--name", "make-run", "--replace"]
     result = subprocess.run(  # noqa: S603 - our own command
-        [*_command(), "token", "create", "--user", "admin", "--admin", "--name", "make-run"],
+        [*_command(), *create],
         capture_output=True,
         text=True,
         check=False,

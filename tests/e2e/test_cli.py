@@ -696,3 +696,18 @@ def test_a_misspelled_setting_is_reported_not_fatal(cli: Run) -> None:
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("ASYNC_PROCESSOR_MAX_CONCURRENCY is not a setting") == 1, r.stderr
     assert "did you mean ASYNC_PROCESSOR_MAX_CONCURRENT?" in r.stderr
+
+
+def test_token_create_replace_rotates_a_named_token(cli: Run) -> None:
+    """`make run` made a new admin token at every start and left the old ones active
+    (from a newcomer's walk-through); it now creates its token with --replace."""
+    first = cli("token", "create", "--user", "ops", "--name", "deploy", "--replace")
+    other = cli("token", "create", "--user", "ops", "--name", "laptop")
+    second = cli("token", "create", "--user", "ops", "--name", "deploy", "--replace")
+    assert (first.returncode, other.returncode, second.returncode) == (0, 0, 0)
+    assert "revoked 1 earlier token(s) named deploy" in second.stdout
+    listed = json.loads(cli("token", "list", "--json").stdout)
+    active = sorted(t["name"] for t in listed if t["user_id"] == "ops" and not t["revoked_at"])
+    assert active == ["deploy", "laptop"]
+    r = cli("token", "create", "--user", "ops", "--replace")
+    assert r.returncode == 2 and "--replace needs --name" in r.stderr

@@ -139,3 +139,19 @@ async def revoke_token(session: AsyncSession, token_id: int) -> bool:
         .returning(ApiToken.id)
     )
     return result.first() is not None
+
+
+async def revoke_named(session: AsyncSession, *, user_id: str, name: str) -> int:
+    """Revoke the user's active tokens labelled ``name`` (a rotation: ``token create
+    --replace``); returns how many."""
+    result = await session.execute(
+        update(ApiToken)
+        .where(
+            ApiToken.user_id == user_id,
+            ApiToken.name == name,
+            ApiToken.revoked_at.is_(None),
+        )
+        .values(revoked_at=now_sql(dialect_of(session)))
+        .returning(ApiToken.id)
+    )
+    return len(result.all())
