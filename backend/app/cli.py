@@ -826,6 +826,9 @@ def api(
         "port": port,
         "log_config": None,
         "access_log": False,
+        # No websocket routes: uvicorn's "auto" looked the websockets and wsproto packages
+        # up at start (not installed here), a search that reaches the working directory.
+        "ws": "none",
         # After SIGTERM, requests still running get this long, then are cancelled (the
         # unit's TimeoutStopSec is 30 s); notification streams end at once (main's
         # _tell_on_stop).

@@ -119,6 +119,9 @@ async def test_sigterm_ends_the_api_with_a_stream_open(
                 assert response.status_code == 200
                 lines = response.aiter_lines()
                 assert await anext(lines) == "retry: 2000"  # the stream is being served
+                # its position, for a client that gets nothing before the stream ends
+                opening = await anext(lines)
+                assert opening.startswith("id: ") and opening[4:].isdigit(), opening
                 started = time.monotonic()
                 api.proc.terminate()
                 async with asyncio.timeout(API_SHUTDOWN_SECONDS - 2):

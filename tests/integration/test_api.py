@@ -149,6 +149,17 @@ async def test_pausing_a_queue_no_daemon_could_name_is_422(api: Api, name: str) 
     assert (await api.get("root", "/queues")).json() == []
 
 
+async def test_a_long_queue_name_in_a_url_is_refused_before_it_is_cached(api: Api) -> None:
+    """The name check is cached; a cache keyed by what a request sends held every refused
+    60,000-character name (~270 MB per process after 4,096 of them, from a review)."""
+    from app import config
+
+    before = config._queue_name_matches.cache_info().currsize
+    r = await api.post("alice", f"/queues/{'a' * 20_000}/pause")
+    assert r.status_code == 422 and "a queue's name is" in str(r.json()["detail"])
+    assert config._queue_name_matches.cache_info().currsize == before
+
+
 @pytest.mark.parametrize("spelled", ["a/b", "a%2Fb"])
 async def test_a_queue_whose_name_has_a_slash_pauses_and_resumes(api: Api, spelled: str) -> None:
     """A name the enqueue accepts can be paused: '/' is allowed in it (as in the CLI)."""

@@ -89,7 +89,10 @@ def _tell_on_stop(stopping: asyncio.Event) -> Callable[[], None]:
     chained: dict[int, Any] = {}
 
     def told(signum: int, frame: Any) -> None:
-        loop.call_soon_threadsafe(stopping.set)
+        try:
+            loop.call_soon_threadsafe(stopping.set)
+        except RuntimeError:  # the loop is closed: nothing streams any more
+            pass
         chained[signum](signum, frame)
 
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import importlib.util
 import inspect
 import logging
 import math
@@ -388,7 +389,8 @@ def import_handler_modules(modules: Iterable[str]) -> None:
     is not named), whether the import succeeded or not: the daemon's job lines, warnings
     and errors, and the report of the failed import itself, had vanished from its log.
     Other loggers a module disables (uvicorn's access log, say) stay as it left them."""
-    _import_from_the_working_directory()
+    modules = list(modules)
+    _import_from_the_working_directory(modules)
     for name in modules:
         disabled = _disabled_loggers()
         try:
@@ -408,19 +410,33 @@ def import_handler_modules(modules: Iterable[str]) -> None:
             _enable_loggers(name, _disabled_loggers() - disabled)
 
 
-def _import_from_the_working_directory() -> None:
+def _import_from_the_working_directory(modules: Iterable[str]) -> None:
     """Let handler modules be found in the folder the process started in, for every entry
     point alike: ``python -m app.background_processor`` puts it first on sys.path, the
     ``async-processor`` script (``processor``, ``api``, the CLI) did not, so the daemon's
     unit found a module there that the API's unit, or ``async-processor processor``
-    ("the same as python -m …"), refused (from a newcomer's walk-through). Appended, so an
-    installed package of the same name wins."""
+    ("the same as python -m …"), refused (from a newcomer's walk-through). Only when a
+    module is not found otherwise (an installed one needs no such search, and a later
+    import of a name installed nowhere must not run a file that happens to be there), and
+    appended, so an installed package of the same name wins."""
     try:
         here = os.getcwd()
     except OSError:  # the folder was deleted under the process
         return
-    if "" not in sys.path and here not in sys.path:
-        sys.path.append(here)
+    if "" in sys.path or here in sys.path:
+        return
+    for name in modules:
+        top = name.partition(".")[0]
+        try:
+            found = importlib.util.find_spec(top) is not None
+        except (ImportError, ValueError):
+            found = False
+        there = os.path.isdir(os.path.join(here, top)) or os.path.isfile(
+            os.path.join(here, f"{top}.py")
+        )
+        if not found and there:
+            sys.path.append(here)
+            return
 
 
 #: The loggers the daemon, the API and the CLI report through: a handler module's logging

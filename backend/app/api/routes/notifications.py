@@ -65,7 +65,11 @@ async def _events(
 ) -> AsyncIterator[str]:
     last, idle = after_id, 0.0
     stopping: asyncio.Event | None = getattr(request.app.state, "stopping", None)
-    yield "retry: 2000\n\n"
+    # The position first: a client that gets no notification before the stream ends (a
+    # restart of the API) reconnects with it as Last-Event-ID instead of starting after
+    # the newest, which skipped what was written meanwhile. (An id with no data moves the
+    # client's last event id and dispatches no event.)
+    yield f"retry: 2000\nid: {after_id}\n\n"
     while not await request.is_disconnected():
         if stopping is not None and stopping.is_set():
             return  # the server is stopping: the client reconnects (to another, or later)
