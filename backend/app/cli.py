@@ -31,7 +31,7 @@ from app.config import (
     parse_queues,
     unknown_settings,
 )
-from app.db import Database
+from app.db import Database, login_refused
 from app.models import PendingAnalysis, TaskStatus
 from app.services import queue
 from app.services.handlers import REGISTRY, HandlerImportError, import_handler_modules
@@ -128,6 +128,8 @@ def with_db(work: Callable[[Database], Awaitable[R]], *, check_schema: bool = Tr
     except schema.BadDatabaseURL as exc:
         fail(f"ASYNC_PROCESSOR_DATABASE_URL: {exc}", EXIT_USAGE)
     except schema.SchemaError as exc:
+        if exc.__cause__ is not None and login_refused(exc.__cause__):
+            fail(f"the database refused the login ({error_line(exc.__cause__)})", EXIT_USAGE)
         fail(str(exc))
     except SQLAlchemyError as exc:
         fail(f"database error: {exc.__class__.__name__}: {str(exc).splitlines()[0]}")
@@ -819,6 +821,11 @@ def api(
     except schema.SchemaError as exc:
         if exc.__cause__ is None:
             fail(f"cannot start: {exc}")
+        if login_refused(exc.__cause__):  # a setting to fix, as for the daemon: exit 2
+            fail(
+                f"cannot start: the database refused the login ({error_line(exc.__cause__)})",
+                EXIT_USAGE,
+            )
         err.print(f"warning: {exc}; starting anyway (/readyz answers 503 until it is reachable)")
     setup_logging(conf.log_level, conf.log_format)
     options: dict[str, Any] = {

@@ -16,6 +16,7 @@ from sqlalchemy import text
 
 from app.db import Database
 from app.services import queue
+from tests import pg
 from tests.e2e.daemon import REPO
 
 pytestmark = [pytest.mark.e2e]
@@ -711,3 +712,24 @@ def test_token_create_replace_rotates_a_named_token(cli: Run) -> None:
     assert active == ["deploy", "laptop"]
     r = cli("token", "create", "--user", "ops", "--replace")
     assert r.returncode == 2 and "--replace needs --name" in r.stderr
+
+
+@pytest.mark.parametrize("command", [["status"], ["api", "--port", "1"]])
+def test_a_login_the_database_refuses_is_a_setting_to_fix(
+    command: list[str], pg_available: bool
+) -> None:
+    """As for the daemon (exit 2, which the units do not restart): `status` said exit 1,
+    the API started anyway and answered 503 for ever (from a newcomer's walk-through)."""
+    if not pg_available:
+        pytest.skip("PostgreSQL not reachable")
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("ASYNC_PROCESSOR_")},
+        "ASYNC_PROCESSOR_DATABASE_URL": pg.url_for("async_processor_no_such_database"),
+    }
+    script = str(Path(sys.executable).with_name("async-processor"))
+    r = subprocess.run(
+        [script, *command], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "the database refused the login" in r.stderr
+    assert 'database "async_processor_no_such_database" does not exist' in r.stderr
