@@ -11,6 +11,7 @@ import os
 import random
 import sqlite3
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -1611,24 +1612,16 @@ class _Undo(Exception):
     """Raised to roll a write transaction back."""
 
 
-@pytest.mark.parametrize("engine_name", ["postgresql"])
-async def test_taking_back_started_notes_while_a_user_reads_all_does_not_deadlock(
-    db: Database,
-) -> None:
-    """A daemon deletes the `started` notes of jobs handed back before they ran (a user's
-    unread notifications) while that user marks all read: the delete locked the rows in
-    task order, read-all in the feed index's order (newest first), and PostgreSQL broke
-    the cycles with 'deadlock detected' (9 in 10 s in the review; a second's stall each,
-    the completer holding its task rows). Both lock in id order now."""
-    async with db.write_transaction() as s:
-        await queue.enqueue_tasks(
-            s, [{"kind": "chapter_analysis", "user_id": "u"} for _ in range(200)]
-        )
-    ids = [t.id for t in await claim(db, limit=200)]
+async def _deadlocks_among(
+    db: Database, *works: Callable[[Any], Awaitable[None]], seconds: float = 4
+) -> tuple[list[str], list[int]]:
+    """Run each of ``works`` over and over, each time in a write transaction rolled back
+    afterwards, all at once for ``seconds``: the deadlocks PostgreSQL broke, and how many
+    rounds each work completed."""
     deadlocks: list[str] = []
-    until = time.monotonic() + 4
+    until = time.monotonic() + seconds
 
-    async def repeat(work: Any) -> int:
+    async def repeat(work: Callable[[Any], Awaitable[None]]) -> int:
         rounds = 0
         while time.monotonic() < until:
             try:
@@ -1643,13 +1636,32 @@ async def test_taking_back_started_notes_while_a_user_reads_all_does_not_deadloc
                 deadlocks.append(str(exc.orig))
         return rounds
 
+    rounds = await asyncio.gather(*(repeat(work) for work in works))
+    return deadlocks, list(rounds)
+
+
+@pytest.mark.parametrize("engine_name", ["postgresql"])
+async def test_taking_back_started_notes_while_a_user_reads_all_does_not_deadlock(
+    db: Database,
+) -> None:
+    """A daemon deletes the `started` notes of jobs handed back before they ran (a user's
+    unread notifications) while that user marks all read: the delete locked the rows in
+    task order, read-all in the feed index's order (newest first), and PostgreSQL broke
+    the cycles with 'deadlock detected' (9 in 10 s in the review; a second's stall each,
+    the completer holding its task rows). Both lock in id order now."""
+    async with db.write_transaction() as s:
+        await queue.enqueue_tasks(
+            s, [{"kind": "chapter_analysis", "user_id": "u"} for _ in range(200)]
+        )
+    ids = [t.id for t in await claim(db, limit=200)]
+
     async def retract(s: Any) -> None:
         await notifications.retract_started(s, ids)
 
     async def read_all(s: Any) -> None:
         assert await notifications.mark_all_read(s, user_id="u") in (0, 200)
 
-    rounds = await asyncio.gather(repeat(retract), repeat(read_all), repeat(read_all))
+    deadlocks, rounds = await _deadlocks_among(db, retract, read_all, read_all)
     assert deadlocks == [] and min(rounds) > 10, (deadlocks[:1], rounds)
     async with db.write_transaction() as s:  # each does its work when alone
         await notifications.retract_started(s, ids[:5])
@@ -1675,23 +1687,6 @@ async def test_pruning_while_a_user_reads_all_does_not_deadlock(db: Database) ->
                 s, task_id=t.id, processor_id=PID, attempt=t.attempt, result={}, duration_seconds=0
             )
     later = utcnow() + timedelta(hours=1)
-    deadlocks: list[str] = []
-    until = time.monotonic() + 4
-
-    async def repeat(work: Any) -> int:
-        rounds = 0
-        while time.monotonic() < until:
-            try:
-                async with db.write_transaction() as s:
-                    await work(s)
-                    raise _Undo
-            except _Undo:
-                rounds += 1
-            except DBAPIError as exc:
-                if db_module.sqlstate(exc) != "40P01":
-                    raise
-                deadlocks.append(str(exc.orig))
-        return rounds
 
     async def prune(s: Any) -> None:
         assert await queue.prune_finished(s, completed_before=later) in (0, 200)
@@ -1699,7 +1694,7 @@ async def test_pruning_while_a_user_reads_all_does_not_deadlock(db: Database) ->
     async def read_all(s: Any) -> None:
         assert await notifications.mark_all_read(s, user_id=None) in (0, 400)
 
-    rounds = await asyncio.gather(repeat(prune), repeat(read_all))
+    deadlocks, rounds = await _deadlocks_among(db, prune, read_all)
     assert deadlocks == [] and min(rounds) > 10, (deadlocks[:1], rounds)
     async with db.write_transaction() as s:
         assert await queue.prune_finished(s, completed_before=later) == 200
