@@ -87,6 +87,14 @@ TASK_ID = typer.Argument(min=1, max=MAX_ID, help="Task id.")
 MAX_TOKEN_ID = 2**31 - 1
 
 
+def _json_value(value: object) -> object:
+    """``--json`` output's form of what JSON has no type for: times in ISO 8601 (with a
+    "T", as ``tasks show --json`` writes them; ``str`` wrote a space), the rest as text."""
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return str(value)
+
+
 def fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
     """Print ``message`` to stderr and exit with ``code``."""
     err.print(_labelled("error:", "bold red", message), highlight=False)
@@ -430,7 +438,7 @@ def tasks_show(
         fail(f"task {task_id} not found")
     data = _task_dict(task)
     if as_json:
-        print(json.dumps(data, default=str))
+        print(json.dumps(data, default=_json_value))
         return
     table = Table(show_header=False)
     for key, value in data.items():
@@ -438,7 +446,7 @@ def tasks_show(
             key,
             ""
             if value is None
-            else json.dumps(value, default=str)
+            else json.dumps(value, default=_json_value)
             if isinstance(value, dict | list)
             else str(value),
         )
@@ -466,7 +474,7 @@ def tasks_list(
     more = len(rows) > limit
     rows = rows[:limit]
     if as_json:
-        print(json.dumps([_task_dict(t) for t in rows], default=str))
+        print(json.dumps([_task_dict(t) for t in rows], default=_json_value))
         return
     if more:
         print(f"the newest {limit} shown; --limit N for more", file=sys.stderr)
@@ -589,7 +597,7 @@ def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
 
     summary = with_db(work)
     if as_json:
-        print(json.dumps(summary, default=str))
+        print(json.dumps(summary, default=_json_value))
         return
     table = Table("queue", *stats.STATUS_ORDER, title="tasks")
     for name, counts in summary["queues"].items():
@@ -664,7 +672,7 @@ def queues_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> Non
 
     rows = with_db(work)
     if as_json:
-        print(json.dumps(rows, default=str))
+        print(json.dumps(rows, default=_json_value))
         return
     table = Table("queue", "state", "pending", "processing", "changed", "by", title="queues")
     for r in rows:
@@ -923,7 +931,7 @@ def token_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None
 
     rows = with_db(work)
     if as_json:
-        print(json.dumps(rows, default=str))
+        print(json.dumps(rows, default=_json_value))
         return
     table = Table("id", "user", "admin", "name", "created", "last used", "revoked")
     for r in rows:

@@ -710,6 +710,8 @@ def test_token_create_replace_rotates_a_named_token(cli: Run) -> None:
     listed = json.loads(cli("token", "list", "--json").stdout)
     active = sorted(t["name"] for t in listed if t["user_id"] == "ops" and not t["revoked_at"])
     assert active == ["deploy", "laptop"]
+    # times in ISO 8601 with a "T", as in `tasks show --json` (str() wrote a space)
+    assert all(t["created_at"][10] == "T" for t in listed), listed
     r = cli("token", "create", "--user", "ops", "--replace")
     assert r.returncode == 2 and "--replace needs --name" in r.stderr
 
