@@ -511,6 +511,7 @@ async def test_status_is_scoped(api: Api) -> None:
     admin = (await api.get("root", "/status")).json()
     assert admin["counts"]["pending"] == 2
     assert admin["processors"][0]["hostname"] == "web-1"
+    assert admin["processors"][0]["queues"] == "*"  # what it serves (operations.md)
 
 
 async def test_the_oldest_pending_age_leaves_paused_queues_out(api: Api) -> None:

@@ -115,6 +115,7 @@ def _processor(p: Processor, now: datetime) -> dict[str, Any]:
         "pid": p.pid,
         "state": p.state,
         "concurrency": p.concurrency,
+        "queues": p.queues,  # what it serves ("*": all; "ingest=2,default": QUEUES)
         "in_flight": p.in_flight,
         "processed": p.processed,
         "failed": p.failed,
