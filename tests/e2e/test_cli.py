@@ -650,6 +650,7 @@ async def test_a_task_edited_by_hand_into_unreadable_values_is_shown(
         assert r.returncode == 0 and "Traceback" not in r.stderr, (args, r.stderr)
 
 
+@pytest.mark.parametrize("engine_name", ["sqlite"])  # no engine in it
 def test_a_handler_module_in_the_working_directory_is_found(
     database_url: str, tmp_path: Path
 ) -> None:
@@ -692,6 +693,7 @@ def test_a_handler_module_in_the_working_directory_is_found(
     assert elsewhere.returncode == 2 and "No module named 'my_jobs'" in elsewhere.stderr
 
 
+@pytest.mark.parametrize("engine_name", ["sqlite"])  # no engine in it
 def test_a_misspelled_setting_is_reported_not_fatal(cli: Run) -> None:
     r = cli("status", max_concurrency="10")
     assert r.returncode == 0, r.stderr
