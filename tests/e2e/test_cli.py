@@ -498,6 +498,7 @@ def test_an_api_that_cannot_bind_exits_1_saying_so(cli: Run) -> None:
     assert f"the API could not start on 127.0.0.1:{port}" in r.stderr
 
 
+@pytest.mark.parametrize("engine_name", ["sqlite"])  # the console's part, no engine's
 async def test_text_users_chose_is_printed_as_it_is(cli: Run, db: Database) -> None:
     """Names, ids and payloads are never read as console markup: "[/q]" made every command
     that showed it fail, and "[bold]q" printed as "q"."""
@@ -517,6 +518,7 @@ async def test_text_users_chose_is_printed_as_it_is(cli: Run, db: Database) -> N
     assert "a:smile:" in cli("status").stdout
 
 
+@pytest.mark.parametrize("engine_name", ["sqlite"])  # the console's part, no engine's
 async def test_terminal_control_in_text_users_chose_is_escaped(
     cli: Run, db: Database, database_url: str
 ) -> None:

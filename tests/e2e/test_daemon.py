@@ -422,6 +422,7 @@ async def test_a_handlers_chdir_leaves_a_relative_sqlite_path_on_its_file(
         daemon.kill()
 
 
+@pytest.mark.parametrize("engine_name", ["sqlite"])  # the engine's own bookkeeping
 async def test_a_running_job_set_back_to_pending_by_hand_is_not_claimed_in_a_loop(
     db: Database, spawn: Spawn
 ) -> None:

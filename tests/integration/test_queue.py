@@ -1641,6 +1641,7 @@ async def _deadlocks_among(
 
 
 @pytest.mark.parametrize("engine_name", ["postgresql"])
+@pytest.mark.parametrize("execution_path", ["core"], indirect=True)  # session statements
 async def test_taking_back_started_notes_while_a_user_reads_all_does_not_deadlock(
     db: Database,
 ) -> None:
@@ -1670,6 +1671,7 @@ async def test_taking_back_started_notes_while_a_user_reads_all_does_not_deadloc
 
 
 @pytest.mark.parametrize("engine_name", ["postgresql"])
+@pytest.mark.parametrize("execution_path", ["core"], indirect=True)  # session statements
 async def test_pruning_while_a_user_reads_all_does_not_deadlock(db: Database) -> None:
     """The pruner deleting finished tasks whose notifications their user never read, while
     that user (or an admin) marks all read: the cascade locked the notifications task by
